@@ -1,0 +1,456 @@
+//! The daemon's one configuration: a TOML file where every key is optional,
+//! overlaid by `TURNSTILE_<SECTION>_<KEY>` environment variables.
+//!
+//! Defaults live in named functions so the example file in the repository
+//! (`turnstile.example.toml`) and the code cannot drift: a unit test parses
+//! the example and compares it with `Config::default()`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration was refused. The binary prints it and exits with 2.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config key {key}: {message}")]
+    Invalid { key: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub ingest: IngestConfig,
+    pub batching: BatchingConfig,
+    pub turns: TurnsConfig,
+    pub handler: HandlerConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the HTTP listener binds.
+    pub listen: SocketAddr,
+    /// Directory of the embedded store; created if missing.
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// company_id given to messages whose payload has none.
+    pub default_company_id: String,
+    /// Largest accepted webhook body; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// How long a message id is remembered to answer redeliveries as duplicates.
+    pub dedup_days: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchingConfig {
+    /// Quiet time after a phone's last message before its batch becomes a turn.
+    pub debounce_ms: u64,
+    /// A batch holding this many messages becomes a turn at once.
+    pub max_messages: usize,
+    /// A batch becomes a turn at the latest this long after its first message.
+    pub max_wait_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnsConfig {
+    /// Turns of different phones running at once.
+    pub max_concurrent: usize,
+    /// Committed turns kept per conversation for `GET /api/conversations`.
+    pub history_limit: usize,
+    /// On shutdown, how long running turns may take to finish before the
+    /// daemon exits anyway (they re-run on the next start).
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandlerKind {
+    Echo,
+    Http,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandlerConfig {
+    /// `echo` (replies "received: <text>") or `http` (POSTs the turn to `url`).
+    pub kind: HandlerKind,
+    /// Endpoint of the `http` handler.
+    pub url: String,
+    /// One attempt's time limit.
+    pub timeout_ms: u64,
+    /// Attempts before a turn is parked as dead.
+    pub max_attempts: u32,
+    /// Wait before the second attempt; doubles each time.
+    pub backoff_ms: u64,
+    /// Upper bound of that wait.
+    pub backoff_max_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// tracing filter, e.g. "info" or "turnstile=debug,info". RUST_LOG wins if set.
+    pub filter: String,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+fn default_company_id() -> String {
+    "default".to_owned()
+}
+/// 64 KiB: a WhatsApp text is at most 4096 characters, so this leaves room.
+fn default_max_body_bytes() -> usize {
+    64 * 1024
+}
+/// WhatsApp's Cloud API redelivers a webhook for up to 7 days.
+fn default_dedup_days() -> u64 {
+    7
+}
+fn default_debounce_ms() -> u64 {
+    10_000
+}
+fn default_max_messages() -> usize {
+    10
+}
+fn default_max_wait_ms() -> u64 {
+    60_000
+}
+fn default_max_concurrent() -> usize {
+    32
+}
+fn default_history_limit() -> usize {
+    20
+}
+/// Below systemd's default TimeoutStopSec of 90 s, and below the unit's 30 s.
+fn default_shutdown_grace_ms() -> u64 {
+    20_000
+}
+fn default_timeout_ms() -> u64 {
+    60_000
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_backoff_ms() -> u64 {
+    1_000
+}
+fn default_backoff_max_ms() -> u64 {
+    30_000
+}
+fn default_log_filter() -> String {
+    "info".to_owned()
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            data_dir: default_data_dir(),
+        }
+    }
+}
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            default_company_id: default_company_id(),
+            max_body_bytes: default_max_body_bytes(),
+            dedup_days: default_dedup_days(),
+        }
+    }
+}
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        BatchingConfig {
+            debounce_ms: default_debounce_ms(),
+            max_messages: default_max_messages(),
+            max_wait_ms: default_max_wait_ms(),
+        }
+    }
+}
+impl Default for TurnsConfig {
+    fn default() -> Self {
+        TurnsConfig {
+            max_concurrent: default_max_concurrent(),
+            history_limit: default_history_limit(),
+            shutdown_grace_ms: default_shutdown_grace_ms(),
+        }
+    }
+}
+impl Default for HandlerConfig {
+    fn default() -> Self {
+        HandlerConfig {
+            kind: HandlerKind::Echo,
+            url: String::new(),
+            timeout_ms: default_timeout_ms(),
+            max_attempts: default_max_attempts(),
+            backoff_ms: default_backoff_ms(),
+            backoff_max_ms: default_backoff_max_ms(),
+        }
+    }
+}
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            filter: default_log_filter(),
+        }
+    }
+}
+
+const ENV_PREFIX: &str = "TURNSTILE_";
+/// Environment variables with the prefix that are not config keys.
+const ENV_RESERVED: &[&str] = &["TURNSTILE_CONFIG"];
+
+impl Config {
+    /// Reads `path` (if given), then applies `TURNSTILE_*` variables from `env`.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse {
+                        path: path.to_owned(),
+                        message: e.to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                ConfigError::Invalid {
+                    key: e.path().to_string(),
+                    message: e.into_inner().to_string(),
+                }
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the rules the types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: &str| {
+            Err(ConfigError::Invalid {
+                key: key.to_owned(),
+                message: message.to_owned(),
+            })
+        };
+        if self.ingest.default_company_id.trim().is_empty() {
+            return bad("ingest.default_company_id", "must not be empty");
+        }
+        if self.ingest.max_body_bytes < 256 {
+            return bad("ingest.max_body_bytes", "must be at least 256");
+        }
+        if self.ingest.dedup_days == 0 {
+            return bad("ingest.dedup_days", "must be at least 1");
+        }
+        if self.batching.debounce_ms == 0 {
+            return bad("batching.debounce_ms", "must be at least 1");
+        }
+        if self.batching.max_messages == 0 {
+            return bad("batching.max_messages", "must be at least 1");
+        }
+        if self.batching.max_wait_ms == 0 {
+            return bad("batching.max_wait_ms", "must be at least 1");
+        }
+        if self.turns.max_concurrent == 0 {
+            return bad("turns.max_concurrent", "must be at least 1");
+        }
+        if self.handler.max_attempts == 0 {
+            return bad("handler.max_attempts", "must be at least 1");
+        }
+        if self.handler.timeout_ms == 0 {
+            return bad("handler.timeout_ms", "must be at least 1");
+        }
+        if self.handler.kind == HandlerKind::Http {
+            match reqwest::Url::parse(&self.handler.url) {
+                Ok(url) if url.scheme() == "http" => {}
+                Ok(_) => {
+                    return bad(
+                        "handler.url",
+                        "must be an http:// URL (TLS arrives with the gateway work)",
+                    )
+                }
+                Err(_) if self.handler.url.is_empty() => {
+                    return bad("handler.url", "is required when handler.kind = \"http\"")
+                }
+                Err(e) => return bad("handler.url", &format!("not a URL: {e}")),
+            }
+        }
+        if let Err(e) = self.log.filter.parse::<tracing_subscriber::EnvFilter>() {
+            return bad("log.filter", &e.to_string());
+        }
+        Ok(())
+    }
+}
+
+/// Overlays `TURNSTILE_<SECTION>_<KEY>` variables. The type of each value is
+/// taken from the key's default, so `TURNSTILE_INGEST_DEFAULT_COMPANY_ID=962302`
+/// stays a string and `TURNSTILE_BATCHING_DEBOUNCE_MS=abc` is refused by name.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let defaults = toml::Table::try_from(Config::default()).expect("default config serializes");
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !ENV_RESERVED.contains(&k.as_str()))
+        .collect();
+    vars.sort();
+    for (var, raw) in vars {
+        let rest = var[ENV_PREFIX.len()..].to_ascii_lowercase();
+        let err = |message: String| ConfigError::Env {
+            var: var.clone(),
+            message,
+        };
+        let (section, key) = rest
+            .split_once('_')
+            .ok_or_else(|| err("expected TURNSTILE_<SECTION>_<KEY>".to_owned()))?;
+        let default = defaults
+            .get(section)
+            .and_then(|s| s.as_table())
+            .and_then(|s| s.get(key))
+            .ok_or_else(|| err(format!("no config key {section}.{key}")))?;
+        let value = match default {
+            toml::Value::Integer(_) => raw
+                .trim()
+                .parse::<i64>()
+                .map(toml::Value::Integer)
+                .map_err(|_| err(format!("{section}.{key} must be an integer, got {raw:?}")))?,
+            toml::Value::Boolean(_) => raw
+                .trim()
+                .parse::<bool>()
+                .map(toml::Value::Boolean)
+                .map_err(|_| {
+                    err(format!(
+                        "{section}.{key} must be true or false, got {raw:?}"
+                    ))
+                })?,
+            _ => toml::Value::String(raw),
+        };
+        let section_table = table
+            .entry(section.to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match section_table.as_table_mut() {
+            Some(t) => {
+                t.insert(key.to_owned(), value);
+            }
+            None => {
+                return Err(err(format!(
+                    "[{section}] in the config file is not a table"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn example_file_lists_every_key_with_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("turnstile.example.toml");
+        let parsed = Config::load(Some(&path), Vec::new()).unwrap();
+        assert_eq!(parsed, Config::default());
+        // Every key of the default config appears (uncommented) in the example.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let example: toml::Table = text.parse().unwrap();
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        for (section, keys) in &defaults {
+            for key in keys.as_table().unwrap().keys() {
+                assert!(
+                    example.get(section).and_then(|s| s.get(key)).is_some(),
+                    "{section}.{key} missing from the example config"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn no_file_means_defaults() {
+        let c = Config::load(None, Vec::new()).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.handler.kind, HandlerKind::Echo);
+    }
+
+    #[test]
+    fn env_overrides_with_the_type_of_the_default() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("TURNSTILE_SERVER_LISTEN", "127.0.0.1:9000"),
+                ("TURNSTILE_HANDLER_KIND", "http"),
+                ("TURNSTILE_HANDLER_URL", "http://127.0.0.1:7000/turn"),
+                ("TURNSTILE_INGEST_DEFAULT_COMPANY_ID", "962302"),
+                ("TURNSTILE_BATCHING_DEBOUNCE_MS", "250"),
+                ("TURNSTILE_CONFIG", "ignored.toml"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(c.handler.url, "http://127.0.0.1:7000/turn");
+        assert_eq!(c.ingest.default_company_id, "962302");
+        assert_eq!(c.batching.debounce_ms, 250);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = |pairs: &[(&str, &str)]| Config::load(None, env(pairs)).unwrap_err().to_string();
+        assert!(err(&[("TURNSTILE_BATCHING_DEBOUNCE_MS", "soon")]).contains("batching.debounce_ms"));
+        assert!(err(&[("TURNSTILE_BATCHING_MAX_MESSAGES", "0")]).contains("batching.max_messages"));
+        assert!(err(&[("TURNSTILE_SERVER_LISTEN", "nowhere")]).contains("server.listen"));
+        assert!(err(&[("TURNSTILE_HANDLER_KIND", "http")]).contains("handler.url"));
+        assert!(err(&[("TURNSTILE_BATCHING_NOPE", "1")]).contains("batching.nope"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        std::fs::write(&path, "[batching]\ndebounce_ms = \"ten\"\n").unwrap();
+        let e = Config::load(Some(&path), Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("batching.debounce_ms"), "{e}");
+        std::fs::write(&path, "[batching]\ndebounce = 5\n").unwrap();
+        let e = Config::load(Some(&path), Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("debounce"), "{e}");
+    }
+}

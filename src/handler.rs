@@ -1,0 +1,195 @@
+//! Who answers a turn. `echo` needs nothing and keeps a turn counter in the
+//! context; `http` POSTs the turn to a service (the AI assistant) with the
+//! turn id as idempotency key. One call is one attempt: retries, backoff and
+//! dead-lettering belong to `turns::run`, which knows the turn's history.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::{HandlerConfig, HandlerKind};
+use crate::message::{Conv, Message};
+
+/// What a handler is given.
+#[derive(Debug, Clone, Serialize)]
+pub struct TurnRequest {
+    pub turn_id: String,
+    pub company_id: String,
+    pub phone: String,
+    pub messages: Vec<RequestMessage>,
+    /// The messages' texts joined by "\n", in arrival order.
+    pub text: String,
+    /// What the previous turn saved, or null.
+    pub context: Value,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestMessage {
+    pub id: String,
+    pub text: String,
+    /// Receipt time, Unix milliseconds.
+    pub at: u64,
+    /// The sender's timestamp, Unix seconds, if the webhook carried one.
+    pub timestamp: Option<i64>,
+}
+
+impl TurnRequest {
+    pub fn new(turn_id: &str, conv: &Conv, messages: &[Message], context: Option<Value>) -> Self {
+        TurnRequest {
+            turn_id: turn_id.to_owned(),
+            company_id: conv.company_id.clone(),
+            phone: conv.phone.clone(),
+            text: messages
+                .iter()
+                .map(|m| m.text.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+            messages: messages
+                .iter()
+                .map(|m| RequestMessage {
+                    id: m.id.clone(),
+                    text: m.text.clone(),
+                    at: m.received_at_ms,
+                    timestamp: m.timestamp,
+                })
+                .collect(),
+            context: context.unwrap_or(Value::Null),
+        }
+    }
+}
+
+/// What a handler answers. A `None` context keeps the stored one.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct TurnAnswer {
+    #[serde(default)]
+    pub reply: Option<String>,
+    #[serde(default)]
+    pub context: Option<Value>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    #[error("handler timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("handler answered HTTP {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("handler unreachable: {0}")]
+    Connect(String),
+    #[error("handler answer is not {{\"reply\", \"context\"}} JSON: {0}")]
+    BadAnswer(String),
+}
+
+pub enum Handler {
+    Echo,
+    Http {
+        client: reqwest::Client,
+        url: String,
+        timeout: Duration,
+    },
+}
+
+impl Handler {
+    pub fn from_config(c: &HandlerConfig) -> Handler {
+        match c.kind {
+            HandlerKind::Echo => Handler::Echo,
+            HandlerKind::Http => Handler::Http {
+                client: reqwest::Client::builder()
+                    .pool_idle_timeout(Duration::from_secs(30))
+                    .build()
+                    .expect("a plain HTTP client builds"),
+                url: c.url.clone(),
+                timeout: Duration::from_millis(c.timeout_ms),
+            },
+        }
+    }
+
+    /// One attempt at answering the turn.
+    pub async fn call(&self, req: &TurnRequest) -> Result<TurnAnswer, HandlerError> {
+        match self {
+            Handler::Echo => Ok(echo(req)),
+            Handler::Http {
+                client,
+                url,
+                timeout,
+            } => {
+                let sent = client
+                    .post(url)
+                    .header("Idempotency-Key", &req.turn_id)
+                    .timeout(*timeout)
+                    .json(req)
+                    .send()
+                    .await;
+                let resp = sent.map_err(|e| classify(e, *timeout))?;
+                let status = resp.status();
+                let body = resp.bytes().await.map_err(|e| classify(e, *timeout))?;
+                if !status.is_success() {
+                    let body = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+                    return Err(HandlerError::Status {
+                        status: status.as_u16(),
+                        body,
+                    });
+                }
+                serde_json::from_slice(&body).map_err(|e| HandlerError::BadAnswer(e.to_string()))
+            }
+        }
+    }
+}
+
+fn classify(e: reqwest::Error, timeout: Duration) -> HandlerError {
+    if e.is_timeout() {
+        HandlerError::Timeout(timeout)
+    } else {
+        HandlerError::Connect(e.to_string())
+    }
+}
+
+/// Replies with the combined text and counts turns in the context, keeping
+/// whatever else the context holds.
+fn echo(req: &TurnRequest) -> TurnAnswer {
+    let mut context = match &req.context {
+        Value::Object(map) => map.clone(),
+        _ => serde_json::Map::new(),
+    };
+    let turns = context.get("turns").and_then(Value::as_u64).unwrap_or(0) + 1;
+    context.insert("turns".into(), turns.into());
+    TurnAnswer {
+        reply: Some(format!("received: {}", req.text)),
+        context: Some(Value::Object(context)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn echo_replies_with_the_joined_text_and_counts_turns() {
+        let conv = Conv {
+            phone: "79001234567".into(),
+            company_id: "1".into(),
+        };
+        let msgs: Vec<Message> = ["Привет", "можно"]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Message {
+                seq: i as u64,
+                id: format!("m{i}"),
+                conv: conv.clone(),
+                text: t.to_string(),
+                timestamp: None,
+                received_at_ms: 0,
+            })
+            .collect();
+        let first = Handler::Echo
+            .call(&TurnRequest::new("t1", &conv, &msgs, None))
+            .await
+            .unwrap();
+        assert_eq!(first.reply.as_deref(), Some("received: Привет\nможно"));
+        let second = Handler::Echo
+            .call(&TurnRequest::new("t2", &conv, &msgs, first.context))
+            .await
+            .unwrap();
+        assert_eq!(second.context.unwrap()["turns"], 2);
+    }
+}

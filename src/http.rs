@@ -1,0 +1,283 @@
+//! The HTTP surface: webhooks in, inspection API, health. Handlers here parse
+//! and answer; they never await a turn — a webhook returns as soon as its
+//! message is on disk.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::{json, Value};
+
+use crate::ingest::{self, Accepted, Ingest, IngestError};
+use crate::message::{unix_ms, Message};
+use crate::store::{Store, TurnRecord, TurnSummary};
+use crate::turns::{DriverHandle, RetryOutcome};
+
+pub struct AppState {
+    pub ingest: Ingest,
+    pub store: Store,
+    pub driver: DriverHandle,
+    pub max_body_bytes: usize,
+    pub default_company_id: String,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/webhook/whatsapp/batched", post(webhook_batched))
+        .route("/webhook/whatsapp", post(webhook_immediate))
+        .route("/api/batches", get(batches))
+        .route("/api/conversations/{phone}", get(conversation))
+        .route("/api/dead", get(dead))
+        .route("/api/dead/{turn_id}/retry", post(retry_dead))
+        .route("/healthz", get(healthz))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
+        })
+        .with_state(state)
+}
+
+/// Every error answer has the same shape: status code + `{"error": "..."}`.
+pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn webhook_batched(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    webhook(&s, &headers, body, false).await
+}
+
+async fn webhook_immediate(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    webhook(&s, &headers, body, true).await
+}
+
+async fn webhook(s: &AppState, headers: &HeaderMap, body: Body, immediate: bool) -> Response {
+    if !is_json(headers) {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "content type must be application/json",
+        );
+    }
+    let body = match read_body(headers, body, s.max_body_bytes).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let outcome = async {
+        let message = ingest::parse(&body, &s.default_company_id)?;
+        s.ingest.accept(message, immediate).await
+    };
+    match outcome.await {
+        Ok(Accepted::New) => Json(json!({ "status": "accepted" })).into_response(),
+        Ok(Accepted::Duplicate) => Json(json!({ "status": "duplicate" })).into_response(),
+        Err(e @ IngestError::Malformed(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e @ IngestError::Invalid(_)) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        Err(e @ IngestError::Store(_)) => {
+            tracing::error!(error = %e, "webhook refused: store failure");
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Reads at most `limit` bytes; a larger body (declared or actual) is 413.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<axum::body::Bytes, Response> {
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body exceeds {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("could not read the body: {e}"),
+        )),
+    }
+}
+
+fn message_json(m: &Message) -> Value {
+    json!({ "id": m.id, "text": m.text, "received_at": m.received_at_ms, "timestamp": m.timestamp })
+}
+
+async fn batches(State(s): State<Arc<AppState>>) -> Response {
+    let Some(snap) = s.driver.snapshot().await else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    };
+    let now_ms = unix_ms();
+    let mut out = Vec::new();
+    for (conv, seqs, first_at, deadline) in &snap.collecting {
+        let messages = match s.store.messages(conv, seqs) {
+            Ok(m) => m,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+        out.push(json!({
+            "company_id": conv.company_id,
+            "phone": conv.phone,
+            "state": "collecting",
+            "messages": messages.iter().map(message_json).collect::<Vec<_>>(),
+            "age_ms": ms(snap.now.saturating_duration_since(*first_at)),
+            "fires_in_ms": ms(deadline.saturating_duration_since(snap.now)),
+        }));
+    }
+    for (conv, seqs) in &snap.waiting {
+        let messages = match s.store.messages(conv, seqs) {
+            Ok(m) => m,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+        let first = messages
+            .iter()
+            .map(|m| m.received_at_ms)
+            .min()
+            .unwrap_or(now_ms);
+        out.push(json!({
+            "company_id": conv.company_id,
+            "phone": conv.phone,
+            "state": "waiting_for_turn",
+            "messages": messages.iter().map(message_json).collect::<Vec<_>>(),
+            "age_ms": now_ms.saturating_sub(first),
+            "fires_in_ms": 0,
+        }));
+    }
+    let running: Vec<Value> = snap
+        .running
+        .iter()
+        .map(|c| json!({ "company_id": c.company_id, "phone": c.phone }))
+        .collect();
+    Json(json!({ "batches": out, "running": running })).into_response()
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+fn summary_json(t: &TurnSummary) -> Value {
+    json!({
+        "turn_id": t.turn_id,
+        "company_id": t.conv.company_id,
+        "messages": t.messages.iter().map(message_json).collect::<Vec<_>>(),
+        "text": t.messages.iter().map(|m| m.text.as_str()).collect::<Vec<_>>().join("\n"),
+        "reply": t.reply,
+        "cut_reason": t.cut_reason,
+        "attempts": t.attempts,
+        "first_message_at": t.messages.iter().map(|m| m.received_at_ms).min(),
+        "cut_at": t.cut_at_ms,
+        "started_at": t.started_at_ms,
+        "committed_at": t.committed_at_ms,
+    })
+}
+
+fn record_json(t: &TurnRecord) -> Value {
+    json!({
+        "turn_id": t.turn_id,
+        "company_id": t.conv.company_id,
+        "phone": t.conv.phone,
+        "messages": t.messages.iter().map(message_json).collect::<Vec<_>>(),
+        "text": t.messages.iter().map(|m| m.text.as_str()).collect::<Vec<_>>().join("\n"),
+        "attempts": t.attempts,
+        "error": t.dead.as_ref().map(|d| d.error.clone()),
+        "died_at": t.dead.as_ref().map(|d| d.died_at_ms),
+    })
+}
+
+async fn conversation(State(s): State<Arc<AppState>>, Path(phone): Path<String>) -> Response {
+    let phone = match ingest::normalize_phone(&phone) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
+    };
+    let history = match s.store.history(&phone) {
+        Ok(h) => h,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let open = match s.store.turns() {
+        Ok(t) => t,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let open: Vec<Value> = open
+        .iter()
+        .filter(|t| t.conv.phone == phone)
+        .map(|t| {
+            let mut v = record_json(t);
+            v["state"] = json!(if t.dead.is_some() { "dead" } else { "open" });
+            v
+        })
+        .collect();
+    Json(json!({
+        "phone": phone,
+        "turns": history.iter().map(summary_json).collect::<Vec<_>>(),
+        "open_turns": open,
+    }))
+    .into_response()
+}
+
+async fn dead(State(s): State<Arc<AppState>>) -> Response {
+    match s.store.turns() {
+        Ok(turns) => {
+            let dead: Vec<Value> = turns
+                .iter()
+                .filter(|t| t.dead.is_some())
+                .map(record_json)
+                .collect();
+            Json(json!({ "dead": dead })).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn retry_dead(State(s): State<Arc<AppState>>, Path(turn_id): Path<String>) -> Response {
+    match s.driver.retry(turn_id.clone()).await {
+        RetryOutcome::Queued => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "status": "queued", "turn_id": turn_id })),
+        )
+            .into_response(),
+        RetryOutcome::NotFound => error(StatusCode::NOT_FOUND, format!("no turn {turn_id}")),
+        RetryOutcome::NotDead => error(StatusCode::CONFLICT, format!("turn {turn_id} is not dead")),
+        RetryOutcome::Failed(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn healthz() -> Response {
+    Json(json!({ "status": "ok" })).into_response()
+}

@@ -1,0 +1,235 @@
+//! From a webhook body to a message on disk that the batcher knows about.
+//!
+//! Validation happens before anything is written, so bad input changes
+//! nothing. The answer to the sender is given only after the group-commit
+//! flush: an "accepted" (or "duplicate") message survives `kill -9`.
+
+use serde_json::Value;
+
+use crate::message::{unix_ms, Conv, NewMessage};
+use crate::store::{Inserted, Store, StoreError};
+use crate::turns::DriverHandle;
+
+/// Longest accepted message id; WhatsApp's are well under 100 bytes.
+const MAX_ID_BYTES: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The body is not JSON at all (400).
+    #[error("body is not valid JSON: {0}")]
+    Malformed(String),
+    /// JSON, but a field is missing, empty or of the wrong type (422).
+    #[error("{0}")]
+    Invalid(String),
+    /// The store could not write or flush (503): the sender should retry.
+    #[error("message not stored: {0}")]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    New,
+    Duplicate,
+}
+
+/// Parses and validates the generic webhook payload
+/// `{"id", "from", "message", "timestamp"?, "company_id"?}`.
+pub fn parse(body: &[u8], default_company_id: &str) -> Result<NewMessage, IngestError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| IngestError::Malformed(e.to_string()))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| IngestError::Invalid("body must be a JSON object".into()))?;
+    let invalid = |m: String| IngestError::Invalid(m);
+    let required_str = |field: &str| -> Result<&str, IngestError> {
+        match obj.get(field) {
+            None | Some(Value::Null) => Err(invalid(format!("field `{field}` is required"))),
+            Some(Value::String(s)) if s.trim().is_empty() => {
+                Err(invalid(format!("field `{field}` must not be empty")))
+            }
+            Some(Value::String(s)) => Ok(s),
+            Some(_) => Err(invalid(format!("field `{field}` must be a string"))),
+        }
+    };
+    let id = required_str("id")?;
+    if id.len() > MAX_ID_BYTES {
+        return Err(invalid(format!(
+            "field `id` is longer than {MAX_ID_BYTES} bytes"
+        )));
+    }
+    let phone = normalize_phone(required_str("from")?)
+        .map_err(|e| invalid(format!("field `from`: {e}")))?;
+    let text = required_str("message")?;
+    let timestamp = match obj.get("timestamp") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(t) if t >= 0 => Some(t),
+            _ => {
+                return Err(invalid(
+                    "field `timestamp` must be a non-negative integer (Unix seconds)".into(),
+                ))
+            }
+        },
+        Some(_) => {
+            return Err(invalid(
+                "field `timestamp` must be an integer (Unix seconds)".into(),
+            ))
+        }
+    };
+    let company_id = match obj.get("company_id") {
+        None | Some(Value::Null) => default_company_id.to_owned(),
+        Some(Value::String(s)) if !s.trim().is_empty() && !s.contains('\0') => s.trim().to_owned(),
+        Some(Value::Number(n)) if n.is_u64() => n.to_string(),
+        Some(_) => {
+            return Err(invalid(
+                "field `company_id` must be a non-empty string".into(),
+            ))
+        }
+    };
+    Ok(NewMessage {
+        id: id.to_owned(),
+        conv: Conv { phone, company_id },
+        text: text.to_owned(),
+        timestamp,
+        received_at_ms: unix_ms(),
+    })
+}
+
+/// Reduces a WhatsApp address or a written phone number to its digits:
+/// "79001234567@c.us", "+7 900 123-45-67" and "79001234567" are one phone.
+pub fn normalize_phone(raw: &str) -> Result<String, String> {
+    let number = match raw.trim().split_once('@') {
+        Some((number, domain))
+            if !domain.is_empty()
+                && domain
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.') =>
+        {
+            number
+        }
+        Some(_) => return Err(format!("{raw:?} is not a phone number or WhatsApp id")),
+        None => raw.trim(),
+    };
+    let mut digits = String::with_capacity(number.len());
+    for (i, c) in number.chars().enumerate() {
+        match c {
+            '0'..='9' => digits.push(c),
+            '+' if i == 0 => {}
+            ' ' | '-' | '(' | ')' | '.' => {}
+            _ => return Err(format!("{raw:?} is not a phone number or WhatsApp id")),
+        }
+    }
+    if !(6..=15).contains(&digits.len()) {
+        return Err(format!("{raw:?} must have 6 to 15 digits"));
+    }
+    Ok(digits)
+}
+
+#[derive(Clone)]
+pub struct Ingest {
+    store: Store,
+    driver: DriverHandle,
+}
+
+impl Ingest {
+    pub fn new(store: Store, driver: DriverHandle) -> Ingest {
+        Ingest { store, driver }
+    }
+
+    /// Stores the message, waits until it is on disk, then hands it to the
+    /// batcher. `immediate` skips the debounce (the message's batch is cut now).
+    pub async fn accept(
+        &self,
+        message: NewMessage,
+        immediate: bool,
+    ) -> Result<Accepted, IngestError> {
+        let inserted = self.store.insert_message(message)?;
+        // A duplicate waits for the disk too: its original may be in the very
+        // flush that has not finished yet, and "duplicate" promises it is stored.
+        self.store.flush().await?;
+        match inserted {
+            Inserted::New(m) => {
+                tracing::debug!(conv = %m.conv, id = %m.id, seq = m.seq, "message stored");
+                // A stopped driver only means we are shutting down: the message
+                // is on disk and the next start batches it.
+                self.driver.ingested(m.conv, m.seq, immediate);
+                Ok(Accepted::New)
+            }
+            Inserted::Duplicate => Ok(Accepted::Duplicate),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phones_normalize_to_digits() {
+        for raw in [
+            "79001234567@c.us",
+            "+7 900 123-45-67",
+            "79001234567",
+            " +7 (900) 123.45.67 ",
+        ] {
+            assert_eq!(normalize_phone(raw).unwrap(), "79001234567", "{raw}");
+        }
+        for bad in [
+            "",
+            "abc",
+            "7900@",
+            "12345",
+            "+7 900 abc",
+            "1234567890123456",
+            "79+001234567",
+            "7900123@c us",
+        ] {
+            assert!(normalize_phone(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn payload_fields_are_checked_by_name() {
+        let ok = parse(
+            br#"{"id":"a","from":"79001234567@c.us","message":"hi","timestamp":1763800000}"#,
+            "d",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                ok.conv.phone.as_str(),
+                ok.conv.company_id.as_str(),
+                ok.timestamp
+            ),
+            ("79001234567", "d", Some(1763800000))
+        );
+        let numeric_company = parse(
+            br#"{"id":"a","from":"79001234567","message":"hi","company_id":962302}"#,
+            "d",
+        )
+        .unwrap();
+        assert_eq!(numeric_company.conv.company_id, "962302");
+
+        let err = |body: &str| match parse(body.as_bytes(), "d") {
+            Err(IngestError::Invalid(m)) => m,
+            other => panic!("{body}: expected Invalid, got {other:?}"),
+        };
+        assert!(err(r#"{"from":"79001234567","message":"hi"}"#).contains("`id`"));
+        assert!(err(r#"{"id":"","from":"79001234567","message":"hi"}"#).contains("`id`"));
+        assert!(err(r#"{"id":"a","from":79001234567,"message":"hi"}"#).contains("`from`"));
+        assert!(err(r#"{"id":"a","from":"79001234567","message":"  "}"#).contains("`message`"));
+        assert!(
+            err(r#"{"id":"a","from":"79001234567","message":"hi","timestamp":"now"}"#)
+                .contains("`timestamp`")
+        );
+        assert!(
+            err(r#"{"id":"a","from":"79001234567","message":"hi","company_id":[]}"#)
+                .contains("`company_id`")
+        );
+        assert!(err(r#"[1,2]"#).contains("object"));
+        assert!(matches!(
+            parse(b"{\"id\":", "d"),
+            Err(IngestError::Malformed(_))
+        ));
+    }
+}

@@ -1,0 +1,19 @@
+//! turnstile: durable per-phone batching and one-turn-at-a-time dispatch
+//! between WhatsApp webhooks and an AI booking assistant.
+//!
+//! The modules below are declared in the order a message flows through them;
+//! `ARCHITECTURE.md` maps that flow and says what each module may not touch.
+
+pub mod batcher; // sans-IO debounce: when a phone's pending messages become a turn
+pub mod config; // the one TOML file, environment overrides, validation
+pub mod context; // the per-conversation memory a turn saves, compressed
+pub mod handler; // who answers a turn: echo or an HTTP service, with retries
+pub mod http; // axum routes: webhooks, inspection API, health
+pub mod ingest; // webhook payload -> validated message -> durable -> batcher
+pub mod message; // what a message and a conversation (company, phone) are
+pub mod server;
+pub mod store; // the only module that names sled: inbox, dedup, turns, contexts
+pub mod turns; // the turn gate, the driver task and the life of one turn // wiring: open the store, recover, serve, shut down in order
+
+pub use config::Config;
+pub use server::run;

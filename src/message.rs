@@ -1,0 +1,63 @@
+//! What a message and a conversation are, as every other module sees them.
+
+use serde::{Deserialize, Serialize};
+
+/// A conversation: one client's phone writing to one company. Batching, the
+/// one-turn-at-a-time rule and the saved context are all per conversation;
+/// with a single company (the usual appliance) that is simply per phone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Conv {
+    /// Digits only, e.g. "79001234567".
+    pub phone: String,
+    pub company_id: String,
+}
+
+impl std::fmt::Display for Conv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.company_id, self.phone)
+    }
+}
+
+/// A message as accepted by ingest, before the store numbers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    pub id: String,
+    pub conv: Conv,
+    pub text: String,
+    /// The sender's timestamp in Unix seconds, when the webhook carried one.
+    pub timestamp: Option<i64>,
+    /// When turnstile received it, Unix milliseconds.
+    pub received_at_ms: u64,
+}
+
+/// A stored message. `seq` orders the messages of a conversation by arrival.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub seq: u64,
+    pub id: String,
+    pub conv: Conv,
+    pub text: String,
+    pub timestamp: Option<i64>,
+    pub received_at_ms: u64,
+}
+
+impl Message {
+    pub fn from_new(seq: u64, m: NewMessage) -> Message {
+        Message {
+            seq,
+            id: m.id,
+            conv: m.conv,
+            text: m.text,
+            timestamp: m.timestamp,
+            received_at_ms: m.received_at_ms,
+        }
+    }
+}
+
+/// Wall-clock Unix milliseconds, for what is written to disk and shown to people.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

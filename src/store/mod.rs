@@ -1,0 +1,277 @@
+//! The durable state of the daemon, and the only module that names sled.
+//!
+//! Trees:
+//! - `inbox`: messages not yet answered by a committed turn, per conversation in arrival order
+//! - `seen`, `seen_at`: message ids already accepted (dedup), and their time index for expiry
+//! - `turns`: turns cut but not committed (re-run on start) and dead turns (kept for retry)
+//! - `history`: the last committed turns of each conversation
+//! - `contexts`: each conversation's saved context, as the `context` module encoded it
+//!
+//! Every write that must be atomic is one sled transaction; durability is a
+//! separate, shared step (`flush`, see `flush.rs`), so callers decide when to
+//! wait for the disk.
+
+mod flush;
+mod records;
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use records::{conv_prefix, decode, encode, phone_prefix, seen_at_key, seq_key};
+pub use records::{DeadInfo, TurnRecord, TurnSummary};
+
+use crate::message::{Conv, Message, NewMessage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("flush to disk failed: {0}")]
+    Flush(Arc<str>),
+    #[error("corrupt record in {tree} at key {key:?}: {reason}")]
+    Corrupt {
+        tree: &'static str,
+        key: String,
+        reason: String,
+    },
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Sled(e),
+        }
+    }
+}
+
+/// What storing a webhook message did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inserted {
+    /// Stored under this sequence number.
+    New(Message),
+    /// The id was seen before; nothing was written.
+    Duplicate,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    inbox: sled::Tree,
+    seen: sled::Tree,
+    seen_at: sled::Tree,
+    turns: sled::Tree,
+    history: sled::Tree,
+    contexts: sled::Tree,
+    flusher: flush::Flusher,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`. Must be called inside a tokio
+    /// runtime: it starts the group-commit task. Fails if another process
+    /// holds the directory.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Sled(e.into()))?;
+        let db = sled::Config::new().path(dir).open()?;
+        Ok(Store {
+            inbox: db.open_tree("inbox")?,
+            seen: db.open_tree("seen")?,
+            seen_at: db.open_tree("seen_at")?,
+            turns: db.open_tree("turns")?,
+            history: db.open_tree("history")?,
+            contexts: db.open_tree("contexts")?,
+            flusher: flush::Flusher::spawn(db.clone()),
+            db,
+        })
+    }
+
+    /// Resolves when every write made before the call is on disk. Concurrent
+    /// callers share one fsync.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.flusher.flush().await.map_err(StoreError::Flush)
+    }
+
+    /// Stores a message and marks its id seen, in one transaction: a failed
+    /// write never leaves the id marked, so a redelivery is not mistaken for a
+    /// duplicate. Not durable until `flush`.
+    pub fn insert_message(&self, new: NewMessage) -> Result<Inserted, StoreError> {
+        let seq = self.db.generate_id()?;
+        let message = Message::from_new(seq, new);
+        let record = encode(&message);
+        let key = seq_key(&message.conv, seq);
+        let stamp = message.received_at_ms.to_be_bytes();
+        let inserted =
+            (&self.seen, &self.seen_at, &self.inbox).transaction(|(seen, seen_at, inbox)| {
+                if seen.get(message.id.as_bytes())?.is_some() {
+                    return Ok(false);
+                }
+                seen.insert(message.id.as_bytes(), &stamp[..])?;
+                seen_at.insert(seen_at_key(message.received_at_ms, &message.id), &[][..])?;
+                inbox.insert(key.as_slice(), record.as_slice())?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(true)
+            })?;
+        Ok(if inserted {
+            Inserted::New(message)
+        } else {
+            Inserted::Duplicate
+        })
+    }
+
+    /// Every message still in the inbox, in key order (per conversation, by arrival).
+    pub fn inbox(&self) -> Result<Vec<Message>, StoreError> {
+        self.inbox
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode("inbox", &k, &v)
+            })
+            .collect()
+    }
+
+    /// The given messages of a conversation that are still in the inbox, by arrival.
+    pub fn messages(&self, conv: &Conv, seqs: &[u64]) -> Result<Vec<Message>, StoreError> {
+        let mut seqs = seqs.to_vec();
+        seqs.sort_unstable();
+        let mut out = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            let key = seq_key(conv, seq);
+            if let Some(v) = self.inbox.get(&key)? {
+                out.push(decode("inbox", &key, &v)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A fresh, never reused turn id.
+    pub fn new_turn_id(&self) -> Result<String, StoreError> {
+        Ok(format!("t{:012}", self.db.generate_id()?))
+    }
+
+    /// Records a turn before its handler is called (not durable until `flush`).
+    pub fn put_turn(&self, turn: &TurnRecord) -> Result<(), StoreError> {
+        self.turns.insert(turn.turn_id.as_bytes(), encode(turn))?;
+        Ok(())
+    }
+
+    pub fn turn(&self, turn_id: &str) -> Result<Option<TurnRecord>, StoreError> {
+        match self.turns.get(turn_id.as_bytes())? {
+            Some(v) => Ok(Some(decode("turns", turn_id.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// All recorded turns: open ones (to re-run) and dead ones (to list).
+    pub fn turns(&self) -> Result<Vec<TurnRecord>, StoreError> {
+        self.turns
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode("turns", &k, &v)
+            })
+            .collect()
+    }
+
+    /// The commit of a turn, in one transaction: its messages leave the inbox,
+    /// its record is removed, its summary joins the history (trimmed to
+    /// `history_limit`), and the context it produced replaces the stored one
+    /// (`None` keeps it). Not durable until `flush`.
+    pub fn commit_turn(
+        &self,
+        turn: &TurnRecord,
+        summary: &TurnSummary,
+        context: Option<&[u8]>,
+        history_limit: usize,
+    ) -> Result<(), StoreError> {
+        let prefix = conv_prefix(&turn.conv);
+        // Only one turn of a conversation runs at a time, so the history keys
+        // read here cannot change before the transaction below.
+        let existing: Vec<sled::IVec> = self
+            .history
+            .scan_prefix(&prefix)
+            .keys()
+            .collect::<Result<_, _>>()?;
+        let excess = (existing.len() + 1).saturating_sub(history_limit.max(1));
+        let history_key = seq_key(&turn.conv, self.db.generate_id()?);
+        let summary = encode(summary);
+        (&self.inbox, &self.turns, &self.history, &self.contexts).transaction(
+            |(inbox, turns, history, contexts)| {
+                for m in &turn.messages {
+                    inbox.remove(seq_key(&m.conv, m.seq))?;
+                }
+                turns.remove(turn.turn_id.as_bytes())?;
+                for old in &existing[..excess] {
+                    history.remove(old)?;
+                }
+                history.insert(history_key.as_slice(), summary.as_slice())?;
+                if let Some(bytes) = context {
+                    contexts.insert(prefix.as_slice(), bytes)?;
+                }
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Parks a turn as dead: its messages leave the inbox (the record keeps
+    /// copies) so the conversation's next batch does not include them.
+    pub fn park_dead(&self, turn: &TurnRecord) -> Result<(), StoreError> {
+        let record = encode(turn);
+        (&self.inbox, &self.turns).transaction(|(inbox, turns)| {
+            for m in &turn.messages {
+                inbox.remove(seq_key(&m.conv, m.seq))?;
+            }
+            turns.insert(turn.turn_id.as_bytes(), record.as_slice())?;
+            Ok::<_, ConflictableTransactionError<StoreError>>(())
+        })?;
+        Ok(())
+    }
+
+    /// The saved context of a conversation, as the `context` module encoded it.
+    pub fn context(&self, conv: &Conv) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.contexts.get(conv_prefix(conv))?.map(|v| v.to_vec()))
+    }
+
+    /// Committed turns of a phone (all companies), oldest first.
+    pub fn history(&self, phone: &str) -> Result<Vec<TurnSummary>, StoreError> {
+        let mut out: Vec<TurnSummary> = self
+            .history
+            .scan_prefix(phone_prefix(phone))
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode("history", &k, &v)
+            })
+            .collect::<Result<_, _>>()?;
+        out.sort_by_key(|t| (t.committed_at_ms, t.turn_id.clone()));
+        Ok(out)
+    }
+
+    /// Forgets message ids received before `cutoff_ms`; returns how many.
+    /// A range scan over the time index, never a scan of all ids.
+    pub fn expire_seen(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for kv in self.seen_at.range(..cutoff_ms.to_be_bytes().to_vec()) {
+            let (key, _) = kv?;
+            let id = &key[8..];
+            (&self.seen, &self.seen_at).transaction(|(seen, seen_at)| {
+                // The id may have been stored again later (after an earlier
+                // expiry); only drop it if this index entry is its current one.
+                if seen.get(id)?.as_deref() == Some(&key[..8]) {
+                    seen.remove(id)?;
+                }
+                seen_at.remove(&key)?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Bytes the store occupies on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+}

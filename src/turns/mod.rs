@@ -1,0 +1,133 @@
+//! Turns: the gate that keeps one turn per conversation in flight, the one
+//! task that drives the batcher's and the gate's timers (`driver`), and the
+//! life of a single turn from record to commit (`run`).
+//!
+//! Only this module commits turns. The batcher's and gate's state is memory
+//! only and is rebuilt from the store's inbox and open turns on start.
+
+mod driver;
+pub mod gate;
+mod run;
+
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::batcher::CutReason;
+use crate::message::Conv;
+use crate::store::TurnRecord;
+
+pub use driver::{Driver, Recovery};
+pub use run::Runner;
+
+/// What the gate hands to a turn.
+#[derive(Debug)]
+pub enum Work {
+    /// A batch just cut: its messages are still only in the inbox.
+    Fresh {
+        seqs: Vec<u64>,
+        reason: CutReason,
+        deadline: Instant,
+        max_messages: usize,
+    },
+    /// A turn already recorded on disk: recovered after a restart, or a dead
+    /// turn being retried. It keeps its turn_id and messages.
+    Resume(Box<TurnRecord>),
+}
+
+impl gate::Merge for Work {
+    fn merge(&mut self, next: Work) -> Option<Work> {
+        match (self, next) {
+            (
+                Work::Fresh {
+                    seqs, max_messages, ..
+                },
+                Work::Fresh { seqs: more, .. },
+            ) if seqs.len() + more.len() <= *max_messages => {
+                seqs.extend(more);
+                seqs.sort_unstable();
+                None
+            }
+            (_, next) => Some(next),
+        }
+    }
+}
+
+/// Events the driver reacts to, besides its own timers.
+pub(crate) enum Event {
+    /// A message is durably stored.
+    Ingested {
+        conv: Conv,
+        seq: u64,
+        at: Instant,
+        immediate: bool,
+    },
+    /// The running turn of `conv` ended (committed, parked dead, or stopped).
+    Finished {
+        conv: Conv,
+    },
+    /// Re-run a dead turn.
+    Retry {
+        turn_id: String,
+        reply: oneshot::Sender<RetryOutcome>,
+    },
+    Snapshot {
+        reply: oneshot::Sender<Snapshot>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryOutcome {
+    Queued,
+    NotFound,
+    NotDead,
+    Failed(String),
+}
+
+/// The driver's memory, for `GET /api/batches`.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub now: Instant,
+    /// Collecting messages: (conversation, seqs, first message at, cut deadline).
+    pub collecting: Vec<(Conv, Vec<u64>, Instant, Instant)>,
+    /// Cut, waiting for the conversation's running turn or a free slot.
+    pub waiting: Vec<(Conv, Vec<u64>)>,
+    pub running: Vec<Conv>,
+}
+
+/// How other tasks talk to the driver. Cheap to clone.
+#[derive(Clone)]
+pub struct DriverHandle {
+    tx: mpsc::UnboundedSender<Event>,
+}
+
+impl DriverHandle {
+    /// Tells the driver a message is on disk. Returns false once the driver
+    /// has stopped (the message stays in the inbox for the next start).
+    pub fn ingested(&self, conv: Conv, seq: u64, immediate: bool) -> bool {
+        let at = tokio::time::Instant::now().into_std();
+        self.tx
+            .send(Event::Ingested {
+                conv,
+                seq,
+                at,
+                immediate,
+            })
+            .is_ok()
+    }
+
+    pub async fn retry(&self, turn_id: String) -> RetryOutcome {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Event::Retry { turn_id, reply }).is_err() {
+            return RetryOutcome::Failed("shutting down".into());
+        }
+        rx.await
+            .unwrap_or(RetryOutcome::Failed("shutting down".into()))
+    }
+
+    pub async fn snapshot(&self) -> Option<Snapshot> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Event::Snapshot { reply }).ok()?;
+        rx.await.ok()
+    }
+}
