@@ -49,14 +49,19 @@ pub async fn run(
         "recovered state from disk"
     );
 
+    // `token`: stop accepting and starting; `abort`: the grace period is over.
     let token = CancellationToken::new();
+    let abort = CancellationToken::new();
     let turns = TaskTracker::new();
-    let runner = Arc::new(Runner::new(
+    let handler = Handler::from_config(&config.handler);
+    let runner = Runner::new(
         &config,
         store.clone(),
-        Handler::from_config(&config.handler),
+        handler,
         token.clone(),
-    ));
+        abort.clone(),
+    );
+    let runner = Arc::new(runner);
     let (driver, handle) = Driver::new(
         &config,
         store.clone(),
@@ -103,8 +108,10 @@ pub async fn run(
             still_running = turns.len(),
             "grace period over; unfinished turns re-run on the next start"
         );
+        abort.cancel();
+        turns.wait().await;
     }
-    if let Err(e) = store.flush().await {
+    if let Err(e) = store.close().await {
         error!(error = %e, "final flush failed");
     }
     info!("stopped");

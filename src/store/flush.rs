@@ -12,21 +12,35 @@ use tokio::sync::{mpsc, oneshot};
 
 type Waiter = oneshot::Sender<Result<(), Arc<str>>>;
 
+enum Request {
+    Flush(Waiter),
+    /// Flush once more, then end the task (and drop its handle on the database).
+    Close(Waiter),
+}
+
 #[derive(Clone)]
 pub(crate) struct Flusher {
-    tx: mpsc::UnboundedSender<Waiter>,
+    tx: mpsc::UnboundedSender<Request>,
 }
 
 impl Flusher {
     /// Spawns the flusher task for `db`; it ends when every `Flusher` is dropped.
     pub(crate) fn spawn(db: sled::Db) -> Flusher {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Waiter>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
         tokio::spawn(async move {
             let mut batch = Vec::new();
+            let mut closing = false;
             while let Some(first) = rx.recv().await {
-                batch.push(first);
-                while let Ok(more) = rx.try_recv() {
-                    batch.push(more);
+                for request in
+                    std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok()))
+                {
+                    match request {
+                        Request::Flush(w) => batch.push(w),
+                        Request::Close(w) => {
+                            batch.push(w);
+                            closing = true;
+                        }
+                    }
                 }
                 let db = db.clone();
                 // spawn_blocking, not a thread of our own: tokio's paused test
@@ -39,6 +53,9 @@ impl Flusher {
                 for waiter in batch.drain(..) {
                     let _ = waiter.send(result.clone());
                 }
+                if closing {
+                    return;
+                }
             }
         });
         Flusher { tx }
@@ -46,10 +63,18 @@ impl Flusher {
 
     /// Resolves once everything written before this call is durable.
     pub(crate) async fn flush(&self) -> Result<(), Arc<str>> {
+        self.request(Request::Flush).await
+    }
+
+    /// A last flush; the task ends after it, so the database can close.
+    pub(crate) async fn close(&self) -> Result<(), Arc<str>> {
+        self.request(Request::Close).await
+    }
+
+    async fn request(&self, make: fn(Waiter) -> Request) -> Result<(), Arc<str>> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(tx)
-            .map_err(|_| Arc::<str>::from("flusher stopped"))?;
-        rx.await.map_err(|_| Arc::<str>::from("flusher stopped"))?
+        let stopped = || Arc::<str>::from("flusher stopped");
+        self.tx.send(make(tx)).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 }

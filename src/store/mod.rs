@@ -95,6 +95,12 @@ impl Store {
         self.flusher.flush().await.map_err(StoreError::Flush)
     }
 
+    /// Flushes and stops the group-commit task; the database closes when the
+    /// last clone of this store is dropped. Later `flush` calls fail.
+    pub async fn close(self) -> Result<(), StoreError> {
+        self.flusher.close().await.map_err(StoreError::Flush)
+    }
+
     /// Stores a message and marks its id seen, in one transaction: a failed
     /// write never leaves the id marked, so a redelivery is not mistaken for a
     /// duplicate. Not durable until `flush`.

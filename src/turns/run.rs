@@ -27,7 +27,11 @@ pub struct Runner {
     backoff: Duration,
     backoff_max: Duration,
     history_limit: usize,
+    /// Cancelled on shutdown: no new attempt starts.
     shutdown: CancellationToken,
+    /// Cancelled when the shutdown grace period is over: a handler call in
+    /// progress is abandoned and the turn stays open for the next start.
+    abort: CancellationToken,
 }
 
 impl Runner {
@@ -36,6 +40,7 @@ impl Runner {
         store: Store,
         handler: Handler,
         shutdown: CancellationToken,
+        abort: CancellationToken,
     ) -> Runner {
         Runner {
             store,
@@ -45,6 +50,7 @@ impl Runner {
             backoff_max: Duration::from_millis(config.handler.backoff_max_ms),
             history_limit: config.turns.history_limit,
             shutdown,
+            abort,
         }
     }
 
@@ -116,7 +122,14 @@ impl Runner {
             turn.attempts += 1;
             this_run += 1;
             let call = Instant::now();
-            match self.handler.call(&request).await {
+            let answer = tokio::select! {
+                answer = self.handler.call(&request) => answer,
+                _ = self.abort.cancelled() => {
+                    warn!("grace period over: handler call abandoned, the turn re-runs on the next start");
+                    return;
+                }
+            };
+            match answer {
                 Ok(answer) => {
                     info!(
                         handler_ms = call.elapsed().as_millis() as u64,

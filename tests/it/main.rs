@@ -1,1 +1,9 @@
-// filled below
+//! Black-box tests: the real daemon, real HTTP on 127.0.0.1, temp data dirs.
+//! Timer-driven cases run on tokio's paused clock, so "10 s of debounce"
+//! costs no wall-clock time. The crash test runs the real binary.
+
+mod batching;
+mod crash;
+mod helpers;
+mod input;
+mod lifecycle;

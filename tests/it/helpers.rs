@@ -1,0 +1,233 @@
+//! Shared test helpers: a real daemon on a temp data dir behind a real
+//! listener, a recording HTTP handler standing in for the AI service, and
+//! small HTTP utilities. Everything talks over 127.0.0.1.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use turnstile::config::HandlerKind;
+use turnstile::Config;
+
+pub const BURST: [&str; 5] = ["Привет", "можно", "записаться", "на стрижку", "завтра?"];
+
+/// Defaults, on `dir`, on a port the OS picks.
+pub fn config(dir: &Path) -> Config {
+    let mut c = Config::default();
+    c.server.data_dir = dir.to_owned();
+    c.server.listen = "127.0.0.1:0".parse().unwrap();
+    c.log.filter = "warn".into();
+    c
+}
+
+/// The same, with the recording handler answering turns.
+pub fn config_with(dir: &Path, handler: &TestHandler) -> Config {
+    let mut c = config(dir);
+    c.handler.kind = HandlerKind::Http;
+    c.handler.url = handler.url.clone();
+    c
+}
+
+pub struct Daemon {
+    pub base: String,
+    pub client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), turnstile::server::ServerError>>,
+}
+
+impl Daemon {
+    pub async fn start(config: Config) -> Daemon {
+        let listener = TcpListener::bind(config.server.listen).await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(turnstile::run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        Daemon {
+            base,
+            client: reqwest::Client::new(),
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Graceful stop; returns once the daemon has flushed and exited.
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap();
+    }
+
+    /// POSTs a message to the debounced webhook.
+    pub async fn send(&self, id: &str, from: &str, text: &str) -> (u16, Value) {
+        let body = json!({"id": id, "from": from, "message": text, "timestamp": 1763800000});
+        self.post("/webhook/whatsapp/batched", &body).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+/// One call the recording handler received.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub turn_id: String,
+    pub idempotency_key: String,
+    pub phone: String,
+    pub ids: Vec<String>,
+    pub text: String,
+    /// The counter the previous turns of this phone left in the context.
+    pub seen_count: u64,
+    pub started: Instant,
+    pub ended: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Recorded {
+    calls: Vec<Call>,
+    in_flight: HashMap<String, usize>,
+    max_in_flight_per_phone: usize,
+    global_in_flight: usize,
+    max_global_in_flight: usize,
+}
+
+#[derive(Clone)]
+struct Shared {
+    recorded: Arc<Mutex<Recorded>>,
+    delay: Arc<Mutex<Duration>>,
+    fail_with: Arc<Mutex<Option<u16>>>,
+}
+
+/// A stand-in for the AI service: records every call, sleeps `delay`,
+/// keeps a per-phone counter in the context, and can be told to fail.
+pub struct TestHandler {
+    pub url: String,
+    shared: Shared,
+}
+
+impl TestHandler {
+    pub async fn start(delay: Duration) -> TestHandler {
+        let shared = Shared {
+            recorded: Arc::default(),
+            delay: Arc::new(Mutex::new(delay)),
+            fail_with: Arc::default(),
+        };
+        let app = Router::new()
+            .route("/turn", axum::routing::post(answer))
+            .with_state(shared.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/turn", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        TestHandler { url, shared }
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.shared.recorded.lock().unwrap().calls.clone()
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        *self.shared.delay.lock().unwrap() = delay;
+    }
+
+    /// Answer every call with this HTTP status (None: answer normally).
+    pub fn fail_with(&self, status: Option<u16>) {
+        *self.shared.fail_with.lock().unwrap() = status;
+    }
+
+    /// Most turns of one phone ever in flight at once, and of all phones.
+    pub fn max_in_flight(&self) -> (usize, usize) {
+        let r = self.shared.recorded.lock().unwrap();
+        (r.max_in_flight_per_phone, r.max_global_in_flight)
+    }
+}
+
+async fn answer(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Json(req): Json<Value>,
+) -> axum::response::Response {
+    let phone = req["phone"].as_str().unwrap().to_owned();
+    let seen_count = req["context"]["count"].as_u64().unwrap_or(0);
+    let index = {
+        let mut r = s.recorded.lock().unwrap();
+        let n = r.in_flight.entry(phone.clone()).or_default();
+        *n += 1;
+        let n = *n;
+        r.max_in_flight_per_phone = r.max_in_flight_per_phone.max(n);
+        r.global_in_flight += 1;
+        r.max_global_in_flight = r.max_global_in_flight.max(r.global_in_flight);
+        r.calls.push(Call {
+            turn_id: req["turn_id"].as_str().unwrap().to_owned(),
+            idempotency_key: headers
+                .get("idempotency-key")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default(),
+            phone: phone.clone(),
+            ids: req["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_owned())
+                .collect(),
+            text: req["text"].as_str().unwrap().to_owned(),
+            seen_count,
+            started: Instant::now(),
+            ended: None,
+        });
+        r.calls.len() - 1
+    };
+    let delay = *s.delay.lock().unwrap();
+    tokio::time::sleep(delay).await;
+    let fail = *s.fail_with.lock().unwrap();
+    {
+        let mut r = s.recorded.lock().unwrap();
+        *r.in_flight.get_mut(&phone).unwrap() -= 1;
+        r.global_in_flight -= 1;
+        r.calls[index].ended = Some(Instant::now());
+    }
+    if let Some(status) = fail {
+        return (
+            StatusCode::from_u16(status).unwrap(),
+            "handler told to fail",
+        )
+            .into_response();
+    }
+    Json(json!({"reply": format!("turn {} for {phone}", seen_count + 1), "context": {"count": seen_count + 1}}))
+        .into_response()
+}
+
+/// Polls `cond` every 10 ms of (possibly paused) time, panicking after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
