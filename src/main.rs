@@ -48,9 +48,13 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
     };
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
+    // Plain text when not on a terminal: the journal (and grep) get no colour codes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
         .init();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

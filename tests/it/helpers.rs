@@ -168,6 +168,23 @@ impl TestHandler {
     }
 }
 
+/// Marks a call ended when dropped: also when the caller (a daemon being
+/// killed) disconnects and the server drops this handler mid-call.
+struct InFlight {
+    shared: Shared,
+    phone: String,
+    index: usize,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut r = self.shared.recorded.lock().unwrap();
+        *r.in_flight.get_mut(&self.phone).unwrap() -= 1;
+        r.global_in_flight -= 1;
+        r.calls[self.index].ended = Some(Instant::now());
+    }
+}
+
 async fn answer(
     State(s): State<Shared>,
     headers: HeaderMap,
@@ -175,7 +192,7 @@ async fn answer(
 ) -> axum::response::Response {
     let phone = req["phone"].as_str().unwrap().to_owned();
     let seen_count = req["context"]["count"].as_u64().unwrap_or(0);
-    let index = {
+    let guard = {
         let mut r = s.recorded.lock().unwrap();
         let n = r.in_flight.entry(phone.clone()).or_default();
         *n += 1;
@@ -201,17 +218,16 @@ async fn answer(
             started: Instant::now(),
             ended: None,
         });
-        r.calls.len() - 1
+        InFlight {
+            shared: s.clone(),
+            phone: phone.clone(),
+            index: r.calls.len() - 1,
+        }
     };
     let delay = *s.delay.lock().unwrap();
     tokio::time::sleep(delay).await;
     let fail = *s.fail_with.lock().unwrap();
-    {
-        let mut r = s.recorded.lock().unwrap();
-        *r.in_flight.get_mut(&phone).unwrap() -= 1;
-        r.global_in_flight -= 1;
-        r.calls[index].ended = Some(Instant::now());
-    }
+    drop(guard);
     if let Some(status) = fail {
         return (
             StatusCode::from_u16(status).unwrap(),
