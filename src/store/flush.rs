@@ -6,6 +6,7 @@
 //! them all. A waiter queued while a flush runs waits for the next one, so a
 //! flush never answers a write it might not include.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -21,12 +22,16 @@ enum Request {
 #[derive(Clone)]
 pub(crate) struct Flusher {
     tx: mpsc::UnboundedSender<Request>,
+    /// fsyncs done so far; with group commit, fewer than the flush requests.
+    syncs: Arc<AtomicU64>,
 }
 
 impl Flusher {
     /// Spawns the flusher task for `db`; it ends when every `Flusher` is dropped.
     pub(crate) fn spawn(db: sled::Db) -> Flusher {
         let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
+        let syncs = Arc::new(AtomicU64::new(0));
+        let counter = syncs.clone();
         tokio::spawn(async move {
             let mut batch = Vec::new();
             let mut closing = false;
@@ -50,6 +55,7 @@ impl Flusher {
                     Ok(Err(e)) => Err(Arc::from(e.to_string())),
                     Err(e) => Err(Arc::from(format!("flush task failed: {e}"))),
                 };
+                counter.fetch_add(1, Ordering::Relaxed);
                 for waiter in batch.drain(..) {
                     let _ = waiter.send(result.clone());
                 }
@@ -58,7 +64,11 @@ impl Flusher {
                 }
             }
         });
-        Flusher { tx }
+        Flusher { tx, syncs }
+    }
+
+    pub(crate) fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
     }
 
     /// Resolves once everything written before this call is durable.

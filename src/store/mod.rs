@@ -276,6 +276,11 @@ impl Store {
         Ok(removed)
     }
 
+    /// How many fsyncs the group commit has done since the store was opened.
+    pub fn syncs(&self) -> u64 {
+        self.flusher.syncs()
+    }
+
     /// Bytes the store occupies on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk()?)

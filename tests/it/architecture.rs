@@ -1,0 +1,78 @@
+//! The invariants ARCHITECTURE.md states about who may touch what, checked
+//! against the source so they cannot silently stop being true.
+
+use std::path::{Path, PathBuf};
+
+fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// (file relative to src/, its code without comments and unit tests)
+fn code() -> Vec<(String, String)> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    files
+        .into_iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).unwrap();
+            let text = text.split("#[cfg(test)]\nmod tests").next().unwrap();
+            let code: String = text
+                .lines()
+                .map(|l| l.split("//").next().unwrap())
+                .collect::<Vec<_>>()
+                .join("\n");
+            (
+                p.strip_prefix(&src).unwrap().to_string_lossy().into_owned(),
+                code,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn only_the_store_names_sled() {
+    for (file, code) in code() {
+        if !file.starts_with("store/") {
+            assert!(!code.contains("sled"), "{file} names sled");
+        }
+    }
+}
+
+#[test]
+fn only_turns_commits() {
+    for (file, code) in code() {
+        if code.contains(".commit_turn(") || code.contains(".park_dead(") {
+            assert!(
+                file.starts_with("turns/") || file.starts_with("store/"),
+                "{file} commits turns"
+            );
+        }
+    }
+}
+
+#[test]
+fn http_never_awaits_a_turn() {
+    let (_, http) = code().into_iter().find(|(f, _)| f == "http.rs").unwrap();
+    for forbidden in ["Runner", "Handler", "handler::", ".call("] {
+        assert!(!http.contains(forbidden), "http.rs uses {forbidden}");
+    }
+}
+
+#[test]
+fn the_batcher_and_the_gate_are_sans_io() {
+    for (file, code) in code() {
+        if file == "batcher.rs" || file == "turns/gate.rs" {
+            for forbidden in ["tokio", "async", "std::fs", "std::net", "Instant::now"] {
+                assert!(!code.contains(forbidden), "{file} uses {forbidden}");
+            }
+        }
+    }
+}
