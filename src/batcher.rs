@@ -77,11 +77,7 @@ pub struct Batcher<K> {
 
 impl<K: Clone + Eq + Hash + Ord> Batcher<K> {
     pub fn new(rules: Rules) -> Self {
-        Batcher {
-            rules,
-            pending: HashMap::new(),
-            deadlines: BTreeSet::new(),
-        }
+        Batcher { rules, pending: HashMap::new(), deadlines: BTreeSet::new() }
     }
 
     /// Adds a message received at `at` (normally now; earlier for messages
@@ -155,10 +151,7 @@ impl<K: Clone + Eq + Hash + Ord> Batcher<K> {
 
     /// Pending batches and messages.
     pub fn len(&self) -> (usize, usize) {
-        (
-            self.pending.len(),
-            self.pending.values().map(|p| p.seqs.len()).sum(),
-        )
+        (self.pending.len(), self.pending.values().map(|p| p.seqs.len()).sum())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -169,12 +162,7 @@ impl<K: Clone + Eq + Hash + Ord> Batcher<K> {
         let mut p = self.pending.remove(key)?;
         self.deadlines.remove(&(p.deadline, key.clone()));
         p.seqs.sort_unstable();
-        Some(Cut {
-            key: key.clone(),
-            seqs: p.seqs,
-            reason,
-            deadline: p.deadline,
-        })
+        Some(Cut { key: key.clone(), seqs: p.seqs, reason, deadline: p.deadline })
     }
 }
 
@@ -185,11 +173,7 @@ mod tests {
     const S: Duration = Duration::from_secs(1);
 
     fn rules() -> Rules {
-        Rules {
-            debounce: 10 * S,
-            max_messages: 10,
-            max_wait: 60 * S,
-        }
+        Rules { debounce: 10 * S, max_messages: 10, max_wait: 60 * S }
     }
 
     #[test]
@@ -240,10 +224,7 @@ mod tests {
     #[test]
     fn max_wait_bounds_a_client_who_never_stops() {
         let t0 = Instant::now();
-        let mut b = Batcher::new(Rules {
-            max_messages: 100,
-            ..rules()
-        });
+        let mut b = Batcher::new(Rules { max_messages: 100, ..rules() });
         for i in 0..9u32 {
             b.push("p", i as u64, t0 + 8 * S * i); // 0..64 s, always within debounce
         }
@@ -273,10 +254,7 @@ mod tests {
         b.push("a", 2, t0);
         b.push("c", 3, t0 + 5 * S);
         let due = b.due(t0 + 11 * S);
-        assert_eq!(
-            due.iter().map(|c| c.key).collect::<Vec<_>>(),
-            vec!["a", "b"]
-        );
+        assert_eq!(due.iter().map(|c| c.key).collect::<Vec<_>>(), vec!["a", "b"]);
         assert_eq!(b.len(), (1, 1));
         assert_eq!(b.cut_now(&"c").unwrap().reason, CutReason::Immediate);
         assert!(b.cut_now(&"c").is_none());

@@ -14,10 +14,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid config key {key}: {message}")]
@@ -34,6 +31,7 @@ pub struct Config {
     pub batching: BatchingConfig,
     pub turns: TurnsConfig,
     pub handler: HandlerConfig,
+    pub context: ContextConfig,
     pub log: LogConfig,
 }
 
@@ -106,6 +104,18 @@ pub struct HandlerConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct ContextConfig {
+    /// A context expires this many hours after its last turn or PUT.
+    pub ttl_hours: u64,
+    /// Largest accepted `PUT /api/contexts/...` body; larger ones get 413.
+    pub max_bytes: usize,
+    /// How often expired contexts are removed from disk. Reads never return
+    /// an expired context, swept or not.
+    pub sweep_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// tracing filter, e.g. "info" or "turnstile=debug,info". RUST_LOG wins if set.
     pub filter: String,
@@ -159,16 +169,24 @@ fn default_backoff_ms() -> u64 {
 fn default_backoff_max_ms() -> u64 {
     30_000
 }
+/// The system we replace kept contexts in Redis for 12 hours.
+fn default_ttl_hours() -> u64 {
+    12
+}
+/// Room for a ~300 KB booking snapshot many times over.
+fn default_context_max_bytes() -> usize {
+    4 * 1024 * 1024
+}
+fn default_sweep_interval_ms() -> u64 {
+    60_000
+}
 fn default_log_filter() -> String {
     "info".to_owned()
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig {
-            listen: default_listen(),
-            data_dir: default_data_dir(),
-        }
+        ServerConfig { listen: default_listen(), data_dir: default_data_dir() }
     }
 }
 impl Default for IngestConfig {
@@ -210,11 +228,18 @@ impl Default for HandlerConfig {
         }
     }
 }
+impl Default for ContextConfig {
+    fn default() -> Self {
+        ContextConfig {
+            ttl_hours: default_ttl_hours(),
+            max_bytes: default_context_max_bytes(),
+            sweep_interval_ms: default_sweep_interval_ms(),
+        }
+    }
+}
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            filter: default_log_filter(),
-        }
+        LogConfig { filter: default_log_filter() }
     }
 }
 
@@ -230,26 +255,17 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut table = match path {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                })?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
                 text.parse::<toml::Table>()
-                    .map_err(|e| ConfigError::Parse {
-                        path: path.to_owned(),
-                        message: e.to_string(),
-                    })?
+                    .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?
             }
             None => toml::Table::new(),
         };
         apply_env(&mut table, env)?;
-        let config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                ConfigError::Invalid {
-                    key: e.path().to_string(),
-                    message: e.into_inner().to_string(),
-                }
-            })?;
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            ConfigError::Invalid { key: e.path().to_string(), message: e.into_inner().to_string() }
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -257,10 +273,7 @@ impl Config {
     /// Checks the rules the types cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, message: &str| {
-            Err(ConfigError::Invalid {
-                key: key.to_owned(),
-                message: message.to_owned(),
-            })
+            Err(ConfigError::Invalid { key: key.to_owned(), message: message.to_owned() })
         };
         if self.ingest.default_company_id.trim().is_empty() {
             return bad("ingest.default_company_id", "must not be empty");
@@ -293,16 +306,22 @@ impl Config {
             match reqwest::Url::parse(&self.handler.url) {
                 Ok(url) if url.scheme() == "http" => {}
                 Ok(_) => {
-                    return bad(
-                        "handler.url",
-                        "must be an http:// URL (TLS arrives with the gateway work)",
-                    )
+                    return bad("handler.url", "must be an http:// URL (TLS arrives with the gateway work)")
                 }
                 Err(_) if self.handler.url.is_empty() => {
                     return bad("handler.url", "is required when handler.kind = \"http\"")
                 }
                 Err(e) => return bad("handler.url", &format!("not a URL: {e}")),
             }
+        }
+        if self.context.ttl_hours == 0 {
+            return bad("context.ttl_hours", "must be at least 1");
+        }
+        if self.context.max_bytes < 1024 {
+            return bad("context.max_bytes", "must be at least 1024");
+        }
+        if self.context.sweep_interval_ms == 0 {
+            return bad("context.sweep_interval_ms", "must be at least 1");
         }
         if let Err(e) = self.log.filter.parse::<tracing_subscriber::EnvFilter>() {
             return bad("log.filter", &e.to_string());
@@ -326,13 +345,9 @@ fn apply_env(
     vars.sort();
     for (var, raw) in vars {
         let rest = var[ENV_PREFIX.len()..].to_ascii_lowercase();
-        let err = |message: String| ConfigError::Env {
-            var: var.clone(),
-            message,
-        };
-        let (section, key) = rest
-            .split_once('_')
-            .ok_or_else(|| err("expected TURNSTILE_<SECTION>_<KEY>".to_owned()))?;
+        let err = |message: String| ConfigError::Env { var: var.clone(), message };
+        let (section, key) =
+            rest.split_once('_').ok_or_else(|| err("expected TURNSTILE_<SECTION>_<KEY>".to_owned()))?;
         let default = defaults
             .get(section)
             .and_then(|s| s.as_table())
@@ -348,25 +363,16 @@ fn apply_env(
                 .trim()
                 .parse::<bool>()
                 .map(toml::Value::Boolean)
-                .map_err(|_| {
-                    err(format!(
-                        "{section}.{key} must be true or false, got {raw:?}"
-                    ))
-                })?,
+                .map_err(|_| err(format!("{section}.{key} must be true or false, got {raw:?}")))?,
             _ => toml::Value::String(raw),
         };
-        let section_table = table
-            .entry(section.to_owned())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let section_table =
+            table.entry(section.to_owned()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
         match section_table.as_table_mut() {
             Some(t) => {
                 t.insert(key.to_owned(), value);
             }
-            None => {
-                return Err(err(format!(
-                    "[{section}] in the config file is not a table"
-                )))
-            }
+            None => return Err(err(format!("[{section}] in the config file is not a table"))),
         }
     }
     Ok(())
@@ -377,10 +383,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -443,14 +446,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.toml");
         std::fs::write(&path, "[batching]\ndebounce_ms = \"ten\"\n").unwrap();
-        let e = Config::load(Some(&path), Vec::new())
-            .unwrap_err()
-            .to_string();
+        let e = Config::load(Some(&path), Vec::new()).unwrap_err().to_string();
         assert!(e.contains("batching.debounce_ms"), "{e}");
         std::fs::write(&path, "[batching]\ndebounce = 5\n").unwrap();
-        let e = Config::load(Some(&path), Vec::new())
-            .unwrap_err()
-            .to_string();
+        let e = Config::load(Some(&path), Vec::new()).unwrap_err().to_string();
         assert!(e.contains("debounce"), "{e}");
     }
 }

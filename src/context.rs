@@ -1,9 +1,13 @@
-//! The per-conversation memory a turn saves and the next turn reads.
+//! The per-conversation memory, in two parts: `dialogue` (what the handler
+//! remembers of the conversation; never silently lost) and `cache` (derived
+//! data the handler can rebuild — company, services, staff, schedule —
+//! dropped by invalidation). Both are JSON.
 //!
-//! A handler's context is JSON; it is stored as a versioned bincode record
-//! holding the JSON text, deflated with flate2 (a ~300 KB booking context of
-//! repetitive JSON shrinks many times over). Decoding failures are errors for
-//! that one conversation, never a crash.
+//! Each part is stored on its own as a versioned bincode record holding the
+//! JSON text, deflated with flate2: a ~300 KB booking snapshot of repetitive
+//! JSON shrinks many times over, and dropping the cache never recompresses
+//! the dialogue. Decoding failures are errors for that one conversation,
+//! never a crash.
 
 use std::io::{Read, Write};
 
@@ -25,50 +29,42 @@ pub enum ContextError {
     Json(serde_json::Error),
 }
 
-/// A context as read back from the store.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Context {
-    pub dialogue: Value,
-    pub updated_at_ms: u64,
+/// One part, ready for the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    /// Deflated bincode record.
+    pub bytes: Vec<u8>,
+    /// Size of the JSON text before compression.
+    pub raw_len: u64,
 }
 
 #[derive(Serialize, Deserialize)]
 struct Record {
     version: u8,
-    updated_at_ms: u64,
     /// JSON text: bincode cannot carry `serde_json::Value` itself (it is self-describing).
-    dialogue: String,
+    json: String,
 }
 
-pub fn encode(dialogue: &Value, updated_at_ms: u64) -> Vec<u8> {
-    let record = Record {
-        version: FORMAT_VERSION,
-        updated_at_ms,
-        dialogue: dialogue.to_string(),
-    };
+pub fn encode(value: &Value) -> Encoded {
+    let json = value.to_string();
+    let raw_len = json.len() as u64;
+    let record = Record { version: FORMAT_VERSION, json };
     let raw = bincode::serde::encode_to_vec(&record, bincode::config::standard())
         .expect("bincode encodes a string record");
     let mut z = DeflateEncoder::new(Vec::with_capacity(raw.len() / 4), Compression::default());
     z.write_all(&raw).expect("writing to a Vec cannot fail");
-    z.finish().expect("writing to a Vec cannot fail")
+    Encoded { bytes: z.finish().expect("writing to a Vec cannot fail"), raw_len }
 }
 
-pub fn decode(bytes: &[u8]) -> Result<Context, ContextError> {
+pub fn decode(bytes: &[u8]) -> Result<Value, ContextError> {
     let mut raw = Vec::with_capacity(bytes.len() * 4);
-    DeflateDecoder::new(bytes)
-        .read_to_end(&mut raw)
-        .map_err(ContextError::Inflate)?;
-    let (record, _): (Record, usize) =
-        bincode::serde::decode_from_slice(&raw, bincode::config::standard())
-            .map_err(|e| ContextError::Record(e.to_string()))?;
+    DeflateDecoder::new(bytes).read_to_end(&mut raw).map_err(ContextError::Inflate)?;
+    let (record, _): (Record, usize) = bincode::serde::decode_from_slice(&raw, bincode::config::standard())
+        .map_err(|e| ContextError::Record(e.to_string()))?;
     if record.version != FORMAT_VERSION {
         return Err(ContextError::Version(record.version));
     }
-    let dialogue = serde_json::from_str(&record.dialogue).map_err(ContextError::Json)?;
-    Ok(Context {
-        dialogue,
-        updated_at_ms: record.updated_at_ms,
-    })
+    serde_json::from_str(&record.json).map_err(ContextError::Json)
 }
 
 #[cfg(test)]
@@ -80,29 +76,22 @@ mod tests {
         let services: Vec<Value> = (0..200)
             .map(|i| serde_json::json!({"id": i, "name": "Стрижка мужская", "price": 1500, "duration_min": 45}))
             .collect();
-        let dialogue = serde_json::json!({"turns": 3, "services": services});
-        let bytes = encode(&dialogue, 42);
-        let back = decode(&bytes).unwrap();
-        assert_eq!(
-            back,
-            Context {
-                dialogue: dialogue.clone(),
-                updated_at_ms: 42
-            }
-        );
-        assert!(
-            bytes.len() * 5 < dialogue.to_string().len(),
-            "repetitive JSON compresses well"
-        );
+        let value = serde_json::json!({"turns": 3, "services": services});
+        let encoded = encode(&value);
+        assert_eq!(decode(&encoded.bytes).unwrap(), value);
+        assert_eq!(encoded.raw_len, value.to_string().len() as u64);
+        assert!(encoded.bytes.len() * 5 < value.to_string().len(), "repetitive JSON compresses well");
     }
 
     #[test]
     fn corruption_is_an_error_not_a_panic() {
-        let mut bytes = encode(&serde_json::json!({"a": 1}), 1);
+        let mut bytes = encode(&serde_json::json!({"a": [1, 2, 3], "b": "text"})).bytes;
         assert!(decode(&bytes[..bytes.len() / 2]).is_err());
-        let mid = bytes.len() / 2;
-        bytes[mid] ^= 0xff;
-        assert!(decode(&bytes).is_err());
+        for i in 0..bytes.len() {
+            bytes[i] ^= 0xa5;
+            let _ = decode(&bytes); // any result but a panic
+            bytes[i] ^= 0xa5;
+        }
         assert!(decode(b"not deflate at all").is_err());
     }
 }

@@ -20,8 +20,11 @@ pub struct TurnRequest {
     pub messages: Vec<RequestMessage>,
     /// The messages' texts joined by "\n", in arrival order.
     pub text: String,
-    /// What the previous turn saved, or null.
+    /// The dialogue the previous turn saved, or null.
     pub context: Value,
+    /// The cached snapshot (company, services, staff, schedule), or null
+    /// when there is none or it was invalidated: rebuild it and return it.
+    pub cache: Value,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -35,16 +38,18 @@ pub struct RequestMessage {
 }
 
 impl TurnRequest {
-    pub fn new(turn_id: &str, conv: &Conv, messages: &[Message], context: Option<Value>) -> Self {
+    pub fn new(
+        turn_id: &str,
+        conv: &Conv,
+        messages: &[Message],
+        context: Option<Value>,
+        cache: Option<Value>,
+    ) -> Self {
         TurnRequest {
             turn_id: turn_id.to_owned(),
             company_id: conv.company_id.clone(),
             phone: conv.phone.clone(),
-            text: messages
-                .iter()
-                .map(|m| m.text.as_str())
-                .collect::<Vec<_>>()
-                .join("\n"),
+            text: messages.iter().map(|m| m.text.as_str()).collect::<Vec<_>>().join("\n"),
             messages: messages
                 .iter()
                 .map(|m| RequestMessage {
@@ -55,17 +60,20 @@ impl TurnRequest {
                 })
                 .collect(),
             context: context.unwrap_or(Value::Null),
+            cache: cache.unwrap_or(Value::Null),
         }
     }
 }
 
-/// What a handler answers. A `None` context keeps the stored one.
+/// What a handler answers. A `None` context or cache keeps the stored one.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct TurnAnswer {
     #[serde(default)]
     pub reply: Option<String>,
     #[serde(default)]
     pub context: Option<Value>,
+    #[serde(default)]
+    pub cache: Option<Value>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,11 +90,7 @@ pub enum HandlerError {
 
 pub enum Handler {
     Echo,
-    Http {
-        client: reqwest::Client,
-        url: String,
-        timeout: Duration,
-    },
+    Http { client: reqwest::Client, url: String, timeout: Duration },
 }
 
 impl Handler {
@@ -108,11 +112,7 @@ impl Handler {
     pub async fn call(&self, req: &TurnRequest) -> Result<TurnAnswer, HandlerError> {
         match self {
             Handler::Echo => Ok(echo(req)),
-            Handler::Http {
-                client,
-                url,
-                timeout,
-            } => {
+            Handler::Http { client, url, timeout } => {
                 let sent = client
                     .post(url)
                     .header("Idempotency-Key", &req.turn_id)
@@ -125,10 +125,7 @@ impl Handler {
                 let body = resp.bytes().await.map_err(|e| classify(e, *timeout))?;
                 if !status.is_success() {
                     let body = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-                    return Err(HandlerError::Status {
-                        status: status.as_u16(),
-                        body,
-                    });
+                    return Err(HandlerError::Status { status: status.as_u16(), body });
                 }
                 serde_json::from_slice(&body).map_err(|e| HandlerError::BadAnswer(e.to_string()))
             }
@@ -156,6 +153,7 @@ fn echo(req: &TurnRequest) -> TurnAnswer {
     TurnAnswer {
         reply: Some(format!("received: {}", req.text)),
         context: Some(Value::Object(context)),
+        cache: None,
     }
 }
 
@@ -165,10 +163,7 @@ mod tests {
 
     #[tokio::test]
     async fn echo_replies_with_the_joined_text_and_counts_turns() {
-        let conv = Conv {
-            phone: "79001234567".into(),
-            company_id: "1".into(),
-        };
+        let conv = Conv { phone: "79001234567".into(), company_id: "1".into() };
         let msgs: Vec<Message> = ["Привет", "можно"]
             .iter()
             .enumerate()
@@ -181,15 +176,10 @@ mod tests {
                 received_at_ms: 0,
             })
             .collect();
-        let first = Handler::Echo
-            .call(&TurnRequest::new("t1", &conv, &msgs, None))
-            .await
-            .unwrap();
+        let first = Handler::Echo.call(&TurnRequest::new("t1", &conv, &msgs, None, None)).await.unwrap();
         assert_eq!(first.reply.as_deref(), Some("received: Привет\nможно"));
-        let second = Handler::Echo
-            .call(&TurnRequest::new("t2", &conv, &msgs, first.context))
-            .await
-            .unwrap();
+        let second =
+            Handler::Echo.call(&TurnRequest::new("t2", &conv, &msgs, first.context, None)).await.unwrap();
         assert_eq!(second.context.unwrap()["turns"], 2);
     }
 }

@@ -14,16 +14,20 @@ use axum::{Json, Router};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{json, Value};
 
+use crate::clock::Clock;
+use crate::context;
 use crate::ingest::{self, Accepted, Ingest, IngestError};
-use crate::message::{unix_ms, Message};
-use crate::store::{Store, TurnRecord, TurnSummary};
-use crate::turns::{DriverHandle, RetryOutcome};
+use crate::message::{unix_ms, Conv, Message};
+use crate::store::{ContextMeta, Store, TurnRecord, TurnSummary};
+use crate::turns::{ContextOp, ContextOutcome, DriverHandle, RetryOutcome};
 
 pub struct AppState {
     pub ingest: Ingest,
     pub store: Store,
     pub driver: DriverHandle,
+    pub clock: Clock,
     pub max_body_bytes: usize,
+    pub context_max_bytes: usize,
     pub default_company_id: String,
 }
 
@@ -35,6 +39,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/conversations/{phone}", get(conversation))
         .route("/api/dead", get(dead))
         .route("/api/dead/{turn_id}/retry", post(retry_dead))
+        .route("/api/contexts/{company_id}/{phone}", get(get_context).put(put_context).delete(delete_context))
+        .route("/api/contexts/{company_id}/{phone}/invalidate", post(invalidate_context))
         .route("/healthz", get(healthz))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
@@ -48,28 +54,17 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
-async fn webhook_batched(
-    State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+async fn webhook_batched(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     webhook(&s, &headers, body, false).await
 }
 
-async fn webhook_immediate(
-    State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+async fn webhook_immediate(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     webhook(&s, &headers, body, true).await
 }
 
 async fn webhook(s: &AppState, headers: &HeaderMap, body: Body, immediate: bool) -> Response {
     if !is_json(headers) {
-        return error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "content type must be application/json",
-        );
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "content type must be application/json");
     }
     let body = match read_body(headers, body, s.max_body_bytes).await {
         Ok(body) => body,
@@ -92,48 +87,25 @@ async fn webhook(s: &AppState, headers: &HeaderMap, body: Body, immediate: bool)
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
-    let Some(value) = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    else {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    let essence = value
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 /// Reads at most `limit` bytes; a larger body (declared or actual) is 413.
-async fn read_body(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-) -> Result<axum::body::Bytes, Response> {
-    let too_large = || {
-        error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("body exceeds {limit} bytes"),
-        )
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<axum::body::Bytes, Response> {
+    let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, format!("body exceeds {limit} bytes"));
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(error(
-            StatusCode::BAD_REQUEST,
-            format!("could not read the body: {e}"),
-        )),
+        Err(e) => Err(error(StatusCode::BAD_REQUEST, format!("could not read the body: {e}"))),
     }
 }
 
@@ -166,11 +138,7 @@ async fn batches(State(s): State<Arc<AppState>>) -> Response {
             Ok(m) => m,
             Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         };
-        let first = messages
-            .iter()
-            .map(|m| m.received_at_ms)
-            .min()
-            .unwrap_or(now_ms);
+        let first = messages.iter().map(|m| m.received_at_ms).min().unwrap_or(now_ms);
         out.push(json!({
             "company_id": conv.company_id,
             "phone": conv.phone,
@@ -180,11 +148,8 @@ async fn batches(State(s): State<Arc<AppState>>) -> Response {
             "fires_in_ms": 0,
         }));
     }
-    let running: Vec<Value> = snap
-        .running
-        .iter()
-        .map(|c| json!({ "company_id": c.company_id, "phone": c.phone }))
-        .collect();
+    let running: Vec<Value> =
+        snap.running.iter().map(|c| json!({ "company_id": c.company_id, "phone": c.phone })).collect();
     Json(json!({ "batches": out, "running": running })).into_response()
 }
 
@@ -254,11 +219,7 @@ async fn conversation(State(s): State<Arc<AppState>>, Path(phone): Path<String>)
 async fn dead(State(s): State<Arc<AppState>>) -> Response {
     match s.store.turns() {
         Ok(turns) => {
-            let dead: Vec<Value> = turns
-                .iter()
-                .filter(|t| t.dead.is_some())
-                .map(record_json)
-                .collect();
+            let dead: Vec<Value> = turns.iter().filter(|t| t.dead.is_some()).map(record_json).collect();
             Json(json!({ "dead": dead })).into_response()
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -267,11 +228,9 @@ async fn dead(State(s): State<Arc<AppState>>) -> Response {
 
 async fn retry_dead(State(s): State<Arc<AppState>>, Path(turn_id): Path<String>) -> Response {
     match s.driver.retry(turn_id.clone()).await {
-        RetryOutcome::Queued => (
-            StatusCode::ACCEPTED,
-            Json(json!({ "status": "queued", "turn_id": turn_id })),
-        )
-            .into_response(),
+        RetryOutcome::Queued => {
+            (StatusCode::ACCEPTED, Json(json!({ "status": "queued", "turn_id": turn_id }))).into_response()
+        }
         RetryOutcome::NotFound => error(StatusCode::NOT_FOUND, format!("no turn {turn_id}")),
         RetryOutcome::NotDead => error(StatusCode::CONFLICT, format!("turn {turn_id} is not dead")),
         RetryOutcome::Failed(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
@@ -280,4 +239,142 @@ async fn retry_dead(State(s): State<Arc<AppState>>, Path(turn_id): Path<String>)
 
 async fn healthz() -> Response {
     Json(json!({ "status": "ok" })).into_response()
+}
+
+/// The conversation a context path names: company as given, phone normalised.
+fn context_conv(company_id: String, phone: &str) -> Result<Conv, Response> {
+    if company_id.trim().is_empty() || company_id.contains('\0') {
+        return Err(error(StatusCode::UNPROCESSABLE_ENTITY, "company_id must not be empty"));
+    }
+    let phone = ingest::normalize_phone(phone).map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    Ok(Conv { phone, company_id })
+}
+
+fn meta_json(meta: &ContextMeta) -> (Value, Value) {
+    (json!(meta.updated_at_ms), json!(meta.expires_at_ms))
+}
+
+async fn get_context(
+    State(s): State<Arc<AppState>>,
+    Path((company_id, phone)): Path<(String, String)>,
+) -> Response {
+    let conv = match context_conv(company_id, &phone) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let stored = match s.store.context(&conv, s.clock.now_ms()) {
+        Ok(Some(stored)) => stored,
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no context for {conv}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("context for {conv}: {e}")),
+    };
+    let decode = |which: &str, bytes: Option<&[u8]>| -> Result<Value, Response> {
+        match bytes {
+            None => Ok(Value::Null),
+            Some(b) => context::decode(b).map_err(|e| {
+                tracing::error!(%conv, part = which, error = %e, "stored context is corrupt");
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("{which} of the context for {conv} is corrupt: {e}"),
+                )
+            }),
+        }
+    };
+    let dialogue = match decode("dialogue", stored.dialogue.as_deref()) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let cache = match decode("cache", stored.cache.as_deref()) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let (updated_at, expires_at) = meta_json(&stored.meta);
+    Json(json!({ "dialogue": dialogue, "cache": cache, "updated_at": updated_at, "expires_at": expires_at }))
+        .into_response()
+}
+
+/// Replaces both parts. The body is the shape GET returns; `updated_at` and
+/// `expires_at` in it are ignored (the daemon sets them).
+async fn put_context(
+    State(s): State<Arc<AppState>>,
+    Path((company_id, phone)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let conv = match context_conv(company_id, &phone) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if !is_json(&headers) {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "content type must be application/json");
+    }
+    let body = match read_body(&headers, body, s.context_max_bytes).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let value: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body is not valid JSON: {e}")),
+    };
+    let Some(obj) = value.as_object() else {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "body must be a JSON object {\"dialogue\", \"cache\"}",
+        );
+    };
+    if let Some(unknown) =
+        obj.keys().find(|k| !["dialogue", "cache", "updated_at", "expires_at"].contains(&k.as_str()))
+    {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("unknown field `{unknown}`; expected dialogue and cache"),
+        );
+    }
+    let part = |k: &str| obj.get(k).filter(|v| !v.is_null()).cloned();
+    let op = ContextOp::Put { dialogue: part("dialogue"), cache: part("cache") };
+    match s.driver.context(conv, op).await {
+        ContextOutcome::Done { after: Some(meta), .. } => {
+            let (updated_at, expires_at) = meta_json(&meta);
+            Json(json!({ "status": "stored", "updated_at": updated_at, "expires_at": expires_at }))
+                .into_response()
+        }
+        ContextOutcome::Done { after: None, .. } => Json(json!({ "status": "empty" })).into_response(),
+        ContextOutcome::Failed(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn delete_context(
+    State(s): State<Arc<AppState>>,
+    Path((company_id, phone)): Path<(String, String)>,
+) -> Response {
+    let conv = match context_conv(company_id, &phone) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let label = conv.to_string();
+    match s.driver.context(conv, ContextOp::Delete).await {
+        ContextOutcome::Done { before: Some(_), .. } => Json(json!({ "status": "deleted" })).into_response(),
+        ContextOutcome::Done { before: None, .. } => {
+            error(StatusCode::NOT_FOUND, format!("no context for {label}"))
+        }
+        ContextOutcome::Failed(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+/// Drops the cache, keeps the dialogue: what the booking side calls when a
+/// booking is created or cancelled. Idempotent.
+async fn invalidate_context(
+    State(s): State<Arc<AppState>>,
+    Path((company_id, phone)): Path<(String, String)>,
+) -> Response {
+    let conv = match context_conv(company_id, &phone) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    match s.driver.context(conv, ContextOp::Invalidate).await {
+        ContextOutcome::Done { before, .. } => {
+            let had_cache = before.is_some_and(|m| m.cache.is_some());
+            Json(json!({ "status": "invalidated", "had_cache": had_cache })).into_response()
+        }
+        ContextOutcome::Failed(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
 }

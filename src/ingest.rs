@@ -35,11 +35,8 @@ pub enum Accepted {
 /// Parses and validates the generic webhook payload
 /// `{"id", "from", "message", "timestamp"?, "company_id"?}`.
 pub fn parse(body: &[u8], default_company_id: &str) -> Result<NewMessage, IngestError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| IngestError::Malformed(e.to_string()))?;
-    let obj = value
-        .as_object()
-        .ok_or_else(|| IngestError::Invalid("body must be a JSON object".into()))?;
+    let value: Value = serde_json::from_slice(body).map_err(|e| IngestError::Malformed(e.to_string()))?;
+    let obj = value.as_object().ok_or_else(|| IngestError::Invalid("body must be a JSON object".into()))?;
     let invalid = |m: String| IngestError::Invalid(m);
     let required_str = |field: &str| -> Result<&str, IngestError> {
         match obj.get(field) {
@@ -53,38 +50,25 @@ pub fn parse(body: &[u8], default_company_id: &str) -> Result<NewMessage, Ingest
     };
     let id = required_str("id")?;
     if id.len() > MAX_ID_BYTES {
-        return Err(invalid(format!(
-            "field `id` is longer than {MAX_ID_BYTES} bytes"
-        )));
+        return Err(invalid(format!("field `id` is longer than {MAX_ID_BYTES} bytes")));
     }
-    let phone = normalize_phone(required_str("from")?)
-        .map_err(|e| invalid(format!("field `from`: {e}")))?;
+    let phone = normalize_phone(required_str("from")?).map_err(|e| invalid(format!("field `from`: {e}")))?;
     let text = required_str("message")?;
     let timestamp = match obj.get("timestamp") {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => match n.as_i64() {
             Some(t) if t >= 0 => Some(t),
             _ => {
-                return Err(invalid(
-                    "field `timestamp` must be a non-negative integer (Unix seconds)".into(),
-                ))
+                return Err(invalid("field `timestamp` must be a non-negative integer (Unix seconds)".into()))
             }
         },
-        Some(_) => {
-            return Err(invalid(
-                "field `timestamp` must be an integer (Unix seconds)".into(),
-            ))
-        }
+        Some(_) => return Err(invalid("field `timestamp` must be an integer (Unix seconds)".into())),
     };
     let company_id = match obj.get("company_id") {
         None | Some(Value::Null) => default_company_id.to_owned(),
         Some(Value::String(s)) if !s.trim().is_empty() && !s.contains('\0') => s.trim().to_owned(),
         Some(Value::Number(n)) if n.is_u64() => n.to_string(),
-        Some(_) => {
-            return Err(invalid(
-                "field `company_id` must be a non-empty string".into(),
-            ))
-        }
+        Some(_) => return Err(invalid("field `company_id` must be a non-empty string".into())),
     };
     Ok(NewMessage {
         id: id.to_owned(),
@@ -100,10 +84,7 @@ pub fn parse(body: &[u8], default_company_id: &str) -> Result<NewMessage, Ingest
 pub fn normalize_phone(raw: &str) -> Result<String, String> {
     let number = match raw.trim().split_once('@') {
         Some((number, domain))
-            if !domain.is_empty()
-                && domain
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '.') =>
+            if !domain.is_empty() && domain.chars().all(|c| c.is_ascii_alphanumeric() || c == '.') =>
         {
             number
         }
@@ -138,11 +119,7 @@ impl Ingest {
 
     /// Stores the message, waits until it is on disk, then hands it to the
     /// batcher. `immediate` skips the debounce (the message's batch is cut now).
-    pub async fn accept(
-        &self,
-        message: NewMessage,
-        immediate: bool,
-    ) -> Result<Accepted, IngestError> {
+    pub async fn accept(&self, message: NewMessage, immediate: bool) -> Result<Accepted, IngestError> {
         let inserted = self.store.insert_message(message)?;
         // A duplicate waits for the disk too: its original may be in the very
         // flush that has not finished yet, and "duplicate" promises it is stored.
@@ -166,48 +143,26 @@ mod tests {
 
     #[test]
     fn phones_normalize_to_digits() {
-        for raw in [
-            "79001234567@c.us",
-            "+7 900 123-45-67",
-            "79001234567",
-            " +7 (900) 123.45.67 ",
-        ] {
+        for raw in ["79001234567@c.us", "+7 900 123-45-67", "79001234567", " +7 (900) 123.45.67 "] {
             assert_eq!(normalize_phone(raw).unwrap(), "79001234567", "{raw}");
         }
-        for bad in [
-            "",
-            "abc",
-            "7900@",
-            "12345",
-            "+7 900 abc",
-            "1234567890123456",
-            "79+001234567",
-            "7900123@c us",
-        ] {
+        for bad in
+            ["", "abc", "7900@", "12345", "+7 900 abc", "1234567890123456", "79+001234567", "7900123@c us"]
+        {
             assert!(normalize_phone(bad).is_err(), "{bad:?} should be refused");
         }
     }
 
     #[test]
     fn payload_fields_are_checked_by_name() {
-        let ok = parse(
-            br#"{"id":"a","from":"79001234567@c.us","message":"hi","timestamp":1763800000}"#,
-            "d",
-        )
-        .unwrap();
+        let ok = parse(br#"{"id":"a","from":"79001234567@c.us","message":"hi","timestamp":1763800000}"#, "d")
+            .unwrap();
         assert_eq!(
-            (
-                ok.conv.phone.as_str(),
-                ok.conv.company_id.as_str(),
-                ok.timestamp
-            ),
+            (ok.conv.phone.as_str(), ok.conv.company_id.as_str(), ok.timestamp),
             ("79001234567", "d", Some(1763800000))
         );
-        let numeric_company = parse(
-            br#"{"id":"a","from":"79001234567","message":"hi","company_id":962302}"#,
-            "d",
-        )
-        .unwrap();
+        let numeric_company =
+            parse(br#"{"id":"a","from":"79001234567","message":"hi","company_id":962302}"#, "d").unwrap();
         assert_eq!(numeric_company.conv.company_id, "962302");
 
         let err = |body: &str| match parse(body.as_bytes(), "d") {
@@ -218,18 +173,12 @@ mod tests {
         assert!(err(r#"{"id":"","from":"79001234567","message":"hi"}"#).contains("`id`"));
         assert!(err(r#"{"id":"a","from":79001234567,"message":"hi"}"#).contains("`from`"));
         assert!(err(r#"{"id":"a","from":"79001234567","message":"  "}"#).contains("`message`"));
+        assert!(err(r#"{"id":"a","from":"79001234567","message":"hi","timestamp":"now"}"#)
+            .contains("`timestamp`"));
         assert!(
-            err(r#"{"id":"a","from":"79001234567","message":"hi","timestamp":"now"}"#)
-                .contains("`timestamp`")
-        );
-        assert!(
-            err(r#"{"id":"a","from":"79001234567","message":"hi","company_id":[]}"#)
-                .contains("`company_id`")
+            err(r#"{"id":"a","from":"79001234567","message":"hi","company_id":[]}"#).contains("`company_id`")
         );
         assert!(err(r#"[1,2]"#).contains("object"));
-        assert!(matches!(
-            parse(b"{\"id\":", "d"),
-            Err(IngestError::Malformed(_))
-        ));
+        assert!(matches!(parse(b"{\"id\":", "d"), Err(IngestError::Malformed(_))));
     }
 }

@@ -5,6 +5,7 @@
 //! `ARCHITECTURE.md` maps that flow and says what each module may not touch.
 
 pub mod batcher; // sans-IO debounce: when a phone's pending messages become a turn
+pub mod clock; // wall-clock time, injectable for expiry tests
 pub mod config; // the one TOML file, environment overrides, validation
 pub mod context; // the per-conversation memory a turn saves, compressed
 pub mod handler; // who answers a turn: echo or an HTTP service, with retries

@@ -11,11 +11,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::handler::Handler;
 use crate::http::{self, AppState};
 use crate::ingest::Ingest;
-use crate::message::unix_ms;
 use crate::store::{Store, StoreError};
 use crate::turns::{Driver, Recovery, Runner};
 
@@ -38,9 +38,18 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    run_with_clock(config, listener, shutdown, Clock::system()).await
+}
+
+/// `run` with an injected wall clock (tests move it hours ahead).
+pub async fn run_with_clock(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    clock: Clock,
+) -> Result<(), ServerError> {
     let dir = config.server.data_dir.display().to_string();
-    let store =
-        Store::open(&config.server.data_dir).map_err(|source| ServerError::Open { dir, source })?;
+    let store = Store::open(&config.server.data_dir).map_err(|source| ServerError::Open { dir, source })?;
     let recovery = Recovery::load(&store).map_err(ServerError::Recover)?;
     info!(
         open_turns = recovery.open_turns.len(),
@@ -54,34 +63,28 @@ pub async fn run(
     let abort = CancellationToken::new();
     let turns = TaskTracker::new();
     let handler = Handler::from_config(&config.handler);
-    let runner = Runner::new(
-        &config,
-        store.clone(),
-        handler,
-        token.clone(),
-        abort.clone(),
-    );
+    let runner = Runner::new(&config, store.clone(), handler, clock.clone(), token.clone(), abort.clone());
     let runner = Arc::new(runner);
-    let (driver, handle) = Driver::new(
-        &config,
-        store.clone(),
-        runner,
-        recovery,
-        turns.clone(),
-        token.clone(),
-    );
+    let (driver, handle) =
+        Driver::new(&config, store.clone(), runner, recovery, turns.clone(), token.clone());
     let driver = tokio::spawn(driver.run());
-    let sweeper = tokio::spawn(sweep_dedup(
-        store.clone(),
-        config.ingest.dedup_days,
-        token.clone(),
-    ));
+    let sweepers = [
+        tokio::spawn(sweep_dedup(store.clone(), clock.clone(), config.ingest.dedup_days, token.clone())),
+        tokio::spawn(sweep_contexts(
+            store.clone(),
+            clock.clone(),
+            config.context.sweep_interval_ms,
+            token.clone(),
+        )),
+    ];
 
     let state = Arc::new(AppState {
         ingest: Ingest::new(store.clone(), handle.clone()),
         store: store.clone(),
         driver: handle,
+        clock,
         max_body_bytes: config.ingest.max_body_bytes,
+        context_max_bytes: config.context.max_bytes,
         default_company_id: config.ingest.default_company_id.clone(),
     });
     {
@@ -100,14 +103,13 @@ pub async fn run(
     info!("shutting down: no new turns start; waiting for running turns");
 
     let _ = driver.await;
-    let _ = sweeper.await;
+    for sweeper in sweepers {
+        let _ = sweeper.await;
+    }
     turns.close();
     let grace = Duration::from_millis(config.turns.shutdown_grace_ms);
     if tokio::time::timeout(grace, turns.wait()).await.is_err() {
-        warn!(
-            still_running = turns.len(),
-            "grace period over; unfinished turns re-run on the next start"
-        );
+        warn!(still_running = turns.len(), "grace period over; unfinished turns re-run on the next start");
         abort.cancel();
         turns.wait().await;
     }
@@ -119,20 +121,32 @@ pub async fn run(
 }
 
 /// Forgets message ids older than `dedup_days`, once an hour.
-async fn sweep_dedup(store: Store, dedup_days: u64, token: CancellationToken) {
-    let keep = Duration::from_secs(dedup_days * 24 * 3600);
+async fn sweep_dedup(store: Store, clock: Clock, dedup_days: u64, token: CancellationToken) {
+    let keep_ms = dedup_days * 24 * 3600 * 1000;
+    every(DEDUP_SWEEP_EVERY, token, || match store.expire_seen(clock.now_ms().saturating_sub(keep_ms)) {
+        Ok(0) => {}
+        Ok(n) => info!(forgotten = n, "expired message ids removed from the dedup index"),
+        Err(e) => warn!(error = %e, "dedup sweep failed"),
+    })
+    .await
+}
+
+/// Removes expired contexts from disk (reads already ignore them).
+async fn sweep_contexts(store: Store, clock: Clock, interval_ms: u64, token: CancellationToken) {
+    every(Duration::from_millis(interval_ms), token, || match store.expire_contexts(clock.now_ms()) {
+        Ok(0) => {}
+        Ok(n) => info!(removed = n, "expired contexts removed"),
+        Err(e) => warn!(error = %e, "context sweep failed"),
+    })
+    .await
+}
+
+/// Runs `job` now and then every `period` until `token` is cancelled.
+async fn every(period: Duration, token: CancellationToken, mut job: impl FnMut()) {
     loop {
-        let cutoff = unix_ms().saturating_sub(keep.as_millis() as u64);
-        match store.expire_seen(cutoff) {
-            Ok(0) => {}
-            Ok(n) => info!(
-                forgotten = n,
-                "expired message ids removed from the dedup index"
-            ),
-            Err(e) => warn!(error = %e, "dedup sweep failed"),
-        }
+        job();
         tokio::select! {
-            _ = tokio::time::sleep(DEDUP_SWEEP_EVERY) => {}
+            _ = tokio::time::sleep(period) => {}
             _ = token.cancelled() => return,
         }
     }

@@ -36,9 +36,7 @@ impl Flusher {
             let mut batch = Vec::new();
             let mut closing = false;
             while let Some(first) = rx.recv().await {
-                for request in
-                    std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok()))
-                {
+                for request in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
                     match request {
                         Request::Flush(w) => batch.push(w),
                         Request::Close(w) => {

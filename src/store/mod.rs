@@ -5,12 +5,14 @@
 //! - `seen`, `seen_at`: message ids already accepted (dedup), and their time index for expiry
 //! - `turns`: turns cut but not committed (re-run on start) and dead turns (kept for retry)
 //! - `history`: the last committed turns of each conversation
-//! - `contexts`: each conversation's saved context, as the `context` module encoded it
+//! - `ctx_meta`, `ctx_dialogue`, `ctx_cache`, `ctx_expiry`: each conversation's
+//!   context, in two deflated parts, with its expiry index (see `contexts.rs`)
 //!
 //! Every write that must be atomic is one sled transaction; durability is a
 //! separate, shared step (`flush`, see `flush.rs`), so callers decide when to
 //! wait for the disk.
 
+mod contexts;
 mod flush;
 mod records;
 #[cfg(test)]
@@ -21,6 +23,9 @@ use std::sync::Arc;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
+pub use contexts::{
+    ContextMeta, ContextStats, ContextStatsSnapshot, ContextUpdate, Part, Sizes, StoredContext,
+};
 use records::{conv_prefix, decode, encode, phone_prefix, seen_at_key, seq_key};
 pub use records::{DeadInfo, TurnRecord, TurnSummary};
 
@@ -33,11 +38,7 @@ pub enum StoreError {
     #[error("flush to disk failed: {0}")]
     Flush(Arc<str>),
     #[error("corrupt record in {tree} at key {key:?}: {reason}")]
-    Corrupt {
-        tree: &'static str,
-        key: String,
-        reason: String,
-    },
+    Corrupt { tree: &'static str, key: String, reason: String },
 }
 
 impl From<TransactionError<StoreError>> for StoreError {
@@ -66,7 +67,11 @@ pub struct Store {
     seen_at: sled::Tree,
     turns: sled::Tree,
     history: sled::Tree,
-    contexts: sled::Tree,
+    ctx_meta: sled::Tree,
+    ctx_dialogue: sled::Tree,
+    ctx_cache: sled::Tree,
+    ctx_expiry: sled::Tree,
+    context_stats: Arc<ContextStats>,
     flusher: flush::Flusher,
 }
 
@@ -77,16 +82,28 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Sled(e.into()))?;
         let db = sled::Config::new().path(dir).open()?;
-        Ok(Store {
+        let store = Store {
             inbox: db.open_tree("inbox")?,
             seen: db.open_tree("seen")?,
             seen_at: db.open_tree("seen_at")?,
             turns: db.open_tree("turns")?,
             history: db.open_tree("history")?,
-            contexts: db.open_tree("contexts")?,
+            ctx_meta: db.open_tree("ctx_meta")?,
+            ctx_dialogue: db.open_tree("ctx_dialogue")?,
+            ctx_cache: db.open_tree("ctx_cache")?,
+            ctx_expiry: db.open_tree("ctx_expiry")?,
+            context_stats: Arc::default(),
             flusher: flush::Flusher::spawn(db.clone()),
             db,
-        })
+        };
+        // The byte counters start from what is on disk; writes keep them exact.
+        for kv in store.ctx_meta.iter() {
+            let (k, v) = kv?;
+            if let Ok(meta) = contexts::decode_meta(&k, &v) {
+                store.context_stats.add(None, Some(&meta));
+            }
+        }
+        Ok(store)
     }
 
     /// Resolves when every write made before the call is on disk. Concurrent
@@ -110,21 +127,16 @@ impl Store {
         let record = encode(&message);
         let key = seq_key(&message.conv, seq);
         let stamp = message.received_at_ms.to_be_bytes();
-        let inserted =
-            (&self.seen, &self.seen_at, &self.inbox).transaction(|(seen, seen_at, inbox)| {
-                if seen.get(message.id.as_bytes())?.is_some() {
-                    return Ok(false);
-                }
-                seen.insert(message.id.as_bytes(), &stamp[..])?;
-                seen_at.insert(seen_at_key(message.received_at_ms, &message.id), &[][..])?;
-                inbox.insert(key.as_slice(), record.as_slice())?;
-                Ok::<_, ConflictableTransactionError<StoreError>>(true)
-            })?;
-        Ok(if inserted {
-            Inserted::New(message)
-        } else {
-            Inserted::Duplicate
-        })
+        let inserted = (&self.seen, &self.seen_at, &self.inbox).transaction(|(seen, seen_at, inbox)| {
+            if seen.get(message.id.as_bytes())?.is_some() {
+                return Ok(false);
+            }
+            seen.insert(message.id.as_bytes(), &stamp[..])?;
+            seen_at.insert(seen_at_key(message.received_at_ms, &message.id), &[][..])?;
+            inbox.insert(key.as_slice(), record.as_slice())?;
+            Ok::<_, ConflictableTransactionError<StoreError>>(true)
+        })?;
+        Ok(if inserted { Inserted::New(message) } else { Inserted::Duplicate })
     }
 
     /// Every message still in the inbox, in key order (per conversation, by arrival).
@@ -183,28 +195,33 @@ impl Store {
 
     /// The commit of a turn, in one transaction: its messages leave the inbox,
     /// its record is removed, its summary joins the history (trimmed to
-    /// `history_limit`), and the context it produced replaces the stored one
-    /// (`None` keeps it). Not durable until `flush`.
+    /// `history_limit`), and its context update is applied. Not durable until `flush`.
     pub fn commit_turn(
         &self,
         turn: &TurnRecord,
         summary: &TurnSummary,
-        context: Option<&[u8]>,
+        context: &ContextUpdate<'_>,
         history_limit: usize,
+        now_ms: u64,
     ) -> Result<(), StoreError> {
         let prefix = conv_prefix(&turn.conv);
         // Only one turn of a conversation runs at a time, so the history keys
         // read here cannot change before the transaction below.
-        let existing: Vec<sled::IVec> = self
-            .history
-            .scan_prefix(&prefix)
-            .keys()
-            .collect::<Result<_, _>>()?;
+        let existing: Vec<sled::IVec> = self.history.scan_prefix(&prefix).keys().collect::<Result<_, _>>()?;
         let excess = (existing.len() + 1).saturating_sub(history_limit.max(1));
         let history_key = seq_key(&turn.conv, self.db.generate_id()?);
         let summary = encode(summary);
-        (&self.inbox, &self.turns, &self.history, &self.contexts).transaction(
-            |(inbox, turns, history, contexts)| {
+        let trees = (
+            &self.inbox,
+            &self.turns,
+            &self.history,
+            &self.ctx_meta,
+            &self.ctx_dialogue,
+            &self.ctx_cache,
+            &self.ctx_expiry,
+        );
+        let (before, after) =
+            trees.transaction(|(inbox, turns, history, meta, dialogue, cache, expiry)| {
                 for m in &turn.messages {
                     inbox.remove(seq_key(&m.conv, m.seq))?;
                 }
@@ -213,12 +230,10 @@ impl Store {
                     history.remove(old)?;
                 }
                 history.insert(history_key.as_slice(), summary.as_slice())?;
-                if let Some(bytes) = context {
-                    contexts.insert(prefix.as_slice(), bytes)?;
-                }
-                Ok::<_, ConflictableTransactionError<StoreError>>(())
-            },
-        )?;
+                let t = contexts::Trees { meta, dialogue, cache, expiry };
+                contexts::apply(&t, &prefix, context, now_ms)
+            })?;
+        self.context_stats.add(before.as_ref(), after.as_ref());
         Ok(())
     }
 
@@ -236,9 +251,83 @@ impl Store {
         Ok(())
     }
 
-    /// The saved context of a conversation, as the `context` module encoded it.
-    pub fn context(&self, conv: &Conv) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.contexts.get(conv_prefix(conv))?.map(|v| v.to_vec()))
+    /// A conversation's live context (parts still deflated); `None` if it
+    /// has none or it expired by `now_ms`, swept or not. Counts a cache hit
+    /// or miss.
+    pub fn context(&self, conv: &Conv, now_ms: u64) -> Result<Option<StoredContext>, StoreError> {
+        let key = conv_prefix(conv);
+        let found = match self.ctx_meta.get(&key)? {
+            Some(v) => {
+                let meta = contexts::decode_meta(&key, &v)?;
+                if meta.expires_at_ms <= now_ms {
+                    None
+                } else {
+                    let part = |tree: &sled::Tree, sizes: Option<Sizes>| -> Result<_, StoreError> {
+                        Ok(match sizes {
+                            Some(_) => tree.get(&key)?.map(|v| v.to_vec()),
+                            None => None,
+                        })
+                    };
+                    let dialogue = part(&self.ctx_dialogue, meta.dialogue)?;
+                    let cache = part(&self.ctx_cache, meta.cache)?;
+                    Some(StoredContext { meta, dialogue, cache })
+                }
+            }
+            None => None,
+        };
+        let counter = match found.as_ref().and_then(|c| c.cache.as_ref()) {
+            Some(_) => &self.context_stats.cache_hits,
+            None => &self.context_stats.cache_misses,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(found)
+    }
+
+    /// Applies a context update outside a turn (the context API). Returns the
+    /// live meta before and the meta after (`None`: no context).
+    pub fn update_context(
+        &self,
+        conv: &Conv,
+        update: &ContextUpdate<'_>,
+        now_ms: u64,
+    ) -> Result<(Option<ContextMeta>, Option<ContextMeta>), StoreError> {
+        let key = conv_prefix(conv);
+        let trees = (&self.ctx_meta, &self.ctx_dialogue, &self.ctx_cache, &self.ctx_expiry);
+        let (before, after) = trees.transaction(|(meta, dialogue, cache, expiry)| {
+            contexts::apply(&contexts::Trees { meta, dialogue, cache, expiry }, &key, update, now_ms)
+        })?;
+        let had_cache = before.as_ref().is_some_and(|m| m.cache.is_some() && m.expires_at_ms > now_ms);
+        if matches!(update.cache, Part::Clear) && had_cache {
+            self.context_stats.invalidations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.context_stats.add(before.as_ref(), after.as_ref());
+        let live_before = before.filter(|m| m.expires_at_ms > now_ms);
+        Ok((live_before, after))
+    }
+
+    /// Removes contexts that expired by `now_ms`; returns how many. A range
+    /// scan over the expiry index, never a scan of all contexts.
+    pub fn expire_contexts(&self, now_ms: u64) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        let trees = (&self.ctx_meta, &self.ctx_dialogue, &self.ctx_cache, &self.ctx_expiry);
+        // Keys are `expires_at ‖ conversation`: everything below `now + 1` is due.
+        for kv in self.ctx_expiry.range(..(now_ms + 1).to_be_bytes().to_vec()) {
+            let (index_key, _) = kv?;
+            let at = u64::from_be_bytes(index_key[..8].try_into().expect("8-byte prefix"));
+            let key = &index_key[8..];
+            let gone = trees.transaction(|(meta, dialogue, cache, expiry)| {
+                contexts::expire(&contexts::Trees { meta, dialogue, cache, expiry }, key, at, now_ms)
+            })?;
+            if let Some(meta) = gone {
+                self.context_stats.add(Some(&meta), None);
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    pub fn context_stats(&self) -> ContextStatsSnapshot {
+        self.context_stats.snapshot()
     }
 
     /// Committed turns of a phone (all companies), oldest first.

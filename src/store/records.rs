@@ -76,8 +76,7 @@ pub(crate) fn seen_at_key(at_ms: u64, id: &str) -> Vec<u8> {
 }
 
 pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    bincode::serde::encode_to_vec(value, bincode::config::standard())
-        .expect("bincode encodes our records")
+    bincode::serde::encode_to_vec(value, bincode::config::standard()).expect("bincode encodes our records")
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(
@@ -85,11 +84,11 @@ pub(crate) fn decode<T: DeserializeOwned>(
     key: &[u8],
     bytes: &[u8],
 ) -> Result<T, StoreError> {
-    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .map(|(value, _)| value)
-        .map_err(|e| StoreError::Corrupt {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard()).map(|(value, _)| value).map_err(
+        |e| StoreError::Corrupt {
             tree,
             key: String::from_utf8_lossy(key).into_owned(),
             reason: e.to_string(),
-        })
+        },
+    )
 }

@@ -41,20 +41,10 @@ impl Recovery {
             }
         }
         open_turns.sort_by(|a, b| a.turn_id.cmp(&b.turn_id));
-        let claimed: HashSet<(&Conv, u64)> = open_turns
-            .iter()
-            .flat_map(|t| t.messages.iter().map(|m| (&m.conv, m.seq)))
-            .collect();
-        let inbox = store
-            .inbox()?
-            .into_iter()
-            .filter(|m| !claimed.contains(&(&m.conv, m.seq)))
-            .collect();
-        Ok(Recovery {
-            open_turns,
-            inbox,
-            dead_turns,
-        })
+        let claimed: HashSet<(&Conv, u64)> =
+            open_turns.iter().flat_map(|t| t.messages.iter().map(|m| (&m.conv, m.seq))).collect();
+        let inbox = store.inbox()?.into_iter().filter(|m| !claimed.contains(&(&m.conv, m.seq))).collect();
+        Ok(Recovery { open_turns, inbox, dead_turns })
     }
 }
 
@@ -101,9 +91,7 @@ impl Driver {
             shutdown,
         };
         for turn in recovery.open_turns {
-            driver
-                .gate
-                .offer(turn.conv.clone(), Work::Resume(Box::new(turn)));
+            driver.gate.offer(turn.conv.clone(), Work::Resume(Box::new(turn)));
         }
         let now = now();
         let now_ms = unix_ms();
@@ -150,12 +138,7 @@ impl Driver {
 
     fn on_event(&mut self, event: Event) {
         match event {
-            Event::Ingested {
-                conv,
-                seq,
-                at,
-                immediate,
-            } => {
+            Event::Ingested { conv, seq, at, immediate } => {
                 let cut = self.batcher.push(conv.clone(), seq, at);
                 if let Some(cut) = cut {
                     self.offer(cut);
@@ -172,6 +155,7 @@ impl Driver {
             Event::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());
             }
+            Event::Context { conv, job } => self.gate.offer(conv, Work::Context(job)),
         }
     }
 
@@ -190,10 +174,7 @@ impl Driver {
     fn start_ready(&mut self) {
         while let Some((conv, work)) = self.gate.start_next() {
             let runner = self.runner.clone();
-            let finished = Finished {
-                tx: self.tx.clone(),
-                conv: Some(conv.clone()),
-            };
+            let finished = Finished { tx: self.tx.clone(), conv: Some(conv.clone()) };
             self.tracker.spawn(async move {
                 runner.run(conv, work).await;
                 drop(finished);
@@ -216,8 +197,7 @@ impl Driver {
             return RetryOutcome::Failed(e.to_string());
         }
         info!(turn_id, conv = %turn.conv, "dead turn queued for retry");
-        self.gate
-            .offer(turn.conv.clone(), Work::Resume(Box::new(turn)));
+        self.gate.offer(turn.conv.clone(), Work::Resume(Box::new(turn)));
         RetryOutcome::Queued
     }
 
@@ -233,12 +213,13 @@ impl Driver {
             waiting: self
                 .gate
                 .waiting()
-                .map(|(conv, work)| {
+                .filter_map(|(conv, work)| {
                     let seqs = match work {
                         Work::Fresh { seqs, .. } => seqs.clone(),
                         Work::Resume(turn) => turn.messages.iter().map(|m| m.seq).collect(),
+                        Work::Context(_) => return None,
                     };
-                    (conv.clone(), seqs)
+                    Some((conv.clone(), seqs))
                 })
                 .collect(),
             running: self.gate.running().cloned().collect(),

@@ -14,6 +14,12 @@ use std::hash::Hash;
 pub trait Merge: Sized {
     /// Absorbs `next` and returns `None`, or gives it back if it cannot.
     fn merge(&mut self, next: Self) -> Option<Self>;
+
+    /// Urgent work queues ahead of the conversation's waiting non-urgent work
+    /// (but behind earlier urgent work, and never ahead of a running turn).
+    fn urgent(&self) -> bool {
+        false
+    }
 }
 
 pub struct Gate<K, W> {
@@ -37,18 +43,22 @@ impl<K: Clone + Eq + Hash, W: Merge> Gate<K, W> {
 
     pub fn offer(&mut self, key: K, work: W) {
         let queue = self.waiting.entry(key.clone()).or_default();
-        match queue.back_mut() {
-            Some(last) => {
-                if let Some(work) = last.merge(work) {
-                    queue.push_back(work);
+        let was_empty = queue.is_empty();
+        if work.urgent() {
+            let at = queue.iter().take_while(|w| w.urgent()).count();
+            queue.insert(at, work);
+        } else {
+            match queue.back_mut() {
+                Some(last) if !last.urgent() => {
+                    if let Some(work) = last.merge(work) {
+                        queue.push_back(work);
+                    }
                 }
+                _ => queue.push_back(work),
             }
-            None => {
-                queue.push_back(work);
-                if !self.running.contains(&key) {
-                    self.ready.push_back(key);
-                }
-            }
+        }
+        if was_empty && !self.running.contains(&key) {
+            self.ready.push_back(key);
         }
     }
 
@@ -87,9 +97,7 @@ impl<K: Clone + Eq + Hash, W: Merge> Gate<K, W> {
     }
 
     pub fn waiting(&self) -> impl Iterator<Item = (&K, &W)> {
-        self.waiting
-            .iter()
-            .flat_map(|(k, q)| q.iter().map(move |w| (k, w)))
+        self.waiting.iter().flat_map(|(k, q)| q.iter().map(move |w| (k, w)))
     }
 }
 
@@ -124,6 +132,46 @@ mod tests {
         g.finished(&"p");
         assert_eq!(g.start_next(), None);
         assert_eq!(g.in_flight(), 0);
+    }
+
+    /// Urgent work: `U(n)`, never merging.
+    #[derive(Debug, PartialEq)]
+    enum W {
+        B(Vec<u32>),
+        U(u32),
+    }
+    impl Merge for W {
+        fn merge(&mut self, next: W) -> Option<W> {
+            match (self, next) {
+                (W::B(a), W::B(b)) => {
+                    a.extend(b);
+                    None
+                }
+                (_, next) => Some(next),
+            }
+        }
+        fn urgent(&self) -> bool {
+            matches!(self, W::U(_))
+        }
+    }
+
+    #[test]
+    fn urgent_work_waits_for_the_running_turn_but_not_for_waiting_batches() {
+        let mut g = Gate::new(8);
+        g.offer("p", W::B(vec![1]));
+        g.start_next(); // turn 1 runs
+        g.offer("p", W::B(vec![2]));
+        g.offer("p", W::U(1));
+        g.offer("p", W::U(2));
+        g.offer("p", W::B(vec![3])); // merges with the waiting batch, behind the urgent work
+        assert_eq!(g.start_next(), None, "nothing overtakes the running turn");
+        g.finished(&"p");
+        assert_eq!(g.start_next(), Some(("p", W::U(1))));
+        assert_eq!(g.start_next(), None);
+        g.finished(&"p");
+        assert_eq!(g.start_next(), Some(("p", W::U(2))));
+        g.finished(&"p");
+        assert_eq!(g.start_next(), Some(("p", W::B(vec![2, 3]))));
     }
 
     #[test]
@@ -197,9 +245,6 @@ mod tests {
             started += w.0.len();
             g.finished(&k);
         }
-        assert_eq!(
-            offered, started,
-            "every offered message started exactly once"
-        );
+        assert_eq!(offered, started, "every offered message started exactly once");
     }
 }

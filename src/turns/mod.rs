@@ -13,9 +13,11 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
+use serde_json::Value;
+
 use crate::batcher::CutReason;
 use crate::message::Conv;
-use crate::store::TurnRecord;
+use crate::store::{ContextMeta, TurnRecord};
 
 pub use driver::{Driver, Recovery};
 pub use run::Runner;
@@ -24,26 +26,55 @@ pub use run::Runner;
 #[derive(Debug)]
 pub enum Work {
     /// A batch just cut: its messages are still only in the inbox.
-    Fresh {
-        seqs: Vec<u64>,
-        reason: CutReason,
-        deadline: Instant,
-        max_messages: usize,
-    },
+    Fresh { seqs: Vec<u64>, reason: CutReason, deadline: Instant, max_messages: usize },
     /// A turn already recorded on disk: recovered after a restart, or a dead
     /// turn being retried. It keeps its turn_id and messages.
     Resume(Box<TurnRecord>),
+    /// A write to the conversation's context from the context API. It takes
+    /// the conversation's turn slot, so it never interleaves with a turn.
+    Context(ContextJob),
+}
+
+/// A context write requested over the API, and where to report it.
+#[derive(Debug)]
+pub struct ContextJob {
+    pub op: ContextOp,
+    pub reply: oneshot::Sender<ContextOutcome>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ContextOp {
+    /// Replace both parts (`None` removes a part).
+    Put { dialogue: Option<Value>, cache: Option<Value> },
+    /// Drop the cache, keep the dialogue.
+    Invalidate,
+    /// Drop both parts.
+    Delete,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ContextOutcome {
+    /// The write is on disk; the meta after it (`None`: no context left).
+    Done {
+        before: Option<ContextMeta>,
+        after: Option<ContextMeta>,
+    },
+    Failed(String),
 }
 
 impl gate::Merge for Work {
+    /// Context writes go ahead of batches still waiting: they wait only for
+    /// the running turn, and the next turn sees them (a booking change
+    /// invalidates the cache before the client's next turn reads it).
+    fn urgent(&self) -> bool {
+        matches!(self, Work::Context(_))
+    }
+
     fn merge(&mut self, next: Work) -> Option<Work> {
         match (self, next) {
-            (
-                Work::Fresh {
-                    seqs, max_messages, ..
-                },
-                Work::Fresh { seqs: more, .. },
-            ) if seqs.len() + more.len() <= *max_messages => {
+            (Work::Fresh { seqs, max_messages, .. }, Work::Fresh { seqs: more, .. })
+                if seqs.len() + more.len() <= *max_messages =>
+            {
                 seqs.extend(more);
                 seqs.sort_unstable();
                 None
@@ -73,6 +104,11 @@ pub(crate) enum Event {
     },
     Snapshot {
         reply: oneshot::Sender<Snapshot>,
+    },
+    /// A context write from the API.
+    Context {
+        conv: Conv,
+        job: ContextJob,
     },
 }
 
@@ -106,14 +142,7 @@ impl DriverHandle {
     /// has stopped (the message stays in the inbox for the next start).
     pub fn ingested(&self, conv: Conv, seq: u64, immediate: bool) -> bool {
         let at = tokio::time::Instant::now().into_std();
-        self.tx
-            .send(Event::Ingested {
-                conv,
-                seq,
-                at,
-                immediate,
-            })
-            .is_ok()
+        self.tx.send(Event::Ingested { conv, seq, at, immediate }).is_ok()
     }
 
     pub async fn retry(&self, turn_id: String) -> RetryOutcome {
@@ -121,8 +150,18 @@ impl DriverHandle {
         if self.tx.send(Event::Retry { turn_id, reply }).is_err() {
             return RetryOutcome::Failed("shutting down".into());
         }
-        rx.await
-            .unwrap_or(RetryOutcome::Failed("shutting down".into()))
+        rx.await.unwrap_or(RetryOutcome::Failed("shutting down".into()))
+    }
+
+    /// Applies a context write once no turn of `conv` is running; resolves
+    /// when it is on disk.
+    pub async fn context(&self, conv: Conv, op: ContextOp) -> ContextOutcome {
+        let (reply, rx) = oneshot::channel();
+        let job = ContextJob { op, reply };
+        if self.tx.send(Event::Context { conv, job }).is_err() {
+            return ContextOutcome::Failed("shutting down".into());
+        }
+        rx.await.unwrap_or(ContextOutcome::Failed("shutting down".into()))
     }
 
     pub async fn snapshot(&self) -> Option<Snapshot> {

@@ -12,13 +12,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::batcher::CutReason;
+use crate::clock::Clock;
 use crate::config::Config;
-use crate::context;
+use crate::context::{self, Encoded};
 use crate::handler::{Handler, TurnAnswer, TurnRequest};
-use crate::message::{unix_ms, Conv};
-use crate::store::{DeadInfo, Store, StoreError, TurnRecord, TurnSummary};
+use crate::message::Conv;
+use crate::store::{ContextUpdate, DeadInfo, Part, Store, StoreError, TurnRecord, TurnSummary};
 
-use super::Work;
+use super::{ContextJob, ContextOp, ContextOutcome, Work};
 
 pub struct Runner {
     store: Store,
@@ -27,6 +28,8 @@ pub struct Runner {
     backoff: Duration,
     backoff_max: Duration,
     history_limit: usize,
+    context_ttl_ms: u64,
+    clock: Clock,
     /// Cancelled on shutdown: no new attempt starts.
     shutdown: CancellationToken,
     /// Cancelled when the shutdown grace period is over: a handler call in
@@ -39,6 +42,7 @@ impl Runner {
         config: &Config,
         store: Store,
         handler: Handler,
+        clock: Clock,
         shutdown: CancellationToken,
         abort: CancellationToken,
     ) -> Runner {
@@ -49,6 +53,8 @@ impl Runner {
             backoff: Duration::from_millis(config.handler.backoff_ms),
             backoff_max: Duration::from_millis(config.handler.backoff_max_ms),
             history_limit: config.turns.history_limit,
+            context_ttl_ms: config.context.ttl_hours * 3600 * 1000,
+            clock,
             shutdown,
             abort,
         }
@@ -68,6 +74,7 @@ impl Runner {
                 }
             }
             Work::Resume(turn) => *turn,
+            Work::Context(job) => return self.apply_context(&conv, job).await,
         };
         let span = info_span!("turn", turn_id = %turn.turn_id, phone = %turn.conv.phone, company = %turn.conv.company_id);
         self.drive(turn).instrument(span).await
@@ -89,7 +96,7 @@ impl Runner {
             conv,
             messages,
             cut_reason: reason.as_str().to_owned(),
-            cut_at_ms: unix_ms(),
+            cut_at_ms: self.clock.now_ms(),
             attempts: 0,
             dead: None,
         };
@@ -100,23 +107,20 @@ impl Runner {
 
     async fn drive(&self, mut turn: TurnRecord) {
         let started = Instant::now();
-        let started_at_ms = unix_ms();
+        let started_at_ms = self.clock.now_ms();
         info!(messages = turn.messages.len(), reason = %turn.cut_reason, attempts_before = turn.attempts, "turn started");
-        let context = match self.store.context(&turn.conv) {
-            Ok(Some(bytes)) => match context::decode(&bytes) {
-                Ok(c) => Some(c.dialogue),
-                Err(e) => {
-                    error!(error = %e, "stored context is unreadable; the turn runs without it");
-                    None
-                }
-            },
-            Ok(None) => None,
+        let (dialogue, cache) = match self.store.context(&turn.conv, self.clock.now_ms()) {
+            Ok(Some(stored)) => (
+                self.decode_part("dialogue", stored.dialogue.as_deref()),
+                self.decode_part("cache", stored.cache.as_deref()),
+            ),
+            Ok(None) => (None, None),
             Err(e) => {
                 error!(error = %e, "cannot read the context; the turn stays open for the next start");
                 return;
             }
         };
-        let request = TurnRequest::new(&turn.turn_id, &turn.conv, &turn.messages, context);
+        let request = TurnRequest::new(&turn.turn_id, &turn.conv, &turn.messages, dialogue, cache);
         let mut this_run = 0;
         loop {
             turn.attempts += 1;
@@ -141,10 +145,7 @@ impl Runner {
                 }
                 Err(e) if this_run >= self.max_attempts => {
                     error!(attempts = this_run, error = %e, "handler failed on every attempt; turn parked as dead");
-                    turn.dead = Some(DeadInfo {
-                        error: e.to_string(),
-                        died_at_ms: unix_ms(),
-                    });
+                    turn.dead = Some(DeadInfo { error: e.to_string(), died_at_ms: self.clock.now_ms() });
                     let parked = self.store.park_dead(&turn);
                     if let Err(e) = async {
                         parked?;
@@ -175,15 +176,16 @@ impl Runner {
         }
     }
 
-    async fn commit(
-        &self,
-        turn: &TurnRecord,
-        answer: TurnAnswer,
-        started_at_ms: u64,
-        started: Instant,
-    ) {
-        let now_ms = unix_ms();
-        let context = answer.context.as_ref().map(|c| context::encode(c, now_ms));
+    async fn commit(&self, turn: &TurnRecord, answer: TurnAnswer, started_at_ms: u64, started: Instant) {
+        let now_ms = self.clock.now_ms();
+        let dialogue = answer.context.as_ref().map(context::encode);
+        let cache = answer.cache.as_ref().map(context::encode);
+        let update = ContextUpdate {
+            dialogue: part(dialogue.as_ref(), Part::Keep),
+            cache: part(cache.as_ref(), Part::Keep),
+            slide: true,
+            ttl_ms: self.context_ttl_ms,
+        };
         let summary = TurnSummary {
             turn_id: turn.turn_id.clone(),
             conv: turn.conv.clone(),
@@ -195,9 +197,7 @@ impl Runner {
             committed_at_ms: now_ms,
             attempts: turn.attempts,
         };
-        let committed =
-            self.store
-                .commit_turn(turn, &summary, context.as_deref(), self.history_limit);
+        let committed = self.store.commit_turn(turn, &summary, &update, self.history_limit, now_ms);
         match async {
             committed?;
             self.store.flush().await
@@ -208,21 +208,93 @@ impl Runner {
                 // The `log` gateway: replies are recorded in the history, not sent.
                 info!(
                     turn_ms = started.elapsed().as_millis() as u64,
-                    context_bytes = context.as_ref().map(Vec::len),
+                    dialogue_bytes = dialogue.as_ref().map(|e| e.bytes.len()),
+                    cache_bytes = cache.as_ref().map(|e| e.bytes.len()),
                     reply = answer.reply.as_deref().unwrap_or(""),
                     "turn committed"
                 );
             }
+            Err(e) => error!(error = %e, "commit failed; the turn stays open and re-runs on the next start"),
+        }
+    }
+
+    /// A stored part the handler gets: unreadable means absent, loudly.
+    fn decode_part(&self, which: &str, bytes: Option<&[u8]>) -> Option<serde_json::Value> {
+        match context::decode(bytes?) {
+            Ok(v) => Some(v),
             Err(e) => {
-                error!(error = %e, "commit failed; the turn stays open and re-runs on the next start")
+                error!(part = which, error = %e, "stored context part is unreadable; the turn runs without it");
+                None
             }
         }
     }
 
+    /// A context write from the API, in the conversation's turn slot.
+    async fn apply_context(&self, conv: &Conv, job: ContextJob) {
+        let encoded = match &job.op {
+            ContextOp::Put { dialogue, cache } => {
+                (dialogue.as_ref().map(context::encode), cache.as_ref().map(context::encode))
+            }
+            _ => (None, None),
+        };
+        let update = match &job.op {
+            ContextOp::Put { .. } => ContextUpdate {
+                dialogue: part(encoded.0.as_ref(), Part::Clear),
+                cache: part(encoded.1.as_ref(), Part::Clear),
+                slide: true,
+                ttl_ms: self.context_ttl_ms,
+            },
+            ContextOp::Invalidate => ContextUpdate {
+                dialogue: Part::Keep,
+                cache: Part::Clear,
+                slide: false,
+                ttl_ms: self.context_ttl_ms,
+            },
+            ContextOp::Delete => ContextUpdate {
+                dialogue: Part::Clear,
+                cache: Part::Clear,
+                slide: false,
+                ttl_ms: self.context_ttl_ms,
+            },
+        };
+        let written = self.store.update_context(conv, &update, self.clock.now_ms());
+        let outcome = match async {
+            let metas = written?;
+            self.store.flush().await?;
+            Ok::<_, StoreError>(metas)
+        }
+        .await
+        {
+            Ok((before, after)) => {
+                info!(%conv, op = ?op_name(&job.op), "context written via the API");
+                ContextOutcome::Done { before, after }
+            }
+            Err(e) => {
+                error!(%conv, error = %e, "context write failed");
+                ContextOutcome::Failed(e.to_string())
+            }
+        };
+        let _ = job.reply.send(outcome);
+    }
+
     fn backoff_for(&self, attempt: u32) -> Duration {
-        let factor = 1u32
-            .checked_shl(attempt.saturating_sub(1))
-            .unwrap_or(u32::MAX);
+        let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
         self.backoff.saturating_mul(factor).min(self.backoff_max)
+    }
+}
+
+/// `Set` for an encoded part, `otherwise` when there is none.
+fn part<'a>(encoded: Option<&'a Encoded>, otherwise: Part<'a>) -> Part<'a> {
+    match encoded {
+        Some(e) => Part::Set { bytes: &e.bytes, raw_len: e.raw_len },
+        None => otherwise,
+    }
+}
+
+fn op_name(op: &ContextOp) -> &'static str {
+    match op {
+        ContextOp::Put { .. } => "put",
+        ContextOp::Invalidate => "invalidate",
+        ContextOp::Delete => "delete",
     }
 }

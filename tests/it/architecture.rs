@@ -24,15 +24,9 @@ fn code() -> Vec<(String, String)> {
         .map(|p| {
             let text = std::fs::read_to_string(&p).unwrap();
             let text = text.split("#[cfg(test)]\nmod tests").next().unwrap();
-            let code: String = text
-                .lines()
-                .map(|l| l.split("//").next().unwrap())
-                .collect::<Vec<_>>()
-                .join("\n");
-            (
-                p.strip_prefix(&src).unwrap().to_string_lossy().into_owned(),
-                code,
-            )
+            let code: String =
+                text.lines().map(|l| l.split("//").next().unwrap()).collect::<Vec<_>>().join("\n");
+            (p.strip_prefix(&src).unwrap().to_string_lossy().into_owned(), code)
         })
         .collect()
 }
@@ -50,10 +44,7 @@ fn only_the_store_names_sled() {
 fn only_turns_commits() {
     for (file, code) in code() {
         if code.contains(".commit_turn(") || code.contains(".park_dead(") {
-            assert!(
-                file.starts_with("turns/") || file.starts_with("store/"),
-                "{file} commits turns"
-            );
+            assert!(file.starts_with("turns/") || file.starts_with("store/"), "{file} commits turns");
         }
     }
 }

@@ -32,18 +32,12 @@ async fn five_messages_one_to_two_seconds_apart_become_one_turn_in_order() {
 
     let calls = handler.calls();
     assert_eq!(calls.len(), 1, "exactly one turn: {calls:?}");
-    assert_eq!(
-        calls[0].text,
-        "Привет\nможно\nзаписаться\nна стрижку\nзавтра?"
-    );
+    assert_eq!(calls[0].text, "Привет\nможно\nзаписаться\nна стрижку\nзавтра?");
     assert_eq!(calls[0].ids, ["m0", "m1", "m2", "m3", "m4"]);
     assert_eq!(calls[0].phone, "79001234567");
     assert_eq!(calls[0].idempotency_key, calls[0].turn_id);
     let fired_after = calls[0].started - last_sent;
-    assert!(
-        fired_after >= 10 * S && fired_after < 10 * S + Duration::from_millis(50),
-        "{fired_after:?}"
-    );
+    assert!(fired_after >= 10 * S && fired_after < 10 * S + Duration::from_millis(50), "{fired_after:?}");
     d.stop().await;
 }
 
@@ -53,12 +47,7 @@ async fn twelve_quick_messages_become_two_turns_of_ten_and_two() {
     let handler = TestHandler::start(Duration::ZERO).await;
     let d = Daemon::start(config_with(dir.path(), &handler)).await;
     for i in 0..12 {
-        assert_eq!(
-            d.send(&format!("q{i}"), "+7 900 123-45-67", &format!("msg {i}"))
-                .await
-                .0,
-            200
-        );
+        assert_eq!(d.send(&format!("q{i}"), "+7 900 123-45-67", &format!("msg {i}")).await.0, 200);
         sleep(Duration::from_millis(100)).await;
     }
     wait_until("two turns", 30 * S, || handler.calls().len() == 2).await;
@@ -68,10 +57,7 @@ async fn twelve_quick_messages_become_two_turns_of_ten_and_two() {
     let expect = |r: std::ops::Range<i32>| r.map(|i| format!("q{i}")).collect::<Vec<_>>();
     assert_eq!(calls[0].ids, expect(0..10));
     assert_eq!(calls[1].ids, expect(10..12));
-    assert_eq!(
-        calls[1].seen_count, 1,
-        "the second turn sees the first one's context"
-    );
+    assert_eq!(calls[1].seen_count, 1, "the second turn sees the first one's context");
     d.stop().await;
 }
 
@@ -93,34 +79,18 @@ async fn a_burst_during_a_running_turn_waits_for_its_commit_and_sees_its_context
     }
     // Its debounce passes while turn 1 still runs: it must wait.
     sleep(12 * S).await;
-    assert_eq!(
-        handler.calls().len(),
-        1,
-        "turn 2 started while turn 1 was running"
-    );
+    assert_eq!(handler.calls().len(), 1, "turn 2 started while turn 1 was running");
     let (_, batches) = d.get("/api/batches").await;
-    assert_eq!(
-        batches["batches"][0]["state"], "waiting_for_turn",
-        "{batches}"
-    );
+    assert_eq!(batches["batches"][0]["state"], "waiting_for_turn", "{batches}");
     assert_eq!(batches["running"][0]["phone"], "79001234567");
 
     wait_until("turn 2", 60 * S, || handler.calls().len() == 2).await;
-    wait_until("turn 2 to end", 60 * S, || {
-        handler.calls()[1].ended.is_some()
-    })
-    .await;
+    wait_until("turn 2 to end", 60 * S, || handler.calls()[1].ended.is_some()).await;
     let calls = handler.calls();
     assert_eq!(calls[1].ids, ["b0", "b1", "b2"]);
-    assert!(
-        calls[1].started >= calls[0].ended.unwrap(),
-        "turns overlapped"
-    );
+    assert!(calls[1].started >= calls[0].ended.unwrap(), "turns overlapped");
     assert_eq!(calls[0].seen_count, 0);
-    assert_eq!(
-        calls[1].seen_count, 1,
-        "turn 2 ran with turn 1's saved context"
-    );
+    assert_eq!(calls[1].seen_count, 1, "turn 2 ran with turn 1's saved context");
     assert_eq!(handler.max_in_flight().0, 1);
 
     sleep(S).await;
@@ -143,12 +113,7 @@ async fn two_hundred_phones_in_parallel_give_two_hundred_turns_never_two_per_pho
         let (d, phone) = (d.clone(), phone.clone());
         senders.push(tokio::spawn(async move {
             for i in 0..3 {
-                assert_eq!(
-                    d.send(&format!("{phone}-{i}"), &phone, &format!("{p}/{i}"))
-                        .await
-                        .0,
-                    200
-                );
+                assert_eq!(d.send(&format!("{phone}-{i}"), &phone, &format!("{p}/{i}")).await.0, 200);
                 sleep(Duration::from_millis(300 + (p as u64 * 7) % 900)).await;
             }
         }));
@@ -156,27 +121,19 @@ async fn two_hundred_phones_in_parallel_give_two_hundred_turns_never_two_per_pho
     for s in senders {
         s.await.unwrap();
     }
-    wait_until("200 turns", 120 * S, || {
-        handler.calls().iter().filter(|c| c.ended.is_some()).count() == 200
-    })
-    .await;
+    wait_until("200 turns", 120 * S, || handler.calls().iter().filter(|c| c.ended.is_some()).count() == 200)
+        .await;
     sleep(30 * S).await;
     let calls = handler.calls();
     assert_eq!(calls.len(), 200);
     for phone in &phones {
         let mine: Vec<_> = calls.iter().filter(|c| &c.phone == phone).collect();
         assert_eq!(mine.len(), 1, "{phone}");
-        assert_eq!(
-            mine[0].ids,
-            (0..3).map(|i| format!("{phone}-{i}")).collect::<Vec<_>>()
-        );
+        assert_eq!(mine[0].ids, (0..3).map(|i| format!("{phone}-{i}")).collect::<Vec<_>>());
     }
     let (per_phone, global) = handler.max_in_flight();
     assert_eq!(per_phone, 1, "a phone had two turns in flight");
-    assert!(
-        global > 1 && global <= 32,
-        "max_concurrent bounds the turns in flight: {global}"
-    );
+    assert!(global > 1 && global <= 32, "max_concurrent bounds the turns in flight: {global}");
     std::sync::Arc::into_inner(d).unwrap().stop().await;
 }
 
@@ -191,10 +148,7 @@ async fn the_immediate_webhook_skips_debounce_but_never_overlaps_a_phone() {
         assert_eq!(d.post("/webhook/whatsapp", &body).await.0, 200);
     }
     wait_until("first turn", 5 * S, || !handler.calls().is_empty()).await;
-    assert!(
-        handler.calls()[0].started - t0 < Duration::from_millis(100),
-        "no debounce"
-    );
+    assert!(handler.calls()[0].started - t0 < Duration::from_millis(100), "no debounce");
     wait_until("both turns done", 30 * S, || {
         let c = handler.calls();
         c.len() == 2 && c[1].ended.is_some()
@@ -220,10 +174,7 @@ async fn pending_batches_are_visible_with_their_timers() {
     let (status, body) = d.get("/api/batches").await;
     assert_eq!(status, 200);
     let b = &body["batches"][0];
-    assert_eq!(
-        (b["phone"].as_str(), b["state"].as_str()),
-        (Some("79001112233"), Some("collecting"))
-    );
+    assert_eq!((b["phone"].as_str(), b["state"].as_str()), (Some("79001112233"), Some("collecting")));
     assert_eq!(b["messages"].as_array().unwrap().len(), 2);
     assert_eq!(b["messages"][1]["text"], "можно");
     assert_eq!(b["age_ms"], 5000);

@@ -31,11 +31,7 @@ impl Rng {
 }
 
 fn spawn_daemon(dir: &Path, port: u16, handler_url: &str, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     Command::new(env!("CARGO_BIN_EXE_turnstile"))
         .arg("serve")
         .env_clear()
@@ -62,11 +58,7 @@ async fn every_acknowledged_message_survives_repeated_sigkill() {
     let data = dir.path().join("data");
     let log = dir.path().join("daemon.log");
     let handler = TestHandler::start(Duration::from_millis(5)).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let base = format!("http://127.0.0.1:{port}");
     let daemon = Arc::new(Mutex::new(spawn_daemon(&data, port, &handler.url, &log)));
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -75,10 +67,7 @@ async fn every_acknowledged_message_survives_repeated_sigkill() {
     // it is answered 200 ("accepted", or "duplicate" when an earlier attempt
     // was stored but its answer was lost in a kill).
     let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
     let mut senders = Vec::new();
     for p in 0..PHONES {
         let (client, base, acked) = (client.clone(), base.clone(), acked.clone());
@@ -90,7 +79,8 @@ async fn every_acknowledged_message_survives_repeated_sigkill() {
                 let body = json!({"id": id, "from": format!("{phone}@c.us"), "message": format!("msg {i}")});
                 loop {
                     assert!(Instant::now() < deadline, "{id} was never acknowledged");
-                    let sent = client.post(format!("{base}/webhook/whatsapp/batched")).json(&body).send().await;
+                    let sent =
+                        client.post(format!("{base}/webhook/whatsapp/batched")).json(&body).send().await;
                     if let Ok(r) = sent {
                         if r.status() == 200 {
                             acked.lock().unwrap().push((phone.clone(), id.clone()));
@@ -125,10 +115,7 @@ async fn every_acknowledged_message_survives_repeated_sigkill() {
     }
     let acked = acked.lock().unwrap().clone();
     assert_eq!(acked.len(), PHONES * PER_PHONE);
-    assert!(
-        kills_while_sending >= MIN_KILLS,
-        "only {kills_while_sending} kills landed while sending"
-    );
+    assert!(kills_while_sending >= MIN_KILLS, "only {kills_while_sending} kills landed while sending");
 
     // Let the last daemon drain, then read what it committed.
     let mut committed: HashMap<String, Vec<Value>> = HashMap::new();
@@ -138,21 +125,14 @@ async fn every_acknowledged_message_survives_repeated_sigkill() {
             committed.clear();
             for p in 0..PHONES {
                 let phone = format!("7901{p:07}");
-                if let Ok(r) = client
-                    .get(format!("{base}/api/conversations/{phone}"))
-                    .send()
-                    .await
-                {
+                if let Ok(r) = client.get(format!("{base}/api/conversations/{phone}")).send().await {
                     if let Ok(v) = r.json::<Value>().await {
                         committed.insert(phone, v["turns"].as_array().cloned().unwrap_or_default());
                     }
                 }
             }
-            let n: usize = committed
-                .values()
-                .flatten()
-                .map(|t| t["messages"].as_array().unwrap().len())
-                .sum();
+            let n: usize =
+                committed.values().flatten().map(|t| t["messages"].as_array().unwrap().len()).sum();
             in_turns = n;
             if n >= acked.len() {
                 break;
@@ -160,10 +140,7 @@ async fn every_acknowledged_message_survives_repeated_sigkill() {
             sleep(Duration::from_millis(200)).await;
         }
     };
-    if tokio::time::timeout(Duration::from_secs(60), drained)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(60), drained).await.is_err() {
         let tail = std::fs::read_to_string(&log).unwrap_or_default();
         let tail: String = tail.lines().rev().take(40).collect::<Vec<_>>().join("\n");
         panic!(
@@ -174,10 +151,7 @@ async fn every_acknowledged_message_survives_repeated_sigkill() {
 
     // Stop the last daemon gracefully: SIGTERM, exit code 0.
     let mut child = Arc::into_inner(daemon).unwrap().into_inner().unwrap();
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    let term = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(term.success());
     let status = child.wait().unwrap();
     assert!(status.success(), "graceful stop exit status: {status}");
@@ -191,23 +165,13 @@ async fn every_acknowledged_message_survives_repeated_sigkill() {
         let ids: Vec<String> = turns
             .iter()
             .flat_map(|t| {
-                t["messages"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|m| m["id"].as_str().unwrap().to_owned())
+                t["messages"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned())
             })
             .collect();
         let sent: Vec<String> = (0..PER_PHONE).map(|i| format!("{phone}-{i}")).collect();
-        assert_eq!(
-            ids, sent,
-            "{phone}: committed turns do not hold its messages exactly once, in order"
-        );
+        assert_eq!(ids, sent, "{phone}: committed turns do not hold its messages exactly once, in order");
         for t in turns {
-            assert!(
-                seen.insert(t["turn_id"].as_str().unwrap().to_owned()),
-                "turn committed twice"
-            );
+            assert!(seen.insert(t["turn_id"].as_str().unwrap().to_owned()), "turn committed twice");
         }
     }
 
@@ -218,11 +182,7 @@ async fn every_acknowledged_message_survives_repeated_sigkill() {
     let mut turn_of: HashMap<&str, &str> = HashMap::new();
     for c in &calls {
         let ids = by_turn.entry(&c.turn_id).or_insert(&c.ids);
-        assert_eq!(
-            *ids, &c.ids,
-            "turn {} re-ran with other messages",
-            c.turn_id
-        );
+        assert_eq!(*ids, &c.ids, "turn {} re-ran with other messages", c.turn_id);
         for id in &c.ids {
             let t = turn_of.entry(id).or_insert(&c.turn_id);
             assert_eq!(*t, c.turn_id, "message {id} was sent under two turn ids");
@@ -252,11 +212,7 @@ async fn every_acknowledged_message_survives_repeated_sigkill() {
                 order.push(&c.turn_id);
             }
             let k = order.iter().position(|t| *t == c.turn_id).unwrap() as u64;
-            assert_eq!(
-                c.seen_count, k,
-                "{phone}: turn {} saw a stale context",
-                c.turn_id
-            );
+            assert_eq!(c.seen_count, k, "{phone}: turn {} saw a stale context", c.turn_id);
         }
     }
     assert_eq!(handler.max_in_flight().0, 1);

@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use turnstile::clock::Clock;
 use turnstile::config::HandlerKind;
 use turnstile::Config;
 
@@ -47,18 +48,19 @@ pub struct Daemon {
 
 impl Daemon {
     pub async fn start(config: Config) -> Daemon {
+        Daemon::start_with_clock(config, Clock::system()).await
+    }
+
+    /// With a wall clock the test can move ahead (context expiry).
+    pub async fn start_with_clock(config: Config, clock: Clock) -> Daemon {
         let listener = TcpListener::bind(config.server.listen).await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(turnstile::run(config, listener, async move {
+        let stopped = async move {
             let _ = stopped.await;
-        }));
-        Daemon {
-            base,
-            client: reqwest::Client::new(),
-            stop: Some(stop),
-            task,
-        }
+        };
+        let task = tokio::spawn(turnstile::server::run_with_clock(config, listener, stopped, clock));
+        Daemon { base, client: reqwest::Client::new(), stop: Some(stop), task }
     }
 
     /// Graceful stop; returns once the daemon has flushed and exited.
@@ -74,23 +76,22 @@ impl Daemon {
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
+        let r = self.client.post(format!("{}{path}", self.base)).json(body).send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn put(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self.client.put(format!("{}{path}", self.base)).json(body).send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        let r = self.client.delete(format!("{}{path}", self.base)).send().await.unwrap();
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .client
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .unwrap();
+        let r = self.client.get(format!("{}{path}", self.base)).send().await.unwrap();
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 }
@@ -105,6 +106,8 @@ pub struct Call {
     pub text: String,
     /// The counter the previous turns of this phone left in the context.
     pub seen_count: u64,
+    /// The cache the turn was given (null when none or invalidated).
+    pub seen_cache: Value,
     pub started: Instant,
     pub ended: Option<Instant>,
 }
@@ -139,9 +142,7 @@ impl TestHandler {
             delay: Arc::new(Mutex::new(delay)),
             fail_with: Arc::default(),
         };
-        let app = Router::new()
-            .route("/turn", axum::routing::post(answer))
-            .with_state(shared.clone());
+        let app = Router::new().route("/turn", axum::routing::post(answer)).with_state(shared.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/turn", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -215,28 +216,27 @@ async fn answer(
                 .collect(),
             text: req["text"].as_str().unwrap().to_owned(),
             seen_count,
+            seen_cache: req["cache"].clone(),
             started: Instant::now(),
             ended: None,
         });
-        InFlight {
-            shared: s.clone(),
-            phone: phone.clone(),
-            index: r.calls.len() - 1,
-        }
+        InFlight { shared: s.clone(), phone: phone.clone(), index: r.calls.len() - 1 }
     };
     let delay = *s.delay.lock().unwrap();
     tokio::time::sleep(delay).await;
     let fail = *s.fail_with.lock().unwrap();
     drop(guard);
     if let Some(status) = fail {
-        return (
-            StatusCode::from_u16(status).unwrap(),
-            "handler told to fail",
-        )
-            .into_response();
+        return (StatusCode::from_u16(status).unwrap(), "handler told to fail").into_response();
     }
-    Json(json!({"reply": format!("turn {} for {phone}", seen_count + 1), "context": {"count": seen_count + 1}}))
-        .into_response()
+    // Like the real assistant: rebuild the cache when it was not given one.
+    let cache = if req["cache"].is_null() { json!({"built_by": req["turn_id"]}) } else { Value::Null };
+    Json(json!({
+        "reply": format!("turn {} for {phone}", seen_count + 1),
+        "context": {"count": seen_count + 1},
+        "cache": cache,
+    }))
+    .into_response()
 }
 
 /// Polls `cond` every 10 ms of (possibly paused) time, panicking after `limit`.

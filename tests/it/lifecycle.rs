@@ -72,11 +72,7 @@ async fn a_failing_handler_parks_the_turn_dead_without_blocking_the_phone_and_re
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0]["text"], "Привет");
     assert_eq!(dead[0]["attempts"], 3);
-    assert!(
-        dead[0]["error"].as_str().unwrap().contains("502"),
-        "{}",
-        dead[0]
-    );
+    assert!(dead[0]["error"].as_str().unwrap().contains("502"), "{}", dead[0]);
     let turn_id = dead[0]["turn_id"].as_str().unwrap().to_owned();
 
     // The phone is not blocked: its next batch runs.
@@ -85,24 +81,14 @@ async fn a_failing_handler_parks_the_turn_dead_without_blocking_the_phone_and_re
     wait_until("the next turn", 30 * S, || handler.calls().len() == 4).await;
     assert_eq!(handler.calls()[3].ids, ["x2"]);
 
-    let (status, body) = d
-        .post(&format!("/api/dead/{turn_id}/retry"), &json!({}))
-        .await;
+    let (status, body) = d.post(&format!("/api/dead/{turn_id}/retry"), &json!({})).await;
     assert_eq!((status, body["status"].as_str()), (202, Some("queued")));
     wait_until("the retried turn", 30 * S, || handler.calls().len() == 5).await;
     sleep(S).await;
     let calls = handler.calls();
-    assert_eq!(
-        (calls[4].turn_id.as_str(), calls[4].ids.clone()),
-        (turn_id.as_str(), vec!["x1".to_owned()])
-    );
+    assert_eq!((calls[4].turn_id.as_str(), calls[4].ids.clone()), (turn_id.as_str(), vec!["x1".to_owned()]));
     assert_eq!(d.get("/api/dead").await.1, json!({"dead": []}));
-    assert_eq!(
-        d.post(&format!("/api/dead/{turn_id}/retry"), &json!({}))
-            .await
-            .0,
-        404
-    );
+    assert_eq!(d.post(&format!("/api/dead/{turn_id}/retry"), &json!({})).await.0, 404);
     let (_, conv) = d.get("/api/conversations/79001234567").await;
     assert_eq!(conv["turns"].as_array().unwrap().len(), 2);
     d.stop().await;
@@ -119,10 +105,7 @@ async fn a_slow_handler_times_out_and_is_retried() {
     d.send("y1", "79001234567", "Привет").await;
     wait_until("two attempts", 60 * S, || handler.calls().len() == 2).await;
     handler.set_delay(Duration::ZERO);
-    wait_until("a third, successful attempt", 60 * S, || {
-        handler.calls().len() == 3
-    })
-    .await;
+    wait_until("a third, successful attempt", 60 * S, || handler.calls().len() == 3).await;
     sleep(S).await;
     let calls = handler.calls();
     assert!(calls.iter().all(|c| c.turn_id == calls[0].turn_id));

@@ -4,6 +4,7 @@
 
 mod architecture;
 mod batching;
+mod contexts;
 mod crash;
 mod helpers;
 mod input;

@@ -1,0 +1,195 @@
+//! Contexts in the store: per conversation a small meta record (sizes,
+//! updated_at, expires_at), the deflated `dialogue` and `cache` parts, and an
+//! expiry index keyed by expiry time so the sweeper never scans them all.
+//!
+//! `apply` runs inside a caller's transaction, so a turn's commit updates its
+//! context atomically with the rest of the commit.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+
+use super::records::{decode, encode};
+use super::StoreError;
+
+/// What to do with one part of a context.
+#[derive(Debug, Clone, Copy)]
+pub enum Part<'a> {
+    Keep,
+    Clear,
+    /// Deflated bytes, and the size of the JSON they hold.
+    Set {
+        bytes: &'a [u8],
+        raw_len: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ContextUpdate<'a> {
+    pub dialogue: Part<'a>,
+    pub cache: Part<'a>,
+    /// Restart the idle timer (a turn or a PUT); an invalidation does not.
+    pub slide: bool,
+    pub ttl_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sizes {
+    pub raw: u64,
+    pub stored: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextMeta {
+    pub updated_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub dialogue: Option<Sizes>,
+    pub cache: Option<Sizes>,
+}
+
+impl ContextMeta {
+    fn total(&self) -> (i64, i64) {
+        [self.dialogue, self.cache]
+            .iter()
+            .flatten()
+            .fold((0, 0), |(r, s), z| (r + z.raw as i64, s + z.stored as i64))
+    }
+}
+
+/// A live (unexpired) context as stored: the parts are still deflated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredContext {
+    pub meta: ContextMeta,
+    pub dialogue: Option<Vec<u8>>,
+    pub cache: Option<Vec<u8>>,
+}
+
+/// Counters for the metrics endpoint. Bytes are of what is stored now,
+/// including expired contexts the sweeper has not removed yet.
+#[derive(Debug, Default)]
+pub struct ContextStats {
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub invalidations: AtomicU64,
+    pub contexts: AtomicI64,
+    pub raw_bytes: AtomicI64,
+    pub stored_bytes: AtomicI64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextStatsSnapshot {
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub invalidations: u64,
+    pub contexts: i64,
+    pub raw_bytes: i64,
+    pub stored_bytes: i64,
+}
+
+impl ContextStats {
+    pub(crate) fn add(&self, before: Option<&ContextMeta>, after: Option<&ContextMeta>) {
+        let (r0, s0) = before.map(ContextMeta::total).unwrap_or((0, 0));
+        let (r1, s1) = after.map(ContextMeta::total).unwrap_or((0, 0));
+        let n = after.is_some() as i64 - before.is_some() as i64;
+        self.contexts.fetch_add(n, Ordering::Relaxed);
+        self.raw_bytes.fetch_add(r1 - r0, Ordering::Relaxed);
+        self.stored_bytes.fetch_add(s1 - s0, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> ContextStatsSnapshot {
+        ContextStatsSnapshot {
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            cache_misses: self.cache_misses.load(Ordering::Relaxed),
+            invalidations: self.invalidations.load(Ordering::Relaxed),
+            contexts: self.contexts.load(Ordering::Relaxed),
+            raw_bytes: self.raw_bytes.load(Ordering::Relaxed),
+            stored_bytes: self.stored_bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+pub(crate) fn expiry_key(expires_at_ms: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = expires_at_ms.to_be_bytes().to_vec();
+    k.extend_from_slice(key);
+    k
+}
+
+pub(crate) fn decode_meta(key: &[u8], bytes: &[u8]) -> Result<ContextMeta, StoreError> {
+    decode("ctx_meta", key, bytes)
+}
+
+/// The four context trees inside a transaction.
+pub(crate) struct Trees<'t> {
+    pub meta: &'t TransactionalTree,
+    pub dialogue: &'t TransactionalTree,
+    pub cache: &'t TransactionalTree,
+    pub expiry: &'t TransactionalTree,
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+/// Applies `update` to the context at `key`; returns the meta before and
+/// after (for the counters). An expired context counts as absent: `Keep`
+/// never resurrects it.
+pub(crate) fn apply(
+    t: &Trees<'_>,
+    key: &[u8],
+    update: &ContextUpdate<'_>,
+    now_ms: u64,
+) -> TxResult<(Option<ContextMeta>, Option<ContextMeta>)> {
+    // A meta record that does not decode is replaced by this write.
+    let before = t.meta.get(key)?.and_then(|v| decode_meta(key, &v).ok());
+    let live = before.as_ref().filter(|m| m.expires_at_ms > now_ms);
+    let part = |tree: &TransactionalTree, part: Part<'_>, old: Option<Sizes>| -> TxResult<Option<Sizes>> {
+        match part {
+            Part::Keep if live.is_some() => Ok(old),
+            Part::Keep | Part::Clear => {
+                tree.remove(key)?;
+                Ok(None)
+            }
+            Part::Set { bytes, raw_len } => {
+                tree.insert(key, bytes)?;
+                Ok(Some(Sizes { raw: raw_len, stored: bytes.len() as u64 }))
+            }
+        }
+    };
+    let dialogue = part(t.dialogue, update.dialogue, live.and_then(|m| m.dialogue))?;
+    let cache = part(t.cache, update.cache, live.and_then(|m| m.cache))?;
+    if let Some(old) = &before {
+        t.expiry.remove(expiry_key(old.expires_at_ms, key))?;
+    }
+    if dialogue.is_none() && cache.is_none() {
+        t.meta.remove(key)?;
+        return Ok((before, None));
+    }
+    let expires_at_ms = match live {
+        Some(m) if !update.slide => m.expires_at_ms,
+        _ => now_ms + update.ttl_ms,
+    };
+    let after = ContextMeta { updated_at_ms: now_ms, expires_at_ms, dialogue, cache };
+    t.meta.insert(key, encode(&after))?;
+    t.expiry.insert(expiry_key(expires_at_ms, key), &[][..])?;
+    Ok((before, Some(after)))
+}
+
+/// Removes the context at `key` if it is still the one the expiry index
+/// entry `(expires_at_ms, key)` points at and it has expired by `now_ms`.
+pub(crate) fn expire(
+    t: &Trees<'_>,
+    key: &[u8],
+    expires_at_ms: u64,
+    now_ms: u64,
+) -> TxResult<Option<ContextMeta>> {
+    t.expiry.remove(expiry_key(expires_at_ms, key))?;
+    let Some(meta) = t.meta.get(key)?.and_then(|v| decode_meta(key, &v).ok()) else {
+        return Ok(None);
+    };
+    if meta.expires_at_ms != expires_at_ms || meta.expires_at_ms > now_ms {
+        return Ok(None); // touched since: its new index entry stands
+    }
+    t.meta.remove(key)?;
+    t.dialogue.remove(key)?;
+    t.cache.remove(key)?;
+    Ok(Some(meta))
+}
