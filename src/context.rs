@@ -13,6 +13,7 @@ use std::io::{Read, Write};
 
 use flate2::{read::DeflateDecoder, write::DeflateEncoder, Compression};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 const FORMAT_VERSION: u8 = 1;
@@ -46,7 +47,11 @@ struct Record {
 }
 
 pub fn encode(value: &Value) -> Encoded {
-    let json = value.to_string();
+    encode_json(value.to_string())
+}
+
+/// Encodes JSON text as it came (a handler's answer), without building a tree.
+pub fn encode_json(json: String) -> Encoded {
     let raw_len = json.len() as u64;
     let record = Record { version: FORMAT_VERSION, json };
     let raw = bincode::serde::encode_to_vec(&record, bincode::config::standard())
@@ -56,7 +61,19 @@ pub fn encode(value: &Value) -> Encoded {
     Encoded { bytes: z.finish().expect("writing to a Vec cannot fail"), raw_len }
 }
 
+/// The stored JSON as a tree, for code that looks inside it.
 pub fn decode(bytes: &[u8]) -> Result<Value, ContextError> {
+    serde_json::from_str(&decode_text(bytes)?).map_err(ContextError::Json)
+}
+
+/// The stored JSON, checked but not built into a tree: what a turn forwards
+/// to its handler and the API returns. Several times cheaper than `decode`
+/// for a 300 KB booking snapshot.
+pub fn decode_raw(bytes: &[u8]) -> Result<Box<RawValue>, ContextError> {
+    RawValue::from_string(decode_text(bytes)?).map_err(ContextError::Json)
+}
+
+fn decode_text(bytes: &[u8]) -> Result<String, ContextError> {
     let mut raw = Vec::with_capacity(bytes.len() * 4);
     DeflateDecoder::new(bytes).read_to_end(&mut raw).map_err(ContextError::Inflate)?;
     let (record, _): (Record, usize) = bincode::serde::decode_from_slice(&raw, bincode::config::standard())
@@ -64,7 +81,7 @@ pub fn decode(bytes: &[u8]) -> Result<Value, ContextError> {
     if record.version != FORMAT_VERSION {
         return Err(ContextError::Version(record.version));
     }
-    serde_json::from_str(&record.json).map_err(ContextError::Json)
+    Ok(record.json)
 }
 
 #[cfg(test)]
@@ -79,6 +96,7 @@ mod tests {
         let value = serde_json::json!({"turns": 3, "services": services});
         let encoded = encode(&value);
         assert_eq!(decode(&encoded.bytes).unwrap(), value);
+        assert_eq!(decode_raw(&encoded.bytes).unwrap().get(), value.to_string());
         assert_eq!(encoded.raw_len, value.to_string().len() as u64);
         assert!(encoded.bytes.len() * 5 < value.to_string().len(), "repetitive JSON compresses well");
     }
@@ -89,7 +107,7 @@ mod tests {
         assert!(decode(&bytes[..bytes.len() / 2]).is_err());
         for i in 0..bytes.len() {
             bytes[i] ^= 0xa5;
-            let _ = decode(&bytes); // any result but a panic
+            let _ = decode_raw(&bytes); // any result but a panic
             bytes[i] ^= 0xa5;
         }
         assert!(decode(b"not deflate at all").is_err());

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::config::{HandlerConfig, HandlerKind};
@@ -21,10 +22,10 @@ pub struct TurnRequest {
     /// The messages' texts joined by "\n", in arrival order.
     pub text: String,
     /// The dialogue the previous turn saved, or null.
-    pub context: Value,
+    pub context: Option<Box<RawValue>>,
     /// The cached snapshot (company, services, staff, schedule), or null
     /// when there is none or it was invalidated: rebuild it and return it.
-    pub cache: Value,
+    pub cache: Option<Box<RawValue>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -42,8 +43,8 @@ impl TurnRequest {
         turn_id: &str,
         conv: &Conv,
         messages: &[Message],
-        context: Option<Value>,
-        cache: Option<Value>,
+        context: Option<Box<RawValue>>,
+        cache: Option<Box<RawValue>>,
     ) -> Self {
         TurnRequest {
             turn_id: turn_id.to_owned(),
@@ -59,21 +60,23 @@ impl TurnRequest {
                     timestamp: m.timestamp,
                 })
                 .collect(),
-            context: context.unwrap_or(Value::Null),
-            cache: cache.unwrap_or(Value::Null),
+            context,
+            cache,
         }
     }
 }
 
 /// What a handler answers. A `None` context or cache keeps the stored one.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// Both stay JSON text: a 300 KB cache is compressed as it came, never parsed
+/// into a tree.
+#[derive(Debug, Clone, Deserialize)]
 pub struct TurnAnswer {
     #[serde(default)]
     pub reply: Option<String>,
     #[serde(default)]
-    pub context: Option<Value>,
+    pub context: Option<Box<RawValue>>,
     #[serde(default)]
-    pub cache: Option<Value>,
+    pub cache: Option<Box<RawValue>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,15 +147,16 @@ fn classify(e: reqwest::Error, timeout: Duration) -> HandlerError {
 /// Replies with the combined text and counts turns in the context, keeping
 /// whatever else the context holds.
 fn echo(req: &TurnRequest) -> TurnAnswer {
-    let mut context = match &req.context {
-        Value::Object(map) => map.clone(),
+    let previous = req.context.as_ref().and_then(|raw| serde_json::from_str(raw.get()).ok());
+    let mut context = match previous {
+        Some(Value::Object(map)) => map,
         _ => serde_json::Map::new(),
     };
     let turns = context.get("turns").and_then(Value::as_u64).unwrap_or(0) + 1;
     context.insert("turns".into(), turns.into());
     TurnAnswer {
         reply: Some(format!("received: {}", req.text)),
-        context: Some(Value::Object(context)),
+        context: serde_json::value::to_raw_value(&Value::Object(context)).ok(),
         cache: None,
     }
 }
@@ -180,6 +184,6 @@ mod tests {
         assert_eq!(first.reply.as_deref(), Some("received: Привет\nможно"));
         let second =
             Handler::Echo.call(&TurnRequest::new("t2", &conv, &msgs, first.context, None)).await.unwrap();
-        assert_eq!(second.context.unwrap()["turns"], 2);
+        assert_eq!(second.context.unwrap().get(), r#"{"turns":2}"#);
     }
 }

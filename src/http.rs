@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::clock::Clock;
@@ -267,10 +268,11 @@ async fn get_context(
         Ok(None) => return error(StatusCode::NOT_FOUND, format!("no context for {conv}")),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("context for {conv}: {e}")),
     };
-    let decode = |which: &str, bytes: Option<&[u8]>| -> Result<Value, Response> {
+    // Raw JSON text: checked, never built into a tree and serialized again.
+    let decode = |which: &str, bytes: Option<&[u8]>| -> Result<Option<Box<RawValue>>, Response> {
         match bytes {
-            None => Ok(Value::Null),
-            Some(b) => context::decode(b).map_err(|e| {
+            None => Ok(None),
+            Some(b) => context::decode_raw(b).map(Some).map_err(|e| {
                 tracing::error!(%conv, part = which, error = %e, "stored context is corrupt");
                 error(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -287,9 +289,22 @@ async fn get_context(
         Ok(v) => v,
         Err(r) => return r,
     };
-    let (updated_at, expires_at) = meta_json(&stored.meta);
-    Json(json!({ "dialogue": dialogue, "cache": cache, "updated_at": updated_at, "expires_at": expires_at }))
-        .into_response()
+    Json(ContextBody {
+        dialogue,
+        cache,
+        updated_at: stored.meta.updated_at_ms,
+        expires_at: stored.meta.expires_at_ms,
+    })
+    .into_response()
+}
+
+/// What `GET /api/contexts/...` answers (and a PUT may send back).
+#[derive(serde::Serialize)]
+struct ContextBody {
+    dialogue: Option<Box<RawValue>>,
+    cache: Option<Box<RawValue>>,
+    updated_at: u64,
+    expires_at: u64,
 }
 
 /// Replaces both parts. The body is the shape GET returns; `updated_at` and

@@ -4,17 +4,17 @@
 //! The modules below are declared in the order a message flows through them;
 //! `ARCHITECTURE.md` maps that flow and says what each module may not touch.
 
-pub mod batcher; // sans-IO debounce: when a phone's pending messages become a turn
-pub mod clock; // wall-clock time, injectable for expiry tests
 pub mod config; // the one TOML file, environment overrides, validation
-pub mod context; // the per-conversation memory a turn saves, compressed
-pub mod handler; // who answers a turn: echo or an HTTP service, with retries
-pub mod http; // axum routes: webhooks, inspection API, health
-pub mod ingest; // webhook payload -> validated message -> durable -> batcher
+pub mod clock; // wall-clock time, injectable for expiry tests
+pub mod http; // axum routes: webhooks, context API, inspection API, health
 pub mod message; // what a message and a conversation (company, phone) are
-pub mod server;
+pub mod ingest; // webhook payload -> validated message -> durable -> batcher
 pub mod store; // the only module that names sled: inbox, dedup, turns, contexts
-pub mod turns; // the turn gate, the driver task and the life of one turn // wiring: open the store, recover, serve, shut down in order
+pub mod batcher; // sans-IO debounce: when a phone's pending messages become a turn
+pub mod turns; // the turn gate, the driver task and the life of one turn
+pub mod handler; // who answers a turn: echo or an HTTP service, with retries
+pub mod context; // the per-conversation memory (dialogue + cache), compressed
+pub mod server; // wiring: open the store, recover, serve, shut down in order
 
 pub use config::Config;
 pub use server::run;

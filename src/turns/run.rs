@@ -178,8 +178,8 @@ impl Runner {
 
     async fn commit(&self, turn: &TurnRecord, answer: TurnAnswer, started_at_ms: u64, started: Instant) {
         let now_ms = self.clock.now_ms();
-        let dialogue = answer.context.as_ref().map(context::encode);
-        let cache = answer.cache.as_ref().map(context::encode);
+        let dialogue = answer.context.map(|raw| context::encode_json(raw.get().to_owned()));
+        let cache = answer.cache.map(|raw| context::encode_json(raw.get().to_owned()));
         let update = ContextUpdate {
             dialogue: part(dialogue.as_ref(), Part::Keep),
             cache: part(cache.as_ref(), Part::Keep),
@@ -219,8 +219,8 @@ impl Runner {
     }
 
     /// A stored part the handler gets: unreadable means absent, loudly.
-    fn decode_part(&self, which: &str, bytes: Option<&[u8]>) -> Option<serde_json::Value> {
-        match context::decode(bytes?) {
+    fn decode_part(&self, which: &str, bytes: Option<&[u8]>) -> Option<Box<serde_json::value::RawValue>> {
+        match context::decode_raw(bytes?) {
             Ok(v) => Some(v),
             Err(e) => {
                 error!(part = which, error = %e, "stored context part is unreadable; the turn runs without it");
