@@ -31,6 +31,9 @@ pub struct TurnRequest {
 #[derive(Debug, Clone, Serialize)]
 pub struct RequestMessage {
     pub id: String,
+    /// "text", "image", "location", …: what the gateway said it was.
+    #[serde(rename = "type")]
+    pub kind: String,
     pub text: String,
     /// Receipt time, Unix milliseconds.
     pub at: u64,
@@ -55,6 +58,7 @@ impl TurnRequest {
                 .iter()
                 .map(|m| RequestMessage {
                     id: m.id.clone(),
+                    kind: m.kind.clone(),
                     text: m.text.clone(),
                     at: m.received_at_ms,
                     timestamp: m.timestamp,
@@ -175,6 +179,7 @@ mod tests {
                 seq: i as u64,
                 id: format!("m{i}"),
                 conv: conv.clone(),
+                kind: "text".into(),
                 text: t.to_string(),
                 timestamp: None,
                 received_at_ms: 0,

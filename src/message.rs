@@ -23,6 +23,9 @@ impl std::fmt::Display for Conv {
 pub struct NewMessage {
     pub id: String,
     pub conv: Conv,
+    /// "text", or what else the gateway said it was ("image", "location", …).
+    pub kind: String,
+    /// The text, or for other kinds a bracketed placeholder such as "[image] caption".
     pub text: String,
     /// The sender's timestamp in Unix seconds, when the webhook carried one.
     pub timestamp: Option<i64>,
@@ -36,6 +39,7 @@ pub struct Message {
     pub seq: u64,
     pub id: String,
     pub conv: Conv,
+    pub kind: String,
     pub text: String,
     pub timestamp: Option<i64>,
     pub received_at_ms: u64,
@@ -47,6 +51,7 @@ impl Message {
             seq,
             id: m.id,
             conv: m.conv,
+            kind: m.kind,
             text: m.text,
             timestamp: m.timestamp,
             received_at_ms: m.received_at_ms,

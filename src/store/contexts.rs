@@ -88,6 +88,12 @@ pub struct ContextStatsSnapshot {
 }
 
 impl ContextStats {
+    pub(crate) fn set_totals(&self, t: Totals) {
+        self.contexts.store(t.contexts, Ordering::Relaxed);
+        self.raw_bytes.store(t.raw_bytes, Ordering::Relaxed);
+        self.stored_bytes.store(t.stored_bytes, Ordering::Relaxed);
+    }
+
     pub(crate) fn add(&self, before: Option<&ContextMeta>, after: Option<&ContextMeta>) {
         let (r0, s0) = before.map(ContextMeta::total).unwrap_or((0, 0));
         let (r1, s1) = after.map(ContextMeta::total).unwrap_or((0, 0));
@@ -119,12 +125,52 @@ pub(crate) fn decode_meta(key: &[u8], bytes: &[u8]) -> Result<ContextMeta, Store
     decode("ctx_meta", key, bytes)
 }
 
-/// The four context trees inside a transaction.
+/// The context trees inside a transaction.
 pub(crate) struct Trees<'t> {
     pub meta: &'t TransactionalTree,
     pub dialogue: &'t TransactionalTree,
     pub cache: &'t TransactionalTree,
     pub expiry: &'t TransactionalTree,
+    pub totals: &'t TransactionalTree,
+}
+
+/// Persisted totals, in `TOTAL_SHARDS` keys so that concurrent commits of
+/// different conversations rarely touch the same one (sled transactions are
+/// optimistic). Reading them back on open costs 64 gets, not a scan.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Totals {
+    pub contexts: i64,
+    pub raw_bytes: i64,
+    pub stored_bytes: i64,
+}
+
+pub(crate) const TOTAL_SHARDS: u8 = 64;
+
+fn shard_of(key: &[u8]) -> [u8; 1] {
+    // FNV-1a: stable across builds, unlike the std hasher.
+    let h = key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3));
+    [(h % TOTAL_SHARDS as u64) as u8]
+}
+
+pub(crate) fn decode_totals(key: &[u8], bytes: &[u8]) -> Result<Totals, StoreError> {
+    decode("ctx_totals", key, bytes)
+}
+
+fn add_totals(
+    t: &Trees<'_>,
+    key: &[u8],
+    before: Option<&ContextMeta>,
+    after: Option<&ContextMeta>,
+) -> TxResult<()> {
+    let (r0, s0) = before.map(ContextMeta::total).unwrap_or((0, 0));
+    let (r1, s1) = after.map(ContextMeta::total).unwrap_or((0, 0));
+    let shard = shard_of(key);
+    let mut totals = t.totals.get(shard)?.and_then(|v| decode_totals(&shard, &v).ok()).unwrap_or_default();
+    totals.contexts += after.is_some() as i64 - before.is_some() as i64;
+    totals.raw_bytes += r1 - r0;
+    totals.stored_bytes += s1 - s0;
+    t.totals.insert(&shard, encode(&totals))?;
+    Ok(())
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
@@ -161,6 +207,7 @@ pub(crate) fn apply(
     }
     if dialogue.is_none() && cache.is_none() {
         t.meta.remove(key)?;
+        add_totals(t, key, before.as_ref(), None)?;
         return Ok((before, None));
     }
     let expires_at_ms = match live {
@@ -170,6 +217,7 @@ pub(crate) fn apply(
     let after = ContextMeta { updated_at_ms: now_ms, expires_at_ms, dialogue, cache };
     t.meta.insert(key, encode(&after))?;
     t.expiry.insert(expiry_key(expires_at_ms, key), &[][..])?;
+    add_totals(t, key, before.as_ref(), Some(&after))?;
     Ok((before, Some(after)))
 }
 
@@ -191,5 +239,6 @@ pub(crate) fn expire(
     t.meta.remove(key)?;
     t.dialogue.remove(key)?;
     t.cache.remove(key)?;
+    add_totals(t, key, Some(&meta), None)?;
     Ok(Some(meta))
 }

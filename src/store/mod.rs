@@ -71,6 +71,7 @@ pub struct Store {
     ctx_dialogue: sled::Tree,
     ctx_cache: sled::Tree,
     ctx_expiry: sled::Tree,
+    ctx_totals: sled::Tree,
     context_stats: Arc<ContextStats>,
     flusher: flush::Flusher,
 }
@@ -92,17 +93,21 @@ impl Store {
             ctx_dialogue: db.open_tree("ctx_dialogue")?,
             ctx_cache: db.open_tree("ctx_cache")?,
             ctx_expiry: db.open_tree("ctx_expiry")?,
+            ctx_totals: db.open_tree("ctx_totals")?,
             context_stats: Arc::default(),
             flusher: flush::Flusher::spawn(db.clone()),
             db,
         };
-        // The byte counters start from what is on disk; writes keep them exact.
-        for kv in store.ctx_meta.iter() {
+        // The byte counters start from the persisted totals; writes keep both exact.
+        let mut totals = contexts::Totals::default();
+        for kv in store.ctx_totals.iter() {
             let (k, v) = kv?;
-            if let Ok(meta) = contexts::decode_meta(&k, &v) {
-                store.context_stats.add(None, Some(&meta));
-            }
+            let shard = contexts::decode_totals(&k, &v)?;
+            totals.contexts += shard.contexts;
+            totals.raw_bytes += shard.raw_bytes;
+            totals.stored_bytes += shard.stored_bytes;
         }
+        store.context_stats.set_totals(totals);
         Ok(store)
     }
 
@@ -219,9 +224,10 @@ impl Store {
             &self.ctx_dialogue,
             &self.ctx_cache,
             &self.ctx_expiry,
+            &self.ctx_totals,
         );
         let (before, after) =
-            trees.transaction(|(inbox, turns, history, meta, dialogue, cache, expiry)| {
+            trees.transaction(|(inbox, turns, history, meta, dialogue, cache, expiry, totals)| {
                 for m in &turn.messages {
                     inbox.remove(seq_key(&m.conv, m.seq))?;
                 }
@@ -230,7 +236,7 @@ impl Store {
                     history.remove(old)?;
                 }
                 history.insert(history_key.as_slice(), summary.as_slice())?;
-                let t = contexts::Trees { meta, dialogue, cache, expiry };
+                let t = contexts::Trees { meta, dialogue, cache, expiry, totals };
                 contexts::apply(&t, &prefix, context, now_ms)
             })?;
         self.context_stats.add(before.as_ref(), after.as_ref());
@@ -292,9 +298,9 @@ impl Store {
         now_ms: u64,
     ) -> Result<(Option<ContextMeta>, Option<ContextMeta>), StoreError> {
         let key = conv_prefix(conv);
-        let trees = (&self.ctx_meta, &self.ctx_dialogue, &self.ctx_cache, &self.ctx_expiry);
-        let (before, after) = trees.transaction(|(meta, dialogue, cache, expiry)| {
-            contexts::apply(&contexts::Trees { meta, dialogue, cache, expiry }, &key, update, now_ms)
+        let trees = (&self.ctx_meta, &self.ctx_dialogue, &self.ctx_cache, &self.ctx_expiry, &self.ctx_totals);
+        let (before, after) = trees.transaction(|(meta, dialogue, cache, expiry, totals)| {
+            contexts::apply(&contexts::Trees { meta, dialogue, cache, expiry, totals }, &key, update, now_ms)
         })?;
         let had_cache = before.as_ref().is_some_and(|m| m.cache.is_some() && m.expires_at_ms > now_ms);
         if matches!(update.cache, Part::Clear) && had_cache {
@@ -309,14 +315,14 @@ impl Store {
     /// scan over the expiry index, never a scan of all contexts.
     pub fn expire_contexts(&self, now_ms: u64) -> Result<usize, StoreError> {
         let mut removed = 0;
-        let trees = (&self.ctx_meta, &self.ctx_dialogue, &self.ctx_cache, &self.ctx_expiry);
+        let trees = (&self.ctx_meta, &self.ctx_dialogue, &self.ctx_cache, &self.ctx_expiry, &self.ctx_totals);
         // Keys are `expires_at ‖ conversation`: everything below `now + 1` is due.
         for kv in self.ctx_expiry.range(..(now_ms + 1).to_be_bytes().to_vec()) {
             let (index_key, _) = kv?;
             let at = u64::from_be_bytes(index_key[..8].try_into().expect("8-byte prefix"));
             let key = &index_key[8..];
-            let gone = trees.transaction(|(meta, dialogue, cache, expiry)| {
-                contexts::expire(&contexts::Trees { meta, dialogue, cache, expiry }, key, at, now_ms)
+            let gone = trees.transaction(|(meta, dialogue, cache, expiry, totals)| {
+                contexts::expire(&contexts::Trees { meta, dialogue, cache, expiry, totals }, key, at, now_ms)
             })?;
             if let Some(meta) = gone {
                 self.context_stats.add(Some(&meta), None);

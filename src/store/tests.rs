@@ -12,6 +12,7 @@ fn new_message(id: &str, phone: &str, text: &str) -> NewMessage {
     NewMessage {
         id: id.into(),
         conv: conv(phone),
+        kind: "text".into(),
         text: text.into(),
         timestamp: None,
         received_at_ms: unix_ms(),

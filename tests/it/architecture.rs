@@ -41,10 +41,12 @@ fn only_the_store_names_sled() {
 }
 
 #[test]
-fn only_turns_commits() {
+fn only_turns_commits_turns_and_writes_contexts() {
     for (file, code) in code() {
-        if code.contains(".commit_turn(") || code.contains(".park_dead(") {
-            assert!(file.starts_with("turns/") || file.starts_with("store/"), "{file} commits turns");
+        for write in [".commit_turn(", ".park_dead(", ".update_context("] {
+            if code.contains(write) {
+                assert!(file.starts_with("turns/") || file.starts_with("store/"), "{file} calls {write}");
+            }
         }
     }
 }

@@ -1,8 +1,14 @@
 //! From a webhook body to a message on disk that the batcher knows about.
+//! The generic payload is parsed here; `meta` and `waha` parse the gateways'
+//! own formats into the same messages, and `signature` checks their HMACs.
 //!
 //! Validation happens before anything is written, so bad input changes
 //! nothing. The answer to the sender is given only after the group-commit
 //! flush: an "accepted" (or "duplicate") message survives `kill -9`.
+
+pub mod meta;
+pub mod signature;
+pub mod waha;
 
 use serde_json::Value;
 
@@ -30,6 +36,13 @@ pub enum IngestError {
 pub enum Accepted {
     New,
     Duplicate,
+}
+
+/// What a delivery of several messages did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub accepted: usize,
+    pub duplicates: usize,
 }
 
 /// Parses and validates the generic webhook payload
@@ -73,6 +86,7 @@ pub fn parse(body: &[u8], default_company_id: &str) -> Result<NewMessage, Ingest
     Ok(NewMessage {
         id: id.to_owned(),
         conv: Conv { phone, company_id },
+        kind: "text".to_owned(),
         text: text.to_owned(),
         timestamp,
         received_at_ms: unix_ms(),
@@ -120,20 +134,37 @@ impl Ingest {
     /// Stores the message, waits until it is on disk, then hands it to the
     /// batcher. `immediate` skips the debounce (the message's batch is cut now).
     pub async fn accept(&self, message: NewMessage, immediate: bool) -> Result<Accepted, IngestError> {
-        let inserted = self.store.insert_message(message)?;
+        let counts = self.accept_many(vec![message], immediate).await?;
+        Ok(if counts.accepted == 1 { Accepted::New } else { Accepted::Duplicate })
+    }
+
+    /// The messages of one delivery, in order, under one flush. If a write
+    /// fails, none of them is acknowledged; the ones already stored are kept
+    /// and answered "duplicate" when the gateway redelivers.
+    pub async fn accept_many(
+        &self,
+        messages: Vec<NewMessage>,
+        immediate: bool,
+    ) -> Result<Counts, IngestError> {
+        let mut stored = Vec::with_capacity(messages.len());
+        let mut counts = Counts::default();
+        for message in messages {
+            match self.store.insert_message(message)? {
+                Inserted::New(m) => stored.push(m),
+                Inserted::Duplicate => counts.duplicates += 1,
+            }
+        }
         // A duplicate waits for the disk too: its original may be in the very
         // flush that has not finished yet, and "duplicate" promises it is stored.
         self.store.flush().await?;
-        match inserted {
-            Inserted::New(m) => {
-                tracing::debug!(conv = %m.conv, id = %m.id, seq = m.seq, "message stored");
-                // A stopped driver only means we are shutting down: the message
-                // is on disk and the next start batches it.
-                self.driver.ingested(m.conv, m.seq, immediate);
-                Ok(Accepted::New)
-            }
-            Inserted::Duplicate => Ok(Accepted::Duplicate),
+        for m in stored {
+            tracing::debug!(conv = %m.conv, id = %m.id, seq = m.seq, kind = %m.kind, "message stored");
+            counts.accepted += 1;
+            // A stopped driver only means we are shutting down: the message
+            // is on disk and the next start batches it.
+            self.driver.ingested(m.conv, m.seq, immediate);
         }
+        Ok(counts)
     }
 }
 
