@@ -27,3 +27,23 @@ impl Clock {
         self.ahead_ms.fetch_add(by.as_millis() as u64, Ordering::Relaxed);
     }
 }
+
+/// Exponential backoff: `base` before the second attempt, doubling after
+/// each failed one, never above `max`.
+pub fn backoff(base: Duration, max: Duration, failed_attempts: u32) -> Duration {
+    let factor = 1u32.checked_shl(failed_attempts.saturating_sub(1)).unwrap_or(u32::MAX);
+    base.saturating_mul(factor).min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let s = Duration::from_secs(1);
+        let waits: Vec<u64> = (1..=8).map(|n| backoff(s, 30 * s, n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(backoff(s, 30 * s, 200), 30 * s, "no overflow");
+    }
+}

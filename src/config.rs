@@ -5,6 +5,7 @@
 //! (`turnstile.example.toml`) and the code cannot drift: a unit test parses
 //! the example and compares it with `Config::default()`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -32,6 +33,10 @@ pub struct Config {
     pub turns: TurnsConfig,
     pub handler: HandlerConfig,
     pub context: ContextConfig,
+    pub meta: MetaConfig,
+    pub waha: WahaConfig,
+    pub gateway: GatewayConfig,
+    pub openai: OpenAiConfig,
     pub log: LogConfig,
 }
 
@@ -83,6 +88,82 @@ pub struct TurnsConfig {
 pub enum HandlerKind {
     Echo,
     Http,
+    OpenAi,
+}
+
+/// The WhatsApp Cloud API (Meta) webhook.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetaConfig {
+    /// Token Meta echoes in `GET /webhook/meta` verification; empty refuses every verification.
+    pub verify_token: String,
+    /// App secret for `X-Hub-Signature-256`; when set, unsigned or badly signed deliveries get 401.
+    pub app_secret: String,
+    /// Business phone_number_id -> company_id (unlisted numbers: ingest.default_company_id).
+    pub companies: HashMap<String, String>,
+}
+
+/// The WAHA webhook.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct WahaConfig {
+    /// HMAC key set on the WAHA webhook; when set, `X-Webhook-Hmac` is required.
+    pub hmac_key: String,
+    /// WAHA session name -> company_id (unlisted sessions: ingest.default_company_id).
+    pub sessions: HashMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GatewayKind {
+    Log,
+    Http,
+    Waha,
+    Meta,
+}
+
+/// Where replies go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// `log` (keep replies in the history only), `http`, `waha` or `meta`.
+    pub kind: GatewayKind,
+    /// http: the endpoint; waha: the WAHA base URL; meta: the Graph API base with version.
+    pub url: String,
+    /// waha: sent as X-Api-Key when set.
+    pub api_key: String,
+    /// meta: the Bearer access token.
+    pub access_token: String,
+    /// waha: session for companies not listed in [waha] sessions.
+    pub session: String,
+    /// meta: phone_number_id for companies not listed in [meta] companies.
+    pub phone_number_id: String,
+    /// Longer replies are split at sentence or line boundaries (Meta's text limit is 4096).
+    pub max_chars: usize,
+    pub timeout_ms: u64,
+    pub backoff_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Attempts before a reply is given up (kept and listed by GET /api/outbox).
+    pub max_attempts: u32,
+    /// While a turn runs, show the client the assistant is answering (WAHA typing, Meta read + typing).
+    pub typing: bool,
+}
+
+/// The `openai` handler: any OpenAI-compatible chat completions API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenAiConfig {
+    /// Base URL; the handler POSTs to `{base_url}/chat/completions`.
+    pub base_url: String,
+    pub model: String,
+    /// The system prompt, inline...
+    pub system_prompt: String,
+    /// ...or from a file (wins when set).
+    pub system_prompt_file: String,
+    /// Name of the environment variable holding the API key (unset: no Authorization header).
+    pub api_key_env: String,
+    /// Past turns (a user and an assistant message each) sent with every request.
+    pub history_turns: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -180,6 +261,41 @@ fn default_context_max_bytes() -> usize {
 fn default_sweep_interval_ms() -> u64 {
     60_000
 }
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            kind: GatewayKind::Log,
+            url: String::new(),
+            api_key: String::new(),
+            access_token: String::new(),
+            session: "default".to_owned(),
+            phone_number_id: String::new(),
+            max_chars: 4096,
+            timeout_ms: 10_000,
+            backoff_ms: 1_000,
+            backoff_max_ms: 60_000,
+            // With the 60 s cap, about an hour and a half of outage.
+            max_attempts: 100,
+            typing: true,
+        }
+    }
+}
+
+impl Default for OpenAiConfig {
+    fn default() -> Self {
+        OpenAiConfig {
+            base_url: "https://api.openai.com/v1".to_owned(),
+            model: "gpt-4o-mini".to_owned(),
+            system_prompt:
+                "You are the booking assistant of a beauty salon. Answer briefly, in the client's language."
+                    .to_owned(),
+            system_prompt_file: String::new(),
+            api_key_env: "OPENAI_API_KEY".to_owned(),
+            history_turns: 20,
+        }
+    }
+}
+
 fn default_log_filter() -> String {
     "info".to_owned()
 }
@@ -303,16 +419,34 @@ impl Config {
             return bad("handler.timeout_ms", "must be at least 1");
         }
         if self.handler.kind == HandlerKind::Http {
-            match reqwest::Url::parse(&self.handler.url) {
-                Ok(url) if url.scheme() == "http" => {}
-                Ok(_) => {
-                    return bad("handler.url", "must be an http:// URL (TLS arrives with the gateway work)")
-                }
-                Err(_) if self.handler.url.is_empty() => {
-                    return bad("handler.url", "is required when handler.kind = \"http\"")
-                }
-                Err(e) => return bad("handler.url", &format!("not a URL: {e}")),
+            check_url("handler.url", &self.handler.url, "handler.kind = \"http\"")?;
+        }
+        if self.handler.kind == HandlerKind::OpenAi {
+            check_url("openai.base_url", &self.openai.base_url, "handler.kind = \"openai\"")?;
+            if self.openai.model.trim().is_empty() {
+                return bad("openai.model", "must not be empty");
             }
+            if !self.openai.system_prompt_file.is_empty() {
+                if let Err(e) = std::fs::read_to_string(&self.openai.system_prompt_file) {
+                    return bad("openai.system_prompt_file", &format!("cannot read it: {e}"));
+                }
+            }
+        }
+        let g = &self.gateway;
+        if g.kind != GatewayKind::Log {
+            check_url("gateway.url", &g.url, "gateway.kind is not \"log\"")?;
+        }
+        if g.kind == GatewayKind::Meta && g.access_token.is_empty() {
+            return bad("gateway.access_token", "is required for gateway.kind = \"meta\"");
+        }
+        if g.max_chars < 16 {
+            return bad("gateway.max_chars", "must be at least 16");
+        }
+        if g.max_attempts == 0 {
+            return bad("gateway.max_attempts", "must be at least 1");
+        }
+        if g.timeout_ms == 0 {
+            return bad("gateway.timeout_ms", "must be at least 1");
         }
         if self.context.ttl_hours == 0 {
             return bad("context.ttl_hours", "must be at least 1");
@@ -327,6 +461,16 @@ impl Config {
             return bad("log.filter", &e.to_string());
         }
         Ok(())
+    }
+}
+
+fn check_url(key: &str, value: &str, because: &str) -> Result<(), ConfigError> {
+    let bad = |message: String| Err(ConfigError::Invalid { key: key.to_owned(), message });
+    match reqwest::Url::parse(value) {
+        Ok(url) if url.scheme() == "http" || url.scheme() == "https" => Ok(()),
+        Ok(url) => bad(format!("must be http:// or https://, not {}://", url.scheme())),
+        Err(_) if value.is_empty() => bad(format!("is required when {because}")),
+        Err(e) => bad(format!("not a URL: {e}")),
     }
 }
 
@@ -359,6 +503,9 @@ fn apply_env(
                 .parse::<i64>()
                 .map(toml::Value::Integer)
                 .map_err(|_| err(format!("{section}.{key} must be an integer, got {raw:?}")))?,
+            toml::Value::Table(_) => {
+                return Err(err(format!("{section}.{key} is a table: set it in the config file")));
+            }
             toml::Value::Boolean(_) => raw
                 .trim()
                 .parse::<bool>()

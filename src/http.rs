@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,8 +16,9 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::clock::Clock;
+use crate::config::{MetaConfig, WahaConfig};
 use crate::context;
-use crate::ingest::{self, Accepted, Ingest, IngestError};
+use crate::ingest::{self, signature, Accepted, Ingest, IngestError};
 use crate::message::{unix_ms, Conv, Message};
 use crate::store::{ContextMeta, Store, TurnRecord, TurnSummary};
 use crate::turns::{ContextOp, ContextOutcome, DriverHandle, RetryOutcome};
@@ -27,6 +28,8 @@ pub struct AppState {
     pub store: Store,
     pub driver: DriverHandle,
     pub clock: Clock,
+    pub meta: MetaConfig,
+    pub waha: WahaConfig,
     pub max_body_bytes: usize,
     pub context_max_bytes: usize,
     pub default_company_id: String,
@@ -36,6 +39,9 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/webhook/whatsapp/batched", post(webhook_batched))
         .route("/webhook/whatsapp", post(webhook_immediate))
+        .route("/webhook/meta", get(meta_verify).post(meta_webhook))
+        .route("/webhook/waha", post(waha_webhook))
+        .route("/api/outbox", get(outbox))
         .route("/api/batches", get(batches))
         .route("/api/conversations/{phone}", get(conversation))
         .route("/api/dead", get(dead))
@@ -64,10 +70,7 @@ async fn webhook_immediate(State(s): State<Arc<AppState>>, headers: HeaderMap, b
 }
 
 async fn webhook(s: &AppState, headers: &HeaderMap, body: Body, immediate: bool) -> Response {
-    if !is_json(headers) {
-        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "content type must be application/json");
-    }
-    let body = match read_body(headers, body, s.max_body_bytes).await {
+    let body = match read_json_body(headers, body, s.max_body_bytes).await {
         Ok(body) => body,
         Err(response) => return response,
     };
@@ -78,12 +81,115 @@ async fn webhook(s: &AppState, headers: &HeaderMap, body: Body, immediate: bool)
     match outcome.await {
         Ok(Accepted::New) => Json(json!({ "status": "accepted" })).into_response(),
         Ok(Accepted::Duplicate) => Json(json!({ "status": "duplicate" })).into_response(),
-        Err(e @ IngestError::Malformed(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
-        Err(e @ IngestError::Invalid(_)) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
-        Err(e @ IngestError::Store(_)) => {
+        Err(e) => ingest_error(e),
+    }
+}
+
+fn ingest_error(e: IngestError) -> Response {
+    match e {
+        IngestError::Malformed(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        IngestError::Invalid(_) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        IngestError::Store(_) => {
             tracing::error!(error = %e, "webhook refused: store failure");
             error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }
+    }
+}
+
+/// Meta's subscription check: echo `hub.challenge` when the token matches.
+async fn meta_verify(
+    State(s): State<Arc<AppState>>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let param = |k: &str| q.get(k).map(String::as_str).unwrap_or("");
+    let token_ok = !s.meta.verify_token.is_empty()
+        && signature::same(param("hub.verify_token").as_bytes(), s.meta.verify_token.as_bytes());
+    if param("hub.mode") == "subscribe" && token_ok {
+        return (StatusCode::OK, param("hub.challenge").to_owned()).into_response();
+    }
+    error(StatusCode::FORBIDDEN, "verification refused: wrong hub.mode or hub.verify_token")
+}
+
+/// One Meta delivery: possibly several messages, possibly none (statuses only).
+async fn meta_webhook(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let body = match read_json_body(&headers, body, s.max_body_bytes).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    if !s.meta.app_secret.is_empty() {
+        let sig = headers.get("x-hub-signature-256").and_then(|v| v.to_str().ok());
+        if !signature::meta_valid(&s.meta.app_secret, &body, sig) {
+            return error(StatusCode::UNAUTHORIZED, "missing or wrong X-Hub-Signature-256");
+        }
+    }
+    let outcome = async {
+        let messages = ingest::meta::parse(&body, &s.meta.companies, &s.default_company_id, unix_ms())?;
+        s.ingest.accept_many(messages, false).await
+    };
+    match outcome.await {
+        Ok(c) => Json(json!({ "status": "accepted", "accepted": c.accepted, "duplicates": c.duplicates }))
+            .into_response(),
+        Err(e) => ingest_error(e),
+    }
+}
+
+/// One WAHA event; only client messages are stored, the rest acknowledged.
+async fn waha_webhook(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let body = match read_json_body(&headers, body, s.max_body_bytes).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    if !s.waha.hmac_key.is_empty() {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let (sig, algorithm) = (header("x-webhook-hmac"), header("x-webhook-hmac-algorithm"));
+        if !signature::waha_valid(&s.waha.hmac_key, &body, sig, algorithm) {
+            return error(StatusCode::UNAUTHORIZED, "missing or wrong X-Webhook-Hmac");
+        }
+    }
+    let outcome = async {
+        match ingest::waha::parse(&body, &s.waha.sessions, &s.default_company_id, unix_ms())? {
+            Some(message) => s.ingest.accept(message, false).await.map(Some),
+            None => Ok(None),
+        }
+    };
+    match outcome.await {
+        Ok(Some(Accepted::New)) => Json(json!({ "status": "accepted" })).into_response(),
+        Ok(Some(Accepted::Duplicate)) => Json(json!({ "status": "duplicate" })).into_response(),
+        Ok(None) => Json(json!({ "status": "ignored" })).into_response(),
+        Err(e) => ingest_error(e),
+    }
+}
+
+/// The content-type and size checks every JSON webhook shares.
+async fn read_json_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<axum::body::Bytes, Response> {
+    if !is_json(headers) {
+        return Err(error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "content type must be application/json"));
+    }
+    read_body(headers, body, limit).await
+}
+
+/// Replies waiting for the gateway, and the ones given up.
+async fn outbox(State(s): State<Arc<AppState>>) -> Response {
+    match s.store.outbox() {
+        Ok(items) => {
+            let items: Vec<Value> = items
+                .iter()
+                .map(|o| {
+                    json!({
+                        "turn_id": o.turn_id, "company_id": o.conv.company_id, "phone": o.conv.phone,
+                        "text": o.text, "part": o.part, "parts": o.parts, "attempts": o.attempts,
+                        "last_error": o.last_error, "state": if o.failed { "failed" } else { "pending" },
+                        "created_at": o.created_at_ms,
+                    })
+                })
+                .collect();
+            Json(json!({ "outbox": items })).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
@@ -319,10 +425,7 @@ async fn put_context(
         Ok(c) => c,
         Err(r) => return r,
     };
-    if !is_json(&headers) {
-        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "content type must be application/json");
-    }
-    let body = match read_body(&headers, body, s.context_max_bytes).await {
+    let body = match read_json_body(&headers, body, s.context_max_bytes).await {
         Ok(body) => body,
         Err(response) => return response,
     };

@@ -8,12 +8,14 @@ pub mod config; // the one TOML file, environment overrides, validation
 pub mod clock; // wall-clock time, injectable for expiry tests
 pub mod http; // axum routes: webhooks, context API, inspection API, health
 pub mod message; // what a message and a conversation (company, phone) are
-pub mod ingest; // webhook payload -> validated message -> durable -> batcher
+pub mod ingest; // webhook payloads (generic, Meta, WAHA) -> messages on disk -> batcher
 pub mod store; // the only module that names sled: inbox, dedup, turns, contexts
 pub mod batcher; // sans-IO debounce: when a phone's pending messages become a turn
 pub mod turns; // the turn gate, the driver task and the life of one turn
 pub mod handler; // who answers a turn: echo or an HTTP service, with retries
 pub mod context; // the per-conversation memory (dialogue + cache), compressed
+pub mod outbox; // durable delivery of replies: in order per phone, retried, sent once
+pub mod gateway; // one send to WhatsApp: log, http, WAHA or Meta; typing; splitting
 pub mod server; // wiring: open the store, recover, serve, shut down in order
 
 pub use config::Config;

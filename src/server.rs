@@ -7,17 +7,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::gateway::Gateway;
 use crate::handler::Handler;
 use crate::http::{self, AppState};
 use crate::ingest::Ingest;
+use crate::outbox::Outbox;
 use crate::store::{Store, StoreError};
-use crate::turns::{Driver, Recovery, Runner};
+use crate::turns::{Driver, Recovery, Runner, Stopping};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -58,13 +61,25 @@ pub async fn run_with_clock(
         "recovered state from disk"
     );
 
-    // `token`: stop accepting and starting; `abort`: the grace period is over.
-    let token = CancellationToken::new();
-    let abort = CancellationToken::new();
+    // `shutdown`: stop accepting and starting; `abort`: the grace period is over.
+    let stopping = Stopping::default();
+    let token = stopping.shutdown.clone();
     let turns = TaskTracker::new();
-    let handler = Handler::from_config(&config.handler);
-    let runner = Runner::new(&config, store.clone(), handler, clock.clone(), token.clone(), abort.clone());
+    let gateway = Arc::new(Gateway::from_config(&config));
+    let outbox_wake = Arc::new(Notify::new());
+    let handler = Handler::from_config(&config);
+    let runner = Runner::new(
+        &config,
+        store.clone(),
+        handler,
+        gateway.clone(),
+        outbox_wake.clone(),
+        clock.clone(),
+        stopping.clone(),
+    );
     let runner = Arc::new(runner);
+    let outbox = Outbox::new(&config, store.clone(), gateway, outbox_wake);
+    let outbox = tokio::spawn(outbox.run(token.clone()));
     let (driver, handle) =
         Driver::new(&config, store.clone(), runner, recovery, turns.clone(), token.clone());
     let driver = tokio::spawn(driver.run());
@@ -83,6 +98,8 @@ pub async fn run_with_clock(
         store: store.clone(),
         driver: handle,
         clock,
+        meta: config.meta.clone(),
+        waha: config.waha.clone(),
         max_body_bytes: config.ingest.max_body_bytes,
         context_max_bytes: config.context.max_bytes,
         default_company_id: config.ingest.default_company_id.clone(),
@@ -110,9 +127,11 @@ pub async fn run_with_clock(
     let grace = Duration::from_millis(config.turns.shutdown_grace_ms);
     if tokio::time::timeout(grace, turns.wait()).await.is_err() {
         warn!(still_running = turns.len(), "grace period over; unfinished turns re-run on the next start");
-        abort.cancel();
+        stopping.abort.cancel();
         turns.wait().await;
     }
+    // Replies committed but not sent stay in the outbox for the next start.
+    let _ = outbox.await;
     if let Err(e) = store.close().await {
         error!(error = %e, "final flush failed");
     }

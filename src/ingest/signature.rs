@@ -38,6 +38,11 @@ pub fn waha_valid(key: &str, body: &[u8], header: Option<&str>, algorithm: Optio
     }
 }
 
+/// Equality of two secrets in time that depends on their lengths only.
+pub fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 {
         return None;

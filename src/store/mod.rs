@@ -5,6 +5,7 @@
 //! - `seen`, `seen_at`: message ids already accepted (dedup), and their time index for expiry
 //! - `turns`: turns cut but not committed (re-run on start) and dead turns (kept for retry)
 //! - `history`: the last committed turns of each conversation
+//! - `outbox`: reply pieces to send, in order, written in the turn's commit
 //! - `ctx_meta`, `ctx_dialogue`, `ctx_cache`, `ctx_expiry`: each conversation's
 //!   context, in two deflated parts, with its expiry index (see `contexts.rs`)
 //!
@@ -27,7 +28,7 @@ pub use contexts::{
     ContextMeta, ContextStats, ContextStatsSnapshot, ContextUpdate, Part, Sizes, StoredContext,
 };
 use records::{conv_prefix, decode, encode, phone_prefix, seen_at_key, seq_key};
-pub use records::{DeadInfo, TurnRecord, TurnSummary};
+pub use records::{DeadInfo, OutboxItem, TurnRecord, TurnSummary};
 
 use crate::message::{Conv, Message, NewMessage};
 
@@ -67,6 +68,7 @@ pub struct Store {
     seen_at: sled::Tree,
     turns: sled::Tree,
     history: sled::Tree,
+    outbox: sled::Tree,
     ctx_meta: sled::Tree,
     ctx_dialogue: sled::Tree,
     ctx_cache: sled::Tree,
@@ -89,6 +91,7 @@ impl Store {
             seen_at: db.open_tree("seen_at")?,
             turns: db.open_tree("turns")?,
             history: db.open_tree("history")?,
+            outbox: db.open_tree("outbox")?,
             ctx_meta: db.open_tree("ctx_meta")?,
             ctx_dialogue: db.open_tree("ctx_dialogue")?,
             ctx_cache: db.open_tree("ctx_cache")?,
@@ -198,17 +201,26 @@ impl Store {
             .collect()
     }
 
+    /// A fresh, never reused sequence number (for outbox items).
+    pub fn next_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()?)
+    }
+
     /// The commit of a turn, in one transaction: its messages leave the inbox,
     /// its record is removed, its summary joins the history (trimmed to
-    /// `history_limit`), and its context update is applied. Not durable until `flush`.
+    /// `history_limit`), its context update is applied and its reply enters
+    /// the outbox. Not durable until `flush`.
     pub fn commit_turn(
         &self,
         turn: &TurnRecord,
         summary: &TurnSummary,
         context: &ContextUpdate<'_>,
+        outbox: &[OutboxItem],
         history_limit: usize,
         now_ms: u64,
     ) -> Result<(), StoreError> {
+        let outbox: Vec<([u8; 8], Vec<u8>)> =
+            outbox.iter().map(|o| (o.seq.to_be_bytes(), encode(o))).collect();
         let prefix = conv_prefix(&turn.conv);
         // Only one turn of a conversation runs at a time, so the history keys
         // read here cannot change before the transaction below.
@@ -225,9 +237,13 @@ impl Store {
             &self.ctx_cache,
             &self.ctx_expiry,
             &self.ctx_totals,
+            &self.outbox,
         );
         let (before, after) =
-            trees.transaction(|(inbox, turns, history, meta, dialogue, cache, expiry, totals)| {
+            trees.transaction(|(inbox, turns, history, meta, dialogue, cache, expiry, totals, out)| {
+                for (key, item) in &outbox {
+                    out.insert(&key[..], item.as_slice())?;
+                }
                 for m in &turn.messages {
                     inbox.remove(seq_key(&m.conv, m.seq))?;
                 }
@@ -254,6 +270,29 @@ impl Store {
             turns.insert(turn.turn_id.as_bytes(), record.as_slice())?;
             Ok::<_, ConflictableTransactionError<StoreError>>(())
         })?;
+        Ok(())
+    }
+
+    /// Every outbox item, oldest first.
+    pub fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError> {
+        self.outbox
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode("outbox", &k, &v)
+            })
+            .collect()
+    }
+
+    /// The gateway took this item: it is never sent again (once flushed).
+    pub fn outbox_sent(&self, seq: u64) -> Result<(), StoreError> {
+        self.outbox.remove(seq.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Records a failed attempt (or that the item was given up).
+    pub fn outbox_update(&self, item: &OutboxItem) -> Result<(), StoreError> {
+        self.outbox.insert(item.seq.to_be_bytes(), encode(item))?;
         Ok(())
     }
 

@@ -47,6 +47,24 @@ pub struct TurnSummary {
     pub attempts: u32,
 }
 
+/// A piece of a reply waiting to be sent (or given up). Written in the
+/// turn's commit transaction; removed once the gateway took it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxItem {
+    /// Global order of writing; within a conversation, the order to send in.
+    pub seq: u64,
+    pub turn_id: String,
+    pub conv: Conv,
+    pub text: String,
+    pub part: u32,
+    pub parts: u32,
+    pub created_at_ms: u64,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    /// Given up after the last attempt; kept for the operator, no longer blocks.
+    pub failed: bool,
+}
+
 pub(crate) fn conv_prefix(conv: &Conv) -> Vec<u8> {
     let mut key = Vec::with_capacity(conv.phone.len() + conv.company_id.len() + 2);
     key.extend_from_slice(conv.phone.as_bytes());

@@ -113,7 +113,7 @@ async fn a_commit_removes_the_turn_and_its_messages_and_saves_history_and_contex
     let later = insert(&store, "m3", "700000001");
     let turn = turn_of(&store, vec![m1, m2]);
     store.put_turn(&turn).unwrap();
-    store.commit_turn(&turn, &summary_of(&turn), &set(b"ctx-1", None), 10, 0).unwrap();
+    store.commit_turn(&turn, &summary_of(&turn), &set(b"ctx-1", None), &[], 10, 0).unwrap();
 
     assert_eq!(store.inbox().unwrap(), vec![later], "only the turn's messages leave the inbox");
     assert!(store.turn(&turn.turn_id).unwrap().is_none());
@@ -123,7 +123,7 @@ async fn a_commit_removes_the_turn_and_its_messages_and_saves_history_and_contex
     // A commit without a context keeps the stored one.
     let m = insert(&store, "m4", "700000001");
     let t2 = turn_of(&store, vec![m]);
-    store.commit_turn(&t2, &summary_of(&t2), &KEEP, 10, 1).unwrap();
+    store.commit_turn(&t2, &summary_of(&t2), &KEEP, &[], 10, 1).unwrap();
     assert_eq!(store.context(&turn.conv, 1).unwrap().unwrap().dialogue.as_deref(), Some(&b"ctx-1"[..]));
 }
 
@@ -135,12 +135,12 @@ async fn history_is_trimmed_to_its_limit_per_conversation() {
     for i in 0..5 {
         let m = insert(&store, &format!("h{i}"), "700000001");
         let t = turn_of(&store, vec![m]);
-        store.commit_turn(&t, &summary_of(&t), &KEEP, 3, 0).unwrap();
+        store.commit_turn(&t, &summary_of(&t), &KEEP, &[], 3, 0).unwrap();
         ids.push(t.turn_id);
     }
     let other = insert(&store, "o1", "700000002");
     let t = turn_of(&store, vec![other]);
-    store.commit_turn(&t, &summary_of(&t), &KEEP, 3, 0).unwrap();
+    store.commit_turn(&t, &summary_of(&t), &KEEP, &[], 3, 0).unwrap();
     let kept: Vec<String> = store.history("700000001").unwrap().into_iter().map(|t| t.turn_id).collect();
     assert_eq!(kept, ids[2..]);
     assert_eq!(store.history("700000002").unwrap().len(), 1);
@@ -221,7 +221,7 @@ async fn a_context_expires_after_its_ttl_unless_a_turn_touches_it() {
     let m = insert(&store, "t1", "700000002");
     let t = turn_of(&store, vec![m]);
     store
-        .commit_turn(&t, &summary_of(&t), &ContextUpdate { ttl_ms: 12 * HOUR, ..KEEP }, 10, 11 * HOUR)
+        .commit_turn(&t, &summary_of(&t), &ContextUpdate { ttl_ms: 12 * HOUR, ..KEEP }, &[], 10, 11 * HOUR)
         .unwrap();
 
     let at_12h = 12 * HOUR;
@@ -302,4 +302,36 @@ async fn a_corrupt_context_is_an_error_for_that_conversation_only() {
     // A write repairs it.
     store.update_context(&conv("700000002"), &set(b"new", None), 2).unwrap();
     assert!(store.context(&conv("700000002"), 3).unwrap().is_some());
+}
+
+#[tokio::test]
+async fn a_commit_puts_its_reply_in_the_outbox_in_order_until_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let m = insert(&store, "o1", "700000001");
+    let turn = turn_of(&store, vec![m]);
+    let items: Vec<OutboxItem> = (1..=2)
+        .map(|part| OutboxItem {
+            seq: store.next_seq().unwrap(),
+            turn_id: turn.turn_id.clone(),
+            conv: turn.conv.clone(),
+            text: format!("part {part}"),
+            part,
+            parts: 2,
+            created_at_ms: 0,
+            attempts: 0,
+            last_error: None,
+            failed: false,
+        })
+        .collect();
+    store.commit_turn(&turn, &summary_of(&turn), &KEEP, &items, 10, 0).unwrap();
+    assert_eq!(store.outbox().unwrap(), items);
+    let mut first = items[0].clone();
+    first.attempts = 1;
+    first.last_error = Some("503".into());
+    store.outbox_update(&first).unwrap();
+    store.outbox_sent(items[1].seq).unwrap();
+    store.close().await.unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.outbox().unwrap(), vec![first]);
 }

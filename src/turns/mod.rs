@@ -20,7 +20,7 @@ use crate::message::Conv;
 use crate::store::{ContextMeta, TurnRecord};
 
 pub use driver::{Driver, Recovery};
-pub use run::Runner;
+pub use run::{Runner, Stopping};
 
 /// What the gate hands to a turn.
 #[derive(Debug)]

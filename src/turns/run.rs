@@ -5,36 +5,49 @@
 //! sees its turn_id, so a crash can only ever re-run a turn under the same id
 //! (the handler dedupes on it); the commit is one store transaction.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::batcher::CutReason;
-use crate::clock::Clock;
+use crate::clock::{backoff, Clock};
 use crate::config::Config;
 use crate::context::{self, Encoded};
+use crate::gateway::{self, Gateway};
 use crate::handler::{Handler, TurnAnswer, TurnRequest};
 use crate::message::Conv;
-use crate::store::{ContextUpdate, DeadInfo, Part, Store, StoreError, TurnRecord, TurnSummary};
+use crate::store::{ContextUpdate, DeadInfo, OutboxItem, Part, Store, StoreError, TurnRecord, TurnSummary};
 
 use super::{ContextJob, ContextOp, ContextOutcome, Work};
+
+/// The two stages of stopping, as the runner sees them.
+#[derive(Clone, Default)]
+pub struct Stopping {
+    /// Cancelled on shutdown: no new attempt starts.
+    pub shutdown: CancellationToken,
+    /// Cancelled when the shutdown grace period is over: a handler call in
+    /// progress is abandoned and the turn stays open for the next start.
+    pub abort: CancellationToken,
+}
 
 pub struct Runner {
     store: Store,
     handler: Handler,
+    gateway: Arc<Gateway>,
+    /// Told after each commit that wrote to the outbox.
+    outbox_wake: Arc<Notify>,
+    max_chars: usize,
     max_attempts: u32,
     backoff: Duration,
     backoff_max: Duration,
     history_limit: usize,
     context_ttl_ms: u64,
     clock: Clock,
-    /// Cancelled on shutdown: no new attempt starts.
-    shutdown: CancellationToken,
-    /// Cancelled when the shutdown grace period is over: a handler call in
-    /// progress is abandoned and the turn stays open for the next start.
-    abort: CancellationToken,
+    stopping: Stopping,
 }
 
 impl Runner {
@@ -42,21 +55,24 @@ impl Runner {
         config: &Config,
         store: Store,
         handler: Handler,
+        gateway: Arc<Gateway>,
+        outbox_wake: Arc<Notify>,
         clock: Clock,
-        shutdown: CancellationToken,
-        abort: CancellationToken,
+        stopping: Stopping,
     ) -> Runner {
         Runner {
             store,
             handler,
+            gateway,
+            outbox_wake,
+            max_chars: config.gateway.max_chars,
             max_attempts: config.handler.max_attempts,
             backoff: Duration::from_millis(config.handler.backoff_ms),
             backoff_max: Duration::from_millis(config.handler.backoff_max_ms),
             history_limit: config.turns.history_limit,
             context_ttl_ms: config.context.ttl_hours * 3600 * 1000,
             clock,
-            shutdown,
-            abort,
+            stopping,
         }
     }
 
@@ -121,6 +137,8 @@ impl Runner {
             }
         };
         let request = TurnRequest::new(&turn.turn_id, &turn.conv, &turn.messages, dialogue, cache);
+        let last_id = turn.messages.last().map(|m| m.id.clone()).unwrap_or_default();
+        self.typing(&turn.conv, &last_id, true);
         let mut this_run = 0;
         loop {
             turn.attempts += 1;
@@ -128,7 +146,7 @@ impl Runner {
             let call = Instant::now();
             let answer = tokio::select! {
                 answer = self.handler.call(&request) => answer,
-                _ = self.abort.cancelled() => {
+                _ = self.stopping.abort.cancelled() => {
                     warn!("grace period over: handler call abandoned, the turn re-runs on the next start");
                     return;
                 }
@@ -144,6 +162,7 @@ impl Runner {
                     return;
                 }
                 Err(e) if this_run >= self.max_attempts => {
+                    self.typing(&turn.conv, &last_id, false);
                     error!(attempts = this_run, error = %e, "handler failed on every attempt; turn parked as dead");
                     turn.dead = Some(DeadInfo { error: e.to_string(), died_at_ms: self.clock.now_ms() });
                     let parked = self.store.park_dead(&turn);
@@ -158,7 +177,7 @@ impl Runner {
                     return;
                 }
                 Err(e) => {
-                    let wait = self.backoff_for(this_run);
+                    let wait = backoff(self.backoff, self.backoff_max, this_run);
                     warn!(attempt = this_run, error = %e, retry_in_ms = wait.as_millis() as u64, "handler failed");
                     // Keep the attempt count across restarts; not worth a flush.
                     if let Err(e) = self.store.put_turn(&turn) {
@@ -166,7 +185,7 @@ impl Runner {
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
-                        _ = self.shutdown.cancelled() => {
+                        _ = self.stopping.shutdown.cancelled() => {
                             info!("shutting down: turn left open, it re-runs on the next start");
                             return;
                         }
@@ -197,7 +216,14 @@ impl Runner {
             committed_at_ms: now_ms,
             attempts: turn.attempts,
         };
-        let committed = self.store.commit_turn(turn, &summary, &update, self.history_limit, now_ms);
+        let outbox = match self.outbox_items(turn, answer.reply.as_deref(), now_ms) {
+            Ok(items) => items,
+            Err(e) => {
+                error!(error = %e, "commit failed; the turn stays open and re-runs on the next start");
+                return;
+            }
+        };
+        let committed = self.store.commit_turn(turn, &summary, &update, &outbox, self.history_limit, now_ms);
         match async {
             committed?;
             self.store.flush().await
@@ -205,8 +231,12 @@ impl Runner {
         .await
         {
             Ok(()) => {
-                // The `log` gateway: replies are recorded in the history, not sent.
+                if !outbox.is_empty() {
+                    self.outbox_wake.notify_one();
+                }
+                // With the `log` gateway the reply is only recorded here and in the history.
                 info!(
+                    outbox_parts = outbox.len(),
                     turn_ms = started.elapsed().as_millis() as u64,
                     dialogue_bytes = dialogue.as_ref().map(|e| e.bytes.len()),
                     cache_bytes = cache.as_ref().map(|e| e.bytes.len()),
@@ -216,6 +246,48 @@ impl Runner {
             }
             Err(e) => error!(error = %e, "commit failed; the turn stays open and re-runs on the next start"),
         }
+    }
+
+    /// The reply, split to the gateway's limit, as outbox items (none for the `log` gateway).
+    fn outbox_items(
+        &self,
+        turn: &TurnRecord,
+        reply: Option<&str>,
+        now_ms: u64,
+    ) -> Result<Vec<OutboxItem>, StoreError> {
+        let reply = reply.unwrap_or("").trim();
+        if !self.gateway.sends() || reply.is_empty() {
+            return Ok(Vec::new());
+        }
+        let parts = gateway::split(reply, self.max_chars);
+        let total = parts.len() as u32;
+        parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, text)| {
+                Ok(OutboxItem {
+                    seq: self.store.next_seq()?,
+                    turn_id: turn.turn_id.clone(),
+                    conv: turn.conv.clone(),
+                    text,
+                    part: i as u32 + 1,
+                    parts: total,
+                    created_at_ms: now_ms,
+                    attempts: 0,
+                    last_error: None,
+                    failed: false,
+                })
+            })
+            .collect()
+    }
+
+    /// Best effort, in the background: a typing indicator never delays a turn.
+    fn typing(&self, conv: &Conv, last_message_id: &str, on: bool) {
+        if !self.gateway.shows_typing() {
+            return;
+        }
+        let (gateway, conv, id) = (self.gateway.clone(), conv.clone(), last_message_id.to_owned());
+        tokio::spawn(async move { gateway.typing(&conv, &id, on).await });
     }
 
     /// A stored part the handler gets: unreadable means absent, loudly.
@@ -275,11 +347,6 @@ impl Runner {
             }
         };
         let _ = job.reply.send(outcome);
-    }
-
-    fn backoff_for(&self, attempt: u32) -> Duration {
-        let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
-        self.backoff.saturating_mul(factor).min(self.backoff_max)
     }
 }
 

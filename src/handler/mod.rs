@@ -1,7 +1,9 @@
 //! Who answers a turn. `echo` needs nothing and keeps a turn counter in the
 //! context; `http` POSTs the turn to a service (the AI assistant) with the
-//! turn id as idempotency key. One call is one attempt: retries, backoff and
+//! turn id as idempotency key; `openai` asks an OpenAI-compatible chat API. One call is one attempt: retries, backoff and
 //! dead-lettering belong to `turns::run`, which knows the turn's history.
+
+mod openai;
 
 use std::time::Duration;
 
@@ -9,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::config::{HandlerConfig, HandlerKind};
+use crate::config::{Config, HandlerKind};
 use crate::message::{Conv, Message};
 
 /// What a handler is given.
@@ -98,11 +100,17 @@ pub enum HandlerError {
 pub enum Handler {
     Echo,
     Http { client: reqwest::Client, url: String, timeout: Duration },
+    OpenAi(Box<openai::OpenAi>),
 }
 
 impl Handler {
-    pub fn from_config(c: &HandlerConfig) -> Handler {
+    pub fn from_config(config: &Config) -> Handler {
+        let c = &config.handler;
         match c.kind {
+            HandlerKind::OpenAi => Handler::OpenAi(Box::new(openai::OpenAi::from_config(
+                &config.openai,
+                Duration::from_millis(c.timeout_ms),
+            ))),
             HandlerKind::Echo => Handler::Echo,
             HandlerKind::Http => Handler::Http {
                 client: reqwest::Client::builder()
@@ -119,6 +127,7 @@ impl Handler {
     pub async fn call(&self, req: &TurnRequest) -> Result<TurnAnswer, HandlerError> {
         match self {
             Handler::Echo => Ok(echo(req)),
+            Handler::OpenAi(ai) => ai.call(req).await,
             Handler::Http { client, url, timeout } => {
                 let sent = client
                     .post(url)
@@ -140,7 +149,7 @@ impl Handler {
     }
 }
 
-fn classify(e: reqwest::Error, timeout: Duration) -> HandlerError {
+pub(crate) fn classify(e: reqwest::Error, timeout: Duration) -> HandlerError {
     if e.is_timeout() {
         HandlerError::Timeout(timeout)
     } else {

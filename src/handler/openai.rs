@@ -1,0 +1,104 @@
+//! The `openai` handler: a turn becomes one chat completion on any
+//! OpenAI-compatible server (OpenAI, DeepSeek, vLLM, llama.cpp, Ollama).
+//!
+//! The dialogue context keeps the conversation as `{"history": [{"role",
+//! "content"}, ...]}` (other fields the dialogue holds are kept as they are).
+//! Each request sends the system prompt, the last `history_turns` turns and
+//! the turn's combined text; the answer's text is the reply, and the history
+//! grows by the user's text and the answer.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::{classify, HandlerError, TurnAnswer, TurnRequest};
+use crate::config::OpenAiConfig;
+
+pub struct OpenAi {
+    client: reqwest::Client,
+    url: String,
+    model: String,
+    system_prompt: String,
+    api_key: Option<String>,
+    history_messages: usize,
+    timeout: Duration,
+}
+
+impl OpenAi {
+    /// Reads the prompt file and the API key's variable once, at start.
+    pub fn from_config(c: &OpenAiConfig, timeout: Duration) -> OpenAi {
+        let system_prompt = if c.system_prompt_file.is_empty() {
+            c.system_prompt.clone()
+        } else {
+            // Config validation checked the file is readable.
+            std::fs::read_to_string(&c.system_prompt_file).unwrap_or_else(|_| c.system_prompt.clone())
+        };
+        let api_key = std::env::var(&c.api_key_env).ok().filter(|k| !k.is_empty());
+        if api_key.is_none() {
+            tracing::warn!(variable = %c.api_key_env, "no API key in the environment; requests go without Authorization");
+        }
+        OpenAi {
+            client: reqwest::Client::new(),
+            url: format!("{}/chat/completions", c.base_url.trim_end_matches('/')),
+            model: c.model.clone(),
+            system_prompt: system_prompt.trim().to_owned(),
+            api_key,
+            history_messages: c.history_turns * 2,
+            timeout,
+        }
+    }
+
+    pub async fn call(&self, req: &TurnRequest) -> Result<TurnAnswer, HandlerError> {
+        let mut dialogue = match req.context.as_ref().map(|raw| serde_json::from_str::<Value>(raw.get())) {
+            Some(Ok(Value::Object(map))) => map,
+            _ => serde_json::Map::new(),
+        };
+        let mut history: Vec<Value> = dialogue
+            .get("history")
+            .and_then(Value::as_array)
+            .map(|h| {
+                h.iter().filter(|m| m["role"].is_string() && m["content"].is_string()).cloned().collect()
+            })
+            .unwrap_or_default();
+        let keep_from = history.len().saturating_sub(self.history_messages);
+        history.drain(..keep_from);
+
+        let mut messages = Vec::with_capacity(history.len() + 2);
+        if !self.system_prompt.is_empty() {
+            messages.push(json!({"role": "system", "content": self.system_prompt}));
+        }
+        messages.extend(history.iter().cloned());
+        messages.push(json!({"role": "user", "content": req.text}));
+        let mut request = self.client.post(&self.url).timeout(self.timeout).json(&json!({
+            "model": self.model,
+            "messages": messages,
+        }));
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.map_err(|e| classify(e, self.timeout))?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|e| classify(e, self.timeout))?;
+        if !status.is_success() {
+            let body = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+            return Err(HandlerError::Status { status: status.as_u16(), body });
+        }
+        let answer: Value =
+            serde_json::from_slice(&body).map_err(|e| HandlerError::BadAnswer(e.to_string()))?;
+        let reply = answer["choices"][0]["message"]["content"]
+            .as_str()
+            .ok_or_else(|| HandlerError::BadAnswer("no choices[0].message.content".into()))?
+            .to_owned();
+
+        history.push(json!({"role": "user", "content": req.text}));
+        history.push(json!({"role": "assistant", "content": reply}));
+        let keep_from = history.len().saturating_sub(self.history_messages);
+        history.drain(..keep_from);
+        dialogue.insert("history".into(), Value::Array(history));
+        Ok(TurnAnswer {
+            reply: Some(reply),
+            context: serde_json::value::to_raw_value(&Value::Object(dialogue)).ok(),
+            cache: None,
+        })
+    }
+}
