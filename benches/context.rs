@@ -160,6 +160,6 @@ async fn small_contexts() {
     );
     let t = Instant::now();
     let store = Store::open(dir.path()).unwrap();
-    println!("  reopen (recounts context bytes) {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+    println!("  reopen (sled recovery + 64 counter shards) {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
     assert_eq!(store.context_stats().contexts, n as i64);
 }

@@ -27,7 +27,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 pub use contexts::{
     ContextMeta, ContextStats, ContextStatsSnapshot, ContextUpdate, Part, Sizes, StoredContext,
 };
-use records::{conv_prefix, decode, encode, phone_prefix, seen_at_key, seq_key};
+use records::{conv_prefix, decode, decode_all, encode, phone_prefix, seen_at_key, seq_key};
 pub use records::{DeadInfo, OutboxItem, TurnRecord, TurnSummary};
 
 use crate::message::{Conv, Message, NewMessage};
@@ -149,13 +149,7 @@ impl Store {
 
     /// Every message still in the inbox, in key order (per conversation, by arrival).
     pub fn inbox(&self) -> Result<Vec<Message>, StoreError> {
-        self.inbox
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode("inbox", &k, &v)
-            })
-            .collect()
+        decode_all(&self.inbox, "inbox")
     }
 
     /// The given messages of a conversation that are still in the inbox, by arrival.
@@ -192,13 +186,7 @@ impl Store {
 
     /// All recorded turns: open ones (to re-run) and dead ones (to list).
     pub fn turns(&self) -> Result<Vec<TurnRecord>, StoreError> {
-        self.turns
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode("turns", &k, &v)
-            })
-            .collect()
+        decode_all(&self.turns, "turns")
     }
 
     /// A fresh, never reused sequence number (for outbox items).
@@ -275,13 +263,7 @@ impl Store {
 
     /// Every outbox item, oldest first.
     pub fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError> {
-        self.outbox
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode("outbox", &k, &v)
-            })
-            .collect()
+        decode_all(&self.outbox, "outbox")
     }
 
     /// The gateway took this item: it is never sent again (once flushed).

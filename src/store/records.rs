@@ -97,6 +97,19 @@ pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     bincode::serde::encode_to_vec(value, bincode::config::standard()).expect("bincode encodes our records")
 }
 
+/// Every record of a tree, in key order.
+pub(crate) fn decode_all<T: DeserializeOwned>(
+    tree: &sled::Tree,
+    name: &'static str,
+) -> Result<Vec<T>, StoreError> {
+    tree.iter()
+        .map(|kv| {
+            let (k, v) = kv?;
+            decode(name, &k, &v)
+        })
+        .collect()
+}
+
 pub(crate) fn decode<T: DeserializeOwned>(
     tree: &'static str,
     key: &[u8],

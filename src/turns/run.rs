@@ -158,6 +158,7 @@ impl Runner {
                         attempt = this_run,
                         "handler answered"
                     );
+                    self.typing(&turn.conv, &last_id, false);
                     self.commit(&turn, answer, started_at_ms, started).await;
                     return;
                 }

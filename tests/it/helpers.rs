@@ -247,3 +247,87 @@ pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> b
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// One request a `FakeServer` received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: HashMap<String, String>,
+    pub body: Value,
+    /// The status it was answered with.
+    pub status: u16,
+}
+
+type Responder = Box<dyn Fn(&Value) -> Value + Send + Sync>;
+
+struct FakeState {
+    seen: Vec<Seen>,
+    status: u16,
+    delay: Duration,
+    respond: Responder,
+}
+
+/// A stand-in for Meta's Graph API, WAHA, an HTTP gateway or an
+/// OpenAI-compatible server: records every request, answers `status` with
+/// what `respond` makes of the body, after `delay`.
+pub struct FakeServer {
+    pub base: String,
+    state: Arc<Mutex<FakeState>>,
+}
+
+impl FakeServer {
+    pub async fn start(respond: impl Fn(&Value) -> Value + Send + Sync + 'static) -> FakeServer {
+        let state = Arc::new(Mutex::new(FakeState {
+            seen: Vec::new(),
+            status: 200,
+            delay: Duration::ZERO,
+            respond: Box::new(respond),
+        }));
+        let app = Router::new().fallback(fake_answer).with_state(state.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        FakeServer { base, state }
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.lock().unwrap().seen.clone()
+    }
+
+    /// Requests to `path` that were answered 2xx.
+    pub fn delivered(&self, path: &str) -> Vec<Seen> {
+        self.seen().into_iter().filter(|s| s.path == path && s.status < 300).collect()
+    }
+
+    pub fn set_status(&self, status: u16) {
+        self.state.lock().unwrap().status = status;
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        self.state.lock().unwrap().delay = delay;
+    }
+}
+
+async fn fake_answer(
+    State(state): State<Arc<Mutex<FakeState>>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    let delay = state.lock().unwrap().delay;
+    tokio::time::sleep(delay).await;
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let mut s = state.lock().unwrap();
+    let status = s.status;
+    let answer = (s.respond)(&body);
+    s.seen.push(Seen {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+        headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned())).collect(),
+        body,
+        status,
+    });
+    (StatusCode::from_u16(status).unwrap(), Json(answer)).into_response()
+}

@@ -6,6 +6,7 @@ mod architecture;
 mod batching;
 mod contexts;
 mod crash;
+mod gateways;
 mod helpers;
 mod input;
 mod lifecycle;
