@@ -49,6 +49,8 @@ pub struct Cut<K> {
     pub reason: CutReason,
     /// When the batch was due; `now - deadline` is the debounce lag.
     pub deadline: Instant,
+    /// When its last message arrived; `now - last_at` is the idle time at the cut.
+    pub last_at: Instant,
 }
 
 #[derive(Debug)]
@@ -162,7 +164,7 @@ impl<K: Clone + Eq + Hash + Ord> Batcher<K> {
         let mut p = self.pending.remove(key)?;
         self.deadlines.remove(&(p.deadline, key.clone()));
         p.seqs.sort_unstable();
-        Some(Cut { key: key.clone(), seqs: p.seqs, reason, deadline: p.deadline })
+        Some(Cut { key: key.clone(), seqs: p.seqs, reason, deadline: p.deadline, last_at: p.last_at })
     }
 }
 

@@ -47,6 +47,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Directory of the embedded store; created if missing.
     pub data_dir: PathBuf,
+    /// Bearer token for /api/* and /metrics. Required when `listen` is not a
+    /// loopback address; when set, required on loopback too.
+    pub admin_token: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -200,6 +203,8 @@ pub struct ContextConfig {
 pub struct LogConfig {
     /// tracing filter, e.g. "info" or "turnstile=debug,info". RUST_LOG wins if set.
     pub filter: String,
+    /// Show phones in logs as "7900*****67".
+    pub mask_phones: bool,
 }
 
 fn default_listen() -> SocketAddr {
@@ -302,7 +307,7 @@ fn default_log_filter() -> String {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: default_listen(), data_dir: default_data_dir() }
+        ServerConfig { listen: default_listen(), data_dir: default_data_dir(), admin_token: String::new() }
     }
 }
 impl Default for IngestConfig {
@@ -355,7 +360,7 @@ impl Default for ContextConfig {
 }
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { filter: default_log_filter() }
+        LogConfig { filter: default_log_filter(), mask_phones: true }
     }
 }
 
@@ -391,6 +396,12 @@ impl Config {
         let bad = |key: &str, message: &str| {
             Err(ConfigError::Invalid { key: key.to_owned(), message: message.to_owned() })
         };
+        if !self.server.listen.ip().is_loopback() && self.server.admin_token.is_empty() {
+            return bad("server.admin_token", "is required when server.listen is not a loopback address");
+        }
+        if !self.server.admin_token.is_empty() && self.server.admin_token.len() < 16 {
+            return bad("server.admin_token", "must be at least 16 characters");
+        }
         if self.ingest.default_company_id.trim().is_empty() {
             return bad("ingest.default_company_id", "must not be empty");
         }
@@ -589,6 +600,8 @@ mod tests {
         assert!(err(&[("TURNSTILE_SERVER_LISTEN", "nowhere")]).contains("server.listen"));
         assert!(err(&[("TURNSTILE_HANDLER_KIND", "http")]).contains("handler.url"));
         assert!(err(&[("TURNSTILE_BATCHING_NOPE", "1")]).contains("batching.nope"));
+        assert!(err(&[("TURNSTILE_SERVER_LISTEN", "0.0.0.0:8080")]).contains("server.admin_token"));
+        assert!(err(&[("TURNSTILE_META_COMPANIES", "x")]).contains("meta.companies"));
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.toml");

@@ -139,7 +139,7 @@ impl Gateway {
             _ => return,
         };
         if let Err(e) = self.execute(request).await {
-            tracing::debug!(%conv, error = %e, "typing indicator not shown");
+            tracing::debug!(conv = %conv.masked(), error = %e, "typing indicator not shown");
         }
     }
 

@@ -10,20 +10,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::config::{MetaConfig, WahaConfig};
 use crate::context;
 use crate::ingest::{self, signature, Accepted, Ingest, IngestError};
 use crate::message::{unix_ms, Conv, Message};
+use crate::metrics::{Gauges, Metrics};
 use crate::store::{ContextMeta, Store, TurnRecord, TurnSummary};
 use crate::turns::{ContextOp, ContextOutcome, DriverHandle, RetryOutcome};
 
@@ -32,6 +37,13 @@ pub struct AppState {
     pub store: Store,
     pub driver: DriverHandle,
     pub clock: Clock,
+    /// Set once recovery is done; webhooks and /readyz answer 503 before.
+    pub ready: Arc<AtomicBool>,
+    /// Cancelled on shutdown: webhooks answer 503 so the gateway retries later.
+    pub draining: CancellationToken,
+    pub metrics: Arc<Metrics>,
+    /// Empty: the admin routes are open (loopback only, enforced by config).
+    pub admin_token: String,
     pub meta: MetaConfig,
     pub waha: WahaConfig,
     pub max_body_bytes: usize,
@@ -40,11 +52,14 @@ pub struct AppState {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let webhooks = Router::new()
         .route("/webhook/whatsapp/batched", post(webhook_batched))
         .route("/webhook/whatsapp", post(webhook_immediate))
         .route("/webhook/meta", get(meta_verify).post(meta_webhook))
         .route("/webhook/waha", post(waha_webhook))
+        .route_layer(middleware::from_fn_with_state(state.clone(), count_webhooks));
+    let admin = Router::new()
+        .route("/metrics", get(metrics))
         .route("/api/outbox", get(outbox))
         .route("/api/batches", get(batches))
         .route("/api/conversations/{phone}", get(conversation))
@@ -52,7 +67,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/dead/{turn_id}/retry", post(retry_dead))
         .route("/api/contexts/{company_id}/{phone}", get(get_context).put(put_context).delete(delete_context))
         .route("/api/contexts/{company_id}/{phone}/invalidate", post(invalidate_context))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(webhooks)
+        .merge(admin)
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
@@ -74,6 +94,9 @@ async fn webhook_immediate(State(s): State<Arc<AppState>>, headers: HeaderMap, b
 }
 
 async fn webhook(s: &AppState, headers: &HeaderMap, body: Body, immediate: bool) -> Response {
+    if let Err(refused) = accepting(s) {
+        return refused;
+    }
     let body = match read_json_body(headers, body, s.max_body_bytes).await {
         Ok(body) => body,
         Err(response) => return response,
@@ -116,6 +139,9 @@ async fn meta_verify(
 
 /// One Meta delivery: possibly several messages, possibly none (statuses only).
 async fn meta_webhook(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    if let Err(refused) = accepting(&s) {
+        return refused;
+    }
     let body = match read_json_body(&headers, body, s.max_body_bytes).await {
         Ok(body) => body,
         Err(response) => return response,
@@ -139,6 +165,9 @@ async fn meta_webhook(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
 
 /// One WAHA event; only client messages are stored, the rest acknowledged.
 async fn waha_webhook(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    if let Err(refused) = accepting(&s) {
+        return refused;
+    }
     let body = match read_json_body(&headers, body, s.max_body_bytes).await {
         Ok(body) => body,
         Err(response) => return response,
@@ -352,6 +381,73 @@ async fn healthz() -> Response {
     Json(json!({ "status": "ok" })).into_response()
 }
 
+/// 503 while recovering or shutting down: a webhook refused so is retried by
+/// the gateway, never lost.
+fn accepting(s: &AppState) -> Result<(), Response> {
+    if s.draining.is_cancelled() {
+        Err(error(StatusCode::SERVICE_UNAVAILABLE, "shutting down; retry later"))
+    } else if !s.ready.load(Ordering::Acquire) {
+        Err(error(StatusCode::SERVICE_UNAVAILABLE, "recovering from disk; retry shortly"))
+    } else {
+        Ok(())
+    }
+}
+
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    match accepting(&s) {
+        Ok(()) => Json(json!({ "status": "ready" })).into_response(),
+        Err(refused) => refused,
+    }
+}
+
+async fn count_webhooks(State(s): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let endpoint = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    s.metrics.webhook(&endpoint, response.status().as_u16());
+    response
+}
+
+/// `Authorization: Bearer <admin_token>` on /api/* and /metrics, when a token is set.
+async fn require_token(State(s): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    if !s.admin_token.is_empty() {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !signature::same(given.as_bytes(), s.admin_token.as_bytes()) {
+            return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        }
+    }
+    next.run(request).await
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    let mut g = Gauges { ready: accepting(&s).is_ok(), ..Gauges::default() };
+    if let Some(snap) = s.driver.snapshot().await {
+        g.pending_batches = snap.collecting.len() + snap.waiting.len();
+        g.pending_messages = snap.collecting.iter().map(|c| c.1.len()).sum::<usize>()
+            + snap.waiting.iter().map(|w| w.1.len()).sum::<usize>();
+        g.turns_in_flight = snap.running.len();
+    }
+    if let Ok(turns) = s.store.turns() {
+        g.dead_turns = turns.iter().filter(|t| t.dead.is_some()).count();
+    }
+    if let Ok(items) = s.store.outbox() {
+        g.outbox_failed = items.iter().filter(|i| i.failed).count();
+        g.outbox_depth = items.len() - g.outbox_failed;
+    }
+    let c = s.store.context_stats();
+    (g.context_hits, g.context_misses, g.context_invalidations) =
+        (c.cache_hits, c.cache_misses, c.invalidations);
+    (g.contexts, g.context_raw_bytes, g.context_stored_bytes) = (c.contexts, c.raw_bytes, c.stored_bytes);
+    g.store_bytes = s.store.size_on_disk().unwrap_or(0);
+    g.fsyncs = s.store.syncs();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render(&g))
+        .into_response()
+}
+
 /// The conversation a context path names: company as given, phone normalised.
 fn context_conv(company_id: String, phone: &str) -> Result<Conv, Response> {
     if company_id.trim().is_empty() || company_id.contains('\0') {
@@ -383,7 +479,7 @@ async fn get_context(
         match bytes {
             None => Ok(None),
             Some(b) => context::decode_raw(b).map(Some).map_err(|e| {
-                tracing::error!(%conv, part = which, error = %e, "stored context is corrupt");
+                tracing::error!(conv = %conv.masked(), part = which, error = %e, "stored context is corrupt");
                 error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     format!("{which} of the context for {conv} is corrupt: {e}"),

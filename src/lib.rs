@@ -16,7 +16,9 @@ pub mod handler; // who answers a turn: echo or an HTTP service, with retries
 pub mod context; // the per-conversation memory (dialogue + cache), compressed
 pub mod outbox; // durable delivery of replies: in order per phone, retried, sent once
 pub mod gateway; // one send to WhatsApp: log, http, WAHA or Meta; typing; splitting
-pub mod server; // wiring: open the store, recover, serve, shut down in order
+pub mod metrics; // Prometheus text: counters, histograms, gauges read at scrape
+pub mod ops; // systemd: READY, STOPPING, watchdog pings
+pub mod server; // wiring: open the store, serve, recover, shut down in order
 
 pub use config::Config;
 pub use server::run;

@@ -73,13 +73,23 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
+/// Resolves on the first SIGTERM or SIGINT. A second one exits at once:
+/// every acknowledged message is already on disk, and running turns re-run
+/// on the next start under the same turn_id.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received; stopping (a second signal exits at once)"),
+        _ = int.recv() => tracing::info!("SIGINT received; stopping (a second signal exits at once)"),
     }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("second signal: exiting now; running turns re-run on the next start");
+        std::process::exit(0);
+    });
 }

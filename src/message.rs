@@ -1,6 +1,29 @@
 //! What a message and a conversation are, as every other module sees them.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde::{Deserialize, Serialize};
+
+/// Whether logs show phones masked (`log.mask_phones`). Process-wide: it is
+/// about the log output, which is process-wide too.
+static MASK_PHONES: AtomicBool = AtomicBool::new(true);
+
+pub fn set_mask_phones(on: bool) {
+    MASK_PHONES.store(on, Ordering::Relaxed);
+}
+
+/// A phone as logs show it: "7900*****67" unless masking is off. API answers
+/// always carry the full number.
+pub fn mask(phone: &str) -> String {
+    if !MASK_PHONES.load(Ordering::Relaxed) {
+        return phone.to_owned();
+    }
+    let n = phone.chars().count();
+    if n <= 6 {
+        return "*".repeat(n);
+    }
+    phone.chars().enumerate().map(|(i, c)| if i < 4 || i >= n - 2 { c } else { '*' }).collect()
+}
 
 /// A conversation: one client's phone writing to one company. Batching, the
 /// one-turn-at-a-time rule and the saved context are all per conversation;
@@ -10,6 +33,13 @@ pub struct Conv {
     /// Digits only, e.g. "79001234567".
     pub phone: String,
     pub company_id: String,
+}
+
+impl Conv {
+    /// "company/phone" with the phone masked, for logs.
+    pub fn masked(&self) -> String {
+        format!("{}/{}", self.company_id, mask(&self.phone))
+    }
 }
 
 impl std::fmt::Display for Conv {
@@ -65,4 +95,13 @@ pub fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn phones_are_masked_in_the_middle() {
+        assert_eq!(super::mask("79001234567"), "7900*****67");
+        assert_eq!(super::mask("123456"), "******");
+    }
 }

@@ -22,7 +22,8 @@ use tracing::{error, info, warn};
 use crate::clock::backoff;
 use crate::config::Config;
 use crate::gateway::{Delivery, Gateway};
-use crate::message::Conv;
+use crate::message::{mask, Conv};
+use crate::metrics::{inc, Metrics};
 use crate::store::{OutboxItem, Store};
 
 /// Sends in flight at once (across conversations).
@@ -32,15 +33,23 @@ pub struct Outbox {
     store: Store,
     gateway: Arc<Gateway>,
     wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
     backoff: Duration,
     backoff_max: Duration,
     max_attempts: u32,
 }
 
 impl Outbox {
-    pub fn new(config: &Config, store: Store, gateway: Arc<Gateway>, wake: Arc<Notify>) -> Outbox {
+    pub fn new(
+        config: &Config,
+        store: Store,
+        gateway: Arc<Gateway>,
+        wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
+    ) -> Outbox {
         Outbox {
             store,
+            metrics,
             gateway,
             wake,
             backoff: Duration::from_millis(config.gateway.backoff_ms),
@@ -97,14 +106,17 @@ impl Outbox {
             }
             while let Some(joined) = sends.join_next().await {
                 let Ok((mut item, result)) = joined else { continue };
-                let span = tracing::info_span!("send", turn_id = %item.turn_id, phone = %item.conv.phone);
+                let span =
+                    tracing::info_span!("send", turn_id = %item.turn_id, phone = %mask(&item.conv.phone));
                 let _enter = span.enter();
                 let written = match result {
                     Ok(()) => {
+                        inc(&self.metrics.replies_sent);
                         info!(part = item.part, parts = item.parts, "reply sent");
                         self.store.outbox_sent(item.seq)
                     }
                     Err(e) => {
+                        inc(&self.metrics.send_failures);
                         item.attempts += 1;
                         item.last_error = Some(e.to_string());
                         if item.attempts >= self.max_attempts {

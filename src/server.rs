@@ -1,8 +1,17 @@
-//! Wiring, in one place and in order: open the store, rebuild batches and
-//! turns from it, serve; on shutdown stop accepting, give running turns a
-//! grace period, flush the store.
+//! Wiring, in one place and in order.
+//!
+//! Start: open the store, serve at once (`/healthz` answers; webhooks and
+//! `/readyz` answer 503), rebuild batches and turns from disk, then turn
+//! ready and tell systemd `READY=1`.
+//!
+//! Stop (first signal): webhooks answer 503 and `STOPPING=1` goes to systemd;
+//! no new turn starts; running turns get `turns.shutdown_grace_ms`, then their
+//! handler calls are abandoned (they stay open on disk and re-run on the next
+//! start); the listener closes; the outbox finishes its sends in flight; the
+//! store is flushed and closed.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,9 +27,11 @@ use crate::gateway::Gateway;
 use crate::handler::Handler;
 use crate::http::{self, AppState};
 use crate::ingest::Ingest;
+use crate::message::set_mask_phones;
+use crate::ops;
 use crate::outbox::Outbox;
 use crate::store::{Store, StoreError};
-use crate::turns::{Driver, Recovery, Runner, Stopping};
+use crate::turns::{self, Driver, Recovery, Runner, Shared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -51,9 +62,57 @@ pub async fn run_with_clock(
     shutdown: impl Future<Output = ()> + Send + 'static,
     clock: Clock,
 ) -> Result<(), ServerError> {
+    set_mask_phones(config.log.mask_phones);
     let dir = config.server.data_dir.display().to_string();
     let store = Store::open(&config.server.data_dir).map_err(|source| ServerError::Open { dir, source })?;
-    let recovery = Recovery::load(&store).map_err(ServerError::Recover)?;
+    let shared = Shared { clock, ..Shared::default() };
+    let stopping = shared.stopping.clone();
+    {
+        let shutdown_token = stopping.shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            shutdown_token.cancel();
+        });
+    }
+
+    // Serve before recovery, refusing webhooks until it is done.
+    let ready = Arc::new(AtomicBool::new(false));
+    let (handle, driver_inbox) = turns::channel();
+    let state = Arc::new(AppState {
+        ingest: Ingest::new(store.clone(), handle.clone()),
+        store: store.clone(),
+        driver: handle,
+        clock: shared.clock.clone(),
+        ready: ready.clone(),
+        draining: stopping.shutdown.clone(),
+        metrics: shared.metrics.clone(),
+        admin_token: config.server.admin_token.clone(),
+        meta: config.meta.clone(),
+        waha: config.waha.clone(),
+        max_body_bytes: config.ingest.max_body_bytes,
+        context_max_bytes: config.context.max_bytes,
+        default_company_id: config.ingest.default_company_id.clone(),
+    });
+    let http_stop = CancellationToken::new();
+    info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
+    let mut server = {
+        let serve = axum::serve(listener, http::router(state))
+            .with_graceful_shutdown(http_stop.clone().cancelled_owned());
+        tokio::spawn(async move { serve.await })
+    };
+
+    let recovery = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || Recovery::load(&store)).await.expect("recovery task")
+    };
+    let recovery = match recovery {
+        Ok(r) => r,
+        Err(e) => {
+            http_stop.cancel();
+            let _ = server.await;
+            return Err(ServerError::Recover(e));
+        }
+    };
     info!(
         open_turns = recovery.open_turns.len(),
         pending_messages = recovery.inbox.len(),
@@ -61,67 +120,49 @@ pub async fn run_with_clock(
         "recovered state from disk"
     );
 
-    // `shutdown`: stop accepting and starting; `abort`: the grace period is over.
-    let stopping = Stopping::default();
-    let token = stopping.shutdown.clone();
     let turns = TaskTracker::new();
     let gateway = Arc::new(Gateway::from_config(&config));
     let outbox_wake = Arc::new(Notify::new());
     let handler = Handler::from_config(&config);
-    let runner = Runner::new(
-        &config,
-        store.clone(),
-        handler,
-        gateway.clone(),
-        outbox_wake.clone(),
-        clock.clone(),
-        stopping.clone(),
-    );
-    let runner = Arc::new(runner);
-    let outbox = Outbox::new(&config, store.clone(), gateway, outbox_wake);
-    let outbox = tokio::spawn(outbox.run(token.clone()));
-    let (driver, handle) =
-        Driver::new(&config, store.clone(), runner, recovery, turns.clone(), token.clone());
+    let runner =
+        Arc::new(Runner::new(&config, store.clone(), handler, gateway.clone(), outbox_wake.clone(), &shared));
+    let driver = Driver::new(&config, store.clone(), runner, recovery, driver_inbox, turns.clone(), &shared);
     let driver = tokio::spawn(driver.run());
-    let sweepers = [
-        tokio::spawn(sweep_dedup(store.clone(), clock.clone(), config.ingest.dedup_days, token.clone())),
+    let outbox = Outbox::new(&config, store.clone(), gateway, outbox_wake, shared.metrics.clone());
+    let outbox = tokio::spawn(outbox.run(stopping.shutdown.clone()));
+    let background = [
+        tokio::spawn(sweep_dedup(
+            store.clone(),
+            shared.clock.clone(),
+            config.ingest.dedup_days,
+            stopping.shutdown.clone(),
+        )),
         tokio::spawn(sweep_contexts(
             store.clone(),
-            clock.clone(),
+            shared.clock.clone(),
             config.context.sweep_interval_ms,
-            token.clone(),
+            stopping.shutdown.clone(),
         )),
     ];
+    let watchdog =
+        ops::watchdog_interval().map(|every| tokio::spawn(ops::watchdog(every, http_stop.clone())));
 
-    let state = Arc::new(AppState {
-        ingest: Ingest::new(store.clone(), handle.clone()),
-        store: store.clone(),
-        driver: handle,
-        clock,
-        meta: config.meta.clone(),
-        waha: config.waha.clone(),
-        max_body_bytes: config.ingest.max_body_bytes,
-        context_max_bytes: config.context.max_bytes,
-        default_company_id: config.ingest.default_company_id.clone(),
-    });
-    {
-        let token = token.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            token.cancel();
-        });
-    }
-    info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
-    let served = axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(token.clone().cancelled_owned())
-        .await;
-    // Whatever ended serving, everything below must stop too.
-    token.cancel();
-    info!("shutting down: no new turns start; waiting for running turns");
+    ready.store(true, Ordering::Release);
+    ops::notify("READY=1");
+    info!("ready");
+
+    // Run until asked to stop, or until the listener fails.
+    let served_early = tokio::select! {
+        _ = stopping.shutdown.cancelled() => None,
+        served = &mut server => Some(served),
+    };
+    stopping.shutdown.cancel();
+    ops::notify("STOPPING=1");
+    info!("shutting down: webhooks get 503, no new turns start; waiting for running turns");
 
     let _ = driver.await;
-    for sweeper in sweepers {
-        let _ = sweeper.await;
+    for task in background {
+        let _ = task.await;
     }
     turns.close();
     let grace = Duration::from_millis(config.turns.shutdown_grace_ms);
@@ -130,13 +171,24 @@ pub async fn run_with_clock(
         stopping.abort.cancel();
         turns.wait().await;
     }
+    http_stop.cancel();
+    let served = match served_early {
+        Some(served) => served,
+        None => server.await,
+    };
+    if let Some(w) = watchdog {
+        let _ = w.await;
+    }
     // Replies committed but not sent stay in the outbox for the next start.
     let _ = outbox.await;
     if let Err(e) = store.close().await {
         error!(error = %e, "final flush failed");
     }
     info!("stopped");
-    served.map_err(ServerError::Serve)
+    match served {
+        Ok(result) => result.map_err(ServerError::Serve),
+        Err(e) => Err(ServerError::Serve(std::io::Error::other(e))),
+    }
 }
 
 /// Forgets message ids older than `dedup_days`, once an hour.

@@ -158,7 +158,7 @@ impl Ingest {
         // flush that has not finished yet, and "duplicate" promises it is stored.
         self.store.flush().await?;
         for m in stored {
-            tracing::debug!(conv = %m.conv, id = %m.id, seq = m.seq, kind = %m.kind, "message stored");
+            tracing::debug!(conv = %m.conv.masked(), id = %m.id, seq = m.seq, kind = %m.kind, "message stored");
             counts.accepted += 1;
             // A stopped driver only means we are shutting down: the message
             // is on disk and the next start batches it.

@@ -12,13 +12,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
-use crate::batcher::{Batcher, Cut, Rules};
+use crate::batcher::{Batcher, Cut, CutReason, Rules};
 use crate::config::Config;
 use crate::message::{unix_ms, Conv, Message};
+use crate::metrics::Metrics;
 use crate::store::{Store, StoreError, TurnRecord};
 
 use super::gate::Gate;
-use super::{DriverHandle, Event, RetryOutcome, Runner, Snapshot, Work};
+use super::{DriverInbox, Event, RetryOutcome, Runner, Shared, Snapshot, Work};
 
 /// What the store holds that the driver must pick up on start.
 pub struct Recovery {
@@ -58,6 +59,7 @@ pub struct Driver {
     tx: mpsc::UnboundedSender<Event>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
 }
 
 impl Driver {
@@ -70,10 +72,11 @@ impl Driver {
         store: Store,
         runner: Arc<Runner>,
         recovery: Recovery,
+        inbox: DriverInbox,
         tracker: TaskTracker,
-        shutdown: CancellationToken,
-    ) -> (Driver, DriverHandle) {
-        let (tx, rx) = mpsc::unbounded_channel();
+        shared: &Shared,
+    ) -> Driver {
+        let DriverInbox { rx, tx } = inbox;
         let rules = Rules {
             debounce: Duration::from_millis(config.batching.debounce_ms),
             max_messages: config.batching.max_messages,
@@ -86,9 +89,10 @@ impl Driver {
             store,
             runner,
             rx,
-            tx: tx.clone(),
+            tx,
             tracker,
-            shutdown,
+            shutdown: shared.stopping.shutdown.clone(),
+            metrics: shared.metrics.clone(),
         };
         for turn in recovery.open_turns {
             driver.gate.offer(turn.conv.clone(), Work::Resume(Box::new(turn)));
@@ -102,7 +106,7 @@ impl Driver {
                 driver.offer(cut);
             }
         }
-        (driver, DriverHandle { tx })
+        driver
     }
 
     pub async fn run(mut self) {
@@ -160,8 +164,15 @@ impl Driver {
     }
 
     fn offer(&mut self, cut: Cut<Conv>) {
-        let lag = now().saturating_duration_since(cut.deadline);
-        debug!(conv = %cut.key, messages = cut.seqs.len(), reason = cut.reason.as_str(), lag_ms = lag.as_millis() as u64, "batch cut");
+        let now = now();
+        let lag = now.saturating_duration_since(cut.deadline);
+        self.metrics.batch_size.observe(cut.seqs.len() as f64);
+        self.metrics.idle_at_cut.observe_duration(now.saturating_duration_since(cut.last_at));
+        // Only a deadline that timers kept has a lag; a full batch is cut on arrival.
+        if matches!(cut.reason, CutReason::Quiet | CutReason::MaxWait) {
+            self.metrics.debounce_lag.observe_duration(lag);
+        }
+        debug!(conv = %cut.key.masked(), messages = cut.seqs.len(), reason = cut.reason.as_str(), lag_ms = lag.as_millis() as u64, "batch cut");
         let work = Work::Fresh {
             seqs: cut.seqs,
             reason: cut.reason,
@@ -196,7 +207,7 @@ impl Driver {
         if let Err(e) = self.store.put_turn(&turn) {
             return RetryOutcome::Failed(e.to_string());
         }
-        info!(turn_id, conv = %turn.conv, "dead turn queued for retry");
+        info!(turn_id, conv = %turn.conv.masked(), "dead turn queued for retry");
         self.gate.offer(turn.conv.clone(), Work::Resume(Box::new(turn)));
         RetryOutcome::Queued
     }

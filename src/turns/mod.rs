@@ -22,6 +22,32 @@ use crate::store::{ContextMeta, TurnRecord};
 pub use driver::{Driver, Recovery};
 pub use run::{Runner, Stopping};
 
+use std::sync::Arc;
+
+use crate::clock::Clock;
+use crate::metrics::Metrics;
+
+/// What every task of one daemon shares: its clock, its metrics, and the
+/// two stages of stopping.
+#[derive(Clone, Default)]
+pub struct Shared {
+    pub clock: Clock,
+    pub metrics: Arc<Metrics>,
+    pub stopping: Stopping,
+}
+
+/// The driver's channel, made before the driver so the HTTP side can hold a
+/// handle while recovery runs.
+pub fn channel() -> (DriverHandle, DriverInbox) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (DriverHandle { tx: tx.clone() }, DriverInbox { rx, tx })
+}
+
+pub struct DriverInbox {
+    rx: mpsc::UnboundedReceiver<Event>,
+    tx: mpsc::UnboundedSender<Event>,
+}
+
 /// What the gate hands to a turn.
 #[derive(Debug)]
 pub enum Work {

@@ -19,10 +19,11 @@ use crate::config::Config;
 use crate::context::{self, Encoded};
 use crate::gateway::{self, Gateway};
 use crate::handler::{Handler, TurnAnswer, TurnRequest};
-use crate::message::Conv;
+use crate::message::{mask, Conv};
 use crate::store::{ContextUpdate, DeadInfo, OutboxItem, Part, Store, StoreError, TurnRecord, TurnSummary};
 
-use super::{ContextJob, ContextOp, ContextOutcome, Work};
+use super::{ContextJob, ContextOp, ContextOutcome, Shared, Work};
+use crate::metrics::{inc, Metrics};
 
 /// The two stages of stopping, as the runner sees them.
 #[derive(Clone, Default)]
@@ -48,6 +49,7 @@ pub struct Runner {
     context_ttl_ms: u64,
     clock: Clock,
     stopping: Stopping,
+    metrics: Arc<Metrics>,
 }
 
 impl Runner {
@@ -57,8 +59,7 @@ impl Runner {
         handler: Handler,
         gateway: Arc<Gateway>,
         outbox_wake: Arc<Notify>,
-        clock: Clock,
-        stopping: Stopping,
+        shared: &Shared,
     ) -> Runner {
         Runner {
             store,
@@ -71,8 +72,9 @@ impl Runner {
             backoff_max: Duration::from_millis(config.handler.backoff_max_ms),
             history_limit: config.turns.history_limit,
             context_ttl_ms: config.context.ttl_hours * 3600 * 1000,
-            clock,
-            stopping,
+            clock: shared.clock.clone(),
+            stopping: shared.stopping.clone(),
+            metrics: shared.metrics.clone(),
         }
     }
 
@@ -84,7 +86,7 @@ impl Runner {
                     Ok(None) => return,
                     Err(e) => {
                         // The messages stay in the inbox; the next start recovers them.
-                        error!(%conv, error = %e, "could not record a turn; its messages wait for a restart");
+                        error!(conv = %conv.masked(), error = %e, "could not record a turn; its messages wait for a restart");
                         return;
                     }
                 }
@@ -92,7 +94,7 @@ impl Runner {
             Work::Resume(turn) => *turn,
             Work::Context(job) => return self.apply_context(&conv, job).await,
         };
-        let span = info_span!("turn", turn_id = %turn.turn_id, phone = %turn.conv.phone, company = %turn.conv.company_id);
+        let span = info_span!("turn", turn_id = %turn.turn_id, phone = %mask(&turn.conv.phone), company = %turn.conv.company_id);
         self.drive(turn).instrument(span).await
     }
 
@@ -104,7 +106,7 @@ impl Runner {
     ) -> Result<Option<TurnRecord>, StoreError> {
         let messages = self.store.messages(&conv, seqs)?;
         if messages.is_empty() {
-            warn!(%conv, "cut batch has no messages left in the inbox");
+            warn!(conv = %conv.masked(), "cut batch has no messages left in the inbox");
             return Ok(None);
         }
         let turn = TurnRecord {
@@ -151,6 +153,7 @@ impl Runner {
                     return;
                 }
             };
+            self.metrics.handler_latency.observe_duration(call.elapsed());
             match answer {
                 Ok(answer) => {
                     info!(
@@ -164,6 +167,7 @@ impl Runner {
                 }
                 Err(e) if this_run >= self.max_attempts => {
                     self.typing(&turn.conv, &last_id, false);
+                    inc(&self.metrics.turns_dead);
                     error!(attempts = this_run, error = %e, "handler failed on every attempt; turn parked as dead");
                     turn.dead = Some(DeadInfo { error: e.to_string(), died_at_ms: self.clock.now_ms() });
                     let parked = self.store.park_dead(&turn);
@@ -178,6 +182,7 @@ impl Runner {
                     return;
                 }
                 Err(e) => {
+                    inc(&self.metrics.handler_retries);
                     let wait = backoff(self.backoff, self.backoff_max, this_run);
                     warn!(attempt = this_run, error = %e, retry_in_ms = wait.as_millis() as u64, "handler failed");
                     // Keep the attempt count across restarts; not worth a flush.
@@ -235,6 +240,8 @@ impl Runner {
                 if !outbox.is_empty() {
                     self.outbox_wake.notify_one();
                 }
+                inc(&self.metrics.turns_committed);
+                self.metrics.turn_duration.observe_duration(started.elapsed());
                 // With the `log` gateway the reply is only recorded here and in the history.
                 info!(
                     outbox_parts = outbox.len(),
@@ -339,11 +346,11 @@ impl Runner {
         .await
         {
             Ok((before, after)) => {
-                info!(%conv, op = ?op_name(&job.op), "context written via the API");
+                info!(conv = %conv.masked(), op = ?op_name(&job.op), "context written via the API");
                 ContextOutcome::Done { before, after }
             }
             Err(e) => {
-                error!(%conv, error = %e, "context write failed");
+                error!(conv = %conv.masked(), error = %e, "context write failed");
                 ContextOutcome::Failed(e.to_string())
             }
         };

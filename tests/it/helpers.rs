@@ -60,12 +60,31 @@ impl Daemon {
             let _ = stopped.await;
         };
         let task = tokio::spawn(turnstile::server::run_with_clock(config, listener, stopped, clock));
-        Daemon { base, client: reqwest::Client::new(), stop: Some(stop), task }
+        let d = Daemon { base, client: reqwest::Client::new(), stop: Some(stop), task };
+        // Serving starts before recovery; webhooks are taken once /readyz says so.
+        let start = Instant::now();
+        while d.get("/readyz").await.0 != 200 {
+            assert!(start.elapsed() < Duration::from_secs(60), "daemon never became ready");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        d
     }
 
     /// Graceful stop; returns once the daemon has flushed and exited.
     pub async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
+        self.begin_stop();
+        self.stopped().await;
+    }
+
+    /// Sends the stop signal without waiting (the daemon drains meanwhile).
+    pub fn begin_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Waits until the daemon has exited.
+    pub async fn stopped(self) {
         self.task.await.unwrap().unwrap();
     }
 
@@ -125,6 +144,7 @@ struct Recorded {
 struct Shared {
     recorded: Arc<Mutex<Recorded>>,
     delay: Arc<Mutex<Duration>>,
+    delay_for: Arc<Mutex<HashMap<String, Duration>>>,
     fail_with: Arc<Mutex<Option<u16>>>,
 }
 
@@ -140,6 +160,7 @@ impl TestHandler {
         let shared = Shared {
             recorded: Arc::default(),
             delay: Arc::new(Mutex::new(delay)),
+            delay_for: Arc::default(),
             fail_with: Arc::default(),
         };
         let app = Router::new().route("/turn", axum::routing::post(answer)).with_state(shared.clone());
@@ -155,6 +176,11 @@ impl TestHandler {
 
     pub fn set_delay(&self, delay: Duration) {
         *self.shared.delay.lock().unwrap() = delay;
+    }
+
+    /// A delay for one phone's calls only.
+    pub fn set_delay_for(&self, phone: &str, delay: Duration) {
+        self.shared.delay_for.lock().unwrap().insert(phone.to_owned(), delay);
     }
 
     /// Answer every call with this HTTP status (None: answer normally).
@@ -222,7 +248,7 @@ async fn answer(
         });
         InFlight { shared: s.clone(), phone: phone.clone(), index: r.calls.len() - 1 }
     };
-    let delay = *s.delay.lock().unwrap();
+    let delay = s.delay_for.lock().unwrap().get(&phone).copied().unwrap_or(*s.delay.lock().unwrap());
     tokio::time::sleep(delay).await;
     let fail = *s.fail_with.lock().unwrap();
     drop(guard);

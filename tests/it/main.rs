@@ -2,6 +2,7 @@
 //! Timer-driven cases run on tokio's paused clock, so "10 s of debounce"
 //! costs no wall-clock time. The crash test runs the real binary.
 
+mod appliance;
 mod architecture;
 mod batching;
 mod contexts;

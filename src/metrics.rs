@@ -1,0 +1,273 @@
+//! Metrics in the Prometheus text format, for `GET /metrics`.
+//!
+//! A small hand-rolled registry: counters and fixed-bucket histograms that
+//! the pipeline updates as it goes, plus gauges read at scrape time (pending
+//! batches, outbox depth, store size...). One `Metrics` per daemon instance,
+//! not a global, so tests can run several daemons in one process.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// A histogram over seconds with fixed upper bounds.
+pub struct Histogram {
+    bounds: &'static [f64],
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, value: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| value <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add((value.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    pub fn observe_duration(&self, d: Duration) {
+        self.observe(d.as_secs_f64());
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, bucket) in self.bounds.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+const LATENCY: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0];
+const LAG: &[f64] = &[0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+const IDLE: &[f64] = &[0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0];
+const SIZE: &[f64] = &[1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 20.0, 50.0];
+
+/// What the pipeline counts as it goes.
+pub struct Metrics {
+    webhooks: Mutex<BTreeMap<(String, u16), u64>>,
+    pub batch_size: Histogram,
+    pub idle_at_cut: Histogram,
+    pub debounce_lag: Histogram,
+    pub turn_duration: Histogram,
+    pub handler_latency: Histogram,
+    pub handler_retries: AtomicU64,
+    pub turns_committed: AtomicU64,
+    pub turns_dead: AtomicU64,
+    pub replies_sent: AtomicU64,
+    pub send_failures: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            webhooks: Mutex::default(),
+            batch_size: Histogram::new(SIZE),
+            idle_at_cut: Histogram::new(IDLE),
+            debounce_lag: Histogram::new(LAG),
+            turn_duration: Histogram::new(LATENCY),
+            handler_latency: Histogram::new(LATENCY),
+            handler_retries: AtomicU64::new(0),
+            turns_committed: AtomicU64::new(0),
+            turns_dead: AtomicU64::new(0),
+            replies_sent: AtomicU64::new(0),
+            send_failures: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Gauges read at scrape time.
+#[derive(Debug, Default, Clone)]
+pub struct Gauges {
+    pub ready: bool,
+    pub pending_batches: usize,
+    pub pending_messages: usize,
+    pub turns_in_flight: usize,
+    pub dead_turns: usize,
+    pub outbox_depth: usize,
+    pub outbox_failed: usize,
+    pub context_hits: u64,
+    pub context_misses: u64,
+    pub context_invalidations: u64,
+    pub contexts: i64,
+    pub context_raw_bytes: i64,
+    pub context_stored_bytes: i64,
+    pub store_bytes: u64,
+    pub fsyncs: u64,
+}
+
+pub fn inc(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Metrics {
+    pub fn webhook(&self, endpoint: &str, status: u16) {
+        let mut w = self.webhooks.lock().expect("metrics lock");
+        *w.entry((endpoint.to_owned(), status)).or_default() += 1;
+    }
+
+    pub fn render(&self, g: &Gauges) -> String {
+        let mut out = String::with_capacity(4096);
+        let _ = writeln!(
+            out,
+            "# HELP turnstile_webhooks_total Webhook requests by endpoint and answer status.\n# TYPE turnstile_webhooks_total counter"
+        );
+        for ((endpoint, status), n) in self.webhooks.lock().expect("metrics lock").iter() {
+            let _ =
+                writeln!(out, "turnstile_webhooks_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}");
+        }
+        let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        };
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        gauge(
+            &mut out,
+            "turnstile_ready",
+            "1 once recovery is done and the daemon takes webhooks.",
+            g.ready as u8 as f64,
+        );
+        gauge(
+            &mut out,
+            "turnstile_pending_batches",
+            "Conversations with a batch collecting or waiting for its turn.",
+            g.pending_batches as f64,
+        );
+        gauge(
+            &mut out,
+            "turnstile_pending_messages",
+            "Messages in those batches.",
+            g.pending_messages as f64,
+        );
+        gauge(&mut out, "turnstile_turns_in_flight", "Turns running now.", g.turns_in_flight as f64);
+        gauge(&mut out, "turnstile_dead_turns", "Turns parked as dead (GET /api/dead).", g.dead_turns as f64);
+        gauge(
+            &mut out,
+            "turnstile_outbox_depth",
+            "Reply pieces waiting for the gateway.",
+            g.outbox_depth as f64,
+        );
+        gauge(
+            &mut out,
+            "turnstile_outbox_failed",
+            "Reply pieces given up (GET /api/outbox).",
+            g.outbox_failed as f64,
+        );
+        self.batch_size.render(&mut out, "turnstile_batch_size", "Messages per cut batch.");
+        self.idle_at_cut.render(
+            &mut out,
+            "turnstile_idle_at_cut_seconds",
+            "Time since the batch's last message when it was cut.",
+        );
+        self.debounce_lag.render(
+            &mut out,
+            "turnstile_debounce_lag_seconds",
+            "Actual cut time minus its deadline.",
+        );
+        self.turn_duration.render(&mut out, "turnstile_turn_duration_seconds", "Turn start to commit.");
+        self.handler_latency.render(&mut out, "turnstile_handler_latency_seconds", "One handler attempt.");
+        counter(
+            &mut out,
+            "turnstile_handler_retries_total",
+            "Handler attempts that failed and were retried.",
+            load(&self.handler_retries),
+        );
+        counter(&mut out, "turnstile_turns_committed_total", "Turns committed.", load(&self.turns_committed));
+        counter(&mut out, "turnstile_turns_dead_total", "Turns parked as dead.", load(&self.turns_dead));
+        counter(
+            &mut out,
+            "turnstile_replies_sent_total",
+            "Reply pieces the gateway accepted.",
+            load(&self.replies_sent),
+        );
+        counter(
+            &mut out,
+            "turnstile_send_failures_total",
+            "Failed sends to the gateway.",
+            load(&self.send_failures),
+        );
+        counter(
+            &mut out,
+            "turnstile_context_cache_hits_total",
+            "Context reads that found a cache.",
+            g.context_hits,
+        );
+        counter(
+            &mut out,
+            "turnstile_context_cache_misses_total",
+            "Context reads without a cache.",
+            g.context_misses,
+        );
+        counter(
+            &mut out,
+            "turnstile_context_invalidations_total",
+            "Caches dropped by invalidation.",
+            g.context_invalidations,
+        );
+        gauge(&mut out, "turnstile_contexts", "Contexts stored.", g.contexts as f64);
+        gauge(
+            &mut out,
+            "turnstile_context_raw_bytes",
+            "JSON bytes of the stored contexts.",
+            g.context_raw_bytes as f64,
+        );
+        gauge(
+            &mut out,
+            "turnstile_context_stored_bytes",
+            "Deflated bytes of the stored contexts.",
+            g.context_stored_bytes as f64,
+        );
+        gauge(
+            &mut out,
+            "turnstile_store_size_bytes",
+            "The data directory's size on disk, as the store counts it.",
+            g.store_bytes as f64,
+        );
+        counter(&mut out, "turnstile_fsyncs_total", "fsyncs done by the group commit.", g.fsyncs);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative_and_webhooks_labelled() {
+        let m = Metrics::default();
+        for v in [1.0, 2.0, 10.0, 100.0] {
+            m.batch_size.observe(v);
+        }
+        m.webhook("/webhook/whatsapp/batched", 200);
+        m.webhook("/webhook/whatsapp/batched", 200);
+        m.webhook("/webhook/whatsapp/batched", 422);
+        let text = m.render(&Gauges::default());
+        assert!(text.contains("turnstile_batch_size_bucket{le=\"1\"} 1\n"), "{text}");
+        assert!(text.contains("turnstile_batch_size_bucket{le=\"10\"} 3\n"));
+        assert!(text.contains("turnstile_batch_size_bucket{le=\"+Inf\"} 4\n"));
+        assert!(text.contains("turnstile_batch_size_sum 113\n"));
+        assert!(text
+            .contains("turnstile_webhooks_total{endpoint=\"/webhook/whatsapp/batched\",status=\"200\"} 2\n"));
+        assert!(text
+            .contains("turnstile_webhooks_total{endpoint=\"/webhook/whatsapp/batched\",status=\"422\"} 1\n"));
+    }
+}
