@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,25 +31,18 @@ impl Rng {
 }
 
 fn spawn_daemon(dir: &Path, port: u16, handler_url: &str, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_turnstile"))
-        .arg("serve")
-        .env_clear()
-        .env("TURNSTILE_SERVER_LISTEN", format!("127.0.0.1:{port}"))
-        .env("TURNSTILE_SERVER_DATA_DIR", dir)
-        .env("TURNSTILE_HANDLER_KIND", "http")
-        .env("TURNSTILE_HANDLER_URL", handler_url)
-        .env("TURNSTILE_HANDLER_BACKOFF_MS", "50")
-        .env("TURNSTILE_HANDLER_MAX_ATTEMPTS", "1000")
-        .env("TURNSTILE_BATCHING_DEBOUNCE_MS", "400")
-        .env("TURNSTILE_BATCHING_MAX_WAIT_MS", "1500")
-        .env("TURNSTILE_TURNS_HISTORY_LIMIT", "100")
-        .env("TURNSTILE_LOG_FILTER", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("start the turnstile binary")
+    let env = [
+        ("TURNSTILE_SERVER_LISTEN", format!("127.0.0.1:{port}")),
+        ("TURNSTILE_SERVER_DATA_DIR", dir.display().to_string()),
+        ("TURNSTILE_HANDLER_KIND", "http".into()),
+        ("TURNSTILE_HANDLER_URL", handler_url.into()),
+        ("TURNSTILE_HANDLER_BACKOFF_MS", "50".into()),
+        ("TURNSTILE_HANDLER_MAX_ATTEMPTS", "1000".into()),
+        ("TURNSTILE_BATCHING_DEBOUNCE_MS", "400".into()),
+        ("TURNSTILE_BATCHING_MAX_WAIT_MS", "1500".into()),
+        ("TURNSTILE_TURNS_HISTORY_LIMIT", "100".into()),
+    ];
+    spawn_binary(&env, log)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,7 +51,7 @@ async fn every_acknowledged_message_survives_repeated_sigkill() {
     let data = dir.path().join("data");
     let log = dir.path().join("daemon.log");
     let handler = TestHandler::start(Duration::from_millis(5)).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let daemon = Arc::new(Mutex::new(spawn_daemon(&data, port, &handler.url, &log)));
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -274,6 +274,27 @@ pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> b
     }
 }
 
+/// Starts the real `turnstile serve` binary with only `env` (plus an info
+/// log filter) in its environment, stdout and stderr appended to `log`.
+pub fn spawn_binary(env: &[(&str, String)], log: &Path) -> std::process::Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .arg("serve")
+        .env_clear()
+        .env("TURNSTILE_LOG_FILTER", "info")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start the turnstile binary")
+}
+
+/// A free port on 127.0.0.1 (the OS picks; released before use).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// One request a `FakeServer` received.
 #[derive(Debug, Clone)]
 pub struct Seen {

@@ -10,4 +10,5 @@ mod crash;
 mod gateways;
 mod helpers;
 mod input;
+mod systemd;
 mod lifecycle;
