@@ -23,6 +23,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::backup;
 use crate::clock::Clock;
 use crate::config::{MetaConfig, WahaConfig};
 use crate::context;
@@ -61,6 +62,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let admin = Router::new()
         .route("/metrics", get(metrics))
         .route("/api/outbox", get(outbox))
+        .route("/api/backup", post(online_backup))
         .route("/api/batches", get(batches))
         .route("/api/conversations/{phone}", get(conversation))
         .route("/api/dead", get(dead))
@@ -421,6 +423,46 @@ async fn require_token(State(s): State<Arc<AppState>>, request: Request, next: N
         }
     }
     next.run(request).await
+}
+
+/// A consistent snapshot while the daemon keeps serving: written to a temp
+/// file off the runtime (writers pause for the copy), then streamed.
+async fn online_backup(State(s): State<Arc<AppState>>) -> Response {
+    let store = s.store.clone();
+    let path =
+        std::env::temp_dir().join(format!("turnstile-backup-{}-{}.partial", std::process::id(), unix_ms()));
+    let written = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let file = std::fs::File::create(&path).map_err(|e| e.to_string())?;
+            let mut w = std::io::BufWriter::new(file);
+            backup::write(&store, &mut w).map_err(|e| e.to_string())?;
+            w.into_inner().map_err(|e| e.to_string())?.sync_all().map_err(|e| e.to_string())
+        })
+        .await
+    };
+    let opened = match written {
+        Ok(Ok(())) => tokio::fs::File::open(&path).await.map_err(|e| e.to_string()),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(e.to_string()),
+    };
+    // Unlinked at once: the open file streams on, and nothing is left behind.
+    let _ = std::fs::remove_file(&path);
+    match opened {
+        Ok(file) => {
+            let name = format!("attachment; filename=\"turnstile-{}.backup\"", unix_ms());
+            let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+            (
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                    (header::CONTENT_DISPOSITION, name),
+                ],
+                body,
+            )
+                .into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("backup failed: {e}")),
+    }
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {

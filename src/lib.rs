@@ -18,6 +18,7 @@ pub mod outbox; // durable delivery of replies: in order per phone, retried, sen
 pub mod gateway; // one send to WhatsApp: log, http, WAHA or Meta; typing; splitting
 pub mod metrics; // Prometheus text: counters, histograms, gauges read at scrape
 pub mod ops; // systemd: READY, STOPPING, watchdog pings
+pub mod backup; // backup files: write, verify, offline backup and restore
 pub mod server; // wiring: open the store, serve, recover, shut down in order
 
 pub use config::Config;

@@ -19,8 +19,10 @@ mod records;
 #[cfg(test)]
 mod tests;
 
+mod snapshot;
+
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
@@ -40,6 +42,8 @@ pub enum StoreError {
     Flush(Arc<str>),
     #[error("corrupt record in {tree} at key {key:?}: {reason}")]
     Corrupt { tree: &'static str, key: String, reason: String },
+    #[error("{dir} is held by a running turnstile (or another process)")]
+    Held { dir: String },
 }
 
 impl From<TransactionError<StoreError>> for StoreError {
@@ -49,6 +53,18 @@ impl From<TransactionError<StoreError>> for StoreError {
             TransactionError::Storage(e) => StoreError::Sled(e),
         }
     }
+}
+
+const META: &str = "meta";
+const ID_FLOOR: &[u8] = b"id_floor";
+
+fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+    sled::Config::new().path(dir).open().map_err(|e| match e {
+        sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+            StoreError::Held { dir: dir.display().to_string() }
+        }
+        e => StoreError::Sled(e),
+    })
 }
 
 /// What storing a webhook message did.
@@ -75,6 +91,11 @@ pub struct Store {
     ctx_expiry: sled::Tree,
     ctx_totals: sled::Tree,
     context_stats: Arc<ContextStats>,
+    /// Added to sled's id counter: a restored store starts above every id it holds.
+    id_floor: u64,
+    /// Writes hold it shared; an online backup holds it alone, so the
+    /// snapshot is one consistent cut. Never held across an await.
+    gate: Arc<RwLock<()>>,
     flusher: flush::Flusher,
 }
 
@@ -84,8 +105,14 @@ impl Store {
     /// holds the directory.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Sled(e.into()))?;
-        let db = sled::Config::new().path(dir).open()?;
+        let db = open_db(dir)?;
+        let id_floor = match db.open_tree(META)?.get(ID_FLOOR)? {
+            Some(v) => u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
+            None => 0,
+        };
         let store = Store {
+            id_floor,
+            gate: Arc::default(),
             inbox: db.open_tree("inbox")?,
             seen: db.open_tree("seen")?,
             seen_at: db.open_tree("seen_at")?,
@@ -130,7 +157,8 @@ impl Store {
     /// write never leaves the id marked, so a redelivery is not mistaken for a
     /// duplicate. Not durable until `flush`.
     pub fn insert_message(&self, new: NewMessage) -> Result<Inserted, StoreError> {
-        let seq = self.db.generate_id()?;
+        let _write = self.write_gate();
+        let seq = self.next_id()?;
         let message = Message::from_new(seq, new);
         let record = encode(&message);
         let key = seq_key(&message.conv, seq);
@@ -166,13 +194,23 @@ impl Store {
         Ok(out)
     }
 
+    /// Shared hold of the write gate (see `gate`).
+    fn write_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn next_id(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()? + self.id_floor)
+    }
+
     /// A fresh, never reused turn id.
     pub fn new_turn_id(&self) -> Result<String, StoreError> {
-        Ok(format!("t{:012}", self.db.generate_id()?))
+        Ok(format!("t{:012}", self.next_id()?))
     }
 
     /// Records a turn before its handler is called (not durable until `flush`).
     pub fn put_turn(&self, turn: &TurnRecord) -> Result<(), StoreError> {
+        let _write = self.write_gate();
         self.turns.insert(turn.turn_id.as_bytes(), encode(turn))?;
         Ok(())
     }
@@ -191,7 +229,7 @@ impl Store {
 
     /// A fresh, never reused sequence number (for outbox items).
     pub fn next_seq(&self) -> Result<u64, StoreError> {
-        Ok(self.db.generate_id()?)
+        self.next_id()
     }
 
     /// The commit of a turn, in one transaction: its messages leave the inbox,
@@ -207,6 +245,7 @@ impl Store {
         history_limit: usize,
         now_ms: u64,
     ) -> Result<(), StoreError> {
+        let _write = self.write_gate();
         let outbox: Vec<([u8; 8], Vec<u8>)> =
             outbox.iter().map(|o| (o.seq.to_be_bytes(), encode(o))).collect();
         let prefix = conv_prefix(&turn.conv);
@@ -214,7 +253,7 @@ impl Store {
         // read here cannot change before the transaction below.
         let existing: Vec<sled::IVec> = self.history.scan_prefix(&prefix).keys().collect::<Result<_, _>>()?;
         let excess = (existing.len() + 1).saturating_sub(history_limit.max(1));
-        let history_key = seq_key(&turn.conv, self.db.generate_id()?);
+        let history_key = seq_key(&turn.conv, self.next_id()?);
         let summary = encode(summary);
         let trees = (
             &self.inbox,
@@ -250,6 +289,7 @@ impl Store {
     /// Parks a turn as dead: its messages leave the inbox (the record keeps
     /// copies) so the conversation's next batch does not include them.
     pub fn park_dead(&self, turn: &TurnRecord) -> Result<(), StoreError> {
+        let _write = self.write_gate();
         let record = encode(turn);
         (&self.inbox, &self.turns).transaction(|(inbox, turns)| {
             for m in &turn.messages {
@@ -268,12 +308,14 @@ impl Store {
 
     /// The gateway took this item: it is never sent again (once flushed).
     pub fn outbox_sent(&self, seq: u64) -> Result<(), StoreError> {
+        let _write = self.write_gate();
         self.outbox.remove(seq.to_be_bytes())?;
         Ok(())
     }
 
     /// Records a failed attempt (or that the item was given up).
     pub fn outbox_update(&self, item: &OutboxItem) -> Result<(), StoreError> {
+        let _write = self.write_gate();
         self.outbox.insert(item.seq.to_be_bytes(), encode(item))?;
         Ok(())
     }
@@ -318,6 +360,7 @@ impl Store {
         update: &ContextUpdate<'_>,
         now_ms: u64,
     ) -> Result<(Option<ContextMeta>, Option<ContextMeta>), StoreError> {
+        let _write = self.write_gate();
         let key = conv_prefix(conv);
         let trees = (&self.ctx_meta, &self.ctx_dialogue, &self.ctx_cache, &self.ctx_expiry, &self.ctx_totals);
         let (before, after) = trees.transaction(|(meta, dialogue, cache, expiry, totals)| {
@@ -335,6 +378,7 @@ impl Store {
     /// Removes contexts that expired by `now_ms`; returns how many. A range
     /// scan over the expiry index, never a scan of all contexts.
     pub fn expire_contexts(&self, now_ms: u64) -> Result<usize, StoreError> {
+        let _write = self.write_gate();
         let mut removed = 0;
         let trees = (&self.ctx_meta, &self.ctx_dialogue, &self.ctx_cache, &self.ctx_expiry, &self.ctx_totals);
         // Keys are `expires_at ‖ conversation`: everything below `now + 1` is due.
@@ -374,6 +418,7 @@ impl Store {
     /// Forgets message ids received before `cutoff_ms`; returns how many.
     /// A range scan over the time index, never a scan of all ids.
     pub fn expire_seen(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
+        let _write = self.write_gate();
         let mut removed = 0;
         for kv in self.seen_at.range(..cutoff_ms.to_be_bytes().to_vec()) {
             let (key, _) = kv?;

@@ -4,6 +4,7 @@
 
 mod appliance;
 mod architecture;
+mod backup;
 mod batching;
 mod contexts;
 mod crash;

@@ -1,0 +1,259 @@
+//! Backup files: one gzip-compressed file holding every record of the store
+//! and a manifest (format version, counts per kind of record, SHA-256).
+//!
+//! Layout: the magic line `TURNSTILE-BACKUP 1\n`, then a gzip stream of
+//! records — `1, tree (u16 len + bytes), key (u32 len + bytes), value
+//! (u32 len + bytes)` — closed by `0`, then the manifest as `u32 len + JSON`.
+//! The SHA-256 covers the record bytes; gzip's CRC covers the rest. Reading a
+//! file always checks both, so `verify`, `restore` and a truncated or flipped
+//! file fail the same clean way.
+//!
+//! Offline backup and restore refuse a data directory that a running daemon
+//! holds; restore builds the new store beside the target and swaps it in only
+//! once complete, so a failed restore leaves the target as it was.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use flate2::read::GzDecoder;
+use flate2::write::GzEncoder;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::message::unix_ms;
+use crate::store::{Store, StoreError};
+
+const MAGIC: &[u8] = b"TURNSTILE-BACKUP 1\n";
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("not a turnstile backup (no magic line)")]
+    NotABackup,
+    #[error("the backup is damaged: {0}")]
+    Damaged(String),
+    #[error("{0} is not empty; restore with --force to replace it")]
+    NotEmpty(String),
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> BackupError + '_ {
+    move |source| BackupError::Io { path: path.display().to_string(), source }
+}
+
+/// What a backup holds, written at its end and checked on every read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub created_at_ms: u64,
+    /// Ids the restored store generates start above this.
+    pub next_id: u64,
+    /// Records per tree (inbox, turns, ctx_dialogue, outbox...).
+    pub counts: BTreeMap<String, u64>,
+    pub records: u64,
+    pub sha256: String,
+}
+
+/// Writes a backup of `store` to `out` (a consistent cut; writers wait).
+pub fn write(store: &Store, out: impl Write) -> Result<Manifest, BackupError> {
+    let mut out = out;
+    let fail = |e: std::io::Error| BackupError::Io { path: "backup output".into(), source: e };
+    out.write_all(MAGIC).map_err(fail)?;
+    let mut z = GzEncoder::new(out, flate2::Compression::fast());
+    let mut hash = Sha256::new();
+    let mut counts = BTreeMap::new();
+    let mut records = 0u64;
+    let next_id = store.export(|tree, key, value| -> Result<(), BackupError> {
+        let mut rec = Vec::with_capacity(11 + tree.len() + key.len() + value.len());
+        rec.push(1u8);
+        rec.extend_from_slice(&(tree.len() as u16).to_be_bytes());
+        rec.extend_from_slice(tree.as_bytes());
+        rec.extend_from_slice(&(key.len() as u32).to_be_bytes());
+        rec.extend_from_slice(key);
+        rec.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        rec.extend_from_slice(value);
+        hash.update(&rec);
+        *counts.entry(tree.to_owned()).or_insert(0) += 1;
+        records += 1;
+        z.write_all(&rec).map_err(fail)
+    })?;
+    hash.update([0u8]);
+    z.write_all(&[0u8]).map_err(fail)?;
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        created_at_ms: unix_ms(),
+        next_id,
+        counts,
+        records,
+        sha256: hex(&hash.finalize()),
+    };
+    let json = serde_json::to_vec(&manifest).expect("a manifest serializes");
+    z.write_all(&(json.len() as u32).to_be_bytes()).map_err(fail)?;
+    z.write_all(&json).map_err(fail)?;
+    let mut out = z.finish().map_err(fail)?;
+    out.flush().map_err(fail)?;
+    Ok(manifest)
+}
+
+/// One record of a backup.
+pub type Record = (String, Vec<u8>, Vec<u8>);
+
+/// Reads a backup, handing each record to `visit`, and checks it whole.
+/// `visit` sees records before the check completes: callers that must not
+/// act on a damaged file run `verify` first.
+pub fn read<E: From<BackupError>>(
+    input: impl Read,
+    mut visit: impl FnMut(Record) -> Result<(), E>,
+) -> Result<Manifest, E> {
+    let mut input = input;
+    let mut magic = vec![0u8; MAGIC.len()];
+    if input.read_exact(&mut magic).is_err() || magic != MAGIC {
+        return Err(BackupError::NotABackup.into());
+    }
+    let mut z = BufReader::new(GzDecoder::new(input));
+    let damaged = |e: std::io::Error| BackupError::Damaged(e.to_string());
+    let mut hash = Sha256::new();
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    let mut records = 0u64;
+    loop {
+        let mut tag = [0u8; 1];
+        z.read_exact(&mut tag).map_err(damaged)?;
+        hash.update(tag);
+        match tag[0] {
+            0 => break,
+            1 => {}
+            t => return Err(BackupError::Damaged(format!("unknown record tag {t}")).into()),
+        }
+        let tree = read_chunk(&mut z, 2, &mut hash).map_err(damaged)?;
+        let key = read_chunk(&mut z, 4, &mut hash).map_err(damaged)?;
+        let value = read_chunk(&mut z, 4, &mut hash).map_err(damaged)?;
+        let tree =
+            String::from_utf8(tree).map_err(|_| BackupError::Damaged("tree name is not UTF-8".into()))?;
+        *counts.entry(tree.clone()).or_insert(0) += 1;
+        records += 1;
+        visit((tree, key, value))?;
+    }
+    let json = read_chunk(&mut z, 4, &mut Sha256::new()).map_err(damaged)?;
+    // Reading to the end makes gzip check its CRC and length.
+    let mut rest = Vec::new();
+    z.read_to_end(&mut rest).map_err(damaged)?;
+    if !rest.is_empty() {
+        return Err(BackupError::Damaged("data after the manifest".into()).into());
+    }
+    let manifest: Manifest =
+        serde_json::from_slice(&json).map_err(|e| BackupError::Damaged(format!("manifest: {e}")))?;
+    if manifest.format_version != FORMAT_VERSION {
+        return Err(BackupError::Damaged(format!("format version {}", manifest.format_version)).into());
+    }
+    if manifest.sha256 != hex(&hash.finalize()) || manifest.records != records || manifest.counts != counts {
+        return Err(
+            BackupError::Damaged("records do not match the manifest's checksum and counts".into()).into()
+        );
+    }
+    Ok(manifest)
+}
+
+fn read_chunk(r: &mut impl Read, len_bytes: usize, hash: &mut Sha256) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len[4 - len_bytes..])?;
+    hash.update(&len[4 - len_bytes..]);
+    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+    r.read_exact(&mut buf)?;
+    hash.update(&buf);
+    Ok(buf)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `turnstile verify FILE`.
+pub fn verify(file: &Path) -> Result<Manifest, BackupError> {
+    let f = File::open(file).map_err(io(file))?;
+    read(BufReader::new(f), |_| Ok::<(), BackupError>(()))
+}
+
+/// `turnstile backup --data DIR --out FILE`: refused while a daemon holds DIR.
+/// The file appears only once complete and synced.
+pub async fn backup_offline(data: &Path, out: &Path) -> Result<Manifest, BackupError> {
+    if !data.join("db").exists() {
+        return Err(BackupError::Io {
+            path: data.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no turnstile store here"),
+        });
+    }
+    let store = Store::open(data)?;
+    let partial = sibling(out, "partial");
+    let result = (|| {
+        let f = File::create(&partial).map_err(io(&partial))?;
+        let mut w = BufWriter::new(f);
+        let manifest = write(&store, &mut w)?;
+        let f = w
+            .into_inner()
+            .map_err(|e| BackupError::Io { path: partial.display().to_string(), source: e.into_error() })?;
+        f.sync_all().map_err(io(&partial))?;
+        std::fs::rename(&partial, out).map_err(io(out))?;
+        Ok(manifest)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    store.close().await?;
+    result
+}
+
+/// `turnstile restore --from FILE --data DIR [--force]`.
+pub fn restore(file: &Path, data: &Path, force: bool) -> Result<Manifest, BackupError> {
+    let occupied = data.exists() && std::fs::read_dir(data).map_err(io(data))?.next().is_some();
+    if occupied {
+        if !force {
+            return Err(BackupError::NotEmpty(data.display().to_string()));
+        }
+        if data.join("db").exists() {
+            Store::probe(data)?;
+        }
+    }
+    // The whole file is checked before anything is written.
+    let manifest = verify(file)?;
+    let building = sibling(data, "restoring");
+    let _ = std::fs::remove_dir_all(&building);
+    let built = (|| {
+        let f = File::open(file).map_err(io(file))?;
+        let mut records = Vec::new();
+        read(BufReader::new(f), |r| {
+            records.push(Ok::<Record, BackupError>(r));
+            Ok::<(), BackupError>(())
+        })?;
+        Store::import_into(&building, manifest.next_id, records)
+    })();
+    if let Err(e) = built {
+        let _ = std::fs::remove_dir_all(&building);
+        return Err(e);
+    }
+    let replaced = sibling(data, "replaced");
+    if occupied {
+        std::fs::rename(data, &replaced).map_err(io(data))?;
+    } else if data.exists() {
+        std::fs::remove_dir(data).map_err(io(data))?;
+    }
+    if let Err(e) = std::fs::rename(&building, data) {
+        if occupied {
+            let _ = std::fs::rename(&replaced, data);
+        }
+        return Err(io(data)(e));
+    }
+    if occupied {
+        let _ = std::fs::remove_dir_all(&replaced);
+    }
+    Ok(manifest)
+}
+
+fn sibling(path: &Path, what: &str) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into());
+    path.with_file_name(format!(".{name}.{what}-{}", std::process::id()))
+}
