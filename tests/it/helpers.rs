@@ -129,6 +129,17 @@ pub struct Call {
     pub seen_cache: Value,
     pub started: Instant,
     pub ended: Option<Instant>,
+    /// Answered 200 with a reply (not failed, not left hanging by chaos).
+    pub answered: bool,
+}
+
+/// Chaos for the recording handler: shares of calls that fail or hang.
+#[derive(Clone, Copy, Debug)]
+pub struct Chaos {
+    pub seed: u64,
+    pub fail: f64,
+    pub hang: f64,
+    pub hang_for: Duration,
 }
 
 #[derive(Default)]
@@ -146,6 +157,7 @@ struct Shared {
     delay: Arc<Mutex<Duration>>,
     delay_for: Arc<Mutex<HashMap<String, Duration>>>,
     fail_with: Arc<Mutex<Option<u16>>>,
+    chaos: Arc<Mutex<Option<Chaos>>>,
 }
 
 /// A stand-in for the AI service: records every call, sleeps `delay`,
@@ -162,6 +174,7 @@ impl TestHandler {
             delay: Arc::new(Mutex::new(delay)),
             delay_for: Arc::default(),
             fail_with: Arc::default(),
+            chaos: Arc::default(),
         };
         let app = Router::new().route("/turn", axum::routing::post(answer)).with_state(shared.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -181,6 +194,11 @@ impl TestHandler {
     /// A delay for one phone's calls only.
     pub fn set_delay_for(&self, phone: &str, delay: Duration) {
         self.shared.delay_for.lock().unwrap().insert(phone.to_owned(), delay);
+    }
+
+    /// Fail or hang a share of calls (None: stop).
+    pub fn set_chaos(&self, chaos: Option<Chaos>) {
+        *self.shared.chaos.lock().unwrap() = chaos;
     }
 
     /// Answer every call with this HTTP status (None: answer normally).
@@ -245,12 +263,30 @@ async fn answer(
             seen_cache: req["cache"].clone(),
             started: Instant::now(),
             ended: None,
+            answered: false,
         });
         InFlight { shared: s.clone(), phone: phone.clone(), index: r.calls.len() - 1 }
     };
-    let delay = s.delay_for.lock().unwrap().get(&phone).copied().unwrap_or(*s.delay.lock().unwrap());
+    let mut delay = s.delay_for.lock().unwrap().get(&phone).copied().unwrap_or(*s.delay.lock().unwrap());
+    let mut fail = *s.fail_with.lock().unwrap();
+    let mut hung = false;
+    if let Some(chaos) = s.chaos.lock().unwrap().as_mut() {
+        chaos.seed ^= chaos.seed << 13;
+        chaos.seed ^= chaos.seed >> 7;
+        chaos.seed ^= chaos.seed << 17;
+        let roll = (chaos.seed % 10_000) as f64 / 10_000.0;
+        if roll < chaos.fail {
+            fail = Some(500);
+        } else if roll < chaos.fail + chaos.hang {
+            // Longer than the daemon's timeout: it gives up on this call.
+            delay = chaos.hang_for;
+            hung = true;
+        }
+    }
     tokio::time::sleep(delay).await;
-    let fail = *s.fail_with.lock().unwrap();
+    if fail.is_none() && !hung {
+        s.recorded.lock().unwrap().calls[guard.index].answered = true;
+    }
     drop(guard);
     if let Some(status) = fail {
         return (StatusCode::from_u16(status).unwrap(), "handler told to fail").into_response();

@@ -7,6 +7,7 @@ mod architecture;
 mod backup;
 mod batching;
 mod contexts;
+mod chaos;
 mod crash;
 mod gateways;
 mod helpers;
