@@ -56,7 +56,8 @@ impl Histogram {
 }
 
 const LATENCY: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0];
-const LAG: &[f64] = &[0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+const LAG: &[f64] =
+    &[0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 const IDLE: &[f64] = &[0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0];
 const SIZE: &[f64] = &[1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 20.0, 50.0];
 
@@ -68,6 +69,10 @@ pub struct Metrics {
     pub debounce_lag: Histogram,
     pub turn_duration: Histogram,
     pub handler_latency: Histogram,
+    /// A batch's deadline to its handler's first call (cut, gate, turn record and fsync).
+    pub deadline_to_handler: Histogram,
+    /// Handler answer to commit on disk (context encode, transaction, fsync).
+    pub commit_latency: Histogram,
     pub handler_retries: AtomicU64,
     pub turns_committed: AtomicU64,
     pub turns_dead: AtomicU64,
@@ -84,6 +89,8 @@ impl Default for Metrics {
             debounce_lag: Histogram::new(LAG),
             turn_duration: Histogram::new(LATENCY),
             handler_latency: Histogram::new(LATENCY),
+            deadline_to_handler: Histogram::new(LAG),
+            commit_latency: Histogram::new(LAG),
             handler_retries: AtomicU64::new(0),
             turns_committed: AtomicU64::new(0),
             turns_dead: AtomicU64::new(0),
@@ -185,6 +192,12 @@ impl Metrics {
         );
         self.turn_duration.render(&mut out, "turnstile_turn_duration_seconds", "Turn start to commit.");
         self.handler_latency.render(&mut out, "turnstile_handler_latency_seconds", "One handler attempt.");
+        self.deadline_to_handler.render(
+            &mut out,
+            "turnstile_deadline_to_handler_seconds",
+            "A debounced batch's deadline to its handler's first call.",
+        );
+        self.commit_latency.render(&mut out, "turnstile_commit_seconds", "Handler answer to commit on disk.");
         counter(
             &mut out,
             "turnstile_handler_retries_total",

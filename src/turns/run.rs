@@ -79,8 +79,13 @@ impl Runner {
     }
 
     pub async fn run(&self, conv: Conv, work: Work) {
+        // Only a batch cut by its timers has a deadline worth measuring from.
+        let mut due: Option<Instant> = None;
         let turn = match work {
-            Work::Fresh { seqs, reason, .. } => {
+            Work::Fresh { seqs, reason, deadline, .. } => {
+                if matches!(reason, CutReason::Quiet | CutReason::MaxWait) {
+                    due = Some(Instant::from_std(deadline));
+                }
                 match self.record(conv.clone(), &seqs, reason).await {
                     Ok(Some(turn)) => turn,
                     Ok(None) => return,
@@ -95,7 +100,7 @@ impl Runner {
             Work::Context(job) => return self.apply_context(&conv, job).await,
         };
         let span = info_span!("turn", turn_id = %turn.turn_id, phone = %mask(&turn.conv.phone), company = %turn.conv.company_id);
-        self.drive(turn).instrument(span).await
+        self.drive(turn, due).instrument(span).await
     }
 
     async fn record(
@@ -123,7 +128,7 @@ impl Runner {
         Ok(Some(turn))
     }
 
-    async fn drive(&self, mut turn: TurnRecord) {
+    async fn drive(&self, mut turn: TurnRecord, due: Option<Instant>) {
         let started = Instant::now();
         let started_at_ms = self.clock.now_ms();
         info!(messages = turn.messages.len(), reason = %turn.cut_reason, attempts_before = turn.attempts, "turn started");
@@ -146,6 +151,9 @@ impl Runner {
             turn.attempts += 1;
             this_run += 1;
             let call = Instant::now();
+            if let Some(due) = due.filter(|_| this_run == 1) {
+                self.metrics.deadline_to_handler.observe_duration(call.saturating_duration_since(due));
+            }
             let answer = tokio::select! {
                 answer = self.handler.call(&request) => answer,
                 _ = self.stopping.abort.cancelled() => {
@@ -202,6 +210,7 @@ impl Runner {
     }
 
     async fn commit(&self, turn: &TurnRecord, answer: TurnAnswer, started_at_ms: u64, started: Instant) {
+        let committing = Instant::now();
         let now_ms = self.clock.now_ms();
         let dialogue = answer.context.map(|raw| context::encode_json(raw.get().to_owned()));
         let cache = answer.cache.map(|raw| context::encode_json(raw.get().to_owned()));
@@ -241,6 +250,7 @@ impl Runner {
                     self.outbox_wake.notify_one();
                 }
                 inc(&self.metrics.turns_committed);
+                self.metrics.commit_latency.observe_duration(committing.elapsed());
                 self.metrics.turn_duration.observe_duration(started.elapsed());
                 // With the `log` gateway the reply is only recorded here and in the history.
                 info!(

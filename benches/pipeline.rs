@@ -1,0 +1,212 @@
+//! Pipeline benchmark (issue 6), on the release binary as a separate process:
+//!
+//! 1. recovery: start-to-ready with 100,000 pending messages on disk;
+//! 2. memory: RSS idle, and the bytes each pending phone adds;
+//! 3. debounce precision: 10,000 phones with pending batches, cut - deadline;
+//! 4. turn overhead (echo handler, no I/O): deadline -> handler call,
+//!    handler answer -> commit on disk.
+//!
+//!     cargo bench --bench pipeline
+//!
+//! Loopback only; every phase is bounded. Percentiles of 3 and 4 come from
+//! the daemon's own histograms (`/metrics`), so they are bucket bounds.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use turnstile::message::{unix_ms, Conv, NewMessage};
+use turnstile::store::Store;
+
+const PENDING_MESSAGES: u64 = 100_000;
+const PHONES: u64 = 10_000;
+
+fn spawn(data: &Path, port: u16, env: &[(&str, &str)]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .arg("serve")
+        .env_clear()
+        .env("TURNSTILE_SERVER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("TURNSTILE_SERVER_DATA_DIR", data)
+        .env("TURNSTILE_LOG_FILTER", "warn")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the release binary")
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn wait_ready(client: &reqwest::Client, port: u16) {
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = client.get(format!("http://127.0.0.1:{port}/readyz")).send().await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "never ready");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn rss_kb(child: &Child) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+}
+
+async fn scrape(client: &reqwest::Client, port: u16) -> String {
+    client.get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap()
+}
+
+fn value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+/// (count, p50 bound, p99 bound) of a histogram, in milliseconds.
+fn quantiles(text: &str, name: &str) -> (u64, String, String) {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let buckets: Vec<(String, f64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .map(|rest| {
+            let (le, count) = rest.split_once("\"} ").unwrap();
+            (le.to_owned(), count.parse().unwrap())
+        })
+        .collect();
+    let count = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    let at = |q: f64| {
+        let (le, _) = buckets.iter().find(|(_, c)| *c >= q * count).unwrap();
+        match le.parse::<f64>() {
+            Ok(s) => format!("≤ {} ms", s * 1e3),
+            Err(_) => "above the last bucket".into(),
+        }
+    };
+    (count as u64, at(0.50), at(0.99))
+}
+
+async fn post_many(client: &reqwest::Client, port: u16, ids: std::ops::Range<u64>, per_second: u64) {
+    let url = format!("http://127.0.0.1:{port}/webhook/whatsapp/batched");
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in ids.clone() {
+        let (client, url) = (client.clone(), url.clone());
+        let due = start + Duration::from_micros((i - ids.start) * 1_000_000 / per_second);
+        tasks.spawn(async move {
+            tokio::time::sleep_until(due.into()).await;
+            let body = serde_json::json!({"id": format!("p{i}"), "from": format!("7904{:07}", i), "message": "Привет"});
+            let r = client.post(url).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+        });
+        while tasks.len() >= 64 {
+            tasks.join_next().await;
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let quiet: &[(&str, &str)] = &[
+            ("TURNSTILE_BATCHING_DEBOUNCE_MS", "600000"),
+            ("TURNSTILE_BATCHING_MAX_WAIT_MS", "600000"),
+            ("TURNSTILE_BATCHING_MAX_MESSAGES", "1000"),
+        ];
+
+        // 1. Recovery.
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let t = Instant::now();
+        {
+            let store = Store::open(&data).unwrap();
+            let now = unix_ms();
+            for i in 0..PENDING_MESSAGES {
+                let conv = Conv { phone: format!("7903{:07}", i % PHONES), company_id: "default".into() };
+                let m = NewMessage {
+                    id: format!("r{i}"),
+                    conv,
+                    kind: "text".into(),
+                    text: "Привет, можно записаться?".into(),
+                    timestamp: None,
+                    received_at_ms: now,
+                };
+                store.insert_message(m).unwrap();
+            }
+            store.close().await.unwrap();
+        }
+        println!("== recovery: {PENDING_MESSAGES} pending messages of {PHONES} phones on disk (written in {:.1} s)", t.elapsed().as_secs_f64());
+        let mut times = Vec::new();
+        let mut loaded_rss = 0;
+        for _ in 0..3 {
+            let port = free_port();
+            let t = Instant::now();
+            let child = spawn(&data, port, quiet);
+            wait_ready(&client, port).await;
+            times.push(t.elapsed());
+            loaded_rss = rss_kb(&child);
+            let pending = value(&scrape(&client, port).await, "turnstile_pending_messages");
+            assert_eq!(pending as u64, PENDING_MESSAGES, "every message back in a batch");
+            stop(child);
+        }
+        times.sort();
+        println!(
+            "  start to ready: {} (three starts), RSS then {} MiB",
+            times.iter().map(|t| format!("{:.0} ms", t.as_secs_f64() * 1e3)).collect::<Vec<_>>().join(", "),
+            loaded_rss / 1024
+        );
+
+        // 2. Memory.
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = spawn(&dir.path().join("data"), port, quiet);
+        wait_ready(&client, port).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let idle = rss_kb(&child);
+        post_many(&client, port, 0..PHONES, 5_000).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let loaded = rss_kb(&child);
+        println!("== memory: RSS idle {idle} kB; with {PHONES} phones pending {loaded} kB");
+        println!("  added per pending phone: {:.0} B", (loaded.saturating_sub(idle) * 1024) as f64 / PHONES as f64);
+        stop(child);
+
+        // 3 and 4. Debounce precision and turn overhead.
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = spawn(&dir.path().join("data"), port, &[("TURNSTILE_BATCHING_DEBOUNCE_MS", "2000")]);
+        wait_ready(&client, port).await;
+        post_many(&client, port, 0..PHONES, 2_500).await;
+        let start = Instant::now();
+        let text = loop {
+            let text = scrape(&client, port).await;
+            if value(&text, "turnstile_turns_committed_total") as u64 >= PHONES {
+                break text;
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "turns never finished");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        println!("== {PHONES} phones, one pending batch each, debounce 2 s, echo handler");
+        for (name, what) in [
+            ("turnstile_debounce_lag_seconds", "cut - deadline"),
+            ("turnstile_deadline_to_handler_seconds", "deadline -> handler call"),
+            ("turnstile_commit_seconds", "handler answer -> commit on disk"),
+            ("turnstile_turn_duration_seconds", "turn start -> commit"),
+        ] {
+            let (n, p50, p99) = quantiles(&text, name);
+            println!("  {what:<34} p50 {p50:<14} p99 {p99:<14} (n={n})");
+        }
+        stop(child);
+    });
+}
