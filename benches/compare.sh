@@ -50,16 +50,21 @@ TURNSTILE_SERVER_LISTEN=127.0.0.1:8091 TURNSTILE_SERVER_DATA_DIR="$work/data" TU
 tpid=${pids[-1]}
 wait_http http://127.0.0.1:8091/readyz
 rss_idle=$(awk '/VmRSS/ {print $2}' /proc/$tpid/status)
+cpu() { awk '{print $14 + $15}' /proc/$tpid/stat; }   # utime + stime, clock ticks
+cpu_before=$(cpu)
 load turnstile http://127.0.0.1:8091/webhook/whatsapp/batched
+cpu_used=$(awk -v a="$cpu_before" -v b="$(cpu)" -v hz="$(getconf CLK_TCK)" -v d="$DURATION" 'BEGIN { printf "%.2f", (b - a) / hz / d }')
 rss_loaded=$(awk '/VmRSS/ {print $2}' /proc/$tpid/status)
 fsyncs=$(curl -fsS http://127.0.0.1:8091/metrics | awk '/^turnstile_fsyncs_total/ {print $2}')
 kill -TERM "$tpid"; wait "$tpid" || true
-echo "turnstile: RSS idle ${rss_idle} kB, after load ${rss_loaded} kB; fsyncs ${fsyncs}; data dir $(du -sh "$work/data" | cut -f1)" | tee "$OUT/turnstile-extra.txt"
+echo "turnstile: RSS idle ${rss_idle} kB, after load ${rss_loaded} kB; CPU ${cpu_used} cores during load; fsyncs ${fsyncs}; data dir $(du -sh "$work/data" | cut -f1)" | tee "$OUT/turnstile-extra.txt"
 
 # 3. the replica, as its README runs it, from a copy (its node_modules stay out of shared/)
 if command -v node >/dev/null; then
   cp -r "$REPLICA" "$work/replica"
-  (cd "$work/replica" && rm -rf run node_modules && npm ci --silent --no-audit --no-fund >/dev/null)
+  # npm 11 refuses the replica's lock in `npm ci` (optional platform packages); install from it instead.
+  (cd "$work/replica" && rm -rf run node_modules &&
+    { npm ci --no-audit --no-fund >/dev/null 2>&1 || npm install --no-audit --no-fund >/dev/null 2>&1; })
   (cd "$work/replica" && RUN_DIR="$work/replica/run" ./start.sh >/dev/null)
   load replica http://127.0.0.1:3100/webhook/whatsapp/batched
   (cd "$work/replica" && RUN_DIR="$work/replica/run" ./stop.sh >/dev/null)

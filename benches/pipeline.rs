@@ -60,7 +60,15 @@ async fn wait_ready(client: &reqwest::Client, port: u16) {
 
 fn rss_kb(child: &Child) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 async fn scrape(client: &reqwest::Client, port: u16) -> String {
@@ -94,6 +102,18 @@ fn quantiles(text: &str, name: &str) -> (u64, String, String) {
         }
     };
     (count as u64, at(0.50), at(0.99))
+}
+
+fn report(text: &str) {
+    for (name, what) in [
+        ("turnstile_debounce_lag_seconds", "cut - deadline"),
+        ("turnstile_deadline_to_handler_seconds", "deadline -> handler call"),
+        ("turnstile_commit_seconds", "handler answer -> commit on disk"),
+        ("turnstile_turn_duration_seconds", "turn start -> commit"),
+    ] {
+        let (n, p50, p99) = quantiles(text, name);
+        println!("  {what:<34} p50 {p50:<14} p99 {p99:<14} (n={n})");
+    }
 }
 
 async fn post_many(client: &reqwest::Client, port: u16, ids: std::ops::Range<u64>, per_second: u64) {
@@ -197,16 +217,19 @@ fn main() {
             assert!(start.elapsed() < Duration::from_secs(120), "turns never finished");
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
-        println!("== {PHONES} phones, one pending batch each, debounce 2 s, echo handler");
-        for (name, what) in [
-            ("turnstile_debounce_lag_seconds", "cut - deadline"),
-            ("turnstile_deadline_to_handler_seconds", "deadline -> handler call"),
-            ("turnstile_commit_seconds", "handler answer -> commit on disk"),
-            ("turnstile_turn_duration_seconds", "turn start -> commit"),
-        ] {
-            let (n, p50, p99) = quantiles(&text, name);
-            println!("  {what:<34} p50 {p50:<14} p99 {p99:<14} (n={n})");
-        }
+        println!("== {PHONES} phones, one pending batch each, 2,500 new phones/s, debounce 2 s, echo handler");
+        report(&text);
+        stop(child);
+
+        // 4. The same, unloaded: turns never wait for a slot or a busy disk.
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = spawn(&dir.path().join("data"), port, &[("TURNSTILE_BATCHING_DEBOUNCE_MS", "500")]);
+        wait_ready(&client, port).await;
+        post_many(&client, port, 0..300, 50).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        println!("== 300 phones, 50 new phones/s, debounce 0.5 s, echo handler (turn overhead, unloaded)");
+        report(&scrape(&client, port).await);
         stop(child);
     });
 }
