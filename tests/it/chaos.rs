@@ -18,17 +18,6 @@ use tokio::time::{sleep, Instant};
 
 use crate::helpers::*;
 
-/// xorshift, so a failing run can be replayed.
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_keeps_every_invariant() {
     let seconds: u64 =

@@ -19,17 +19,6 @@ const PHONES: usize = 200;
 const PER_PHONE: usize = 10;
 const MIN_KILLS: usize = 5;
 
-/// A small deterministic PRNG, so a failing run can be replayed.
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 fn spawn_daemon(dir: &Path, port: u16, handler_url: &str, log: &Path) -> Child {
     let env = [
         ("TURNSTILE_SERVER_LISTEN", format!("127.0.0.1:{port}")),

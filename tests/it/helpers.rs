@@ -301,6 +301,18 @@ async fn answer(
     .into_response()
 }
 
+/// xorshift: deterministic load and kill schedules, so a failing run replays.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
 /// Polls `cond` every 10 ms of (possibly paused) time, panicking after `limit`.
 pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
