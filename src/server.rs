@@ -127,7 +127,7 @@ pub async fn run_with_clock(
     let runner =
         Arc::new(Runner::new(&config, store.clone(), handler, gateway.clone(), outbox_wake.clone(), &shared));
     let driver = Driver::new(&config, store.clone(), runner, recovery, driver_inbox, turns.clone(), &shared);
-    let driver = tokio::spawn(driver.run());
+    let driver = spawn_driver(driver);
     let outbox = Outbox::new(&config, store.clone(), gateway, outbox_wake, shared.metrics.clone());
     let outbox = tokio::spawn(outbox.run(stopping.shutdown.clone()));
     let background = [
@@ -189,6 +189,33 @@ pub async fn run_with_clock(
         Ok(result) => result.map_err(ServerError::Serve),
         Err(e) => Err(ServerError::Serve(std::io::Error::other(e))),
     }
+}
+
+/// Runs the driver. On a multi-threaded runtime (the daemon) it gets a thread
+/// and a runtime of its own, so its timers never wait behind turn tasks or
+/// HTTP handlers for a worker; turns still run on the main runtime. On a
+/// current-thread runtime (tests on tokio's paused clock) it stays there.
+fn spawn_driver(driver: Driver) -> tokio::sync::oneshot::Receiver<()> {
+    let (done, finished) = tokio::sync::oneshot::channel();
+    if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+        std::thread::Builder::new()
+            .name("turnstile-driver".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("the driver's runtime");
+                runtime.block_on(driver.run());
+                let _ = done.send(());
+            })
+            .expect("the driver's thread");
+    } else {
+        tokio::spawn(async move {
+            driver.run().await;
+            let _ = done.send(());
+        });
+    }
+    finished
 }
 
 /// Forgets message ids older than `dedup_days`, once an hour.

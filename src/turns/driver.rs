@@ -58,6 +58,9 @@ pub struct Driver {
     rx: mpsc::UnboundedReceiver<Event>,
     tx: mpsc::UnboundedSender<Event>,
     tracker: TaskTracker,
+    /// Where turns run: the runtime that built the driver, even when the
+    /// driver itself runs on a thread of its own (see `server`).
+    turns_on: tokio::runtime::Handle,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
 }
@@ -91,6 +94,7 @@ impl Driver {
             rx,
             tx,
             tracker,
+            turns_on: tokio::runtime::Handle::current(),
             shutdown: shared.stopping.shutdown.clone(),
             metrics: shared.metrics.clone(),
         };
@@ -186,10 +190,13 @@ impl Driver {
         while let Some((conv, work)) = self.gate.start_next() {
             let runner = self.runner.clone();
             let finished = Finished { tx: self.tx.clone(), conv: Some(conv.clone()) };
-            self.tracker.spawn(async move {
-                runner.run(conv, work).await;
-                drop(finished);
-            });
+            self.tracker.spawn_on(
+                async move {
+                    runner.run(conv, work).await;
+                    drop(finished);
+                },
+                &self.turns_on,
+            );
         }
     }
 
