@@ -591,14 +591,27 @@ async fn put_context(
     }
     let part = |k: &str| obj.get(k).filter(|v| !v.is_null()).cloned();
     let op = ContextOp::Put { dialogue: part("dialogue"), cache: part("cache") };
-    match s.driver.context(conv, op).await {
-        ContextOutcome::Done { after: Some(meta), .. } => {
+    match write_context(&s, conv, op).await {
+        Ok((_, Some(meta))) => {
             let (updated_at, expires_at) = meta_json(&meta);
             Json(json!({ "status": "stored", "updated_at": updated_at, "expires_at": expires_at }))
                 .into_response()
         }
-        ContextOutcome::Done { after: None, .. } => Json(json!({ "status": "empty" })).into_response(),
-        ContextOutcome::Failed(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Ok((_, None)) => Json(json!({ "status": "empty" })).into_response(),
+        Err(refused) => refused,
+    }
+}
+
+/// Queues a context write in its conversation's turn slot and waits until it
+/// is on disk: the live meta before and the meta after, or the 503 to send.
+async fn write_context(
+    s: &AppState,
+    conv: Conv,
+    op: ContextOp,
+) -> Result<(Option<ContextMeta>, Option<ContextMeta>), Response> {
+    match s.driver.context(conv, op).await {
+        ContextOutcome::Done { before, after } => Ok((before, after)),
+        ContextOutcome::Failed(e) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e)),
     }
 }
 
@@ -611,12 +624,10 @@ async fn delete_context(
         Err(r) => return r,
     };
     let label = conv.to_string();
-    match s.driver.context(conv, ContextOp::Delete).await {
-        ContextOutcome::Done { before: Some(_), .. } => Json(json!({ "status": "deleted" })).into_response(),
-        ContextOutcome::Done { before: None, .. } => {
-            error(StatusCode::NOT_FOUND, format!("no context for {label}"))
-        }
-        ContextOutcome::Failed(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    match write_context(&s, conv, ContextOp::Delete).await {
+        Ok((Some(_), _)) => Json(json!({ "status": "deleted" })).into_response(),
+        Ok((None, _)) => error(StatusCode::NOT_FOUND, format!("no context for {label}")),
+        Err(refused) => refused,
     }
 }
 
@@ -630,11 +641,11 @@ async fn invalidate_context(
         Ok(c) => c,
         Err(r) => return r,
     };
-    match s.driver.context(conv, ContextOp::Invalidate).await {
-        ContextOutcome::Done { before, .. } => {
+    match write_context(&s, conv, ContextOp::Invalidate).await {
+        Ok((before, _)) => {
             let had_cache = before.is_some_and(|m| m.cache.is_some());
             Json(json!({ "status": "invalidated", "had_cache": had_cache })).into_response()
         }
-        ContextOutcome::Failed(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(refused) => refused,
     }
 }

@@ -34,11 +34,8 @@ async fn chaos_keeps_every_invariant() {
     }));
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let env = [
-        ("TURNSTILE_SERVER_LISTEN", format!("127.0.0.1:{port}")),
-        ("TURNSTILE_SERVER_DATA_DIR", dir.path().join("data").display().to_string()),
-        ("TURNSTILE_HANDLER_KIND", "http".into()),
-        ("TURNSTILE_HANDLER_URL", handler.url.clone()),
+    let mut env = binary_env(port, &dir.path().join("data"), Some(&handler.url));
+    env.extend([
         ("TURNSTILE_HANDLER_TIMEOUT_MS", "500".into()),
         ("TURNSTILE_HANDLER_MAX_ATTEMPTS", "3".into()),
         ("TURNSTILE_HANDLER_BACKOFF_MS", "30".into()),
@@ -46,7 +43,7 @@ async fn chaos_keeps_every_invariant() {
         ("TURNSTILE_BATCHING_MAX_WAIT_MS", "1200".into()),
         ("TURNSTILE_TURNS_HISTORY_LIMIT", "1000".into()),
         ("TURNSTILE_TURNS_SHUTDOWN_GRACE_MS", "1000".into()),
-    ];
+    ]);
     let daemon: Arc<Mutex<Child>> = Arc::new(Mutex::new(spawn_binary(&env, &log)));
     let until = Instant::now() + Duration::from_secs(seconds);
     let client = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().unwrap();

@@ -20,17 +20,14 @@ const PER_PHONE: usize = 10;
 const MIN_KILLS: usize = 5;
 
 fn spawn_daemon(dir: &Path, port: u16, handler_url: &str, log: &Path) -> Child {
-    let env = [
-        ("TURNSTILE_SERVER_LISTEN", format!("127.0.0.1:{port}")),
-        ("TURNSTILE_SERVER_DATA_DIR", dir.display().to_string()),
-        ("TURNSTILE_HANDLER_KIND", "http".into()),
-        ("TURNSTILE_HANDLER_URL", handler_url.into()),
+    let mut env = binary_env(port, dir, Some(handler_url));
+    env.extend([
         ("TURNSTILE_HANDLER_BACKOFF_MS", "50".into()),
         ("TURNSTILE_HANDLER_MAX_ATTEMPTS", "1000".into()),
         ("TURNSTILE_BATCHING_DEBOUNCE_MS", "400".into()),
         ("TURNSTILE_BATCHING_MAX_WAIT_MS", "1500".into()),
         ("TURNSTILE_TURNS_HISTORY_LIMIT", "100".into()),
-    ];
+    ]);
     spawn_binary(&env, log)
 }
 

@@ -338,6 +338,20 @@ pub fn spawn_binary(env: &[(&str, String)], log: &Path) -> std::process::Child {
         .expect("start the turnstile binary")
 }
 
+/// The environment every binary-level test starts from: where to listen and
+/// store, and (when given) the recording handler to call.
+pub fn binary_env(port: u16, data: &Path, handler_url: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("TURNSTILE_SERVER_LISTEN", format!("127.0.0.1:{port}")),
+        ("TURNSTILE_SERVER_DATA_DIR", data.display().to_string()),
+    ];
+    if let Some(url) = handler_url {
+        env.push(("TURNSTILE_HANDLER_KIND", "http".into()));
+        env.push(("TURNSTILE_HANDLER_URL", url.into()));
+    }
+    env
+}
+
 /// A free port on 127.0.0.1 (the OS picks; released before use).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

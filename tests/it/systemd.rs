@@ -46,15 +46,9 @@ async fn ready_watchdog_and_stopping_reach_systemd() {
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let port = free_port();
-    let mut child = spawn_binary(
-        &[
-            ("TURNSTILE_SERVER_LISTEN", format!("127.0.0.1:{port}")),
-            ("TURNSTILE_SERVER_DATA_DIR", dir.path().join("data").display().to_string()),
-            ("NOTIFY_SOCKET", socket_path.display().to_string()),
-            ("WATCHDOG_USEC", "200000".into()),
-        ],
-        &dir.path().join("daemon.log"),
-    );
+    let mut env = binary_env(port, &dir.path().join("data"), None);
+    env.extend([("NOTIFY_SOCKET", socket_path.display().to_string()), ("WATCHDOG_USEC", "200000".into())]);
+    let mut child = spawn_binary(&env, &dir.path().join("daemon.log"));
     let read = move |want: &'static str| -> Vec<String> {
         let mut seen = Vec::new();
         let mut buf = [0u8; 256];
@@ -97,12 +91,7 @@ async fn a_second_signal_exits_at_once_and_the_turn_re_runs_after_restart() {
     let handler = TestHandler::start(Duration::from_secs(60)).await;
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let env = [
-        ("TURNSTILE_SERVER_LISTEN", format!("127.0.0.1:{port}")),
-        ("TURNSTILE_SERVER_DATA_DIR", dir.path().join("data").display().to_string()),
-        ("TURNSTILE_HANDLER_KIND", "http".into()),
-        ("TURNSTILE_HANDLER_URL", handler.url.clone()),
-    ];
+    let env = binary_env(port, &dir.path().join("data"), Some(&handler.url));
     let log = dir.path().join("daemon.log");
     let mut child = spawn_binary(&env, &log);
     let client = reqwest::Client::new();
