@@ -96,22 +96,33 @@ async fn webhook_immediate(State(s): State<Arc<AppState>>, headers: HeaderMap, b
 }
 
 async fn webhook(s: &AppState, headers: &HeaderMap, body: Body, immediate: bool) -> Response {
-    if let Err(refused) = accepting(s) {
-        return refused;
-    }
-    let body = match read_json_body(headers, body, s.max_body_bytes).await {
+    let body = match webhook_body(s, headers, body).await {
         Ok(body) => body,
-        Err(response) => return response,
+        Err(refused) => return refused,
     };
     let outcome = async {
         let message = ingest::parse(&body, &s.default_company_id)?;
         s.ingest.accept(message, immediate).await
     };
     match outcome.await {
-        Ok(Accepted::New) => Json(json!({ "status": "accepted" })).into_response(),
-        Ok(Accepted::Duplicate) => Json(json!({ "status": "duplicate" })).into_response(),
+        Ok(accepted) => accepted_json(accepted),
         Err(e) => ingest_error(e),
     }
+}
+
+/// What every webhook checks before parsing, in this order: the daemon takes
+/// webhooks (503 while recovering or draining), the body is JSON, not too large.
+async fn webhook_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, Response> {
+    accepting(s)?;
+    read_json_body(headers, body, s.max_body_bytes).await
+}
+
+fn accepted_json(accepted: Accepted) -> Response {
+    let status = match accepted {
+        Accepted::New => "accepted",
+        Accepted::Duplicate => "duplicate",
+    };
+    Json(json!({ "status": status })).into_response()
 }
 
 fn ingest_error(e: IngestError) -> Response {
@@ -141,12 +152,9 @@ async fn meta_verify(
 
 /// One Meta delivery: possibly several messages, possibly none (statuses only).
 async fn meta_webhook(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    if let Err(refused) = accepting(&s) {
-        return refused;
-    }
-    let body = match read_json_body(&headers, body, s.max_body_bytes).await {
+    let body = match webhook_body(&s, &headers, body).await {
         Ok(body) => body,
-        Err(response) => return response,
+        Err(refused) => return refused,
     };
     if !s.meta.app_secret.is_empty() {
         let sig = headers.get("x-hub-signature-256").and_then(|v| v.to_str().ok());
@@ -167,12 +175,9 @@ async fn meta_webhook(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
 
 /// One WAHA event; only client messages are stored, the rest acknowledged.
 async fn waha_webhook(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    if let Err(refused) = accepting(&s) {
-        return refused;
-    }
-    let body = match read_json_body(&headers, body, s.max_body_bytes).await {
+    let body = match webhook_body(&s, &headers, body).await {
         Ok(body) => body,
-        Err(response) => return response,
+        Err(refused) => return refused,
     };
     if !s.waha.hmac_key.is_empty() {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
@@ -188,8 +193,7 @@ async fn waha_webhook(State(s): State<Arc<AppState>>, headers: HeaderMap, body: 
         }
     };
     match outcome.await {
-        Ok(Some(Accepted::New)) => Json(json!({ "status": "accepted" })).into_response(),
-        Ok(Some(Accepted::Duplicate)) => Json(json!({ "status": "duplicate" })).into_response(),
+        Ok(Some(accepted)) => accepted_json(accepted),
         Ok(None) => Json(json!({ "status": "ignored" })).into_response(),
         Err(e) => ingest_error(e),
     }
