@@ -91,6 +91,7 @@ pub struct Store {
     ctx_expiry: sled::Tree,
     ctx_totals: sled::Tree,
     context_stats: Arc<ContextStats>,
+    dir: std::path::PathBuf,
     /// Added to sled's id counter: a restored store starts above every id it holds.
     id_floor: u64,
     /// Writes hold it shared; an online backup holds it alone, so the
@@ -111,6 +112,7 @@ impl Store {
             None => 0,
         };
         let store = Store {
+            dir: dir.to_owned(),
             id_floor,
             gate: Arc::default(),
             inbox: db.open_tree("inbox")?,
@@ -147,10 +149,32 @@ impl Store {
         self.flusher.flush().await.map_err(StoreError::Flush)
     }
 
-    /// Flushes and stops the group-commit task; the database closes when the
-    /// last clone of this store is dropped. Later `flush` calls fail.
+    /// Flushes, stops the group-commit task, and — when this was the last
+    /// clone — returns only once sled has let go of the directory (its I/O
+    /// threads can hold the files a moment after the last handle is gone), so
+    /// the same directory can be opened again at once. Waits at most 5 s.
     pub async fn close(self) -> Result<(), StoreError> {
-        self.flusher.close().await.map_err(StoreError::Flush)
+        let flushed = self.flusher.close().await.map_err(StoreError::Flush);
+        let lock_file = self.dir.join("db");
+        drop(self);
+        // Real sleeps on a blocking thread: tokio's paused test clock must
+        // not turn this wait into a spin.
+        let _ = tokio::task::spawn_blocking(move || {
+            use fs2::FileExt;
+            for _ in 0..500 {
+                match std::fs::File::open(&lock_file).map(|f| f.try_lock_exclusive().map(|_| f)) {
+                    Ok(Ok(file)) => {
+                        let _ = file.unlock();
+                        return;
+                    }
+                    Ok(Err(_)) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                    Err(_) => return,
+                }
+            }
+            tracing::warn!(path = %lock_file.display(), "store still locked 5 s after closing");
+        })
+        .await;
+        flushed
     }
 
     /// Stores a message and marks its id seen, in one transaction: a failed
