@@ -152,18 +152,20 @@ fn main() {
         let t = Instant::now();
         {
             let store = Store::open(&data).unwrap();
+            store.set_sink(Some(std::sync::Arc::new(|_| true)));
             let now = unix_ms();
-            for i in 0..PENDING_MESSAGES {
-                let conv = Conv { phone: format!("7903{:07}", i % PHONES), company_id: "default".into() };
-                let m = NewMessage {
+            let messages: Vec<NewMessage> = (0..PENDING_MESSAGES)
+                .map(|i| NewMessage {
                     id: format!("r{i}"),
-                    conv,
+                    conv: Conv { phone: format!("7903{:07}", i % PHONES), company_id: "default".into() },
                     kind: "text".into(),
                     text: "Привет, можно записаться?".into(),
                     timestamp: None,
                     received_at_ms: now,
-                };
-                store.insert_message(m).unwrap();
+                })
+                .collect();
+            for chunk in messages.chunks(1000) {
+                store.accept(chunk.to_vec(), false).await.unwrap();
             }
             store.close().await.unwrap();
         }

@@ -40,6 +40,9 @@ pub struct AppState {
     pub clock: Clock,
     /// Set once recovery is done; webhooks and /readyz answer 503 before.
     pub ready: Arc<AtomicBool>,
+    /// Set on a fatal fault (a dead task): webhooks and /readyz answer 503
+    /// with it while the daemon stops for a restart.
+    pub fatal: Arc<std::sync::Mutex<Option<String>>>,
     /// Cancelled on shutdown: webhooks answer 503 so the gateway retries later.
     pub draining: CancellationToken,
     pub metrics: Arc<Metrics>,
@@ -130,7 +133,7 @@ fn ingest_error(e: IngestError) -> Response {
         IngestError::Malformed(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
         IngestError::Invalid(_) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
         IngestError::Store(_) => {
-            tracing::error!(error = %e, "webhook refused: store failure");
+            tracing::warn!(error = %e, "webhook refused: not stored");
             error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }
     }
@@ -266,10 +269,7 @@ async fn batches(State(s): State<Arc<AppState>>) -> Response {
     let now_ms = unix_ms();
     let mut out = Vec::new();
     for (conv, seqs, first_at, deadline) in &snap.collecting {
-        let messages = match s.store.messages(conv, seqs) {
-            Ok(m) => m,
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        };
+        let messages = s.store.messages(conv, seqs);
         out.push(json!({
             "company_id": conv.company_id,
             "phone": conv.phone,
@@ -280,10 +280,7 @@ async fn batches(State(s): State<Arc<AppState>>) -> Response {
         }));
     }
     for (conv, seqs) in &snap.waiting {
-        let messages = match s.store.messages(conv, seqs) {
-            Ok(m) => m,
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        };
+        let messages = s.store.messages(conv, seqs);
         let first = messages.iter().map(|m| m.received_at_ms).min().unwrap_or(now_ms);
         out.push(json!({
             "company_id": conv.company_id,
@@ -387,10 +384,14 @@ async fn healthz() -> Response {
     Json(json!({ "status": "ok" })).into_response()
 }
 
-/// 503 while recovering or shutting down: a webhook refused so is retried by
-/// the gateway, never lost.
+/// 503 while recovering, after a fault, or shutting down: a webhook refused
+/// so is retried by the gateway, never lost.
 fn accepting(s: &AppState) -> Result<(), Response> {
-    if s.draining.is_cancelled() {
+    if let Some(reason) = s.store.failure() {
+        Err(error(StatusCode::SERVICE_UNAVAILABLE, format!("store failed, restarting: {reason}")))
+    } else if let Some(reason) = s.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        Err(error(StatusCode::SERVICE_UNAVAILABLE, format!("restarting: {reason}")))
+    } else if s.draining.is_cancelled() {
         Err(error(StatusCode::SERVICE_UNAVAILABLE, "shutting down; retry later"))
     } else if !s.ready.load(Ordering::Acquire) {
         Err(error(StatusCode::SERVICE_UNAVAILABLE, "recovering from disk; retry shortly"))
@@ -490,6 +491,10 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     (g.contexts, g.context_raw_bytes, g.context_stored_bytes) = (c.contexts, c.raw_bytes, c.stored_bytes);
     g.store_bytes = s.store.size_on_disk().unwrap_or(0);
     g.fsyncs = s.store.syncs();
+    let st = s.store.stats();
+    (g.log_syncs, g.tree_syncs, g.messages_stored, g.log_segments) =
+        (st.log_syncs, st.tree_syncs, st.stored, st.log_segments);
+    g.store_ok = s.store.failure().is_none();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render(&g))
         .into_response()
 }

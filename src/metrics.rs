@@ -78,6 +78,8 @@ pub struct Metrics {
     pub turns_dead: AtomicU64,
     pub replies_sent: AtomicU64,
     pub send_failures: AtomicU64,
+    /// Turn work the store could not record, read or commit (retried).
+    pub turn_store_failures: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -96,6 +98,7 @@ impl Default for Metrics {
             turns_dead: AtomicU64::new(0),
             replies_sent: AtomicU64::new(0),
             send_failures: AtomicU64::new(0),
+            turn_store_failures: AtomicU64::new(0),
         }
     }
 }
@@ -118,6 +121,12 @@ pub struct Gauges {
     pub context_stored_bytes: i64,
     pub store_bytes: u64,
     pub fsyncs: u64,
+    /// The store takes writes (false once it failed).
+    pub store_ok: bool,
+    pub log_syncs: u64,
+    pub tree_syncs: u64,
+    pub messages_stored: u64,
+    pub log_segments: usize,
 }
 
 pub fn inc(counter: &AtomicU64) {
@@ -255,7 +264,43 @@ impl Metrics {
             "The data directory's size on disk, as the store counts it.",
             g.store_bytes as f64,
         );
-        counter(&mut out, "turnstile_fsyncs_total", "fsyncs done by the group commit.", g.fsyncs);
+        counter(
+            &mut out,
+            "turnstile_fsyncs_total",
+            "Every fsync/fdatasync the store made (message log, committed state, directories).",
+            g.fsyncs,
+        );
+        counter(
+            &mut out,
+            "turnstile_log_syncs_total",
+            "fdatasync calls on the message log: one per group of acknowledged writes.",
+            g.log_syncs,
+        );
+        counter(
+            &mut out,
+            "turnstile_store_syncs_total",
+            "Syncs of the committed-state files (flush, then fdatasync).",
+            g.tree_syncs,
+        );
+        counter(
+            &mut out,
+            "turnstile_messages_stored_total",
+            "Messages stored and acknowledged as accepted.",
+            g.messages_stored,
+        );
+        gauge(&mut out, "turnstile_log_segments", "Message-log segment files.", g.log_segments as f64);
+        gauge(
+            &mut out,
+            "turnstile_store_ok",
+            "1 while the store takes writes; 0 once it failed (the daemon then exits for a restart).",
+            g.store_ok as u8 as f64,
+        );
+        counter(
+            &mut out,
+            "turnstile_turn_store_failures_total",
+            "Turn work the store could not record, read or commit; retried in order after a backoff.",
+            load(&self.turn_store_failures),
+        );
         out
     }
 }

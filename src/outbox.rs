@@ -113,7 +113,7 @@ impl Outbox {
                     Ok(()) => {
                         inc(&self.metrics.replies_sent);
                         info!(part = item.part, parts = item.parts, "reply sent");
-                        self.store.outbox_sent(item.seq)
+                        self.store.outbox_sent(item.seq).await
                     }
                     Err(e) => {
                         inc(&self.metrics.send_failures);
@@ -127,15 +127,12 @@ impl Outbox {
                             warn!(attempt = item.attempts, error = %e, retry_in_ms = wait.as_millis() as u64, "send failed");
                             not_before.insert(item.conv.clone(), Instant::now() + wait);
                         }
-                        self.store.outbox_update(&item)
+                        self.store.outbox_update(&item).await
                     }
                 };
                 if let Err(e) = written {
                     error!(error = %e, "cannot record the send in the outbox");
                 }
-            }
-            if let Err(e) = self.store.flush().await {
-                error!(error = %e, "outbox flush failed");
             }
         }
     }

@@ -4,6 +4,11 @@
 //! `/readyz` answer 503), rebuild batches and turns from disk, then turn
 //! ready and tell systemd `READY=1`.
 //!
+//! A fatal fault (the store failed, the driver or the outbox task ended)
+//! stops acknowledging at once (the store refuses messages, `/readyz` says
+//! why), then takes the stop path below and exits non-zero: systemd restarts
+//! the daemon, which recovers from disk as on every start.
+//!
 //! Stop (first signal): webhooks answer 503 and `STOPPING=1` goes to systemd;
 //! no new turn starts; running turns get `turns.shutdown_grace_ms`, then their
 //! handler calls are abandoned (they stay open on disk and re-run on the next
@@ -12,11 +17,10 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -30,17 +34,20 @@ use crate::ingest::Ingest;
 use crate::message::set_mask_phones;
 use crate::ops;
 use crate::outbox::Outbox;
-use crate::store::{Store, StoreError};
-use crate::turns::{self, Driver, Recovery, Runner, Shared};
+use crate::store::{Announce, Store, StoreError};
+use crate::turns::{self, Driver, Runner, Shared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot open the store in {dir}: {source}")]
     Open { dir: String, source: StoreError },
-    #[error("cannot recover from the store: {0}")]
-    Recover(StoreError),
     #[error("http server failed: {0}")]
     Serve(std::io::Error),
+    /// The store failed or a task the daemon cannot run without ended: it
+    /// stopped taking messages and exits non-zero, for systemd to restart it
+    /// (recovery from disk is the one well-trodden way back).
+    #[error("stopped after a fatal fault: {0}")]
+    Fatal(String),
 }
 
 /// How often expired message ids are forgotten.
@@ -62,9 +69,26 @@ pub async fn run_with_clock(
     shutdown: impl Future<Output = ()> + Send + 'static,
     clock: Clock,
 ) -> Result<(), ServerError> {
+    let dir = config.server.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
+        .await
+        .map_err(|e| ServerError::Open {
+            dir: String::new(),
+            source: StoreError::Failed(e.to_string().into()),
+        })?
+        .map_err(|source| ServerError::Open { dir: config.server.data_dir.display().to_string(), source })?;
+    run_on(config, listener, shutdown, clock, store).await
+}
+
+/// `run` on a store the caller opened (tests reach its failure hooks).
+pub async fn run_on(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    clock: Clock,
+    store: Store,
+) -> Result<(), ServerError> {
     set_mask_phones(config.log.mask_phones);
-    let dir = config.server.data_dir.display().to_string();
-    let store = Store::open(&config.server.data_dir).map_err(|source| ServerError::Open { dir, source })?;
     let shared = Shared { clock, ..Shared::default() };
     let stopping = shared.stopping.clone();
     {
@@ -77,13 +101,15 @@ pub async fn run_with_clock(
 
     // Serve before recovery, refusing webhooks until it is done.
     let ready = Arc::new(AtomicBool::new(false));
+    let fatal = Arc::new(Mutex::new(None));
     let (handle, driver_inbox) = turns::channel();
     let state = Arc::new(AppState {
-        ingest: Ingest::new(store.clone(), handle.clone()),
+        ingest: Ingest::new(store.clone()),
         store: store.clone(),
-        driver: handle,
+        driver: handle.clone(),
         clock: shared.clock.clone(),
         ready: ready.clone(),
+        fatal: fatal.clone(),
         draining: stopping.shutdown.clone(),
         metrics: shared.metrics.clone(),
         admin_token: config.server.admin_token.clone(),
@@ -101,18 +127,7 @@ pub async fn run_with_clock(
         tokio::spawn(async move { serve.await })
     };
 
-    let recovery = {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || Recovery::load(&store)).await.expect("recovery task")
-    };
-    let recovery = match recovery {
-        Ok(r) => r,
-        Err(e) => {
-            http_stop.cancel();
-            let _ = server.await;
-            return Err(ServerError::Recover(e));
-        }
-    };
+    let recovery = store.take_recovered().unwrap_or_default();
     info!(
         open_turns = recovery.open_turns.len(),
         pending_messages = recovery.inbox.len(),
@@ -122,14 +137,12 @@ pub async fn run_with_clock(
 
     let turns = TaskTracker::new();
     let gateway = Arc::new(Gateway::from_config(&config));
-    let outbox_wake = Arc::new(Notify::new());
     let handler = Handler::from_config(&config);
-    let runner =
-        Arc::new(Runner::new(&config, store.clone(), handler, gateway.clone(), outbox_wake.clone(), &shared));
+    let runner = Arc::new(Runner::new(&config, store.clone(), handler, gateway.clone(), &shared));
     let driver = Driver::new(&config, store.clone(), runner, recovery, driver_inbox, turns.clone(), &shared);
-    let driver = spawn_driver(driver);
-    let outbox = Outbox::new(&config, store.clone(), gateway, outbox_wake, shared.metrics.clone());
-    let outbox = tokio::spawn(outbox.run(stopping.shutdown.clone()));
+    let mut driver = spawn_driver(driver);
+    let outbox = Outbox::new(&config, store.clone(), gateway, store.outbox_ready(), shared.metrics.clone());
+    let mut outbox = tokio::spawn(outbox.run(stopping.shutdown.clone()));
     let background = [
         tokio::spawn(sweep_dedup(
             store.clone(),
@@ -147,20 +160,47 @@ pub async fn run_with_clock(
     let watchdog =
         ops::watchdog_interval().map(|every| tokio::spawn(ops::watchdog(every, http_stop.clone())));
 
+    // The writer announces every stored message to the driver, from now on.
+    store.set_sink(Some(Arc::new(move |a: Announce| handle.ingested(a.conv, a.seq, a.immediate))));
     ready.store(true, Ordering::Release);
     ops::notify("READY=1");
     info!("ready");
 
-    // Run until asked to stop, or until the listener fails.
-    let served_early = tokio::select! {
+    // Run until asked to stop, the listener fails, or a fatal fault.
+    let mut served_early = None;
+    let mut driver_done = false;
+    let mut outbox_done = false;
+    // The driver and the outbox also end on shutdown: only an end before it is a fault.
+    let failure: Option<String> = tokio::select! {
+        biased;
         _ = stopping.shutdown.cancelled() => None,
-        served = &mut server => Some(served),
+        served = &mut server => {
+            served_early = Some(served);
+            None
+        }
+        reason = store.failed() => Some(format!("the store failed: {reason}")),
+        _ = &mut driver => {
+            driver_done = true;
+            (!stopping.shutdown.is_cancelled()).then(|| "the driver task ended unexpectedly".to_owned())
+        }
+        _ = &mut outbox => {
+            outbox_done = true;
+            (!stopping.shutdown.is_cancelled()).then(|| "the outbox task ended unexpectedly".to_owned())
+        }
     };
+    if let Some(reason) = &failure {
+        // Nothing more is acknowledged: what cannot become a turn is refused.
+        store.set_sink(None);
+        *fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
+        error!(reason, "fatal fault: refusing webhooks and exiting for a restart");
+    }
     stopping.shutdown.cancel();
     ops::notify("STOPPING=1");
     info!("shutting down: webhooks get 503, no new turns start; waiting for running turns");
 
-    let _ = driver.await;
+    if !driver_done {
+        let _ = driver.await;
+    }
     for task in background {
         let _ = task.await;
     }
@@ -180,11 +220,16 @@ pub async fn run_with_clock(
         let _ = w.await;
     }
     // Replies committed but not sent stay in the outbox for the next start.
-    let _ = outbox.await;
+    if !outbox_done {
+        let _ = outbox.await;
+    }
     if let Err(e) = store.close().await {
-        error!(error = %e, "final flush failed");
+        error!(error = %e, "final sync failed");
     }
     info!("stopped");
+    if let Some(reason) = failure {
+        return Err(ServerError::Fatal(reason));
+    }
     match served {
         Ok(result) => result.map_err(ServerError::Serve),
         Err(e) => Err(ServerError::Serve(std::io::Error::other(e))),
@@ -195,6 +240,8 @@ pub async fn run_with_clock(
 /// and a runtime of its own, so its timers never wait behind turn tasks or
 /// HTTP handlers for a worker; turns still run on the main runtime. On a
 /// current-thread runtime (tests on tokio's paused clock) it stays there.
+/// The receiver resolves when the driver ends — or dies: a panic drops the
+/// sender, which resolves it too.
 fn spawn_driver(driver: Driver) -> tokio::sync::oneshot::Receiver<()> {
     let (done, finished) = tokio::sync::oneshot::channel();
     if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
@@ -218,31 +265,75 @@ fn spawn_driver(driver: Driver) -> tokio::sync::oneshot::Receiver<()> {
     finished
 }
 
-/// Forgets message ids older than `dedup_days`, once an hour.
+/// Forgets message ids retired more than `dedup_days` ago, once an hour.
 async fn sweep_dedup(store: Store, clock: Clock, dedup_days: u64, token: CancellationToken) {
     let keep_ms = dedup_days * 24 * 3600 * 1000;
-    every(DEDUP_SWEEP_EVERY, token, || match store.expire_seen(clock.now_ms().saturating_sub(keep_ms)) {
-        Ok(0) => {}
-        Ok(n) => info!(forgotten = n, "expired message ids removed from the dedup index"),
-        Err(e) => warn!(error = %e, "dedup sweep failed"),
+    every(DEDUP_SWEEP_EVERY, token, || {
+        let store = store.clone();
+        let cutoff = clock.now_ms().saturating_sub(keep_ms);
+        async move {
+            let mut forgotten = 0;
+            loop {
+                match store.expire_dedup(cutoff).await {
+                    Ok(0) => break,
+                    Ok(n) => forgotten += n,
+                    Err(e) => {
+                        warn!(error = %e, "dedup sweep failed");
+                        break;
+                    }
+                }
+            }
+            if forgotten > 0 {
+                info!(records = forgotten, "expired message ids removed from the dedup index");
+            }
+        }
     })
     .await
 }
 
 /// Removes expired contexts from disk (reads already ignore them).
 async fn sweep_contexts(store: Store, clock: Clock, interval_ms: u64, token: CancellationToken) {
-    every(Duration::from_millis(interval_ms), token, || match store.expire_contexts(clock.now_ms()) {
-        Ok(0) => {}
-        Ok(n) => info!(removed = n, "expired contexts removed"),
-        Err(e) => warn!(error = %e, "context sweep failed"),
+    every(Duration::from_millis(interval_ms), token, || {
+        let store = store.clone();
+        let now = clock.now_ms();
+        async move {
+            let mut removed = 0;
+            loop {
+                match store.expire_contexts(now).await {
+                    Ok(swept) => {
+                        for e in &swept.errors {
+                            error!(error = %e, "context sweep met a damaged record; it stays until repaired");
+                        }
+                        removed += swept.removed;
+                        if swept.removed == 0 {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "context sweep failed");
+                        break;
+                    }
+                }
+            }
+            if removed > 0 {
+                info!(removed, "expired contexts removed");
+            }
+        }
     })
     .await
 }
 
 /// Runs `job` now and then every `period` until `token` is cancelled.
-async fn every(period: Duration, token: CancellationToken, mut job: impl FnMut()) {
+async fn every<F: Future<Output = ()>>(
+    period: Duration,
+    token: CancellationToken,
+    mut job: impl FnMut() -> F,
+) {
     loop {
-        job();
+        tokio::select! {
+            _ = job() => {}
+            _ = token.cancelled() => return,
+        }
         tokio::select! {
             _ = tokio::time::sleep(period) => {}
             _ = token.cancelled() => return,

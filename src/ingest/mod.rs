@@ -3,8 +3,11 @@
 //! own formats into the same messages, and `signature` checks their HMACs.
 //!
 //! Validation happens before anything is written, so bad input changes
-//! nothing. The answer to the sender is given only after the group-commit
-//! flush: an "accepted" (or "duplicate") message survives `kill -9`.
+//! nothing. The answer to the sender is given only after the store's writer
+//! has synced the message log: an "accepted" (or "duplicate") message
+//! survives `kill -9` and a power cut. The writer itself tells the driver
+//! about each new message before answering, so no message is ever stored
+//! without becoming a turn — even if this request's task is dropped.
 
 pub mod meta;
 pub mod signature;
@@ -14,7 +17,6 @@ use serde_json::Value;
 
 use crate::message::{unix_ms, Conv, NewMessage};
 use crate::store::{Inserted, Store, StoreError};
-use crate::turns::DriverHandle;
 
 /// Longest accepted message id; WhatsApp's are well under 100 bytes.
 const MAX_ID_BYTES: usize = 256;
@@ -123,46 +125,37 @@ pub fn normalize_phone(raw: &str) -> Result<String, String> {
 #[derive(Clone)]
 pub struct Ingest {
     store: Store,
-    driver: DriverHandle,
 }
 
 impl Ingest {
-    pub fn new(store: Store, driver: DriverHandle) -> Ingest {
-        Ingest { store, driver }
+    pub fn new(store: Store) -> Ingest {
+        Ingest { store }
     }
 
-    /// Stores the message, waits until it is on disk, then hands it to the
-    /// batcher. `immediate` skips the debounce (the message's batch is cut now).
+    /// Stores the message and answers once it is on disk and the batcher
+    /// knows it. `immediate` skips the debounce (the message's batch is cut now).
     pub async fn accept(&self, message: NewMessage, immediate: bool) -> Result<Accepted, IngestError> {
         let counts = self.accept_many(vec![message], immediate).await?;
         Ok(if counts.accepted == 1 { Accepted::New } else { Accepted::Duplicate })
     }
 
-    /// The messages of one delivery, in order, under one flush. If a write
-    /// fails, none of them is acknowledged; the ones already stored are kept
-    /// and answered "duplicate" when the gateway redelivers.
+    /// The messages of one delivery, in order, under one sync. If the write
+    /// fails, none of them is stored (and none marked seen): the gateway's
+    /// redelivery stores them then.
     pub async fn accept_many(
         &self,
         messages: Vec<NewMessage>,
         immediate: bool,
     ) -> Result<Counts, IngestError> {
-        let mut stored = Vec::with_capacity(messages.len());
         let mut counts = Counts::default();
-        for message in messages {
-            match self.store.insert_message(message)? {
-                Inserted::New(m) => stored.push(m),
+        for inserted in self.store.accept(messages, immediate).await? {
+            match inserted {
+                Inserted::New(m) => {
+                    tracing::debug!(conv = %m.conv.masked(), id = %m.id, seq = m.seq, kind = %m.kind, "message stored");
+                    counts.accepted += 1;
+                }
                 Inserted::Duplicate => counts.duplicates += 1,
             }
-        }
-        // A duplicate waits for the disk too: its original may be in the very
-        // flush that has not finished yet, and "duplicate" promises it is stored.
-        self.store.flush().await?;
-        for m in stored {
-            tracing::debug!(conv = %m.conv.masked(), id = %m.id, seq = m.seq, kind = %m.kind, "message stored");
-            counts.accepted += 1;
-            // A stopped driver only means we are shutting down: the message
-            // is on disk and the next start batches it.
-            self.driver.ingested(m.conv, m.seq, immediate);
         }
         Ok(counts)
     }

@@ -3,32 +3,35 @@
 //! expiry index keyed by expiry time so the sweeper never scans them all.
 //!
 //! `apply` runs inside a caller's transaction, so a turn's commit updates its
-//! context atomically with the rest of the commit.
+//! context atomically with the rest of the commit. It reads and checks
+//! everything before it writes anything: a damaged record fails the one
+//! update that met it, with nothing of that update written, and the rest of
+//! the transaction goes on.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use sled::transaction::{TransactionalTree, UnabortableTransactionError};
 
 use super::records::{decode, encode};
 use super::StoreError;
 
 /// What to do with one part of a context.
-#[derive(Debug, Clone, Copy)]
-pub enum Part<'a> {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
     Keep,
     Clear,
     /// Deflated bytes, and the size of the JSON they hold.
     Set {
-        bytes: &'a [u8],
+        bytes: Vec<u8>,
         raw_len: u64,
     },
 }
 
-#[derive(Debug, Clone, Copy)]
-pub struct ContextUpdate<'a> {
-    pub dialogue: Part<'a>,
-    pub cache: Part<'a>,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContextUpdate {
+    pub dialogue: Part,
+    pub cache: Part,
     /// Restart the idle timer (a turn or a PUT); an invalidation does not.
     pub slide: bool,
     pub ttl_ms: u64,
@@ -156,38 +159,59 @@ pub(crate) fn decode_totals(key: &[u8], bytes: &[u8]) -> Result<Totals, StoreErr
     decode("ctx_totals", key, bytes)
 }
 
-fn add_totals(
-    t: &Trees<'_>,
-    key: &[u8],
-    before: Option<&ContextMeta>,
-    after: Option<&ContextMeta>,
-) -> TxResult<()> {
+/// A shard's totals moved by the difference between two metas.
+fn moved(mut totals: Totals, before: Option<&ContextMeta>, after: Option<&ContextMeta>) -> Totals {
     let (r0, s0) = before.map(ContextMeta::total).unwrap_or((0, 0));
     let (r1, s1) = after.map(ContextMeta::total).unwrap_or((0, 0));
-    let shard = shard_of(key);
-    let mut totals = t.totals.get(shard)?.and_then(|v| decode_totals(&shard, &v).ok()).unwrap_or_default();
     totals.contexts += after.is_some() as i64 - before.is_some() as i64;
     totals.raw_bytes += r1 - r0;
     totals.stored_bytes += s1 - s0;
-    t.totals.insert(&shard, encode(&totals))?;
-    Ok(())
+    totals
 }
 
-type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+/// Sled failures end the transaction; `Err` inside `Ok` fails one update.
+pub(crate) type TxResult<T> = Result<Result<T, StoreError>, UnabortableTransactionError>;
+
+/// The totals shard of `key`, read inside the transaction.
+fn read_totals(t: &Trees<'_>, key: &[u8]) -> TxResult<([u8; 1], Totals)> {
+    let shard = shard_of(key);
+    Ok(match t.totals.get(shard)? {
+        Some(v) => decode_totals(&shard, &v).map(|totals| (shard, totals)),
+        None => Ok((shard, Totals::default())),
+    })
+}
 
 /// Applies `update` to the context at `key`; returns the meta before and
 /// after (for the counters). An expired context counts as absent: `Keep`
-/// never resurrects it.
+/// never resurrects it. A meta record that does not decode fails an update
+/// that keeps a part (what it would keep is unknown); one that sets or clears
+/// both parts replaces it, which is how an operator repairs it.
 pub(crate) fn apply(
     t: &Trees<'_>,
     key: &[u8],
-    update: &ContextUpdate<'_>,
+    update: &ContextUpdate,
     now_ms: u64,
 ) -> TxResult<(Option<ContextMeta>, Option<ContextMeta>)> {
-    // A meta record that does not decode is replaced by this write.
-    let before = t.meta.get(key)?.and_then(|v| decode_meta(key, &v).ok());
+    let before = match t.meta.get(key)?.map(|v| decode_meta(key, &v)).transpose() {
+        Ok(meta) => meta,
+        Err(e) if matches!(update.dialogue, Part::Keep) || matches!(update.cache, Part::Keep) => {
+            return Ok(Err(e))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "a damaged context meta record is replaced by a write");
+            None
+        }
+    };
+    let (shard, totals) = match read_totals(t, key)? {
+        Ok(found) => found,
+        Err(e) => return Ok(Err(e)),
+    };
+    // Everything is read and checked: from here on, only writes.
     let live = before.as_ref().filter(|m| m.expires_at_ms > now_ms);
-    let part = |tree: &TransactionalTree, part: Part<'_>, old: Option<Sizes>| -> TxResult<Option<Sizes>> {
+    let part = |tree: &TransactionalTree,
+                part: &Part,
+                old: Option<Sizes>|
+     -> Result<_, UnabortableTransactionError> {
         match part {
             Part::Keep if live.is_some() => Ok(old),
             Part::Keep | Part::Clear => {
@@ -195,50 +219,60 @@ pub(crate) fn apply(
                 Ok(None)
             }
             Part::Set { bytes, raw_len } => {
-                tree.insert(key, bytes)?;
-                Ok(Some(Sizes { raw: raw_len, stored: bytes.len() as u64 }))
+                tree.insert(key, bytes.as_slice())?;
+                Ok(Some(Sizes { raw: *raw_len, stored: bytes.len() as u64 }))
             }
         }
     };
-    let dialogue = part(t.dialogue, update.dialogue, live.and_then(|m| m.dialogue))?;
-    let cache = part(t.cache, update.cache, live.and_then(|m| m.cache))?;
+    let dialogue = part(t.dialogue, &update.dialogue, live.and_then(|m| m.dialogue))?;
+    let cache = part(t.cache, &update.cache, live.and_then(|m| m.cache))?;
     if let Some(old) = &before {
         t.expiry.remove(expiry_key(old.expires_at_ms, key))?;
     }
-    if dialogue.is_none() && cache.is_none() {
+    let after = if dialogue.is_none() && cache.is_none() {
         t.meta.remove(key)?;
-        add_totals(t, key, before.as_ref(), None)?;
-        return Ok((before, None));
-    }
-    let expires_at_ms = match live {
-        Some(m) if !update.slide => m.expires_at_ms,
-        _ => now_ms + update.ttl_ms,
+        None
+    } else {
+        let expires_at_ms = match live {
+            Some(m) if !update.slide => m.expires_at_ms,
+            _ => now_ms + update.ttl_ms,
+        };
+        let after = ContextMeta { updated_at_ms: now_ms, expires_at_ms, dialogue, cache };
+        t.meta.insert(key, encode(&after))?;
+        t.expiry.insert(expiry_key(expires_at_ms, key), &[][..])?;
+        Some(after)
     };
-    let after = ContextMeta { updated_at_ms: now_ms, expires_at_ms, dialogue, cache };
-    t.meta.insert(key, encode(&after))?;
-    t.expiry.insert(expiry_key(expires_at_ms, key), &[][..])?;
-    add_totals(t, key, before.as_ref(), Some(&after))?;
-    Ok((before, Some(after)))
+    t.totals.insert(&shard, encode(&moved(totals, before.as_ref(), after.as_ref())))?;
+    Ok(Ok((before, after)))
 }
 
 /// Removes the context at `key` if it is still the one the expiry index
 /// entry `(expires_at_ms, key)` points at and it has expired by `now_ms`.
+/// A damaged meta or totals record is an error naming it; the index entry
+/// then stays, so the sweeper reports it again until it is repaired.
 pub(crate) fn expire(
     t: &Trees<'_>,
     key: &[u8],
     expires_at_ms: u64,
     now_ms: u64,
 ) -> TxResult<Option<ContextMeta>> {
-    t.expiry.remove(expiry_key(expires_at_ms, key))?;
-    let Some(meta) = t.meta.get(key)?.and_then(|v| decode_meta(key, &v).ok()) else {
-        return Ok(None);
+    let meta = match t.meta.get(key)?.map(|v| decode_meta(key, &v)).transpose() {
+        Ok(meta) => meta,
+        Err(e) => return Ok(Err(e)),
     };
-    if meta.expires_at_ms != expires_at_ms || meta.expires_at_ms > now_ms {
-        return Ok(None); // touched since: its new index entry stands
-    }
+    let Some(meta) = meta.filter(|m| m.expires_at_ms == expires_at_ms && m.expires_at_ms <= now_ms) else {
+        // Touched since (its new index entry stands), or already gone.
+        t.expiry.remove(expiry_key(expires_at_ms, key))?;
+        return Ok(Ok(None));
+    };
+    let (shard, totals) = match read_totals(t, key)? {
+        Ok(found) => found,
+        Err(e) => return Ok(Err(e)),
+    };
+    t.expiry.remove(expiry_key(expires_at_ms, key))?;
     t.meta.remove(key)?;
     t.dialogue.remove(key)?;
     t.cache.remove(key)?;
-    add_totals(t, key, Some(&meta), None)?;
-    Ok(Some(meta))
+    t.totals.insert(&shard, encode(&moved(totals, Some(&meta), None)))?;
+    Ok(Ok(Some(meta)))
 }

@@ -1,36 +1,54 @@
 //! The durable state of the daemon, and the only module that names sled.
 //!
-//! Trees:
-//! - `inbox`: messages not yet answered by a committed turn, per conversation in arrival order
-//! - `seen`, `seen_at`: message ids already accepted (dedup), and their time index for expiry
-//! - `turns`: turns cut but not committed (re-run on start) and dead turns (kept for retry)
-//! - `history`: the last committed turns of each conversation
-//! - `outbox`: reply pieces to send, in order, written in the turn's commit
-//! - `ctx_meta`, `ctx_dialogue`, `ctx_cache`, `ctx_expiry`: each conversation's
-//!   context, in two deflated parts, with its expiry index (see `contexts.rs`)
+//! Two places on disk, one writer:
+//! - the **message log** (`log.rs`, files in `log/`): accepted messages and
+//!   turn claims, each group of writes made durable by one `fdatasync`
+//!   before anyone is answered. It holds only what no committed turn has
+//!   answered yet; a segment is deleted once all of it is retired.
+//! - **sled** (the trees below): everything committed — dedup marks,
+//!   history, contexts, outbox, dead turns. Written in one transaction per
+//!   group, made durable by the syncer (`durable.rs`: sled's flush, then a
+//!   real `fdatasync` of its files and `fsync` of new files' directories).
 //!
-//! Every write that must be atomic is one sled transaction; durability is a
-//! separate, shared step (`flush`, see `flush.rs`), so callers decide when to
-//! wait for the disk.
+//! One store-writer thread (`writer.rs`) takes every write waiting for it,
+//! applies them together and answers every waiter: no sled write and no
+//! fsync ever runs on the async workers. Reads go to sled or to memory
+//! directly.
+//!
+//! Memory here (pending messages, open claims, the dedup set, segment
+//! counts) is rebuilt from the log and sled on every open (`recover.rs`).
+//!
+//! Trees: `dedup` (retired time ‖ id → hashes of the ids a turn answered),
+//! `turns` (dead turns, and turns re-opened from dead), `history`, `outbox`,
+//! `ctx_meta`, `ctx_dialogue`, `ctx_cache`, `ctx_expiry`, `ctx_totals`
+//! (contexts, see `contexts.rs`), `meta` (the id floor of a restored store).
 
 mod contexts;
-mod flush;
+mod dedup;
+mod durable;
+mod ids;
+mod log;
 mod records;
+mod recover;
+mod snapshot;
 #[cfg(test)]
 mod tests;
+mod writer;
 
-mod snapshot;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock};
+use std::time::Instant;
 
-use std::path::Path;
-use std::sync::{Arc, RwLock};
-
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use tokio::sync::oneshot;
 
 pub use contexts::{
     ContextMeta, ContextStats, ContextStatsSnapshot, ContextUpdate, Part, Sizes, StoredContext,
 };
-use records::{conv_prefix, decode, decode_all, encode, phone_prefix, seen_at_key, seq_key};
+use records::{conv_prefix, decode, decode_all, phone_prefix};
 pub use records::{DeadInfo, OutboxItem, TurnRecord, TurnSummary};
+pub use recover::Recovered;
 
 use crate::message::{Conv, Message, NewMessage};
 
@@ -38,20 +56,222 @@ use crate::message::{Conv, Message, NewMessage};
 pub enum StoreError {
     #[error("storage error: {0}")]
     Sled(#[from] sled::Error),
-    #[error("flush to disk failed: {0}")]
-    Flush(Arc<str>),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
     #[error("corrupt record in {tree} at key {key:?}: {reason}")]
     Corrupt { tree: &'static str, key: String, reason: String },
     #[error("{dir} is held by a running turnstile (or another process)")]
     Held { dir: String },
+    /// A write failed and was undone: nothing of it is stored; try again.
+    #[error("write failed, nothing was stored: {0}")]
+    Write(Arc<str>),
+    /// A failure the store cannot undo: it takes no more writes, and the
+    /// daemon restarts to recover from disk.
+    #[error("the store has failed and takes no writes until the daemon restarts: {0}")]
+    Failed(Arc<str>),
+    /// Messages are refused while nothing would turn them into turns.
+    #[error("not accepting messages: {0}")]
+    NotAccepting(&'static str),
+    #[error("the store is closed")]
+    Closed,
 }
 
-impl From<TransactionError<StoreError>> for StoreError {
-    fn from(e: TransactionError<StoreError>) -> Self {
-        match e {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(e) => StoreError::Sled(e),
+/// What storing a webhook message did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inserted {
+    /// Stored under its sequence number.
+    New(Message),
+    /// The id was accepted before; nothing was written.
+    Duplicate,
+}
+
+/// A newly stored message, told to the pipeline by the writer itself, after
+/// the sync and before the webhook is answered: a message is never stored
+/// without being announced, whatever happens to the request that sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announce {
+    pub conv: Conv,
+    pub seq: u64,
+    /// Passed through from `accept`.
+    pub immediate: bool,
+}
+
+/// Where announcements go; returns false once nobody listens.
+pub type Sink = dyn Fn(Announce) -> bool + Send + Sync;
+
+/// A turn's commit: its messages leave the inbox, its summary joins the
+/// history (trimmed to `history_limit`), its context update is applied and
+/// its reply enters the outbox — one transaction.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    pub turn: TurnRecord,
+    pub summary: TurnSummary,
+    pub context: ContextUpdate,
+    pub outbox: Vec<OutboxItem>,
+    pub history_limit: usize,
+    pub now_ms: u64,
+}
+
+/// What a context sweep did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Swept {
+    pub removed: usize,
+    /// Damaged records met (each names its key); they stay until repaired.
+    pub errors: Vec<String>,
+}
+
+/// Failure hooks for tests. They fail the very calls a real I/O error
+/// fails, so what follows is the real error's path, not a simulation of it.
+#[derive(Debug, Default)]
+pub struct Faults {
+    log_until: Mutex<Option<Instant>>,
+    tree_sync: AtomicBool,
+}
+
+impl Faults {
+    /// Message-log writes fail with ENOSPC ("no space left") until `until`.
+    pub fn fail_log_writes_until(&self, until: Instant) {
+        *lock(&self.log_until) = Some(until);
+    }
+
+    /// The next sync of sled's files fails with EIO.
+    pub fn fail_next_tree_sync(&self) {
+        self.tree_sync.store(true, Ordering::SeqCst);
+    }
+
+    fn log_write(&self) -> Option<std::io::Error> {
+        let until = *lock(&self.log_until);
+        until.filter(|u| Instant::now() < *u).map(|_| std::io::Error::from_raw_os_error(28))
+    }
+
+    fn tree_sync(&self) -> Option<std::io::Error> {
+        self.tree_sync.swap(false, Ordering::SeqCst).then(|| std::io::Error::from_raw_os_error(5))
+    }
+}
+
+/// Counters for the metrics endpoint.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    /// `fdatasync` calls on the message log: one per group.
+    log_syncs: AtomicU64,
+    /// Syncs of sled's files (flush + `fdatasync` + directories).
+    tree_syncs: AtomicU64,
+    /// `fsync` calls on directories and new files (segments, sled's files).
+    other_syncs: AtomicU64,
+    /// Messages stored (acknowledged as accepted).
+    stored: AtomicU64,
+    groups: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub log_syncs: u64,
+    pub tree_syncs: u64,
+    pub other_syncs: u64,
+    pub stored: u64,
+    pub groups: u64,
+    pub pending: usize,
+    pub log_segments: usize,
+}
+
+/// A message in the log that no committed turn has answered yet.
+#[derive(Debug, Clone)]
+pub(crate) struct Pending {
+    message: Message,
+    seg: u64,
+}
+
+/// A turn claimed in the log and not yet committed or parked.
+#[derive(Debug, Clone)]
+pub(crate) struct OpenClaim {
+    claim: log::Claim,
+    /// The segments holding its claim records (one per attempt count written).
+    segs: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Segment {
+    /// Records in it not yet retired by a synced commit.
+    live: u64,
+    /// Its oldest record's time: dedup marks younger than the oldest live
+    /// segment are never expired, so a restart cannot take a retired message
+    /// in a surviving segment for a new one.
+    created_ms: u64,
+}
+
+/// What the writer, the syncer and readers share.
+#[derive(Debug, Default)]
+pub(crate) struct Memory {
+    pending: BTreeMap<u64, Pending>,
+    claims: HashMap<String, OpenClaim>,
+    segments: BTreeMap<u64, Segment>,
+    head: u64,
+}
+
+pub(crate) struct Shared {
+    memory: Mutex<Memory>,
+    sink: RwLock<Option<Arc<Sink>>>,
+    /// Set once the store has failed; the reason.
+    failed: Mutex<Option<Arc<str>>>,
+    stats: Stats,
+    /// Outbox items with a seq up to this are durable and may be sent.
+    durable_outbox: AtomicU64,
+    /// Incremented after each applied sled transaction; a sync that starts
+    /// at epoch E covers every transaction up to E.
+    applied_epoch: AtomicU64,
+    faults: Arc<Faults>,
+    context_stats: ContextStats,
+    /// Notified when outbox items become durable (sendable).
+    outbox_ready: Arc<tokio::sync::Notify>,
+    /// Notified when the store fails.
+    failed_notify: Arc<tokio::sync::Notify>,
+}
+
+impl Shared {
+    fn fail(&self, reason: &str) -> Arc<str> {
+        let mut failed = lock(&self.failed);
+        if failed.is_none() {
+            tracing::error!(reason, "the store has failed; it takes no more writes");
+            self.failed_notify.notify_waiters();
+            self.failed_notify.notify_one();
         }
+        failed.get_or_insert_with(|| Arc::from(reason)).clone()
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The sled trees. The first nine are written in the writer's transaction.
+#[derive(Clone)]
+pub(crate) struct Trees {
+    dedup: sled::Tree,
+    turns: sled::Tree,
+    history: sled::Tree,
+    outbox: sled::Tree,
+    ctx_meta: sled::Tree,
+    ctx_dialogue: sled::Tree,
+    ctx_cache: sled::Tree,
+    ctx_expiry: sled::Tree,
+    ctx_totals: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl Trees {
+    fn open(db: &sled::Db) -> Result<Trees, StoreError> {
+        Ok(Trees {
+            dedup: db.open_tree("dedup")?,
+            turns: db.open_tree("turns")?,
+            history: db.open_tree("history")?,
+            outbox: db.open_tree("outbox")?,
+            ctx_meta: db.open_tree("ctx_meta")?,
+            ctx_dialogue: db.open_tree("ctx_dialogue")?,
+            ctx_cache: db.open_tree("ctx_cache")?,
+            ctx_expiry: db.open_tree("ctx_expiry")?,
+            ctx_totals: db.open_tree("ctx_totals")?,
+            meta: db.open_tree(META)?,
+        })
     }
 }
 
@@ -67,164 +287,231 @@ fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
     })
 }
 
-/// What storing a webhook message did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Inserted {
-    /// Stored under this sequence number.
-    New(Message),
-    /// The id was seen before; nothing was written.
-    Duplicate,
-}
-
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
-    inbox: sled::Tree,
-    seen: sled::Tree,
-    seen_at: sled::Tree,
-    turns: sled::Tree,
-    history: sled::Tree,
-    outbox: sled::Tree,
-    ctx_meta: sled::Tree,
-    ctx_dialogue: sled::Tree,
-    ctx_cache: sled::Tree,
-    ctx_expiry: sled::Tree,
-    ctx_totals: sled::Tree,
-    context_stats: Arc<ContextStats>,
-    dir: std::path::PathBuf,
-    /// Added to sled's id counter: a restored store starts above every id it holds.
-    id_floor: u64,
-    /// Writes hold it shared; an online backup holds it alone, so the
-    /// snapshot is one consistent cut. Never held across an await.
-    gate: Arc<RwLock<()>>,
-    flusher: flush::Flusher,
+    inner: Arc<Inner>,
 }
 
+struct Inner {
+    dir: PathBuf,
+    db: sled::Db,
+    trees: Trees,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<writer::Op>,
+    ids: Arc<ids::Ids>,
+    recovered: Mutex<Option<Recovered>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
 impl Store {
-    /// Opens (or creates) the store in `dir`. Must be called inside a tokio
-    /// runtime: it starts the group-commit task. Fails if another process
-    /// holds the directory.
+    /// Opens (or creates) the store in `dir`, recovers the log, and starts
+    /// the writer and syncer threads. Needs no async runtime. Fails if
+    /// another process holds the directory, or on damage it will not guess
+    /// about (naming the file or key).
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Sled(e.into()))?;
-        let db = open_db(dir)?;
-        let id_floor = match db.open_tree(META)?.get(ID_FLOOR)? {
-            Some(v) => u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
-            None => 0,
-        };
-        let store = Store {
-            dir: dir.to_owned(),
-            id_floor,
-            gate: Arc::default(),
-            inbox: db.open_tree("inbox")?,
-            seen: db.open_tree("seen")?,
-            seen_at: db.open_tree("seen_at")?,
-            turns: db.open_tree("turns")?,
-            history: db.open_tree("history")?,
-            outbox: db.open_tree("outbox")?,
-            ctx_meta: db.open_tree("ctx_meta")?,
-            ctx_dialogue: db.open_tree("ctx_dialogue")?,
-            ctx_cache: db.open_tree("ctx_cache")?,
-            ctx_expiry: db.open_tree("ctx_expiry")?,
-            ctx_totals: db.open_tree("ctx_totals")?,
-            context_stats: Arc::default(),
-            flusher: flush::Flusher::spawn(db.clone()),
-            db,
-        };
-        // The byte counters start from the persisted totals; writes keep both exact.
-        let mut totals = contexts::Totals::default();
-        for kv in store.ctx_totals.iter() {
-            let (k, v) = kv?;
-            let shard = contexts::decode_totals(&k, &v)?;
-            totals.contexts += shard.contexts;
-            totals.raw_bytes += shard.raw_bytes;
-            totals.stored_bytes += shard.stored_bytes;
+        recover::open(dir)
+    }
+
+    /// Where announcements of stored messages go. Until it is set, and after
+    /// it reports nobody listening, `accept` refuses messages.
+    pub fn set_sink(&self, sink: Option<Arc<Sink>>) {
+        *self.inner.shared.sink.write().unwrap_or_else(|p| p.into_inner()) = sink;
+    }
+
+    /// What recovery found on open: open turns and unclaimed messages. Taken
+    /// once (the driver's start); `None` afterwards.
+    pub fn take_recovered(&self) -> Option<Recovered> {
+        lock(&self.inner.recovered).take()
+    }
+
+    pub fn faults(&self) -> Arc<Faults> {
+        self.inner.shared.faults.clone()
+    }
+
+    /// `Some(reason)` once the store has failed and takes no writes.
+    pub fn failure(&self) -> Option<Arc<str>> {
+        lock(&self.inner.shared.failed).clone()
+    }
+
+    /// Resolves once the store has failed; the reason.
+    pub async fn failed(&self) -> Arc<str> {
+        loop {
+            let notified = self.inner.shared.failed_notify.notified();
+            if let Some(reason) = self.failure() {
+                return reason;
+            }
+            notified.await;
         }
-        store.context_stats.set_totals(totals);
-        Ok(store)
     }
 
-    /// Resolves when every write made before the call is on disk. Concurrent
-    /// callers share one fsync.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        self.flusher.flush().await.map_err(StoreError::Flush)
+    /// Notified whenever committed replies become durable, and so sendable.
+    pub fn outbox_ready(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.shared.outbox_ready.clone()
     }
 
-    /// Flushes, stops the group-commit task, and — when this was the last
-    /// clone — returns only once sled has let go of the directory (its I/O
-    /// threads can hold the files a moment after the last handle is gone), so
-    /// the same directory can be opened again at once. Waits at most 5 s.
+    async fn call<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> writer::Op,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.tx.send(make(tx)).map_err(|_| StoreError::Closed)?;
+        // On a current-thread runtime (tests on tokio's paused clock) the
+        // wait is a blocking task: a paused clock jumps ahead whenever the
+        // runtime looks idle, and a wait for another thread looks idle.
+        let current_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+        if current_thread {
+            match tokio::task::spawn_blocking(move || rx.blocking_recv()).await {
+                Ok(answer) => answer.map_err(|_| StoreError::Closed)?,
+                Err(_) => Err(StoreError::Closed),
+            }
+        } else {
+            rx.await.map_err(|_| StoreError::Closed)?
+        }
+    }
+
+    /// Stores the messages of one delivery, in order, and answers once they
+    /// are durable (a duplicate too: its original is durable). Each new
+    /// message is announced to the sink before this returns. If the write
+    /// fails, nothing of it is stored and no id is marked seen.
+    pub async fn accept(
+        &self,
+        messages: Vec<NewMessage>,
+        immediate: bool,
+    ) -> Result<Vec<Inserted>, StoreError> {
+        self.call(|reply| writer::Op::Accept { messages, immediate, reply }).await
+    }
+
+    /// Records a turn before its handler is called; durable when it returns.
+    pub async fn claim(&self, turn: &TurnRecord) -> Result<(), StoreError> {
+        let claim = claim_of(turn);
+        self.call(|reply| writer::Op::Claim { claim, reply: Some(reply) }).await
+    }
+
+    /// Keeps a turn's attempt count across restarts; not waited for.
+    pub fn note_attempts(&self, turn: &TurnRecord) {
+        let in_log = lock(&self.inner.shared.memory).claims.contains_key(&turn.turn_id);
+        let op = if in_log {
+            writer::Op::Claim { claim: claim_of(turn), reply: None }
+        } else {
+            let (reply, _) = oneshot::channel();
+            writer::Op::Trees {
+                write: writer::TreeWrite::PutTurn(Box::new(turn.clone())),
+                durable: false,
+                reply,
+            }
+        };
+        let _ = self.inner.tx.send(op);
+    }
+
+    async fn trees(&self, write: writer::TreeWrite, durable: bool) -> Result<writer::Outcome, StoreError> {
+        self.call(|reply| writer::Op::Trees { write, durable, reply }).await
+    }
+
+    /// Commits a turn. Returns once applied: the next turn of the
+    /// conversation sees it. Durable at the next sync; its outbox items are
+    /// sent only then.
+    pub async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
+        self.trees(writer::TreeWrite::Commit(Box::new(commit)), false).await.map(drop)
+    }
+
+    /// Parks a turn as dead (it keeps copies of its messages); applied when
+    /// it returns.
+    pub async fn park_dead(&self, turn: &TurnRecord) -> Result<(), StoreError> {
+        self.trees(writer::TreeWrite::Park(Box::new(turn.clone())), false).await.map(drop)
+    }
+
+    /// Marks a dead turn open again (to retry it); durable when it returns.
+    pub async fn reopen_dead(&self, turn: &TurnRecord) -> Result<(), StoreError> {
+        self.trees(writer::TreeWrite::PutTurn(Box::new(turn.clone())), true).await.map(drop)
+    }
+
+    /// Applies a context update outside a turn (the context API), durable
+    /// when it returns. Returns the live meta before and the meta after.
+    pub async fn update_context(
+        &self,
+        conv: &Conv,
+        update: ContextUpdate,
+        now_ms: u64,
+    ) -> Result<(Option<ContextMeta>, Option<ContextMeta>), StoreError> {
+        let write = writer::TreeWrite::Context { conv: conv.clone(), update, now_ms };
+        match self.trees(write, true).await? {
+            writer::Outcome::Context(before, after) => {
+                Ok((before.filter(|m| m.expires_at_ms > now_ms), after))
+            }
+            other => unreachable!("a context write answered {other:?}"),
+        }
+    }
+
+    /// The gateway took this item: it is not sent again.
+    pub async fn outbox_sent(&self, seq: u64) -> Result<(), StoreError> {
+        self.trees(writer::TreeWrite::OutboxSent(seq), false).await.map(drop)
+    }
+
+    /// Records a failed attempt (or that the item was given up).
+    pub async fn outbox_update(&self, item: &OutboxItem) -> Result<(), StoreError> {
+        self.trees(writer::TreeWrite::OutboxUpdate(Box::new(item.clone())), false).await.map(drop)
+    }
+
+    /// Forgets message ids retired before `cutoff_ms` (a bounded chunk per
+    /// call); returns how many dedup records went.
+    pub async fn expire_dedup(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
+        match self.trees(writer::TreeWrite::ExpireDedup { cutoff_ms }, false).await? {
+            writer::Outcome::Count(n) => Ok(n),
+            other => unreachable!("a dedup sweep answered {other:?}"),
+        }
+    }
+
+    /// Removes contexts expired by `now_ms` (a bounded chunk per call).
+    pub async fn expire_contexts(&self, now_ms: u64) -> Result<Swept, StoreError> {
+        match self.trees(writer::TreeWrite::ExpireContexts { now_ms }, false).await? {
+            writer::Outcome::Swept(swept, _) => Ok(swept),
+            other => unreachable!("a context sweep answered {other:?}"),
+        }
+    }
+
+    /// Resolves once everything written before the call is durable.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        self.call(|reply| writer::Op::Sync { reply }).await
+    }
+
+    /// Syncs, stops the threads, and returns once sled has let go of the
+    /// directory, so it can be opened again at once (at most 5 s).
     pub async fn close(self) -> Result<(), StoreError> {
-        let flushed = self.flusher.close().await.map_err(StoreError::Flush);
-        let lock_file = self.dir.join("db");
+        let synced = self.call(|reply| writer::Op::Close { reply }).await;
+        let threads = std::mem::take(&mut *lock(&self.inner.threads));
+        let dir = self.inner.dir.clone();
         drop(self);
         // Real sleeps on a blocking thread: tokio's paused test clock must
         // not turn this wait into a spin.
         let _ = tokio::task::spawn_blocking(move || {
-            use fs2::FileExt;
-            for _ in 0..500 {
-                match std::fs::File::open(&lock_file).map(|f| f.try_lock_exclusive().map(|_| f)) {
-                    Ok(Ok(file)) => {
-                        let _ = file.unlock();
-                        return;
-                    }
-                    Ok(Err(_)) => std::thread::sleep(std::time::Duration::from_millis(10)),
-                    Err(_) => return,
-                }
+            for t in threads {
+                let _ = t.join();
             }
-            tracing::warn!(path = %lock_file.display(), "store still locked 5 s after closing");
+            durable::wait_unlocked(&dir.join("db"));
         })
         .await;
-        flushed
+        synced
     }
 
-    /// Stores a message and marks its id seen, in one transaction: a failed
-    /// write never leaves the id marked, so a redelivery is not mistaken for a
-    /// duplicate. Not durable until `flush`.
-    pub fn insert_message(&self, new: NewMessage) -> Result<Inserted, StoreError> {
-        let _write = self.write_gate();
-        let seq = self.next_id()?;
-        let message = Message::from_new(seq, new);
-        let record = encode(&message);
-        let key = seq_key(&message.conv, seq);
-        let stamp = message.received_at_ms.to_be_bytes();
-        let inserted = (&self.seen, &self.seen_at, &self.inbox).transaction(|(seen, seen_at, inbox)| {
-            if seen.get(message.id.as_bytes())?.is_some() {
-                return Ok(false);
-            }
-            seen.insert(message.id.as_bytes(), &stamp[..])?;
-            seen_at.insert(seen_at_key(message.received_at_ms, &message.id), &[][..])?;
-            inbox.insert(key.as_slice(), record.as_slice())?;
-            Ok::<_, ConflictableTransactionError<StoreError>>(true)
-        })?;
-        Ok(if inserted { Inserted::New(message) } else { Inserted::Duplicate })
+    /// The given messages of a conversation that are still pending, by arrival.
+    pub fn messages(&self, conv: &Conv, seqs: &[u64]) -> Vec<Message> {
+        let memory = lock(&self.inner.shared.memory);
+        let mut out: Vec<Message> = seqs
+            .iter()
+            .filter_map(|s| memory.pending.get(s))
+            .filter(|p| p.message.conv == *conv)
+            .map(|p| p.message.clone())
+            .collect();
+        out.sort_by_key(|m| m.seq);
+        out
     }
 
-    /// Every message still in the inbox, in key order (per conversation, by arrival).
-    pub fn inbox(&self) -> Result<Vec<Message>, StoreError> {
-        decode_all(&self.inbox, "inbox")
-    }
-
-    /// The given messages of a conversation that are still in the inbox, by arrival.
-    pub fn messages(&self, conv: &Conv, seqs: &[u64]) -> Result<Vec<Message>, StoreError> {
-        let mut seqs = seqs.to_vec();
-        seqs.sort_unstable();
-        let mut out = Vec::with_capacity(seqs.len());
-        for seq in seqs {
-            let key = seq_key(conv, seq);
-            if let Some(v) = self.inbox.get(&key)? {
-                out.push(decode("inbox", &key, &v)?);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Shared hold of the write gate (see `gate`).
-    fn write_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
-        self.gate.read().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn next_id(&self) -> Result<u64, StoreError> {
-        Ok(self.db.generate_id()? + self.id_floor)
+    /// Every pending message (accepted, not answered by a committed turn), by arrival.
+    pub fn pending(&self) -> Vec<Message> {
+        lock(&self.inner.shared.memory).pending.values().map(|p| p.message.clone()).collect()
     }
 
     /// A fresh, never reused turn id.
@@ -232,15 +519,20 @@ impl Store {
         Ok(format!("t{:012}", self.next_id()?))
     }
 
-    /// Records a turn before its handler is called (not durable until `flush`).
-    pub fn put_turn(&self, turn: &TurnRecord) -> Result<(), StoreError> {
-        let _write = self.write_gate();
-        self.turns.insert(turn.turn_id.as_bytes(), encode(turn))?;
-        Ok(())
+    /// A fresh, never reused sequence number (for outbox items).
+    pub fn next_seq(&self) -> Result<u64, StoreError> {
+        self.next_id()
+    }
+
+    fn next_id(&self) -> Result<u64, StoreError> {
+        self.inner.ids.next()
     }
 
     pub fn turn(&self, turn_id: &str) -> Result<Option<TurnRecord>, StoreError> {
-        match self.turns.get(turn_id.as_bytes())? {
+        if let Some(open) = self.open_claims().into_iter().find(|t| t.turn_id == turn_id) {
+            return Ok(Some(open));
+        }
+        match self.inner.trees.turns.get(turn_id.as_bytes())? {
             Some(v) => Ok(Some(decode("turns", turn_id.as_bytes(), &v)?)),
             None => Ok(None),
         }
@@ -248,108 +540,31 @@ impl Store {
 
     /// All recorded turns: open ones (to re-run) and dead ones (to list).
     pub fn turns(&self) -> Result<Vec<TurnRecord>, StoreError> {
-        decode_all(&self.turns, "turns")
+        let mut all = self.open_claims();
+        all.extend(decode_all::<TurnRecord>(&self.inner.trees.turns, "turns")?);
+        all.sort_by(|a, b| a.turn_id.cmp(&b.turn_id));
+        Ok(all)
     }
 
-    /// A fresh, never reused sequence number (for outbox items).
-    pub fn next_seq(&self) -> Result<u64, StoreError> {
-        self.next_id()
+    fn open_claims(&self) -> Vec<TurnRecord> {
+        let memory = lock(&self.inner.shared.memory);
+        memory.claims.values().map(|c| turn_of_claim(&c.claim, &memory.pending)).collect()
     }
 
-    /// The commit of a turn, in one transaction: its messages leave the inbox,
-    /// its record is removed, its summary joins the history (trimmed to
-    /// `history_limit`), its context update is applied and its reply enters
-    /// the outbox. Not durable until `flush`.
-    pub fn commit_turn(
-        &self,
-        turn: &TurnRecord,
-        summary: &TurnSummary,
-        context: &ContextUpdate<'_>,
-        outbox: &[OutboxItem],
-        history_limit: usize,
-        now_ms: u64,
-    ) -> Result<(), StoreError> {
-        let _write = self.write_gate();
-        let outbox: Vec<([u8; 8], Vec<u8>)> =
-            outbox.iter().map(|o| (o.seq.to_be_bytes(), encode(o))).collect();
-        let prefix = conv_prefix(&turn.conv);
-        // Only one turn of a conversation runs at a time, so the history keys
-        // read here cannot change before the transaction below.
-        let existing: Vec<sled::IVec> = self.history.scan_prefix(&prefix).keys().collect::<Result<_, _>>()?;
-        let excess = (existing.len() + 1).saturating_sub(history_limit.max(1));
-        let history_key = seq_key(&turn.conv, self.next_id()?);
-        let summary = encode(summary);
-        let trees = (
-            &self.inbox,
-            &self.turns,
-            &self.history,
-            &self.ctx_meta,
-            &self.ctx_dialogue,
-            &self.ctx_cache,
-            &self.ctx_expiry,
-            &self.ctx_totals,
-            &self.outbox,
-        );
-        let (before, after) =
-            trees.transaction(|(inbox, turns, history, meta, dialogue, cache, expiry, totals, out)| {
-                for (key, item) in &outbox {
-                    out.insert(&key[..], item.as_slice())?;
-                }
-                for m in &turn.messages {
-                    inbox.remove(seq_key(&m.conv, m.seq))?;
-                }
-                turns.remove(turn.turn_id.as_bytes())?;
-                for old in &existing[..excess] {
-                    history.remove(old)?;
-                }
-                history.insert(history_key.as_slice(), summary.as_slice())?;
-                let t = contexts::Trees { meta, dialogue, cache, expiry, totals };
-                contexts::apply(&t, &prefix, context, now_ms)
-            })?;
-        self.context_stats.add(before.as_ref(), after.as_ref());
-        Ok(())
-    }
-
-    /// Parks a turn as dead: its messages leave the inbox (the record keeps
-    /// copies) so the conversation's next batch does not include them.
-    pub fn park_dead(&self, turn: &TurnRecord) -> Result<(), StoreError> {
-        let _write = self.write_gate();
-        let record = encode(turn);
-        (&self.inbox, &self.turns).transaction(|(inbox, turns)| {
-            for m in &turn.messages {
-                inbox.remove(seq_key(&m.conv, m.seq))?;
-            }
-            turns.insert(turn.turn_id.as_bytes(), record.as_slice())?;
-            Ok::<_, ConflictableTransactionError<StoreError>>(())
-        })?;
-        Ok(())
-    }
-
-    /// Every outbox item, oldest first.
+    /// Outbox items that are durable (only those may be sent), oldest first.
     pub fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError> {
-        decode_all(&self.outbox, "outbox")
-    }
-
-    /// The gateway took this item: it is never sent again (once flushed).
-    pub fn outbox_sent(&self, seq: u64) -> Result<(), StoreError> {
-        let _write = self.write_gate();
-        self.outbox.remove(seq.to_be_bytes())?;
-        Ok(())
-    }
-
-    /// Records a failed attempt (or that the item was given up).
-    pub fn outbox_update(&self, item: &OutboxItem) -> Result<(), StoreError> {
-        let _write = self.write_gate();
-        self.outbox.insert(item.seq.to_be_bytes(), encode(item))?;
-        Ok(())
+        let durable = self.inner.shared.durable_outbox.load(Ordering::Acquire);
+        let items: Vec<OutboxItem> = decode_all(&self.inner.trees.outbox, "outbox")?;
+        Ok(items.into_iter().filter(|i| i.seq <= durable).collect())
     }
 
     /// A conversation's live context (parts still deflated); `None` if it
     /// has none or it expired by `now_ms`, swept or not. Counts a cache hit
     /// or miss.
     pub fn context(&self, conv: &Conv, now_ms: u64) -> Result<Option<StoredContext>, StoreError> {
+        let t = &self.inner.trees;
         let key = conv_prefix(conv);
-        let found = match self.ctx_meta.get(&key)? {
+        let found = match t.ctx_meta.get(&key)? {
             Some(v) => {
                 let meta = contexts::decode_meta(&key, &v)?;
                 if meta.expires_at_ms <= now_ms {
@@ -361,73 +576,31 @@ impl Store {
                             None => None,
                         })
                     };
-                    let dialogue = part(&self.ctx_dialogue, meta.dialogue)?;
-                    let cache = part(&self.ctx_cache, meta.cache)?;
+                    let dialogue = part(&t.ctx_dialogue, meta.dialogue)?;
+                    let cache = part(&t.ctx_cache, meta.cache)?;
                     Some(StoredContext { meta, dialogue, cache })
                 }
             }
             None => None,
         };
+        let stats = &self.inner.shared.context_stats;
         let counter = match found.as_ref().and_then(|c| c.cache.as_ref()) {
-            Some(_) => &self.context_stats.cache_hits,
-            None => &self.context_stats.cache_misses,
+            Some(_) => &stats.cache_hits,
+            None => &stats.cache_misses,
         };
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        counter.fetch_add(1, Ordering::Relaxed);
         Ok(found)
     }
 
-    /// Applies a context update outside a turn (the context API). Returns the
-    /// live meta before and the meta after (`None`: no context).
-    pub fn update_context(
-        &self,
-        conv: &Conv,
-        update: &ContextUpdate<'_>,
-        now_ms: u64,
-    ) -> Result<(Option<ContextMeta>, Option<ContextMeta>), StoreError> {
-        let _write = self.write_gate();
-        let key = conv_prefix(conv);
-        let trees = (&self.ctx_meta, &self.ctx_dialogue, &self.ctx_cache, &self.ctx_expiry, &self.ctx_totals);
-        let (before, after) = trees.transaction(|(meta, dialogue, cache, expiry, totals)| {
-            contexts::apply(&contexts::Trees { meta, dialogue, cache, expiry, totals }, &key, update, now_ms)
-        })?;
-        let had_cache = before.as_ref().is_some_and(|m| m.cache.is_some() && m.expires_at_ms > now_ms);
-        if matches!(update.cache, Part::Clear) && had_cache {
-            self.context_stats.invalidations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        self.context_stats.add(before.as_ref(), after.as_ref());
-        let live_before = before.filter(|m| m.expires_at_ms > now_ms);
-        Ok((live_before, after))
-    }
-
-    /// Removes contexts that expired by `now_ms`; returns how many. A range
-    /// scan over the expiry index, never a scan of all contexts.
-    pub fn expire_contexts(&self, now_ms: u64) -> Result<usize, StoreError> {
-        let _write = self.write_gate();
-        let mut removed = 0;
-        let trees = (&self.ctx_meta, &self.ctx_dialogue, &self.ctx_cache, &self.ctx_expiry, &self.ctx_totals);
-        // Keys are `expires_at ‖ conversation`: everything below `now + 1` is due.
-        for kv in self.ctx_expiry.range(..(now_ms + 1).to_be_bytes().to_vec()) {
-            let (index_key, _) = kv?;
-            let at = u64::from_be_bytes(index_key[..8].try_into().expect("8-byte prefix"));
-            let key = &index_key[8..];
-            let gone = trees.transaction(|(meta, dialogue, cache, expiry, totals)| {
-                contexts::expire(&contexts::Trees { meta, dialogue, cache, expiry, totals }, key, at, now_ms)
-            })?;
-            if let Some(meta) = gone {
-                self.context_stats.add(Some(&meta), None);
-                removed += 1;
-            }
-        }
-        Ok(removed)
-    }
-
     pub fn context_stats(&self) -> ContextStatsSnapshot {
-        self.context_stats.snapshot()
+        self.inner.shared.context_stats.snapshot()
     }
 
     /// Committed turns of a phone (all companies), oldest first.
     pub fn history(&self, phone: &str) -> Result<Vec<TurnSummary>, StoreError> {
         let mut out: Vec<TurnSummary> = self
+            .inner
+            .trees
             .history
             .scan_prefix(phone_prefix(phone))
             .map(|kv| {
@@ -439,35 +612,57 @@ impl Store {
         Ok(out)
     }
 
-    /// Forgets message ids received before `cutoff_ms`; returns how many.
-    /// A range scan over the time index, never a scan of all ids.
-    pub fn expire_seen(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
-        let _write = self.write_gate();
-        let mut removed = 0;
-        for kv in self.seen_at.range(..cutoff_ms.to_be_bytes().to_vec()) {
-            let (key, _) = kv?;
-            let id = &key[8..];
-            (&self.seen, &self.seen_at).transaction(|(seen, seen_at)| {
-                // The id may have been stored again later (after an earlier
-                // expiry); only drop it if this index entry is its current one.
-                if seen.get(id)?.as_deref() == Some(&key[..8]) {
-                    seen.remove(id)?;
-                }
-                seen_at.remove(&key)?;
-                Ok::<_, ConflictableTransactionError<StoreError>>(())
-            })?;
-            removed += 1;
+    pub fn stats(&self) -> StoreStats {
+        let s = &self.inner.shared.stats;
+        let memory = lock(&self.inner.shared.memory);
+        StoreStats {
+            log_syncs: s.log_syncs.load(Ordering::Relaxed),
+            tree_syncs: s.tree_syncs.load(Ordering::Relaxed),
+            other_syncs: s.other_syncs.load(Ordering::Relaxed),
+            stored: s.stored.load(Ordering::Relaxed),
+            groups: s.groups.load(Ordering::Relaxed),
+            pending: memory.pending.len(),
+            log_segments: memory.segments.len(),
         }
-        Ok(removed)
     }
 
-    /// How many fsyncs the group commit has done since the store was opened.
+    /// Every sync call the store made: log, sled's files, directories.
     pub fn syncs(&self) -> u64 {
-        self.flusher.syncs()
+        let s = self.stats();
+        s.log_syncs + s.tree_syncs + s.other_syncs
     }
 
-    /// Bytes the store occupies on disk.
+    /// Bytes the store occupies on disk (sled and the log).
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()?)
+        let log_dir = self.inner.dir.join(log::DIR_NAME);
+        let mut log = 0;
+        for no in log::segments(&log_dir).map_err(|e| log::io_error(&log_dir, e))? {
+            log += std::fs::metadata(log::segment_path(&log_dir, no)).map(|m| m.len()).unwrap_or(0);
+        }
+        Ok(self.inner.db.size_on_disk()? + log)
+    }
+}
+
+fn claim_of(turn: &TurnRecord) -> log::Claim {
+    log::Claim {
+        turn_id: turn.turn_id.clone(),
+        conv: turn.conv.clone(),
+        seqs: turn.messages.iter().map(|m| m.seq).collect(),
+        cut_reason: turn.cut_reason.clone(),
+        cut_at_ms: turn.cut_at_ms,
+        attempts: turn.attempts,
+    }
+}
+
+/// The turn a claim records, with its messages from the pending ones.
+fn turn_of_claim(claim: &log::Claim, pending: &BTreeMap<u64, Pending>) -> TurnRecord {
+    TurnRecord {
+        turn_id: claim.turn_id.clone(),
+        conv: claim.conv.clone(),
+        messages: claim.seqs.iter().filter_map(|s| pending.get(s)).map(|p| p.message.clone()).collect(),
+        cut_reason: claim.cut_reason.clone(),
+        cut_at_ms: claim.cut_at_ms,
+        attempts: claim.attempts,
+        dead: None,
     }
 }

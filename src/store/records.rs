@@ -86,13 +86,6 @@ pub(crate) fn seq_key(conv: &Conv, seq: u64) -> Vec<u8> {
     key
 }
 
-/// Key of the dedup time index: received time first, so expiry is a range scan.
-pub(crate) fn seen_at_key(at_ms: u64, id: &str) -> Vec<u8> {
-    let mut key = at_ms.to_be_bytes().to_vec();
-    key.extend_from_slice(id.as_bytes());
-    key
-}
-
 pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     bincode::serde::encode_to_vec(value, bincode::config::standard()).expect("bincode encodes our records")
 }

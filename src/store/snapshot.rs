@@ -1,30 +1,65 @@
 //! Whole-store export and import, for backups. The file format belongs to
-//! `backup`; here is only what needs sled: every record of every tree, in a
+//! `backup`; here is only what needs the store's insides: every record, in a
 //! consistent cut, and a fresh store built from such records.
+//!
+//! The cut: the writer is paused while the records are read, so no write
+//! lands halfway. Pending messages and open claims live in the log; they are
+//! exported as the trees the first layout had (`inbox`, open `turns`), and
+//! an import writes them there, so that opening the restored store moves
+//! them into a log of its own like any first-layout store.
 
 use std::path::Path;
 
-use super::{open_db, Store, StoreError, ID_FLOOR, META};
+use super::records::{encode, seq_key};
+use super::{lock, log, open_db, writer, Store, StoreError, ID_FLOOR, META};
 
 /// sled's own default tree; turnstile keeps nothing there.
 const DEFAULT_TREE: &[u8] = b"__sled__default";
 
 impl Store {
     /// Calls `visit(tree, key, value)` for every record, tree by tree, while
-    /// holding the write gate alone: writers wait, so the records form one
-    /// consistent cut. Returns an id above every id in the cut (for
-    /// `import_into`). Run it off the async runtime: writers block meanwhile.
+    /// the writer waits, so the records form one consistent cut. Returns an
+    /// id above every id in the cut (for `import_into`). Blocking: run it
+    /// off the async runtime.
     pub fn export<E>(&self, mut visit: impl FnMut(&str, &[u8], &[u8]) -> Result<(), E>) -> Result<u64, E>
     where
         E: From<StoreError>,
     {
-        let _alone = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        let next_id = self.next_id()?;
+        let (paused_tx, paused_rx) = std::sync::mpsc::channel();
+        let (resume, resume_rx) = std::sync::mpsc::channel::<()>();
+        self.inner
+            .tx
+            .send(writer::Op::Pause { paused: paused_tx, resume: resume_rx })
+            .map_err(|_| StoreError::Closed)?;
+        paused_rx.recv().map_err(|_| StoreError::Closed)?;
+        let result = self.export_paused(&mut visit);
+        drop(resume);
+        result
+    }
+
+    fn export_paused<E>(&self, visit: &mut impl FnMut(&str, &[u8], &[u8]) -> Result<(), E>) -> Result<u64, E>
+    where
+        E: From<StoreError>,
+    {
+        let next_id = self.inner.ids.peek();
+        let (pending, claims) = {
+            let memory = lock(&self.inner.shared.memory);
+            let claims: Vec<_> =
+                memory.claims.values().map(|c| super::turn_of_claim(&c.claim, &memory.pending)).collect();
+            (memory.pending.values().map(|p| p.message.clone()).collect::<Vec<_>>(), claims)
+        };
+        for m in &pending {
+            visit("inbox", &seq_key(&m.conv, m.seq), &encode(m))?;
+        }
+        for t in &claims {
+            visit("turns", t.turn_id.as_bytes(), &encode(t))?;
+        }
+        let db = &self.inner.db;
         let mut names: Vec<sled::IVec> =
-            self.db.tree_names().into_iter().filter(|n| n.as_ref() != DEFAULT_TREE).collect();
+            db.tree_names().into_iter().filter(|n| n.as_ref() != DEFAULT_TREE).collect();
         names.sort();
         for name in names {
-            let tree = self.db.open_tree(&name).map_err(StoreError::from)?;
+            let tree = db.open_tree(&name).map_err(StoreError::from)?;
             let name = String::from_utf8_lossy(&name).into_owned();
             for kv in tree.iter() {
                 let (k, v) = kv.map_err(StoreError::from)?;
@@ -41,8 +76,8 @@ impl Store {
     }
 
     /// Builds a new store in `dir` (which must not hold one) from exported
-    /// records, so that the ids it generates start above `next_id`. Flushed
-    /// when it returns. Needs no runtime.
+    /// records, so that the ids it generates start above `next_id`. Synced
+    /// (files and directory entries) when it returns. Needs no runtime.
     pub fn import_into<E>(
         dir: &Path,
         next_id: u64,
@@ -51,7 +86,7 @@ impl Store {
     where
         E: From<StoreError>,
     {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Sled(e.into()))?;
+        std::fs::create_dir_all(dir).map_err(|e| log::io_error(dir, e))?;
         let db = open_db(dir)?;
         for record in records {
             let (tree, key, value) = record?;
@@ -62,6 +97,21 @@ impl Store {
             .and_then(|t| t.insert(ID_FLOOR, &next_id.to_be_bytes()[..]))
             .map_err(StoreError::from)?;
         db.flush().map_err(StoreError::from)?;
+        drop(db);
+        sync_tree(dir).map_err(|e| log::io_error(dir, e))?;
         Ok(())
     }
+}
+
+/// fsyncs every file under `dir` and every directory, bottom up.
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            sync_tree(&entry.path())?;
+        } else {
+            std::fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    log::sync_dir(dir)
 }

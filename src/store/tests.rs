@@ -1,6 +1,8 @@
 //! The store's own suite: what the rest of the daemon relies on, checked
 //! against the store API alone, so another engine would have to pass it too.
 
+use std::sync::Mutex as StdMutex;
+
 use super::*;
 use crate::message::unix_ms;
 
@@ -19,11 +21,27 @@ fn new_message(id: &str, phone: &str, text: &str) -> NewMessage {
     }
 }
 
-fn insert(store: &Store, id: &str, phone: &str) -> Message {
-    match store.insert_message(new_message(id, phone, id)).unwrap() {
+/// A store with a sink that records what the writer announced.
+fn open(dir: &Path) -> (Store, Arc<StdMutex<Vec<Announce>>>) {
+    let store = Store::open(dir).unwrap();
+    let heard: Arc<StdMutex<Vec<Announce>>> = Arc::default();
+    let h = heard.clone();
+    store.set_sink(Some(Arc::new(move |a| {
+        h.lock().unwrap().push(a);
+        true
+    })));
+    (store, heard)
+}
+
+async fn insert(store: &Store, id: &str, phone: &str) -> Message {
+    match store.accept(vec![new_message(id, phone, id)], false).await.unwrap().pop().unwrap() {
         Inserted::New(m) => m,
         Inserted::Duplicate => panic!("{id} was a duplicate"),
     }
+}
+
+async fn again(store: &Store, id: &str, phone: &str) -> Inserted {
+    store.accept(vec![new_message(id, phone, "again")], false).await.unwrap().pop().unwrap()
 }
 
 fn turn_of(store: &Store, messages: Vec<Message>) -> TurnRecord {
@@ -38,15 +56,17 @@ fn turn_of(store: &Store, messages: Vec<Message>) -> TurnRecord {
     }
 }
 
-const KEEP: ContextUpdate<'static> =
-    ContextUpdate { dialogue: Part::Keep, cache: Part::Keep, slide: true, ttl_ms: HOUR };
 const HOUR: u64 = 3_600_000;
 
-fn set<'a>(dialogue: &'a [u8], cache: Option<&'a [u8]>) -> ContextUpdate<'a> {
+fn keep() -> ContextUpdate {
+    ContextUpdate { dialogue: Part::Keep, cache: Part::Keep, slide: true, ttl_ms: HOUR }
+}
+
+fn set(dialogue: &[u8], cache: Option<&[u8]>) -> ContextUpdate {
     ContextUpdate {
-        dialogue: Part::Set { bytes: dialogue, raw_len: 10 * dialogue.len() as u64 },
+        dialogue: Part::Set { bytes: dialogue.to_vec(), raw_len: 10 * dialogue.len() as u64 },
         cache: match cache {
-            Some(c) => Part::Set { bytes: c, raw_len: 10 * c.len() as u64 },
+            Some(c) => Part::Set { bytes: c.to_vec(), raw_len: 10 * c.len() as u64 },
             None => Part::Keep,
         },
         slide: true,
@@ -54,8 +74,14 @@ fn set<'a>(dialogue: &'a [u8], cache: Option<&'a [u8]>) -> ContextUpdate<'a> {
     }
 }
 
-fn summary_of(turn: &TurnRecord) -> TurnSummary {
-    TurnSummary {
+fn commit_of(
+    turn: &TurnRecord,
+    context: ContextUpdate,
+    outbox: Vec<OutboxItem>,
+    limit: usize,
+    now_ms: u64,
+) -> Commit {
+    let summary = TurnSummary {
         turn_id: turn.turn_id.clone(),
         conv: turn.conv.clone(),
         messages: turn.messages.clone(),
@@ -65,124 +91,194 @@ fn summary_of(turn: &TurnRecord) -> TurnSummary {
         started_at_ms: turn.cut_at_ms,
         committed_at_ms: unix_ms(),
         attempts: 1,
-    }
+    };
+    Commit { turn: turn.clone(), summary, context, outbox, history_limit: limit, now_ms }
+}
+
+fn ids(messages: &[Message]) -> Vec<&str> {
+    messages.iter().map(|m| m.id.as_str()).collect()
 }
 
 #[tokio::test]
-async fn messages_are_deduplicated_and_kept_in_arrival_order_per_conversation() {
+async fn messages_are_deduplicated_announced_and_kept_in_arrival_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, heard) = open(dir.path());
+    let a1 = insert(&store, "a1", "700000001").await;
+    insert(&store, "b1", "700000002").await;
+    let a2 = insert(&store, "a2", "700000001").await;
+    assert_eq!(again(&store, "a1", "700000001").await, Inserted::Duplicate);
+    // An id is global: the same id from another phone is still a duplicate.
+    assert_eq!(again(&store, "a1", "700000009").await, Inserted::Duplicate);
+    // A duplicate inside one delivery (one group) is a duplicate too.
+    let twice =
+        store.accept(vec![new_message("c1", "7000003", "x"), new_message("c1", "7000003", "x")], true);
+    let twice = twice.await.unwrap();
+    assert!(matches!(twice[..], [Inserted::New(_), Inserted::Duplicate]));
+    assert_eq!(ids(&store.pending()), ["a1", "b1", "a2", "c1"]);
+    let got = store.messages(&conv("700000001"), &[a2.seq, a1.seq]);
+    assert_eq!(got.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["a1", "a2"]);
+    // Every new message was announced, once, before its answer; the flag passed through.
+    let heard = heard.lock().unwrap().clone();
+    assert_eq!(
+        heard.iter().map(|a| a.seq).collect::<Vec<_>>(),
+        store.pending().iter().map(|m| m.seq).collect::<Vec<_>>()
+    );
+    assert_eq!(heard.iter().map(|a| a.immediate).collect::<Vec<_>>(), [false, false, false, true]);
+}
+
+#[tokio::test]
+async fn without_a_listener_nothing_is_accepted_and_nothing_stored() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let a1 = insert(&store, "a1", "700000001");
-    insert(&store, "b1", "700000002");
-    let a2 = insert(&store, "a2", "700000001");
-    assert_eq!(store.insert_message(new_message("a1", "700000001", "again")).unwrap(), Inserted::Duplicate);
-    // An id is global: the same id from another phone is still a duplicate.
-    assert_eq!(store.insert_message(new_message("a1", "700000009", "x")).unwrap(), Inserted::Duplicate);
-    let inbox: Vec<String> = store.inbox().unwrap().into_iter().map(|m| m.id).collect();
-    assert_eq!(inbox, ["a1", "a2", "b1"]);
-    let got = store.messages(&conv("700000001"), &[a2.seq, a1.seq]).unwrap();
-    assert_eq!(got.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["a1", "a2"]);
+    let refused = store.accept(vec![new_message("x1", "700000001", "x")], false).await;
+    assert!(matches!(refused, Err(StoreError::NotAccepting(_))), "{refused:?}");
+    assert!(store.pending().is_empty());
+    store.set_sink(Some(Arc::new(|_| true)));
+    assert!(matches!(again(&store, "x1", "700000001").await, Inserted::New(_)), "x1 was not marked seen");
 }
 
 #[tokio::test]
-async fn state_survives_reopening() {
+async fn state_survives_reopening_with_claims_pending_and_dedup() {
     let dir = tempfile::tempdir().unwrap();
     let turn_id = {
-        let store = Store::open(dir.path()).unwrap();
-        let m = insert(&store, "m1", "700000001");
-        insert(&store, "m2", "700000001");
-        let turn = turn_of(&store, vec![m]);
-        store.put_turn(&turn).unwrap();
+        let (store, _) = open(dir.path());
+        let m = insert(&store, "m1", "700000001").await;
+        insert(&store, "m2", "700000001").await;
+        let mut turn = turn_of(&store, vec![m]);
+        store.claim(&turn).await.unwrap();
+        turn.attempts = 3;
+        store.note_attempts(&turn);
         store.close().await.unwrap();
         turn.turn_id
     };
-    let store = Store::open(dir.path()).unwrap();
-    assert_eq!(store.inbox().unwrap().len(), 2);
+    let (store, _) = open(dir.path());
+    let recovered = store.take_recovered().unwrap();
+    assert_eq!(recovered.open_turns.len(), 1);
+    let open = &recovered.open_turns[0];
+    assert_eq!(
+        (open.turn_id.as_str(), ids(&open.messages), open.attempts),
+        (turn_id.as_str(), vec!["m1"], 3)
+    );
+    assert_eq!(ids(&recovered.inbox), ["m2"], "a claimed message is not in the inbox");
     assert_eq!(store.turn(&turn_id).unwrap().unwrap().messages[0].id, "m1");
-    assert_eq!(store.insert_message(new_message("m1", "700000001", "x")).unwrap(), Inserted::Duplicate);
+    assert_eq!(again(&store, "m1", "700000001").await, Inserted::Duplicate);
     let next = store.new_turn_id().unwrap();
     assert!(next > turn_id, "turn ids are never reused: {next} after {turn_id}");
 }
 
 #[tokio::test]
-async fn a_commit_removes_the_turn_and_its_messages_and_saves_history_and_context() {
+async fn a_commit_retires_the_turn_and_its_messages_and_saves_history_and_context() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let m1 = insert(&store, "m1", "700000001");
-    let m2 = insert(&store, "m2", "700000001");
-    let later = insert(&store, "m3", "700000001");
+    let (store, _) = open(dir.path());
+    let m1 = insert(&store, "m1", "700000001").await;
+    let m2 = insert(&store, "m2", "700000001").await;
+    let later = insert(&store, "m3", "700000001").await;
     let turn = turn_of(&store, vec![m1, m2]);
-    store.put_turn(&turn).unwrap();
-    store.commit_turn(&turn, &summary_of(&turn), &set(b"ctx-1", None), &[], 10, 0).unwrap();
+    store.claim(&turn).await.unwrap();
+    store.commit(commit_of(&turn, set(b"ctx-1", None), vec![], 10, 0)).await.unwrap();
 
-    assert_eq!(store.inbox().unwrap(), vec![later], "only the turn's messages leave the inbox");
+    assert_eq!(store.pending(), vec![later.clone()], "only the turn's messages leave the inbox");
     assert!(store.turn(&turn.turn_id).unwrap().is_none());
     assert_eq!(store.context(&turn.conv, 0).unwrap().unwrap().dialogue.as_deref(), Some(&b"ctx-1"[..]));
     assert_eq!(store.history("700000001").unwrap()[0].turn_id, turn.turn_id);
+    // A retired id stays a duplicate, also after a restart.
+    assert_eq!(again(&store, "m1", "700000001").await, Inserted::Duplicate);
+    store.close().await.unwrap();
+    let (store, _) = open(dir.path());
+    let recovered = store.take_recovered().unwrap();
+    assert!(recovered.open_turns.is_empty());
+    assert_eq!(recovered.inbox, vec![later]);
+    assert_eq!(again(&store, "m2", "700000001").await, Inserted::Duplicate);
 
     // A commit without a context keeps the stored one.
-    let m = insert(&store, "m4", "700000001");
+    let m = insert(&store, "m4", "700000001").await;
     let t2 = turn_of(&store, vec![m]);
-    store.commit_turn(&t2, &summary_of(&t2), &KEEP, &[], 10, 1).unwrap();
+    store.commit(commit_of(&t2, keep(), vec![], 10, 1)).await.unwrap();
     assert_eq!(store.context(&turn.conv, 1).unwrap().unwrap().dialogue.as_deref(), Some(&b"ctx-1"[..]));
 }
 
 #[tokio::test]
 async fn history_is_trimmed_to_its_limit_per_conversation() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let mut ids = Vec::new();
+    let (store, _) = open(dir.path());
+    let mut turn_ids = Vec::new();
     for i in 0..5 {
-        let m = insert(&store, &format!("h{i}"), "700000001");
+        let m = insert(&store, &format!("h{i}"), "700000001").await;
         let t = turn_of(&store, vec![m]);
-        store.commit_turn(&t, &summary_of(&t), &KEEP, &[], 3, 0).unwrap();
-        ids.push(t.turn_id);
+        store.commit(commit_of(&t, keep(), vec![], 3, 0)).await.unwrap();
+        turn_ids.push(t.turn_id);
     }
-    let other = insert(&store, "o1", "700000002");
+    let other = insert(&store, "o1", "700000002").await;
     let t = turn_of(&store, vec![other]);
-    store.commit_turn(&t, &summary_of(&t), &KEEP, &[], 3, 0).unwrap();
+    store.commit(commit_of(&t, keep(), vec![], 3, 0)).await.unwrap();
     let kept: Vec<String> = store.history("700000001").unwrap().into_iter().map(|t| t.turn_id).collect();
-    assert_eq!(kept, ids[2..]);
+    assert_eq!(kept, turn_ids[2..]);
     assert_eq!(store.history("700000002").unwrap().len(), 1);
     // A phone that is a prefix of another does not see its history.
     assert!(store.history("70000000").unwrap().is_empty());
 }
 
 #[tokio::test]
-async fn a_dead_turn_keeps_its_messages_out_of_the_inbox() {
+async fn a_dead_turn_keeps_its_messages_out_of_the_inbox_and_can_be_reopened() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let m = insert(&store, "d1", "700000001");
+    let (store, _) = open(dir.path());
+    let m = insert(&store, "d1", "700000001").await;
     let mut turn = turn_of(&store, vec![m]);
+    store.claim(&turn).await.unwrap();
     turn.dead = Some(DeadInfo { error: "502".into(), died_at_ms: 1 });
-    store.park_dead(&turn).unwrap();
-    assert!(store.inbox().unwrap().is_empty());
+    store.park_dead(&turn).await.unwrap();
+    assert!(store.pending().is_empty());
     let stored = store.turn(&turn.turn_id).unwrap().unwrap();
-    assert_eq!(stored.messages[0].id, "d1");
-    assert_eq!(stored.dead.unwrap().error, "502");
+    assert_eq!((stored.messages[0].id.as_str(), stored.dead.unwrap().error.as_str()), ("d1", "502"));
+    store.close().await.unwrap();
+
+    let (store, _) = open(dir.path());
+    let recovered = store.take_recovered().unwrap();
+    assert_eq!((recovered.open_turns.len(), recovered.inbox.len(), recovered.dead_turns), (0, 0, 1));
+    assert_eq!(again(&store, "d1", "700000001").await, Inserted::Duplicate);
+    // Re-opened: an open turn again, with its messages, across a restart.
+    turn.dead = None;
+    store.reopen_dead(&turn).await.unwrap();
+    store.close().await.unwrap();
+    let (store, _) = open(dir.path());
+    let recovered = store.take_recovered().unwrap();
+    assert_eq!(recovered.open_turns, vec![turn.clone()]);
+    store.commit(commit_of(&turn, keep(), vec![], 10, 0)).await.unwrap();
+    assert!(store.turns().unwrap().is_empty());
 }
 
 #[tokio::test]
-async fn expired_ids_are_forgotten_and_recent_ones_kept() {
+async fn retired_ids_are_forgotten_after_the_window_and_pending_ones_never() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let mut old = new_message("old", "700000001", "x");
-    old.received_at_ms = 1_000;
-    store.insert_message(old).unwrap();
-    insert(&store, "new", "700000001");
-    assert_eq!(store.expire_seen(2_000).unwrap(), 1);
-    assert!(matches!(store.insert_message(new_message("old", "700000001", "x")).unwrap(), Inserted::New(_)));
-    assert_eq!(store.insert_message(new_message("new", "700000001", "x")).unwrap(), Inserted::Duplicate);
-    // The re-stored "old" has a fresh entry: a sweep at the same cutoff keeps it.
-    assert_eq!(store.expire_seen(2_000).unwrap(), 0);
-    assert_eq!(store.insert_message(new_message("old", "700000001", "x")).unwrap(), Inserted::Duplicate);
+    let (store, _) = open(dir.path());
+    let old = insert(&store, "old", "700000001").await;
+    let t = turn_of(&store, vec![old]);
+    store.commit(commit_of(&t, keep(), vec![], 10, 0)).await.unwrap();
+    insert(&store, "new", "700000001").await;
+    store.sync().await.unwrap();
+    assert_eq!(store.expire_dedup(0).await.unwrap(), 0, "nothing retired before 0");
+    // "old" still sits in a segment that is live (for "new"): forgetting it
+    // now would let a restart take it for a new message.
+    assert_eq!(store.expire_dedup(unix_ms() + 1).await.unwrap(), 0);
+    store.close().await.unwrap();
+    let (store, _) = open(dir.path());
+    assert_eq!(ids(&store.take_recovered().unwrap().inbox), ["new"]);
+    let m = store.pending().pop().unwrap();
+    let t = turn_of(&store, vec![m]);
+    store.commit(commit_of(&t, keep(), vec![], 10, 0)).await.unwrap();
+    store.sync().await.unwrap();
+    assert_eq!(store.expire_dedup(unix_ms() + 1).await.unwrap(), 2);
+    assert!(matches!(again(&store, "new", "700000001").await, Inserted::New(_)));
+    assert!(matches!(again(&store, "old", "700000001").await, Inserted::New(_)));
+    assert_eq!(store.expire_dedup(unix_ms() + 1).await.unwrap(), 0, "a pending id is never forgotten");
+    assert_eq!(again(&store, "old", "700000001").await, Inserted::Duplicate);
 }
 
 #[tokio::test]
 async fn a_corrupt_record_is_an_error_for_that_key() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    store.turns.insert("t-bad", &b"\xff\xff\xff"[..]).unwrap();
+    let (store, _) = open(dir.path());
+    store.inner.trees.turns.insert("t-bad", &b"\xff\xff\xff"[..]).unwrap();
     match store.turn("t-bad") {
         Err(StoreError::Corrupt { tree: "turns", key, .. }) => assert_eq!(key, "t-bad"),
         other => panic!("expected a corrupt-record error, got {other:?}"),
@@ -190,39 +286,163 @@ async fn a_corrupt_record_is_an_error_for_that_key() {
 }
 
 #[tokio::test]
-async fn concurrent_writers_share_fsyncs() {
+async fn a_damaged_id_floor_or_dedup_record_refuses_to_open_naming_it() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    {
+        let (store, _) = open(dir.path());
+        store.inner.trees.meta.insert(ID_FLOOR, &b"\x01\x02"[..]).unwrap();
+        store.close().await.unwrap();
+    }
+    match Store::open(dir.path()) {
+        Err(StoreError::Corrupt { tree: "meta", key, .. }) => assert_eq!(key, "id_floor"),
+        other => panic!("expected the id floor named, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test]
+async fn concurrent_writers_share_log_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
     let writers: Vec<_> = (0..200)
         .map(|i| {
             let store = store.clone();
-            tokio::spawn(async move {
-                insert(&store, &format!("g{i}"), "700000001");
-                store.flush().await.unwrap();
-            })
+            tokio::spawn(async move { insert(&store, &format!("g{i}"), "700000001").await })
         })
         .collect();
     for w in writers {
         w.await.unwrap();
     }
-    assert_eq!(store.inbox().unwrap().len(), 200);
-    let syncs = store.syncs();
-    assert!((1..20).contains(&syncs), "200 writers took {syncs} fsyncs");
+    assert_eq!(store.pending().len(), 200);
+    let syncs = store.stats().log_syncs;
+    assert!((1..100).contains(&syncs), "200 writers took {syncs} log syncs");
+}
+
+#[tokio::test]
+async fn a_failed_log_write_stores_nothing_marks_no_id_and_the_next_one_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, heard) = open(dir.path());
+    insert(&store, "before", "700000001").await;
+    store.faults().fail_log_writes_until(Instant::now() + std::time::Duration::from_secs(3600));
+    let failed = store.accept(vec![new_message("f1", "700000001", "x")], false).await;
+    assert!(matches!(failed, Err(StoreError::Write(_))), "{failed:?}");
+    assert!(store.failure().is_none(), "an undone write is not a store failure");
+    assert_eq!(ids(&store.pending()), ["before"]);
+    assert_eq!(heard.lock().unwrap().len(), 1, "nothing announced for the failed write");
+    store.faults().fail_log_writes_until(Instant::now());
+    assert!(matches!(again(&store, "f1", "700000001").await, Inserted::New(_)), "f1 was marked seen");
+    store.close().await.unwrap();
+    let (store, _) = open(dir.path());
+    assert_eq!(ids(&store.take_recovered().unwrap().inbox), ["before", "f1"]);
+}
+
+#[tokio::test]
+async fn a_failed_sync_of_sleds_files_fails_the_store_and_a_reopen_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let m = insert(&store, "s1", "700000001").await;
+    store.faults().fail_next_tree_sync();
+    let t = turn_of(&store, vec![m]);
+    store.commit(commit_of(&t, keep(), vec![], 10, 0)).await.unwrap();
+    assert!(matches!(store.sync().await, Err(StoreError::Failed(_))));
+    let reason = store.failed().await;
+    assert!(reason.contains("syncing sled"), "{reason}");
+    assert!(matches!(
+        store.accept(vec![new_message("s2", "7000001", "x")], false).await,
+        Err(StoreError::Failed(_))
+    ));
+    let _ = store.close().await;
+    let (store, _) = open(dir.path());
+    assert!(store.failure().is_none());
+    insert(&store, "s2", "700000001").await;
+}
+
+#[tokio::test]
+async fn a_torn_log_tail_is_cut_and_damage_in_a_closed_segment_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = open(dir.path());
+        insert(&store, "t1", "700000001").await;
+        insert(&store, "t2", "700000001").await;
+        store.close().await.unwrap();
+    }
+    let log_dir = dir.path().join(log::DIR_NAME);
+    let last = *log::segments(&log_dir).unwrap().last().unwrap();
+    let path = log::segment_path(&log_dir, last);
+    let len = std::fs::metadata(&path).unwrap().len();
+    // A crash in the middle of the second record's write.
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 3).unwrap();
+    {
+        let (store, _) = open(dir.path());
+        assert_eq!(
+            ids(&store.take_recovered().unwrap().inbox),
+            ["t1"],
+            "the torn record is gone, the rest kept"
+        );
+        insert(&store, "t3", "700000001").await;
+        store.close().await.unwrap();
+    }
+    // The same damage in a segment that is no longer the newest: corruption.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = bytes.len();
+    bytes[n - 2] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    match Store::open(dir.path()) {
+        Err(StoreError::Corrupt { tree: "log", key, .. }) => assert!(key.contains(".seg@"), "{key}"),
+        other => panic!("expected damage named, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test]
+async fn fully_retired_segments_are_deleted_once_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let m = insert(&store, "r1", "700000001").await;
+    store.close().await.unwrap();
+    let log_dir = dir.path().join(log::DIR_NAME);
+    let (store, _) = open(dir.path());
+    assert_eq!(log::segments(&log_dir).unwrap().len(), 2, "the old segment holds r1; a new head");
+    let t = turn_of(&store, vec![m]);
+    store.commit(commit_of(&t, keep(), vec![], 10, 0)).await.unwrap();
+    store.sync().await.unwrap();
+    assert_eq!(log::segments(&log_dir).unwrap().len(), 1, "r1's segment went once its retirement was synced");
+}
+
+#[tokio::test]
+async fn a_first_layout_store_is_moved_into_the_log_and_dedup_records() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let (inbox, seen) = (db.open_tree("inbox").unwrap(), db.open_tree("seen").unwrap());
+        let m = Message::from_new(5, new_message("p1", "700000001", "pending"));
+        inbox.insert(records::seq_key(&m.conv, 5), records::encode(&m)).unwrap();
+        seen.insert("p1", &unix_ms().to_be_bytes()[..]).unwrap();
+        seen.insert("done1", &unix_ms().to_be_bytes()[..]).unwrap();
+        db.open_tree("seen_at").unwrap().insert("x", "y").unwrap();
+        db.flush().unwrap();
+    }
+    let (store, _) = open(dir.path());
+    assert_eq!(ids(&store.take_recovered().unwrap().inbox), ["p1"]);
+    assert_eq!(again(&store, "done1", "700000001").await, Inserted::Duplicate);
+    assert_eq!(again(&store, "p1", "700000001").await, Inserted::Duplicate);
+    let names = store.inner.db.tree_names();
+    assert!(!names.iter().any(|n| n.as_ref() == b"inbox" || n.as_ref() == b"seen"), "old trees dropped");
+    store.close().await.unwrap();
+    let (store, _) = open(dir.path());
+    assert_eq!(ids(&store.take_recovered().unwrap().inbox), ["p1"], "moved once");
 }
 
 #[tokio::test]
 async fn a_context_expires_after_its_ttl_unless_a_turn_touches_it() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let (store, _) = open(dir.path());
     let (idle, busy) = (conv("700000001"), conv("700000002"));
-    store.update_context(&idle, &set(b"idle", None), 0).unwrap();
-    store.update_context(&busy, &set(b"busy", Some(b"snapshot")), 0).unwrap();
+    store.update_context(&idle, set(b"idle", None), 0).await.unwrap();
+    store.update_context(&busy, set(b"busy", Some(b"snapshot")), 0).await.unwrap();
     // At 11 h a turn of `busy` returns no new context: it still slides the expiry.
-    let m = insert(&store, "t1", "700000002");
+    let m = insert(&store, "t1", "700000002").await;
     let t = turn_of(&store, vec![m]);
-    store
-        .commit_turn(&t, &summary_of(&t), &ContextUpdate { ttl_ms: 12 * HOUR, ..KEEP }, &[], 10, 11 * HOUR)
-        .unwrap();
+    let slide = ContextUpdate { ttl_ms: 12 * HOUR, ..keep() };
+    store.commit(commit_of(&t, slide, vec![], 10, 11 * HOUR)).await.unwrap();
 
     let at_12h = 12 * HOUR;
     assert!(store.context(&idle, at_12h - 1).unwrap().is_some());
@@ -231,37 +451,37 @@ async fn a_context_expires_after_its_ttl_unless_a_turn_touches_it() {
     assert_eq!(busy_ctx.dialogue.as_deref(), Some(&b"busy"[..]));
     assert_eq!(busy_ctx.meta.expires_at_ms, 23 * HOUR);
 
-    assert_eq!(store.expire_contexts(at_12h).unwrap(), 1);
+    assert_eq!(store.expire_contexts(at_12h).await.unwrap().removed, 1);
     assert_eq!(store.context_stats().contexts, 1);
     // A Keep on an expired context does not bring it back.
-    store.update_context(&busy, &KEEP, 24 * HOUR).unwrap();
+    store.update_context(&busy, keep(), 24 * HOUR).await.unwrap();
     assert!(store.context(&busy, 24 * HOUR).unwrap().is_none());
-    assert_eq!(store.expire_contexts(24 * HOUR).unwrap(), 0, "the Keep already removed it");
+    assert_eq!(store.expire_contexts(24 * HOUR).await.unwrap().removed, 0, "the Keep already removed it");
     assert_eq!(store.context_stats().contexts, 0);
 }
 
 #[tokio::test]
 async fn the_sweeper_never_removes_a_context_touched_after_its_index_entry() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let (store, _) = open(dir.path());
     let c = conv("700000001");
-    store.update_context(&c, &ContextUpdate { ttl_ms: HOUR, ..set(b"v1", None) }, 0).unwrap();
-    store.update_context(&c, &ContextUpdate { ttl_ms: HOUR, ..set(b"v2", None) }, HOUR / 2).unwrap();
-    assert_eq!(store.expire_contexts(HOUR).unwrap(), 0);
+    store.update_context(&c, ContextUpdate { ttl_ms: HOUR, ..set(b"v1", None) }, 0).await.unwrap();
+    store.update_context(&c, ContextUpdate { ttl_ms: HOUR, ..set(b"v2", None) }, HOUR / 2).await.unwrap();
+    assert_eq!(store.expire_contexts(HOUR).await.unwrap().removed, 0);
     assert_eq!(store.context(&c, HOUR).unwrap().unwrap().dialogue.as_deref(), Some(&b"v2"[..]));
-    assert_eq!(store.expire_contexts(HOUR + HOUR / 2).unwrap(), 1);
+    assert_eq!(store.expire_contexts(HOUR + HOUR / 2).await.unwrap().removed, 1);
 }
 
 #[tokio::test]
 async fn invalidate_drops_the_cache_and_keeps_dialogue_and_expiry() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let (store, _) = open(dir.path());
     let c = conv("700000001");
-    store.update_context(&c, &set(b"dialogue", Some(b"cache")), 0).unwrap();
+    store.update_context(&c, set(b"dialogue", Some(b"cache")), 0).await.unwrap();
     let before = store.context(&c, 1).unwrap().unwrap();
     let invalidate =
         ContextUpdate { dialogue: Part::Keep, cache: Part::Clear, slide: false, ttl_ms: 12 * HOUR };
-    let (was, now) = store.update_context(&c, &invalidate, 5).unwrap();
+    let (was, now) = store.update_context(&c, invalidate, 5).await.unwrap();
     assert!(was.unwrap().cache.is_some());
     let after = store.context(&c, 6).unwrap().unwrap();
     assert_eq!(after.dialogue.as_deref(), Some(&b"dialogue"[..]));
@@ -276,12 +496,12 @@ async fn invalidate_drops_the_cache_and_keeps_dialogue_and_expiry() {
 async fn context_counters_survive_reopening() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let store = Store::open(dir.path()).unwrap();
-        store.update_context(&conv("700000001"), &set(b"abc", Some(b"defg")), 0).unwrap();
-        store.update_context(&conv("700000002"), &set(b"x", None), 0).unwrap();
+        let (store, _) = open(dir.path());
+        store.update_context(&conv("700000001"), set(b"abc", Some(b"defg")), 0).await.unwrap();
+        store.update_context(&conv("700000002"), set(b"x", None), 0).await.unwrap();
         store.close().await.unwrap();
     }
-    let store = Store::open(dir.path()).unwrap();
+    let (store, _) = open(dir.path());
     let stats = store.context_stats();
     assert_eq!((stats.contexts, stats.stored_bytes, stats.raw_bytes), (2, 8, 80));
     assert_eq!(store.context(&conv("700000001"), 1).unwrap().unwrap().cache.as_deref(), Some(&b"defg"[..]));
@@ -290,25 +510,30 @@ async fn context_counters_survive_reopening() {
 #[tokio::test]
 async fn a_corrupt_context_is_an_error_for_that_conversation_only() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    store.update_context(&conv("700000001"), &set(b"fine", None), 0).unwrap();
-    store.update_context(&conv("700000002"), &set(b"fine", None), 0).unwrap();
-    store.ctx_meta.insert(records::conv_prefix(&conv("700000002")), &b"\xff\xff\xff\xff"[..]).unwrap();
+    let (store, _) = open(dir.path());
+    store.update_context(&conv("700000001"), set(b"fine", None), 0).await.unwrap();
+    store.update_context(&conv("700000002"), set(b"fine", None), 0).await.unwrap();
+    let key = records::conv_prefix(&conv("700000002"));
+    store.inner.trees.ctx_meta.insert(key, &b"\xff\xff\xff\xff"[..]).unwrap();
     assert!(matches!(
         store.context(&conv("700000002"), 1),
         Err(StoreError::Corrupt { tree: "ctx_meta", .. })
     ));
     assert!(store.context(&conv("700000001"), 1).unwrap().is_some());
-    // A write repairs it.
-    store.update_context(&conv("700000002"), &set(b"new", None), 2).unwrap();
+    // An update that keeps a part cannot know what to keep: an error naming the record.
+    let kept = store.update_context(&conv("700000002"), keep(), 2).await;
+    assert!(matches!(kept, Err(StoreError::Corrupt { tree: "ctx_meta", .. })), "{kept:?}");
+    // Setting both parts repairs it.
+    let both = ContextUpdate { cache: Part::Clear, ..set(b"new", None) };
+    store.update_context(&conv("700000002"), both, 2).await.unwrap();
     assert!(store.context(&conv("700000002"), 3).unwrap().is_some());
 }
 
 #[tokio::test]
-async fn a_commit_puts_its_reply_in_the_outbox_in_order_until_sent() {
+async fn a_commit_puts_its_reply_in_the_outbox_sendable_once_synced() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let m = insert(&store, "o1", "700000001");
+    let (store, _) = open(dir.path());
+    let m = insert(&store, "o1", "700000001").await;
     let turn = turn_of(&store, vec![m]);
     let items: Vec<OutboxItem> = (1..=2)
         .map(|part| OutboxItem {
@@ -324,14 +549,18 @@ async fn a_commit_puts_its_reply_in_the_outbox_in_order_until_sent() {
             failed: false,
         })
         .collect();
-    store.commit_turn(&turn, &summary_of(&turn), &KEEP, &items, 10, 0).unwrap();
+    let ready = store.outbox_ready();
+    store.commit(commit_of(&turn, keep(), items.clone(), 10, 0)).await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), ready.notified())
+        .await
+        .expect("told once durable");
     assert_eq!(store.outbox().unwrap(), items);
     let mut first = items[0].clone();
     first.attempts = 1;
     first.last_error = Some("503".into());
-    store.outbox_update(&first).unwrap();
-    store.outbox_sent(items[1].seq).unwrap();
+    store.outbox_update(&first).await.unwrap();
+    store.outbox_sent(items[1].seq).await.unwrap();
     store.close().await.unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let (store, _) = open(dir.path());
     assert_eq!(store.outbox().unwrap(), vec![first]);
 }

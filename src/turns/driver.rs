@@ -10,44 +10,21 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::batcher::{Batcher, Cut, CutReason, Rules};
 use crate::config::Config;
-use crate::message::{unix_ms, Conv, Message};
+use crate::message::{unix_ms, Conv};
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError, TurnRecord};
+use crate::store::{Recovered, Store};
 
 use super::gate::Gate;
-use super::{DriverInbox, Event, RetryOutcome, Runner, Shared, Snapshot, Work};
+use super::{DriverInbox, Event, Outcome, RetryOutcome, Runner, Shared, Snapshot, Work};
 
-/// What the store holds that the driver must pick up on start.
-pub struct Recovery {
-    /// Turns recorded but not committed, oldest first: they re-run with their turn_id.
-    pub open_turns: Vec<TurnRecord>,
-    /// Inbox messages not claimed by an open turn, in arrival order per conversation.
-    pub inbox: Vec<Message>,
-    pub dead_turns: usize,
-}
-
-impl Recovery {
-    pub fn load(store: &Store) -> Result<Recovery, StoreError> {
-        let mut open_turns = Vec::new();
-        let mut dead_turns = 0;
-        for turn in store.turns()? {
-            if turn.dead.is_some() {
-                dead_turns += 1;
-            } else {
-                open_turns.push(turn);
-            }
-        }
-        open_turns.sort_by(|a, b| a.turn_id.cmp(&b.turn_id));
-        let claimed: HashSet<(&Conv, u64)> =
-            open_turns.iter().flat_map(|t| t.messages.iter().map(|m| (&m.conv, m.seq))).collect();
-        let inbox = store.inbox()?.into_iter().filter(|m| !claimed.contains(&(&m.conv, m.seq))).collect();
-        Ok(Recovery { open_turns, inbox, dead_turns })
-    }
-}
+/// Backoff of a conversation whose work failed in the store: doubling from
+/// this, up to `RETRY_MAX`.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 pub struct Driver {
     batcher: Batcher<Conv>,
@@ -63,6 +40,8 @@ pub struct Driver {
     turns_on: tokio::runtime::Handle,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
+    /// Dead turns being marked open again, so two retries cannot queue one twice.
+    reopening: HashSet<String>,
 }
 
 impl Driver {
@@ -74,7 +53,7 @@ impl Driver {
         config: &Config,
         store: Store,
         runner: Arc<Runner>,
-        recovery: Recovery,
+        recovery: Recovered,
         inbox: DriverInbox,
         tracker: TaskTracker,
         shared: &Shared,
@@ -97,6 +76,7 @@ impl Driver {
             turns_on: tokio::runtime::Handle::current(),
             shutdown: shared.stopping.shutdown.clone(),
             metrics: shared.metrics.clone(),
+            reopening: HashSet::new(),
         };
         for turn in recovery.open_turns {
             driver.gate.offer(turn.conv.clone(), Work::Resume(Box::new(turn)));
@@ -119,8 +99,10 @@ impl Driver {
             for cut in self.batcher.due(now) {
                 self.offer(cut);
             }
+            self.gate.wake(now);
             self.start_ready();
-            let deadline = self.batcher.next_deadline();
+            let deadline =
+                [self.batcher.next_deadline(), self.gate.next_deadline()].into_iter().flatten().min();
             let sleep = async {
                 match deadline {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -146,8 +128,8 @@ impl Driver {
 
     fn on_event(&mut self, event: Event) {
         match event {
-            Event::Ingested { conv, seq, at, immediate } => {
-                let cut = self.batcher.push(conv.clone(), seq, at);
+            Event::Ingested { conv, seq, immediate } => {
+                let cut = self.batcher.push(conv.clone(), seq, now());
                 if let Some(cut) = cut {
                     self.offer(cut);
                 } else if immediate {
@@ -156,14 +138,40 @@ impl Driver {
                     }
                 }
             }
-            Event::Finished { conv } => self.gate.finished(&conv),
-            Event::Retry { turn_id, reply } => {
-                let _ = reply.send(self.retry(&turn_id));
+            Event::Finished { conv, outcome } => self.finished(conv, outcome),
+            Event::Retry { turn_id, reply } => self.retry(turn_id, reply),
+            Event::Reopened { turn, result, reply } => {
+                self.reopening.remove(&turn.turn_id);
+                match result {
+                    Ok(()) => {
+                        info!(turn_id = %turn.turn_id, conv = %turn.conv.masked(), "dead turn queued for retry");
+                        self.gate.offer(turn.conv.clone(), Work::Resume(turn));
+                        let _ = reply.send(RetryOutcome::Queued);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(RetryOutcome::Failed(e));
+                    }
+                }
             }
             Event::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());
             }
             Event::Context { conv, job } => self.gate.offer(conv, Work::Context(job)),
+        }
+    }
+
+    /// A turn task ended: free its conversation, or put failed work back at
+    /// the front of the conversation's queue until its backoff is over.
+    fn finished(&mut self, conv: Conv, outcome: Outcome) {
+        match outcome {
+            Outcome::Done | Outcome::Parked | Outcome::Abandoned => self.gate.finished(&conv),
+            Outcome::Failed { work, error } => {
+                let failures = self.gate.failures(&conv) + 1;
+                let wait = crate::clock::backoff(RETRY_FIRST, RETRY_MAX, failures);
+                self.gate.failed(&conv, work, now() + wait);
+                crate::metrics::inc(&self.metrics.turn_store_failures);
+                warn!(conv = %conv.masked(), failures, retry_in_ms = wait.as_millis() as u64, error, "turn work failed in the store; its conversation waits and retries it first");
+            }
         }
     }
 
@@ -189,34 +197,48 @@ impl Driver {
     fn start_ready(&mut self) {
         while let Some((conv, work)) = self.gate.start_next() {
             let runner = self.runner.clone();
-            let finished = Finished { tx: self.tx.clone(), conv: Some(conv.clone()) };
+            let report = Report { tx: self.tx.clone(), conv: Some(conv.clone()), replay: work.replay() };
             self.tracker.spawn_on(
                 async move {
-                    runner.run(conv, work).await;
-                    drop(finished);
+                    let outcome = runner.run(conv, work).await;
+                    report.send(outcome);
                 },
                 &self.turns_on,
             );
         }
     }
 
-    /// Runs on the driver task, so two retries of one turn cannot both queue it.
-    fn retry(&mut self, turn_id: &str) -> RetryOutcome {
-        let mut turn = match self.store.turn(turn_id) {
+    /// Runs on the driver task, so two retries of one turn cannot both queue
+    /// it. The turn is marked open on disk (durably) before it is queued: if
+    /// the daemon stops first, it re-runs on the next start.
+    fn retry(&mut self, turn_id: String, reply: tokio::sync::oneshot::Sender<RetryOutcome>) {
+        if self.reopening.contains(&turn_id) {
+            let _ = reply.send(RetryOutcome::NotDead);
+            return;
+        }
+        let mut turn = match self.store.turn(&turn_id) {
             Ok(Some(turn)) => turn,
-            Ok(None) => return RetryOutcome::NotFound,
-            Err(e) => return RetryOutcome::Failed(e.to_string()),
+            Ok(None) => {
+                let _ = reply.send(RetryOutcome::NotFound);
+                return;
+            }
+            Err(e) => {
+                let _ = reply.send(RetryOutcome::Failed(e.to_string()));
+                return;
+            }
         };
         if turn.dead.take().is_none() {
-            return RetryOutcome::NotDead;
+            let _ = reply.send(RetryOutcome::NotDead);
+            return;
         }
-        // Marked open on disk: if the daemon stops first, it re-runs on start.
-        if let Err(e) = self.store.put_turn(&turn) {
-            return RetryOutcome::Failed(e.to_string());
-        }
-        info!(turn_id, conv = %turn.conv.masked(), "dead turn queued for retry");
-        self.gate.offer(turn.conv.clone(), Work::Resume(Box::new(turn)));
-        RetryOutcome::Queued
+        self.reopening.insert(turn_id);
+        let (store, tx) = (self.store.clone(), self.tx.clone());
+        self.turns_on.spawn(async move {
+            let result = store.reopen_dead(&turn).await.map_err(|e| e.to_string());
+            // If the driver has stopped, the turn is open on disk and re-runs
+            // on the next start; the caller hears "shutting down".
+            let _ = tx.send(Event::Reopened { turn: Box::new(turn), result, reply });
+        });
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -252,15 +274,31 @@ fn now() -> Instant {
 
 /// Tells the driver a turn ended even if the turn's task panicked, so a
 /// conversation is never left marked running.
-struct Finished {
+/// Reports a turn task's outcome to the driver — also when the task
+/// panicked: then its work (rebuilt from what it was given) is handed back
+/// as failed, so a bug in one turn never strands its messages.
+struct Report {
     tx: mpsc::UnboundedSender<Event>,
     conv: Option<Conv>,
+    replay: Option<Work>,
 }
 
-impl Drop for Finished {
+impl Report {
+    fn send(mut self, outcome: Outcome) {
+        if let Some(conv) = self.conv.take() {
+            let _ = self.tx.send(Event::Finished { conv, outcome });
+        }
+    }
+}
+
+impl Drop for Report {
     fn drop(&mut self) {
         if let Some(conv) = self.conv.take() {
-            let _ = self.tx.send(Event::Finished { conv });
+            let outcome = match self.replay.take() {
+                Some(work) => Outcome::Failed { work, error: "the turn task panicked".into() },
+                None => Outcome::Done,
+            };
+            let _ = self.tx.send(Event::Finished { conv, outcome });
         }
     }
 }

@@ -6,9 +6,15 @@
 //! batch cut meanwhile merges into the waiting one when the rules allow, so
 //! "the phone's new messages collect into its next batch". Everything here is
 //! derivable from disk (open turns and inbox) and rebuilt on start.
+//!
+//! Work that failed (the store could not record or commit it) goes back to
+//! the front of its conversation's queue and waits out a backoff there: the
+//! conversation's later work waits behind it, so per-phone order survives
+//! failures by construction.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
+use std::time::Instant;
 
 /// Work that may absorb the next piece of work of the same conversation.
 pub trait Merge: Sized {
@@ -22,13 +28,24 @@ pub trait Merge: Sized {
     }
 }
 
+/// A conversation's failures in a row, and until when it waits (`None`:
+/// the backoff is over, the failed work may start).
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    until: Option<Instant>,
+    failures: u32,
+}
+
 pub struct Gate<K, W> {
     max_concurrent: usize,
     running: HashSet<K>,
     waiting: HashMap<K, VecDeque<W>>,
-    /// Conversations with waiting work and no running turn, oldest first.
-    /// Invariant: `k` is here exactly when `waiting[k]` is non-empty and `k` is not running.
+    /// Conversations with waiting work, no running turn and no backoff, oldest first.
+    /// Invariant: `k` is here exactly when `waiting[k]` is non-empty, `k` is
+    /// not running and not in `backoff`.
     ready: VecDeque<K>,
+    /// Conversations whose work failed, until their next work succeeds.
+    backoff: HashMap<K, Backoff>,
 }
 
 impl<K: Clone + Eq + Hash, W: Merge> Gate<K, W> {
@@ -38,6 +55,7 @@ impl<K: Clone + Eq + Hash, W: Merge> Gate<K, W> {
             running: HashSet::new(),
             waiting: HashMap::new(),
             ready: VecDeque::new(),
+            backoff: HashMap::new(),
         }
     }
 
@@ -57,7 +75,7 @@ impl<K: Clone + Eq + Hash, W: Merge> Gate<K, W> {
                 _ => queue.push_back(work),
             }
         }
-        if was_empty && !self.running.contains(&key) {
+        if was_empty && !self.running.contains(&key) && !self.backing_off(&key) {
             self.ready.push_back(key);
         }
     }
@@ -78,10 +96,51 @@ impl<K: Clone + Eq + Hash, W: Merge> Gate<K, W> {
     }
 
     /// The running turn of `key` has committed (or was parked, or stopped).
+    /// Panics if `key` was not running: the driver's bookkeeping is broken.
     pub fn finished(&mut self, key: &K) {
-        if self.running.remove(key) && self.waiting.contains_key(key) {
+        assert!(self.running.remove(key), "finished a conversation that was not running");
+        self.backoff.remove(key);
+        if self.waiting.contains_key(key) {
             self.ready.push_back(key.clone());
         }
+    }
+
+    /// The running work of `key` failed: it goes back to the front of the
+    /// conversation's queue, and nothing of the conversation starts before
+    /// `retry_at`. Returns how many times in a row it has failed.
+    pub fn failed(&mut self, key: &K, work: W, retry_at: Instant) -> u32 {
+        assert!(self.running.remove(key), "failed a conversation that was not running");
+        self.waiting.entry(key.clone()).or_default().push_front(work);
+        let b = self.backoff.entry(key.clone()).or_insert(Backoff { until: None, failures: 0 });
+        b.until = Some(retry_at);
+        b.failures += 1;
+        b.failures
+    }
+
+    /// How many times in a row the work of `key` has failed so far.
+    pub fn failures(&self, key: &K) -> u32 {
+        self.backoff.get(key).map_or(0, |b| b.failures)
+    }
+
+    fn backing_off(&self, key: &K) -> bool {
+        self.backoff.get(key).is_some_and(|b| b.until.is_some())
+    }
+
+    /// Conversations whose backoff is over by `now` become ready again.
+    pub fn wake(&mut self, now: Instant) {
+        for (key, b) in self.backoff.iter_mut() {
+            if b.until.is_some_and(|at| at <= now) {
+                b.until = None;
+                if !self.running.contains(key) && self.waiting.contains_key(key) {
+                    self.ready.push_back(key.clone());
+                }
+            }
+        }
+    }
+
+    /// The earliest instant a backoff ends.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.backoff.values().filter_map(|b| b.until).min()
     }
 
     pub fn is_running(&self, key: &K) -> bool {
@@ -172,6 +231,42 @@ mod tests {
         assert_eq!(g.start_next(), Some(("p", W::U(2))));
         g.finished(&"p");
         assert_eq!(g.start_next(), Some(("p", W::B(vec![2, 3]))));
+    }
+
+    #[test]
+    fn failed_work_goes_first_after_its_backoff_and_later_work_waits_behind_it() {
+        let t0 = Instant::now();
+        let later = |ms| t0 + std::time::Duration::from_millis(ms);
+        let mut g = Gate::new(8);
+        g.offer("p", B(vec![1, 2, 3]));
+        g.offer("q", B(vec![9]));
+        let (_, first) = g.start_next().unwrap();
+        assert_eq!(first, B(vec![1, 2, 3]));
+        g.offer("p", B(vec![4, 5])); // the phone writes on meanwhile
+        assert_eq!(g.failed(&"p", first, later(500)), 1);
+        assert_eq!(g.next_deadline(), Some(later(500)));
+        // Other conversations go on; p waits, its later batch behind the failed one.
+        assert_eq!(g.start_next(), Some(("q", B(vec![9]))));
+        assert_eq!(g.start_next(), None);
+        g.wake(later(499));
+        assert_eq!(g.start_next(), None, "still backing off");
+        g.wake(later(500));
+        assert_eq!(g.next_deadline(), None);
+        assert_eq!(g.start_next(), Some(("p", B(vec![1, 2, 3]))));
+        // A second failure in a row counts up; success resets the count.
+        assert_eq!(g.failed(&"p", B(vec![1, 2, 3]), later(1500)), 2);
+        g.wake(later(1500));
+        assert_eq!(g.start_next(), Some(("p", B(vec![1, 2, 3]))));
+        g.finished(&"p");
+        assert_eq!(g.failures(&"p"), 0);
+        assert_eq!(g.start_next(), Some(("p", B(vec![4, 5]))));
+    }
+
+    #[test]
+    #[should_panic(expected = "not running")]
+    fn finishing_a_conversation_that_was_not_running_is_a_bug() {
+        let mut g: Gate<&str, B> = Gate::new(1);
+        g.finished(&"p");
     }
 
     #[test]

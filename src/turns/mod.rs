@@ -19,7 +19,7 @@ use crate::batcher::CutReason;
 use crate::message::Conv;
 use crate::store::{ContextMeta, TurnRecord};
 
-pub use driver::{Driver, Recovery};
+pub use driver::Driver;
 pub use run::{Runner, Stopping};
 
 use std::sync::Arc;
@@ -88,6 +88,23 @@ pub enum ContextOutcome {
     Failed(String),
 }
 
+impl Work {
+    /// The same work again, for a turn task that died without reporting;
+    /// a context write (its caller waits on a channel) cannot be replayed.
+    fn replay(&self) -> Option<Work> {
+        match self {
+            Work::Fresh { seqs, reason, deadline, max_messages } => Some(Work::Fresh {
+                seqs: seqs.clone(),
+                reason: *reason,
+                deadline: *deadline,
+                max_messages: *max_messages,
+            }),
+            Work::Resume(turn) => Some(Work::Resume(turn.clone())),
+            Work::Context(_) => None,
+        }
+    }
+}
+
 impl gate::Merge for Work {
     /// Context writes go ahead of batches still waiting: they wait only for
     /// the running turn, and the next turn sees them (a booking change
@@ -110,22 +127,45 @@ impl gate::Merge for Work {
     }
 }
 
+/// How the work a turn task was given ended. Every way out of a turn task
+/// is one of these, reported to the driver, so no failure ends in a log
+/// line alone.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Committed (or a context write answered, or a cut batch that had
+    /// nothing left): the conversation's next work may start.
+    Done,
+    /// Parked as dead after its last attempt; the conversation goes on.
+    Parked,
+    /// The store could not record, read or commit it: the work goes back to
+    /// the front of the conversation's queue and is retried after a backoff.
+    Failed { work: Work, error: String },
+    /// Cut short by shutdown; it stays open on disk for the next start.
+    Abandoned,
+}
+
 /// Events the driver reacts to, besides its own timers.
 pub(crate) enum Event {
-    /// A message is durably stored.
+    /// A message is durably stored (told by the store's writer).
     Ingested {
         conv: Conv,
         seq: u64,
-        at: Instant,
         immediate: bool,
     },
-    /// The running turn of `conv` ended (committed, parked dead, or stopped).
+    /// The running work of `conv` ended.
     Finished {
         conv: Conv,
+        outcome: Outcome,
     },
     /// Re-run a dead turn.
     Retry {
         turn_id: String,
+        reply: oneshot::Sender<RetryOutcome>,
+    },
+    /// A dead turn was marked open again on disk (or could not be): queue it.
+    Reopened {
+        turn: Box<TurnRecord>,
+        result: Result<(), String>,
         reply: oneshot::Sender<RetryOutcome>,
     },
     Snapshot {
@@ -164,11 +204,11 @@ pub struct DriverHandle {
 }
 
 impl DriverHandle {
-    /// Tells the driver a message is on disk. Returns false once the driver
-    /// has stopped (the message stays in the inbox for the next start).
+    /// Tells the driver a message is on disk (the driver stamps its arrival
+    /// on its own clock). Returns false once the driver has stopped: the
+    /// message stays pending on disk for the next start.
     pub fn ingested(&self, conv: Conv, seq: u64, immediate: bool) -> bool {
-        let at = tokio::time::Instant::now().into_std();
-        self.tx.send(Event::Ingested { conv, seq, at, immediate }).is_ok()
+        self.tx.send(Event::Ingested { conv, seq, immediate }).is_ok()
     }
 
     pub async fn retry(&self, turn_id: String) -> RetryOutcome {

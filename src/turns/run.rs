@@ -1,14 +1,17 @@
 //! The life of one turn: record it durably, load the context, call the
 //! handler (with retries and backoff), then commit — or park it as dead.
 //!
-//! Durability points: the turn record is flushed before the handler first
+//! Durability points: the turn's claim is synced before the handler first
 //! sees its turn_id, so a crash can only ever re-run a turn under the same id
-//! (the handler dedupes on it); the commit is one store transaction.
+//! (the handler dedupes on it); the commit is one store transaction, and its
+//! reply is sent only once that is synced.
+//!
+//! Every way out is an `Outcome` for the driver: a store failure hands the
+//! work back (retried in order after a backoff), never a log line alone.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
@@ -20,9 +23,11 @@ use crate::context::{self, Encoded};
 use crate::gateway::{self, Gateway};
 use crate::handler::{Handler, TurnAnswer, TurnRequest};
 use crate::message::{mask, Conv};
-use crate::store::{ContextUpdate, DeadInfo, OutboxItem, Part, Store, StoreError, TurnRecord, TurnSummary};
+use crate::store::{
+    Commit, ContextUpdate, DeadInfo, OutboxItem, Part, Store, StoreError, TurnRecord, TurnSummary,
+};
 
-use super::{ContextJob, ContextOp, ContextOutcome, Shared, Work};
+use super::{ContextJob, ContextOp, ContextOutcome, Outcome, Shared, Work};
 use crate::metrics::{inc, Metrics};
 
 /// The two stages of stopping, as the runner sees them.
@@ -39,8 +44,6 @@ pub struct Runner {
     store: Store,
     handler: Handler,
     gateway: Arc<Gateway>,
-    /// Told after each commit that wrote to the outbox.
-    outbox_wake: Arc<Notify>,
     max_chars: usize,
     max_attempts: u32,
     backoff: Duration,
@@ -58,14 +61,12 @@ impl Runner {
         store: Store,
         handler: Handler,
         gateway: Arc<Gateway>,
-        outbox_wake: Arc<Notify>,
         shared: &Shared,
     ) -> Runner {
         Runner {
             store,
             handler,
             gateway,
-            outbox_wake,
             max_chars: config.gateway.max_chars,
             max_attempts: config.handler.max_attempts,
             backoff: Duration::from_millis(config.handler.backoff_ms),
@@ -78,21 +79,23 @@ impl Runner {
         }
     }
 
-    pub async fn run(&self, conv: Conv, work: Work) {
+    /// Runs one piece of work to its outcome; the driver acts on it.
+    pub async fn run(&self, conv: Conv, work: Work) -> Outcome {
         // Only a batch cut by its timers has a deadline worth measuring from.
         let mut due: Option<Instant> = None;
         let turn = match work {
-            Work::Fresh { seqs, reason, deadline, .. } => {
+            Work::Fresh { seqs, reason, deadline, max_messages } => {
                 if matches!(reason, CutReason::Quiet | CutReason::MaxWait) {
                     due = Some(Instant::from_std(deadline));
                 }
                 match self.record(conv.clone(), &seqs, reason).await {
                     Ok(Some(turn)) => turn,
-                    Ok(None) => return,
+                    Ok(None) => return Outcome::Done,
                     Err(e) => {
-                        // The messages stay in the inbox; the next start recovers them.
-                        error!(conv = %conv.masked(), error = %e, "could not record a turn; its messages wait for a restart");
-                        return;
+                        // Nothing was recorded: the same batch is tried again.
+                        warn!(conv = %conv.masked(), error = %e, "could not record a turn; it is retried after a backoff");
+                        let work = Work::Fresh { seqs, reason, deadline, max_messages };
+                        return Outcome::Failed { work, error: e.to_string() };
                     }
                 }
             }
@@ -103,15 +106,17 @@ impl Runner {
         self.drive(turn, due).instrument(span).await
     }
 
+    /// Claims the batch's messages under a new turn id, durably, before any
+    /// handler sees it.
     async fn record(
         &self,
         conv: Conv,
         seqs: &[u64],
         reason: CutReason,
     ) -> Result<Option<TurnRecord>, StoreError> {
-        let messages = self.store.messages(&conv, seqs)?;
+        let messages = self.store.messages(&conv, seqs);
         if messages.is_empty() {
-            warn!(conv = %conv.masked(), "cut batch has no messages left in the inbox");
+            warn!(conv = %conv.masked(), "cut batch has no messages left pending");
             return Ok(None);
         }
         let turn = TurnRecord {
@@ -123,12 +128,18 @@ impl Runner {
             attempts: 0,
             dead: None,
         };
-        self.store.put_turn(&turn)?;
-        self.store.flush().await?;
+        self.store.claim(&turn).await?;
         Ok(Some(turn))
     }
 
-    async fn drive(&self, mut turn: TurnRecord, due: Option<Instant>) {
+    /// A store failure after the claim: the turn (same id, same messages)
+    /// goes back to the front of its conversation's queue.
+    fn failed(turn: TurnRecord, what: &str, e: StoreError) -> Outcome {
+        warn!(error = %e, "{what} failed; the turn is retried after a backoff");
+        Outcome::Failed { work: Work::Resume(Box::new(turn)), error: format!("{what}: {e}") }
+    }
+
+    async fn drive(&self, mut turn: TurnRecord, due: Option<Instant>) -> Outcome {
         let started = Instant::now();
         let started_at_ms = self.clock.now_ms();
         info!(messages = turn.messages.len(), reason = %turn.cut_reason, attempts_before = turn.attempts, "turn started");
@@ -138,10 +149,7 @@ impl Runner {
                 self.decode_part("cache", stored.cache.as_deref()),
             ),
             Ok(None) => (None, None),
-            Err(e) => {
-                error!(error = %e, "cannot read the context; the turn stays open for the next start");
-                return;
-            }
+            Err(e) => return Self::failed(turn, "reading the context", e),
         };
         let request = TurnRequest::new(&turn.turn_id, &turn.conv, &turn.messages, dialogue, cache);
         let last_id = turn.messages.last().map(|m| m.id.clone()).unwrap_or_default();
@@ -158,7 +166,7 @@ impl Runner {
                 answer = self.handler.call(&request) => answer,
                 _ = self.stopping.abort.cancelled() => {
                     warn!("grace period over: handler call abandoned, the turn re-runs on the next start");
-                    return;
+                    return Outcome::Abandoned;
                 }
             };
             self.metrics.handler_latency.observe_duration(call.elapsed());
@@ -170,38 +178,34 @@ impl Runner {
                         "handler answered"
                     );
                     self.typing(&turn.conv, &last_id, false);
-                    self.commit(&turn, answer, started_at_ms, started).await;
-                    return;
+                    return self.commit(turn, answer, started_at_ms, started).await;
                 }
                 Err(e) if this_run >= self.max_attempts => {
                     self.typing(&turn.conv, &last_id, false);
-                    inc(&self.metrics.turns_dead);
                     error!(attempts = this_run, error = %e, "handler failed on every attempt; turn parked as dead");
                     turn.dead = Some(DeadInfo { error: e.to_string(), died_at_ms: self.clock.now_ms() });
-                    let parked = self.store.park_dead(&turn);
-                    if let Err(e) = async {
-                        parked?;
-                        self.store.flush().await
-                    }
-                    .await
-                    {
-                        error!(error = %e, "could not park the dead turn; it re-runs on the next start");
-                    }
-                    return;
+                    return match self.store.park_dead(&turn).await {
+                        Ok(()) => {
+                            inc(&self.metrics.turns_dead);
+                            Outcome::Parked
+                        }
+                        Err(e) => {
+                            turn.dead = None;
+                            Self::failed(turn, "parking the dead turn", e)
+                        }
+                    };
                 }
                 Err(e) => {
                     inc(&self.metrics.handler_retries);
                     let wait = backoff(self.backoff, self.backoff_max, this_run);
                     warn!(attempt = this_run, error = %e, retry_in_ms = wait.as_millis() as u64, "handler failed");
-                    // Keep the attempt count across restarts; not worth a flush.
-                    if let Err(e) = self.store.put_turn(&turn) {
-                        warn!(error = %e, "could not record the attempt count");
-                    }
+                    // Keep the attempt count across restarts; not waited for.
+                    self.store.note_attempts(&turn);
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = self.stopping.shutdown.cancelled() => {
                             info!("shutting down: turn left open, it re-runs on the next start");
-                            return;
+                            return Outcome::Abandoned;
                         }
                     }
                 }
@@ -209,14 +213,22 @@ impl Runner {
         }
     }
 
-    async fn commit(&self, turn: &TurnRecord, answer: TurnAnswer, started_at_ms: u64, started: Instant) {
+    async fn commit(
+        &self,
+        turn: TurnRecord,
+        answer: TurnAnswer,
+        started_at_ms: u64,
+        started: Instant,
+    ) -> Outcome {
         let committing = Instant::now();
         let now_ms = self.clock.now_ms();
         let dialogue = answer.context.map(|raw| context::encode_json(raw.get().to_owned()));
         let cache = answer.cache.map(|raw| context::encode_json(raw.get().to_owned()));
+        let (dialogue_bytes, cache_bytes) =
+            (dialogue.as_ref().map(|e| e.bytes.len()), cache.as_ref().map(|e| e.bytes.len()));
         let update = ContextUpdate {
-            dialogue: part(dialogue.as_ref(), Part::Keep),
-            cache: part(cache.as_ref(), Part::Keep),
+            dialogue: part(dialogue, Part::Keep),
+            cache: part(cache, Part::Keep),
             slide: true,
             ttl_ms: self.context_ttl_ms,
         };
@@ -231,38 +243,39 @@ impl Runner {
             committed_at_ms: now_ms,
             attempts: turn.attempts,
         };
-        let outbox = match self.outbox_items(turn, answer.reply.as_deref(), now_ms) {
+        let outbox = match self.outbox_items(&turn, answer.reply.as_deref(), now_ms) {
             Ok(items) => items,
-            Err(e) => {
-                error!(error = %e, "commit failed; the turn stays open and re-runs on the next start");
-                return;
-            }
+            Err(e) => return Self::failed(turn, "numbering the reply's outbox pieces", e),
         };
-        let committed = self.store.commit_turn(turn, &summary, &update, &outbox, self.history_limit, now_ms);
-        match async {
-            committed?;
-            self.store.flush().await
-        }
-        .await
-        {
+        let parts = outbox.len();
+        let kept = turn.clone();
+        let commit =
+            Commit { turn, summary, context: update, outbox, history_limit: self.history_limit, now_ms };
+        match self.store.commit(commit).await {
             Ok(()) => {
-                if !outbox.is_empty() {
-                    self.outbox_wake.notify_one();
+                // A reply is sent once its commit is durable: wait for that
+                // here, so the conversation's next turn starts after it.
+                if parts > 0 {
+                    if let Err(e) = self.store.sync().await {
+                        warn!(error = %e, "the commit is applied but could not be synced yet");
+                    }
                 }
                 inc(&self.metrics.turns_committed);
                 self.metrics.commit_latency.observe_duration(committing.elapsed());
                 self.metrics.turn_duration.observe_duration(started.elapsed());
-                // With the `log` gateway the reply is only recorded here and in the history.
+                // The reply's text stays out of the log (it can carry what a
+                // client typed); the history and the API have it.
                 info!(
-                    outbox_parts = outbox.len(),
+                    outbox_parts = parts,
                     turn_ms = started.elapsed().as_millis() as u64,
-                    dialogue_bytes = dialogue.as_ref().map(|e| e.bytes.len()),
-                    cache_bytes = cache.as_ref().map(|e| e.bytes.len()),
-                    reply = answer.reply.as_deref().unwrap_or(""),
+                    dialogue_bytes,
+                    cache_bytes,
+                    reply_chars = answer.reply.as_deref().map(|r| r.chars().count()),
                     "turn committed"
                 );
+                Outcome::Done
             }
-            Err(e) => error!(error = %e, "commit failed; the turn stays open and re-runs on the next start"),
+            Err(e) => Self::failed(kept, "the commit", e),
         }
     }
 
@@ -319,18 +332,13 @@ impl Runner {
         }
     }
 
-    /// A context write from the API, in the conversation's turn slot.
-    async fn apply_context(&self, conv: &Conv, job: ContextJob) {
-        let encoded = match &job.op {
-            ContextOp::Put { dialogue, cache } => {
-                (dialogue.as_ref().map(context::encode), cache.as_ref().map(context::encode))
-            }
-            _ => (None, None),
-        };
+    /// A context write from the API, in the conversation's turn slot. Its
+    /// caller hears the result; the conversation goes on either way.
+    async fn apply_context(&self, conv: &Conv, job: ContextJob) -> Outcome {
         let update = match &job.op {
-            ContextOp::Put { .. } => ContextUpdate {
-                dialogue: part(encoded.0.as_ref(), Part::Clear),
-                cache: part(encoded.1.as_ref(), Part::Clear),
+            ContextOp::Put { dialogue, cache } => ContextUpdate {
+                dialogue: part(dialogue.as_ref().map(context::encode), Part::Clear),
+                cache: part(cache.as_ref().map(context::encode), Part::Clear),
                 slide: true,
                 ttl_ms: self.context_ttl_ms,
             },
@@ -347,14 +355,7 @@ impl Runner {
                 ttl_ms: self.context_ttl_ms,
             },
         };
-        let written = self.store.update_context(conv, &update, self.clock.now_ms());
-        let outcome = match async {
-            let metas = written?;
-            self.store.flush().await?;
-            Ok::<_, StoreError>(metas)
-        }
-        .await
-        {
+        let outcome = match self.store.update_context(conv, update, self.clock.now_ms()).await {
             Ok((before, after)) => {
                 info!(conv = %conv.masked(), op = ?op_name(&job.op), "context written via the API");
                 ContextOutcome::Done { before, after }
@@ -365,13 +366,14 @@ impl Runner {
             }
         };
         let _ = job.reply.send(outcome);
+        Outcome::Done
     }
 }
 
 /// `Set` for an encoded part, `otherwise` when there is none.
-fn part<'a>(encoded: Option<&'a Encoded>, otherwise: Part<'a>) -> Part<'a> {
+fn part(encoded: Option<Encoded>, otherwise: Part) -> Part {
     match encoded {
-        Some(e) => Part::Set { bytes: &e.bytes, raw_len: e.raw_len },
+        Some(e) => Part::Set { bytes: e.bytes, raw_len: e.raw_len },
         None => otherwise,
     }
 }

@@ -1,0 +1,313 @@
+//! Opening the store: sled, a one-time move of the first layout's trees,
+//! the dedup set, the message log replayed into memory, then the threads.
+//!
+//! Order matters for power loss: sled's recovered state is synced before
+//! anything is deleted on its word (a message in the log counts as retired
+//! only if sled durably says so), and a torn log tail is cut off and synced
+//! before a new segment is started after it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, Mutex, RwLock};
+
+use super::dedup::{self, IdSet};
+use super::durable::{self, Files, Syncer};
+use super::log::{self, Entry, Head};
+use super::records::decode_all;
+use super::writer::Writer;
+use super::{
+    contexts, open_db, turn_of_claim, Inner, Memory, OpenClaim, Pending, Segment, Shared, Store, StoreError,
+    Trees, TurnRecord, ID_FLOOR,
+};
+use crate::message::{unix_ms, Message};
+
+/// What the driver picks up on start.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Turns recorded but not committed, oldest first: they re-run with their turn_id.
+    pub open_turns: Vec<TurnRecord>,
+    /// Pending messages not claimed by an open turn, in arrival order.
+    pub inbox: Vec<Message>,
+    pub dead_turns: usize,
+}
+
+pub(super) fn open(dir: &Path) -> Result<Store, StoreError> {
+    std::fs::create_dir_all(dir).map_err(|e| log::io_error(dir, e))?;
+    let log_dir = dir.join(log::DIR_NAME);
+    std::fs::create_dir_all(&log_dir).map_err(|e| log::io_error(&log_dir, e))?;
+    let db = open_db(dir)?;
+    let trees = Trees::open(&db)?;
+    let id_floor = match trees.meta.get(ID_FLOOR)? {
+        None => 0,
+        Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+            tree: "meta",
+            key: "id_floor".into(),
+            reason: format!("{} bytes where 8 were written", v.len()),
+        })?),
+    };
+    // sled's counter only matters for a store it numbered (the first
+    // layout); from here on ids come from `ids`.
+    let ids = Arc::new(super::ids::Ids::open(dir, id_floor.max(db.generate_id()? + id_floor))?);
+    migrate_first_layout(dir, &db, &trees, &ids)?;
+
+    // Whatever sled recovered (possibly from the page cache after a kill)
+    // is made durable before the log is trimmed on its word.
+    let mut files = Files {
+        db_file: std::fs::File::open(dir.join("db")).map_err(|e| log::io_error(dir, e))?,
+        db: db.clone(),
+        dir: dir.to_owned(),
+        log_dir: log_dir.clone(),
+        known: HashSet::new(),
+        known_blobs: HashSet::new(),
+    };
+    db.flush()?;
+    files.db_file.sync_data().map_err(|e| log::io_error(&dir.join("db"), e))?;
+    durable::sync_new_entries(dir, &mut files.known, &["db", log::DIR_NAME, "ids", "ids.tmp"])
+        .map_err(|e| log::io_error(dir, e))?;
+    let blobs = dir.join("blobs");
+    if blobs.is_dir() {
+        durable::sync_new_entries(&blobs, &mut files.known_blobs, &[])
+            .map_err(|e| log::io_error(&blobs, e))?;
+    }
+
+    let context_stats = contexts::ContextStats::default();
+    let mut totals = contexts::Totals::default();
+    for kv in trees.ctx_totals.iter() {
+        let (k, v) = kv?;
+        let shard = contexts::decode_totals(&k, &v)?;
+        totals.contexts += shard.contexts;
+        totals.raw_bytes += shard.raw_bytes;
+        totals.stored_bytes += shard.stored_bytes;
+    }
+    context_stats.set_totals(totals);
+
+    let mut seen = IdSet::default();
+    for kv in trees.dedup.iter() {
+        let (k, v) = kv?;
+        let hashes = dedup::unpack(&v).ok_or_else(|| StoreError::Corrupt {
+            tree: "dedup",
+            key: format!("{k:?}"),
+            reason: format!("{} bytes is not a list of 16-byte hashes", v.len()),
+        })?;
+        seen.extend(hashes);
+    }
+    let (memory, replayed_ids) = replay(&log_dir, &seen)?;
+    seen.extend(replayed_ids);
+
+    // Turns re-opened from dead (and open turns of the first layout) live in sled.
+    let mut open_turns: Vec<TurnRecord> =
+        memory.claims.values().map(|c| turn_of_claim(&c.claim, &memory.pending)).collect();
+    let mut dead_turns = 0;
+    for turn in decode_all::<TurnRecord>(&trees.turns, "turns")? {
+        match turn.dead {
+            Some(_) => dead_turns += 1,
+            None => open_turns.push(turn),
+        }
+    }
+    open_turns.sort_by(|a, b| a.turn_id.cmp(&b.turn_id));
+    let claimed: HashSet<u64> = open_turns.iter().flat_map(|t| t.messages.iter().map(|m| m.seq)).collect();
+    let inbox = memory
+        .pending
+        .values()
+        .filter(|p| !claimed.contains(&p.message.seq))
+        .map(|p| p.message.clone())
+        .collect();
+    let recovered = Recovered { open_turns, inbox, dead_turns };
+
+    let head_no = memory.segments.keys().next_back().map_or(1, |n| n + 1);
+    let head_no = head_no
+        .max(log::segments(&log_dir).map_err(|e| log::io_error(&log_dir, e))?.last().map_or(1, |n| n + 1));
+    let head = Head::create(&log_dir, head_no).map_err(|e| log::io_error(&log_dir, e))?;
+    let mut memory = memory;
+    memory.head = head_no;
+
+    let shared = Arc::new(Shared {
+        memory: Mutex::new(memory),
+        sink: RwLock::new(None),
+        failed: Mutex::new(None),
+        stats: Default::default(),
+        durable_outbox: Default::default(),
+        applied_epoch: Default::default(),
+        faults: Default::default(),
+        context_stats,
+        outbox_ready: Default::default(),
+        failed_notify: Default::default(),
+    });
+    // Outbox items on disk at open are durable (synced above).
+    let top = trees.outbox.last()?.map(|(k, _)| u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8])));
+    shared.durable_outbox.store(top.unwrap_or(0), Ordering::Release);
+
+    let syncer = Syncer::spawn(files, shared.clone()).map_err(|e| log::io_error(dir, e))?;
+    let (tx, rx) = mpsc::channel();
+    let writer = Writer {
+        rx,
+        log_dir,
+        head,
+        trees: trees.clone(),
+        shared: shared.clone(),
+        syncer,
+        seen,
+        ids: ids.clone(),
+        dirty: false,
+        last_sync: std::time::Instant::now(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("turnstile-store".into())
+        .spawn(move || writer.run())
+        .map_err(|e| log::io_error(dir, e))?;
+    Ok(Store {
+        inner: Arc::new(Inner {
+            dir: dir.to_owned(),
+            db,
+            trees,
+            shared,
+            tx,
+            ids,
+            recovered: Mutex::new(Some(recovered)),
+            threads: Mutex::new(vec![thread]),
+        }),
+    })
+}
+
+/// Reads every segment: pending messages, open claims, live counts. A torn
+/// tail of the newest segment is cut off; damage anywhere else is an error.
+/// Segments with nothing live are deleted. Returns the pending ids' hashes.
+fn replay(log_dir: &Path, retired: &IdSet) -> Result<(Memory, Vec<dedup::IdHash>), StoreError> {
+    let mut memory = Memory::default();
+    let mut hashes = Vec::new();
+    let numbers = log::segments(log_dir).map_err(|e| log::io_error(log_dir, e))?;
+    for (i, &no) in numbers.iter().enumerate() {
+        let path = log::segment_path(log_dir, no);
+        let read = log::read_segment(&path)?;
+        if read.trailing > 0 {
+            if i + 1 < numbers.len() {
+                return Err(StoreError::Corrupt {
+                    tree: "log",
+                    key: format!("{}@{}", path.display(), read.valid_len),
+                    reason: format!("{} damaged bytes in a closed segment", read.trailing),
+                });
+            }
+            tracing::warn!(path = %path.display(), bytes = read.trailing, "cutting off the torn tail of the message log");
+            log::truncate(&path, read.valid_len)?;
+        }
+        let mut seg = Segment { live: 0, created_ms: u64::MAX };
+        let mut claims: HashMap<String, log::Claim> = HashMap::new();
+        for entry in read.entries {
+            match entry {
+                Entry::Message(m) => {
+                    seg.created_ms = seg.created_ms.min(m.received_at_ms);
+                    let hash = dedup::id_hash(&m.id);
+                    // Retired by a synced commit, or a second copy (a
+                    // first-layout move that ran twice): not live.
+                    if retired.contains(&hash) || memory.pending.contains_key(&m.seq) {
+                        if let Some(p) = memory.pending.get(&m.seq).filter(|p| p.message.id != m.id) {
+                            tracing::error!(seq = m.seq, kept = %p.message.id, dropped = %m.id, "two messages in the log share a sequence number");
+                        }
+                        continue;
+                    }
+                    hashes.push(hash);
+                    seg.live += 1;
+                    memory.pending.insert(m.seq, Pending { message: m, seg: no });
+                }
+                Entry::Claim(c) => {
+                    // Later claim records of a turn (attempt counts) replace
+                    // earlier ones; the segment holds it once.
+                    if c.seqs.iter().any(|s| memory.pending.contains_key(s))
+                        && claims.insert(c.turn_id.clone(), c).is_none()
+                    {
+                        seg.live += 1;
+                    }
+                }
+            }
+        }
+        for (turn_id, claim) in claims {
+            let open = memory
+                .claims
+                .entry(turn_id)
+                .or_insert_with(|| OpenClaim { claim: claim.clone(), segs: Vec::new() });
+            open.claim = claim;
+            open.segs.push(no);
+        }
+        if seg.live == 0 {
+            std::fs::remove_file(&path).map_err(|e| log::io_error(&path, e))?;
+        } else {
+            seg.created_ms = seg.created_ms.min(unix_ms());
+            memory.segments.insert(no, seg);
+        }
+    }
+    // A message claimed twice (a claim whose write failed but reached the
+    // disk, then a new claim): the older turn keeps it.
+    let mut owner: BTreeMap<u64, String> = BTreeMap::new();
+    let mut turn_ids: Vec<String> = memory.claims.keys().cloned().collect();
+    turn_ids.sort();
+    for turn_id in turn_ids {
+        let seqs = memory.claims[&turn_id].claim.seqs.clone();
+        if seqs.iter().any(|s| owner.contains_key(s)) {
+            tracing::warn!(turn_id, "a claim overlaps an older turn's; the older turn keeps the messages");
+            memory.claims.remove(&turn_id);
+            continue;
+        }
+        for s in seqs {
+            owner.insert(s, turn_id.clone());
+        }
+    }
+    Ok((memory, hashes))
+}
+
+/// The first layout kept pending messages in a sled `inbox` tree and every
+/// id in `seen` (+ `seen_at`). Moved once: messages into the log (synced),
+/// then ids into `dedup` records, then the old trees dropped. Each step can
+/// be repeated after a crash without harm.
+fn migrate_first_layout(
+    dir: &Path,
+    db: &sled::Db,
+    trees: &Trees,
+    ids: &super::ids::Ids,
+) -> Result<(), StoreError> {
+    let names: Vec<sled::IVec> = db.tree_names();
+    let has = |n: &str| names.iter().any(|t| t.as_ref() == n.as_bytes());
+    if !has("inbox") && !has("seen") && !has("seen_at") {
+        return Ok(());
+    }
+    let inbox_tree = db.open_tree("inbox")?;
+    let seen_tree = db.open_tree("seen")?;
+    let inbox: Vec<Message> = decode_all(&inbox_tree, "inbox")?;
+    if !inbox.is_empty() {
+        let log_dir = dir.join(log::DIR_NAME);
+        let next =
+            log::segments(&log_dir).map_err(|e| log::io_error(&log_dir, e))?.last().map_or(1, |n| n + 1);
+        let mut head = Head::create(&log_dir, next).map_err(|e| log::io_error(&log_dir, e))?;
+        let mut buf = Vec::new();
+        for m in &inbox {
+            log::frame(&Entry::Message(m.clone()), &mut buf);
+        }
+        head.append(&buf, None).map_err(|e| log::io_error(&log_dir, e.error))?;
+    }
+    let pending: HashSet<dedup::IdHash> = inbox.iter().map(|m| dedup::id_hash(&m.id)).collect();
+    let mut batch = sled::Batch::default();
+    let mut moved = 0u64;
+    for kv in seen_tree.iter() {
+        let (id, stamp) = kv?;
+        let id = String::from_utf8_lossy(&id).into_owned();
+        let hash = dedup::id_hash(&id);
+        if pending.contains(&hash) {
+            continue;
+        }
+        let at: u64 = u64::from_be_bytes(stamp.as_ref().try_into().unwrap_or([0; 8]));
+        let mut key = at.to_be_bytes().to_vec();
+        key.extend_from_slice(&ids.next()?.to_be_bytes());
+        batch.insert(key, dedup::pack(&[hash]));
+        moved += 1;
+    }
+    trees.dedup.apply_batch(batch)?;
+    db.flush()?;
+    std::fs::File::open(dir.join("db")).and_then(|f| f.sync_data()).map_err(|e| log::io_error(dir, e))?;
+    for name in ["inbox", "seen", "seen_at"] {
+        db.drop_tree(name)?;
+    }
+    db.flush()?;
+    tracing::info!(messages = inbox.len(), ids = moved, "moved the first store layout's inbox and dedup ids");
+    // Open turns of the first layout stay in `turns`, where re-opened turns live.
+    Ok(())
+}

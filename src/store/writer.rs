@@ -1,0 +1,719 @@
+//! The store-writer thread: group commit.
+//!
+//! It blocks for the first waiting write, takes every other one already
+//! queued, and handles them as one group: the message-log part (accepted
+//! messages, turn claims) is appended with one `write` and one `fdatasync`,
+//! then announced and answered; the sled part (commits, dead turns,
+//! contexts, outbox, sweeps) is applied in one transaction and answered
+//! once applied — or, for writes that promise durability, once the syncer
+//! has synced it. A group grows with load: the longer a group takes, the
+//! more is waiting for the next.
+//!
+//! Only this thread writes: dedup is exact (a duplicate inside the same
+//! group is a duplicate) and reads inside the transaction see the group's
+//! earlier writes.
+
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use sled::Transactional;
+
+use super::contexts::{self, TxResult};
+use super::dedup::{self, IdHash, IdSet};
+use super::durable::Syncer;
+use super::log::{self, Entry, Head};
+use super::records::{conv_prefix, encode, seq_key};
+use super::{
+    lock, Announce, Commit, ContextMeta, ContextUpdate, Inserted, OpenClaim, OutboxItem, Pending, Reply,
+    Segment, Shared, StoreError, Swept, Trees, TurnRecord,
+};
+use crate::message::{unix_ms, Conv, Message, NewMessage};
+
+/// Sled is synced at least this often while it has unsynced writes (and at
+/// once when a write waits for durability).
+pub(crate) const SYNC_EVERY: Duration = Duration::from_millis(20);
+/// Most writes taken into one group.
+const MAX_GROUP: usize = 4096;
+/// Most records one sweep call removes, so a sweep never makes a long group.
+const SWEEP_CHUNK: usize = 500;
+
+pub(crate) enum Op {
+    Accept {
+        messages: Vec<NewMessage>,
+        immediate: bool,
+        reply: Reply<Vec<Inserted>>,
+    },
+    /// `reply: None`: an attempt count, not waited for.
+    Claim {
+        claim: log::Claim,
+        reply: Option<Reply<()>>,
+    },
+    Trees {
+        write: TreeWrite,
+        durable: bool,
+        reply: Reply<Outcome>,
+    },
+    Sync {
+        reply: Reply<()>,
+    },
+    /// Stop writing until `resume` is dropped (a consistent export).
+    Pause {
+        paused: mpsc::Sender<()>,
+        resume: mpsc::Receiver<()>,
+    },
+    Close {
+        reply: Reply<()>,
+    },
+}
+
+pub(crate) enum TreeWrite {
+    Commit(Box<Commit>),
+    Park(Box<TurnRecord>),
+    PutTurn(Box<TurnRecord>),
+    Context { conv: Conv, update: ContextUpdate, now_ms: u64 },
+    OutboxSent(u64),
+    OutboxUpdate(Box<OutboxItem>),
+    ExpireDedup { cutoff_ms: u64 },
+    ExpireContexts { now_ms: u64 },
+}
+
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Done,
+    Context(Option<ContextMeta>, Option<ContextMeta>),
+    Count(usize),
+    /// The sweep's report, and the metas it removed (for the counters).
+    Swept(Swept, Vec<ContextMeta>),
+}
+
+pub(crate) struct Writer {
+    pub rx: mpsc::Receiver<Op>,
+    pub log_dir: std::path::PathBuf,
+    pub head: Head,
+    pub trees: Trees,
+    pub shared: Arc<Shared>,
+    pub syncer: Syncer,
+    /// Every accepted id still remembered: pending in the log, or retired
+    /// by a turn within the dedup window. Only this thread reads it.
+    pub seen: IdSet,
+    pub ids: Arc<super::ids::Ids>,
+    /// Sled has writes no sync was asked for yet.
+    pub dirty: bool,
+    pub last_sync: Instant,
+}
+
+/// A sled write, with what the writer worked out before the transaction.
+struct Prepared {
+    write: TreeWrite,
+    /// Pending messages this write retires (commit or park), and their hashes.
+    retire: Vec<(u64, IdHash)>,
+    /// The `dedup` record that remembers them.
+    dedup_record: Option<(Vec<u8>, Vec<u8>)>,
+    /// Commit: history keys to drop (over the limit) and the new key.
+    history: (Vec<sled::IVec>, Vec<u8>),
+    /// Dedup sweep: the records to remove.
+    expired: Vec<(sled::IVec, Vec<IdHash>)>,
+    /// Context sweep: the index entries due.
+    due: Vec<sled::IVec>,
+    /// A damaged record met while preparing: the write fails with it.
+    error: Option<StoreError>,
+}
+
+impl Writer {
+    pub(crate) fn run(mut self) {
+        loop {
+            let first = if self.dirty {
+                let wait = SYNC_EVERY.saturating_sub(self.last_sync.elapsed());
+                match self.rx.recv_timeout(wait) {
+                    Ok(op) => Some(op),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match self.rx.recv() {
+                    Ok(op) => Some(op),
+                    Err(_) => break,
+                }
+            };
+            let mut group: Vec<Op> = first.into_iter().collect();
+            while group.len() < MAX_GROUP {
+                match self.rx.try_recv() {
+                    Ok(op) => group.push(op),
+                    Err(_) => break,
+                }
+            }
+            if let Some(close) = self.handle(group) {
+                let result = self.syncer.sync_now(&self.shared);
+                self.syncer.stop();
+                let _ = close.send(result);
+                return;
+            }
+        }
+        // Every handle is gone: a last sync, then stop.
+        let _ = self.syncer.sync_now(&self.shared);
+        self.syncer.stop();
+    }
+
+    /// Handles one group; returns the close request if there was one.
+    fn handle(&mut self, group: Vec<Op>) -> Option<Reply<()>> {
+        let (mut log_ops, mut tree_ops, mut syncs, mut close) = (Vec::new(), Vec::new(), Vec::new(), None);
+        let mut pauses = Vec::new();
+        for op in group {
+            match op {
+                Op::Accept { .. } | Op::Claim { .. } => log_ops.push(op),
+                Op::Trees { write, durable, reply } => tree_ops.push((write, durable, reply)),
+                Op::Sync { reply } => syncs.push(reply),
+                Op::Pause { paused, resume } => pauses.push((paused, resume)),
+                Op::Close { reply } => close = Some(reply),
+            }
+        }
+        if !log_ops.is_empty() || !tree_ops.is_empty() {
+            self.shared.stats.groups.fetch_add(1, Ordering::Relaxed);
+        }
+        self.write_log(log_ops);
+        // A reply waits for a sync before it may be sent: sync at once.
+        let replies =
+            tree_ops.iter().any(|(w, _, _)| matches!(w, TreeWrite::Commit(c) if !c.outbox.is_empty()));
+        let mut waiters = self.write_trees(tree_ops);
+        waiters.extend(syncs.into_iter().map(|reply| -> super::durable::Waiter {
+            Box::new(move |result: Result<(), StoreError>| {
+                let _ = reply.send(result);
+            })
+        }));
+        let due = self.dirty && (replies || self.last_sync.elapsed() >= SYNC_EVERY);
+        if !waiters.is_empty() || due {
+            self.syncer.request(&self.shared, waiters);
+            self.dirty = false;
+            self.last_sync = Instant::now();
+        }
+        for (paused, resume) in pauses {
+            if paused.send(()).is_ok() {
+                let _ = resume.recv();
+            }
+        }
+        close
+    }
+
+    fn failed(&self) -> Option<Arc<str>> {
+        lock(&self.shared.failed).clone()
+    }
+
+    /// Accepted messages and claims: one append, one `fdatasync`.
+    fn write_log(&mut self, ops: Vec<Op>) {
+        if ops.is_empty() {
+            return;
+        }
+        if let Some(reason) = self.failed() {
+            for op in ops {
+                refuse(op, || StoreError::Failed(reason.clone()));
+            }
+            return;
+        }
+        let sink = self.shared.sink.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let now = unix_ms();
+        let mut buf = Vec::new();
+        let mut fresh: Vec<IdHash> = Vec::new();
+        let mut stored: Vec<Message> = Vec::new();
+        let mut claims: Vec<log::Claim> = Vec::new();
+        let mut answers: Vec<(Reply<Vec<Inserted>>, Vec<Inserted>, bool)> = Vec::new();
+        let mut claim_replies: Vec<Reply<()>> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Accept { messages, immediate, reply } => {
+                    if sink.is_none() {
+                        let _ = reply.send(Err(StoreError::NotAccepting("the turn pipeline is not running")));
+                        continue;
+                    }
+                    let mut out = Vec::with_capacity(messages.len());
+                    for new in messages {
+                        let hash = dedup::id_hash(&new.id);
+                        if !self.seen.insert(hash) {
+                            out.push(Inserted::Duplicate);
+                            continue;
+                        }
+                        fresh.push(hash);
+                        let seq = match self.ids.next() {
+                            Ok(id) => id,
+                            Err(e) => {
+                                let reason = self.shared.fail(&format!("cannot number a message: {e}"));
+                                for h in fresh.drain(..) {
+                                    self.seen.remove(&h);
+                                }
+                                let _ = reply.send(Err(StoreError::Failed(reason)));
+                                return;
+                            }
+                        };
+                        let message = Message::from_new(seq, new);
+                        log::frame(&Entry::Message(message.clone()), &mut buf);
+                        stored.push(message.clone());
+                        out.push(Inserted::New(message));
+                    }
+                    answers.push((reply, out, immediate));
+                }
+                Op::Claim { claim, reply } => {
+                    if self.claim_is_live(&claim) {
+                        log::frame(&Entry::Claim(claim.clone()), &mut buf);
+                        claims.push(claim);
+                    }
+                    claim_replies.extend(reply);
+                }
+                _ => unreachable!("only log writes here"),
+            }
+        }
+        if !buf.is_empty() {
+            if let Err(e) = self.roll_if_due() {
+                let reason: Arc<str> = Arc::from(format!("cannot start a new log segment: {e}"));
+                self.undo(&fresh, answers, claim_replies, || StoreError::Write(reason.clone()));
+                return;
+            }
+            match self.head.append(&buf, self.shared.faults.log_write()) {
+                Ok(()) => {
+                    self.shared.stats.log_syncs.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(failed) => {
+                    let path = log::segment_path(&self.log_dir, self.head.no);
+                    let reason: Arc<str> = Arc::from(format!("{}: {}", path.display(), failed.error));
+                    if failed.rolled_back {
+                        tracing::warn!(error = %reason, "message log write failed and was undone; senders get 503");
+                        self.undo(&fresh, answers, claim_replies, || StoreError::Write(reason.clone()));
+                    } else {
+                        let reason =
+                            self.shared.fail(&format!("message log write failed, undo failed too: {reason}"));
+                        self.undo(&fresh, answers, claim_replies, || StoreError::Failed(reason.clone()));
+                    }
+                    return;
+                }
+            }
+        }
+        {
+            let mut memory = lock(&self.shared.memory);
+            let head = self.head.no;
+            let added = (stored.len() + claims.len()) as u64;
+            if added > 0 {
+                memory.segments.entry(head).or_insert(Segment { live: 0, created_ms: now }).live += added;
+            }
+            for message in &stored {
+                let old = memory.pending.insert(message.seq, Pending { message: message.clone(), seg: head });
+                debug_assert!(old.is_none(), "sequence number {} handed out twice", message.seq);
+            }
+            for claim in claims {
+                let entry = memory
+                    .claims
+                    .entry(claim.turn_id.clone())
+                    .or_insert_with(|| OpenClaim { claim: claim.clone(), segs: Vec::new() });
+                entry.claim = claim;
+                entry.segs.push(head);
+            }
+        }
+        self.shared.stats.stored.fetch_add(stored.len() as u64, Ordering::Relaxed);
+        // Announced before answered: an "accepted" message is always known
+        // to the pipeline, whatever happens to the request afterwards.
+        for (reply, out, immediate) in answers {
+            let mut undelivered = false;
+            for inserted in &out {
+                if let (Inserted::New(m), Some(sink)) = (inserted, &sink) {
+                    let announce = Announce { conv: m.conv.clone(), seq: m.seq, immediate };
+                    undelivered |= !sink(announce);
+                }
+            }
+            // Nobody listens (stopping): the messages are on disk and the
+            // next start batches them; the sender is told to retry.
+            let answer = if undelivered { Err(StoreError::NotAccepting("shutting down")) } else { Ok(out) };
+            let _ = reply.send(answer);
+        }
+        for reply in claim_replies {
+            let _ = reply.send(Ok(()));
+        }
+    }
+
+    /// A claim is written only for a turn whose messages are still pending
+    /// (an attempt count that arrives after its commit is dropped).
+    fn claim_is_live(&self, claim: &log::Claim) -> bool {
+        let memory = lock(&self.shared.memory);
+        claim.seqs.iter().all(|s| memory.pending.contains_key(s))
+    }
+
+    /// A failed log write: forget the group's ids and tell every sender.
+    fn undo(
+        &mut self,
+        fresh: &[IdHash],
+        answers: Vec<(Reply<Vec<Inserted>>, Vec<Inserted>, bool)>,
+        claims: Vec<Reply<()>>,
+        error: impl Fn() -> StoreError,
+    ) {
+        for h in fresh {
+            self.seen.remove(h);
+        }
+        for (reply, _, _) in answers {
+            let _ = reply.send(Err(error()));
+        }
+        for reply in claims {
+            let _ = reply.send(Err(error()));
+        }
+    }
+
+    /// Starts a new segment when the head is full, or when it holds nothing
+    /// live and has grown past the idle size (an idle daemon's log shrinks).
+    fn roll_if_due(&mut self) -> std::io::Result<()> {
+        let idle = {
+            let memory = lock(&self.shared.memory);
+            memory.segments.get(&self.head.no).is_none_or(|s| s.live == 0)
+        };
+        if self.head.len < log::ROLL_BYTES && !(idle && self.head.len >= log::ROLL_IDLE_BYTES) {
+            return Ok(());
+        }
+        let next = Head::create(&self.log_dir, self.head.no + 1)?;
+        self.shared.stats.other_syncs.fetch_add(1, Ordering::Relaxed);
+        let old = std::mem::replace(&mut self.head, next);
+        let mut memory = lock(&self.shared.memory);
+        memory.head = self.head.no;
+        // A closed segment with nothing live goes now; others when retired.
+        if memory.segments.get(&old.no).is_none_or(|s| s.live == 0) {
+            memory.segments.remove(&old.no);
+            let _ = std::fs::remove_file(log::segment_path(&self.log_dir, old.no));
+        }
+        Ok(())
+    }
+
+    /// Sled writes: one transaction; returns the waiters for durability.
+    fn write_trees(&mut self, ops: Vec<(TreeWrite, bool, Reply<Outcome>)>) -> Vec<super::durable::Waiter> {
+        let mut waiters = Vec::new();
+        if ops.is_empty() {
+            return waiters;
+        }
+        if let Some(reason) = self.failed() {
+            for (_, _, reply) in ops {
+                let _ = reply.send(Err(StoreError::Failed(reason.clone())));
+            }
+            return waiters;
+        }
+        let now = unix_ms();
+        let mut prepared = Vec::with_capacity(ops.len());
+        let mut replies = Vec::with_capacity(ops.len());
+        for (write, durable, reply) in ops {
+            prepared.push(self.prepare(write, now));
+            replies.push((durable, reply));
+        }
+        let trees = [
+            &self.trees.dedup,
+            &self.trees.turns,
+            &self.trees.history,
+            &self.trees.outbox,
+            &self.trees.ctx_meta,
+            &self.trees.ctx_dialogue,
+            &self.trees.ctx_cache,
+            &self.trees.ctx_expiry,
+            &self.trees.ctx_totals,
+        ];
+        let applied = trees[..].transaction(|views: &Vec<TransactionalTree>| {
+            let v = Views::of(views);
+            let mut outcomes = Vec::with_capacity(prepared.len());
+            for p in &prepared {
+                outcomes.push(apply(&v, p)?);
+            }
+            Ok::<_, ConflictableTransactionError<()>>(outcomes)
+        });
+        let outcomes = match applied {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                let reason = self.shared.fail(&format!("sled transaction failed: {e:?}"));
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(StoreError::Failed(reason.clone())));
+                }
+                return waiters;
+            }
+        };
+        let epoch = self.shared.applied_epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        self.dirty = true;
+        let mut retired_segs = Vec::new();
+        let mut outbox_max = 0;
+        for ((p, outcome), (durable, reply)) in prepared.into_iter().zip(outcomes).zip(replies) {
+            let outcome = match outcome {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    continue;
+                }
+            };
+            self.after(&p, &outcome, &mut retired_segs, &mut outbox_max);
+            if durable {
+                waiters.push(Box::new(move |result: Result<(), StoreError>| {
+                    let _ = reply.send(result.map(|_| outcome));
+                }));
+            } else {
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        self.syncer.note(epoch, retired_segs, outbox_max);
+        waiters
+    }
+
+    /// What a write needs read before the transaction: which pending
+    /// messages it retires, the history keys to trim, the sweep's due keys.
+    fn prepare(&mut self, write: TreeWrite, now_ms: u64) -> Prepared {
+        let mut p = Prepared {
+            write,
+            retire: Vec::new(),
+            dedup_record: None,
+            history: (Vec::new(), Vec::new()),
+            expired: Vec::new(),
+            due: Vec::new(),
+            error: None,
+        };
+        let fail = |e: sled::Error| Some(StoreError::Sled(e));
+        match &p.write {
+            TreeWrite::Commit(c) => {
+                p.retire = self.retiring(&c.turn);
+                // One turn of a conversation at a time: these keys cannot
+                // change before the transaction.
+                let prefix = conv_prefix(&c.turn.conv);
+                match self.trees.history.scan_prefix(&prefix).keys().collect::<Result<Vec<_>, _>>() {
+                    Ok(existing) => {
+                        let excess = (existing.len() + 1).saturating_sub(c.history_limit.max(1));
+                        p.history.0 = existing.into_iter().take(excess).collect();
+                    }
+                    Err(e) => p.error = fail(e),
+                }
+                match self.ids.next() {
+                    Ok(id) => p.history.1 = seq_key(&c.turn.conv, id),
+                    Err(e) => p.error = Some(e),
+                }
+            }
+            TreeWrite::Park(turn) => p.retire = self.retiring(turn),
+            TreeWrite::ExpireDedup { cutoff_ms } => {
+                // Never forget an id whose message may still sit in a live
+                // segment: a restart would take it for a new one.
+                let oldest = lock(&self.shared.memory)
+                    .segments
+                    .values()
+                    .filter(|s| s.live > 0)
+                    .map(|s| s.created_ms)
+                    .min();
+                let cutoff = oldest.map_or(*cutoff_ms, |o| o.min(*cutoff_ms));
+                for kv in self.trees.dedup.range(..cutoff.to_be_bytes().to_vec()).take(SWEEP_CHUNK) {
+                    match kv {
+                        Ok((k, v)) => match dedup::unpack(&v) {
+                            Some(hashes) => p.expired.push((k, hashes)),
+                            None => {
+                                p.error = Some(StoreError::Corrupt {
+                                    tree: "dedup",
+                                    key: format!("{k:?}"),
+                                    reason: format!("{} bytes is not a list of 16-byte hashes", v.len()),
+                                });
+                                break;
+                            }
+                        },
+                        Err(e) => {
+                            p.error = fail(e);
+                            break;
+                        }
+                    }
+                }
+            }
+            TreeWrite::ExpireContexts { now_ms } => {
+                for kv in self.trees.ctx_expiry.range(..(now_ms + 1).to_be_bytes().to_vec()).take(SWEEP_CHUNK)
+                {
+                    match kv {
+                        Ok((k, _)) => p.due.push(k),
+                        Err(e) => {
+                            p.error = fail(e);
+                            break;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        if !p.retire.is_empty() {
+            let hashes: Vec<IdHash> = p.retire.iter().map(|(_, h)| *h).collect();
+            let mut key = now_ms.to_be_bytes().to_vec();
+            key.extend_from_slice(&p.retire[0].0.to_be_bytes());
+            p.dedup_record = Some((key, dedup::pack(&hashes)));
+        }
+        p
+    }
+
+    /// The turn's messages that are still pending in the log.
+    fn retiring(&self, turn: &TurnRecord) -> Vec<(u64, IdHash)> {
+        let memory = lock(&self.shared.memory);
+        turn.messages
+            .iter()
+            .filter(|m| memory.pending.contains_key(&m.seq))
+            .map(|m| (m.seq, dedup::id_hash(&m.id)))
+            .collect()
+    }
+
+    /// Memory follows an applied write: retired messages and claims leave
+    /// the pending state now; their segments count down once synced.
+    fn after(&mut self, p: &Prepared, outcome: &Outcome, segs: &mut Vec<u64>, outbox_max: &mut u64) {
+        let stats = &self.shared.context_stats;
+        match (&p.write, outcome) {
+            (TreeWrite::Commit(c), Outcome::Context(before, after)) => {
+                stats.add(before.as_ref(), after.as_ref());
+                self.retire(&c.turn.turn_id, &p.retire, segs);
+                *outbox_max = c.outbox.iter().map(|o| o.seq).fold(*outbox_max, u64::max);
+            }
+            (TreeWrite::Park(turn), _) => self.retire(&turn.turn_id, &p.retire, segs),
+            (TreeWrite::Context { update, now_ms, .. }, Outcome::Context(before, after)) => {
+                stats.add(before.as_ref(), after.as_ref());
+                let had_cache =
+                    before.as_ref().is_some_and(|m| m.cache.is_some() && m.expires_at_ms > *now_ms);
+                if matches!(update.cache, super::Part::Clear) && had_cache {
+                    stats.invalidations.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            (TreeWrite::ExpireContexts { .. }, Outcome::Swept(_, gone)) => {
+                for meta in gone {
+                    stats.add(Some(meta), None);
+                }
+            }
+            (TreeWrite::ExpireDedup { .. }, _) => {
+                for (_, hashes) in &p.expired {
+                    for h in hashes {
+                        self.seen.remove(h);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn retire(&mut self, turn_id: &str, retire: &[(u64, IdHash)], segs: &mut Vec<u64>) {
+        let mut memory = lock(&self.shared.memory);
+        for (seq, _) in retire {
+            if let Some(p) = memory.pending.remove(seq) {
+                segs.push(p.seg);
+            }
+        }
+        if let Some(claim) = memory.claims.remove(turn_id) {
+            segs.extend(claim.segs);
+        }
+    }
+}
+
+/// The same error again, for a transaction closure that may run twice.
+fn again(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Corrupt { tree, key, reason } => {
+            StoreError::Corrupt { tree, key: key.clone(), reason: reason.clone() }
+        }
+        other => StoreError::Write(Arc::from(other.to_string())),
+    }
+}
+
+/// Answers a log write that will not be attempted.
+fn refuse(op: Op, error: impl Fn() -> StoreError) {
+    match op {
+        Op::Accept { reply, .. } => {
+            let _ = reply.send(Err(error()));
+        }
+        Op::Claim { reply: Some(reply), .. } => {
+            let _ = reply.send(Err(error()));
+        }
+        _ => {}
+    }
+}
+
+/// The transaction's trees by name.
+struct Views<'a> {
+    dedup: &'a TransactionalTree,
+    turns: &'a TransactionalTree,
+    history: &'a TransactionalTree,
+    outbox: &'a TransactionalTree,
+    ctx: contexts::Trees<'a>,
+}
+
+impl<'a> Views<'a> {
+    fn of(v: &'a [TransactionalTree]) -> Views<'a> {
+        Views {
+            dedup: &v[0],
+            turns: &v[1],
+            history: &v[2],
+            outbox: &v[3],
+            ctx: contexts::Trees { meta: &v[4], dialogue: &v[5], cache: &v[6], expiry: &v[7], totals: &v[8] },
+        }
+    }
+}
+
+/// One prepared write inside the transaction. Reads and checks come before
+/// writes, so a write that fails leaves nothing of itself behind.
+fn apply(v: &Views<'_>, p: &Prepared) -> TxResult<Outcome> {
+    if let Some(e) = &p.error {
+        return Ok(Err(again(e)));
+    }
+    let remember = |v: &Views<'_>| -> Result<(), sled::transaction::UnabortableTransactionError> {
+        if let Some((k, val)) = &p.dedup_record {
+            v.dedup.insert(k.as_slice(), val.as_slice())?;
+        }
+        Ok(())
+    };
+    match &p.write {
+        TreeWrite::Commit(c) => {
+            let key = conv_prefix(&c.turn.conv);
+            let (before, after) = match contexts::apply(&v.ctx, &key, &c.context, c.now_ms)? {
+                Ok(metas) => metas,
+                Err(e) => return Ok(Err(e)),
+            };
+            remember(v)?;
+            for item in &c.outbox {
+                v.outbox.insert(&item.seq.to_be_bytes(), encode(item))?;
+            }
+            v.turns.remove(c.turn.turn_id.as_bytes())?;
+            for old in &p.history.0 {
+                v.history.remove(old)?;
+            }
+            v.history.insert(p.history.1.as_slice(), encode(&c.summary))?;
+            Ok(Ok(Outcome::Context(before, after)))
+        }
+        TreeWrite::Park(turn) => {
+            remember(v)?;
+            v.turns.insert(turn.turn_id.as_bytes(), encode(turn.as_ref()))?;
+            Ok(Ok(Outcome::Done))
+        }
+        TreeWrite::PutTurn(turn) => {
+            v.turns.insert(turn.turn_id.as_bytes(), encode(turn.as_ref()))?;
+            Ok(Ok(Outcome::Done))
+        }
+        TreeWrite::Context { conv, update, now_ms } => {
+            Ok(contexts::apply(&v.ctx, &conv_prefix(conv), update, *now_ms)?
+                .map(|(before, after)| Outcome::Context(before, after)))
+        }
+        TreeWrite::OutboxSent(seq) => {
+            v.outbox.remove(&seq.to_be_bytes())?;
+            Ok(Ok(Outcome::Done))
+        }
+        TreeWrite::OutboxUpdate(item) => {
+            v.outbox.insert(&item.seq.to_be_bytes(), encode(item.as_ref()))?;
+            Ok(Ok(Outcome::Done))
+        }
+        TreeWrite::ExpireDedup { .. } => {
+            for (k, _) in &p.expired {
+                v.dedup.remove(k)?;
+            }
+            Ok(Ok(Outcome::Count(p.expired.len())))
+        }
+        TreeWrite::ExpireContexts { now_ms } => {
+            let (mut swept, mut gone) = (Swept::default(), Vec::new());
+            for index_key in &p.due {
+                if index_key.len() <= 8 {
+                    swept
+                        .errors
+                        .push(format!("ctx_expiry key {index_key:?} is shorter than its 8-byte time"));
+                    continue;
+                }
+                let at = u64::from_be_bytes(index_key[..8].try_into().expect("8 bytes"));
+                match contexts::expire(&v.ctx, &index_key[8..], at, *now_ms)? {
+                    Ok(Some(meta)) => {
+                        swept.removed += 1;
+                        gone.push(meta);
+                    }
+                    Ok(None) => {}
+                    Err(e) => swept.errors.push(e.to_string()),
+                }
+            }
+            Ok(Ok(Outcome::Swept(swept, gone)))
+        }
+    }
+}
