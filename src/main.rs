@@ -9,6 +9,9 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use turnstile::{backup, Config};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "turnstile",

@@ -161,7 +161,7 @@ pub async fn run_on(
         ops::watchdog_interval().map(|every| tokio::spawn(ops::watchdog(every, http_stop.clone())));
 
     // The writer announces every stored message to the driver, from now on.
-    store.set_sink(Some(Arc::new(move |a: Announce| handle.ingested(a.conv, a.seq, a.immediate))));
+    store.set_sink(Some(Arc::new(move |stored: Vec<Announce>| handle.ingested(stored))));
     ready.store(true, Ordering::Release);
     ops::notify("READY=1");
     info!("ready");

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::records::{decode, encode};
+use super::records::decode;
 use super::StoreError;
 use crate::message::{Conv, Message};
 
@@ -58,20 +58,27 @@ pub(crate) enum Entry {
     Claim(Claim),
 }
 
-/// Appends one framed record to `out`.
-pub(crate) fn frame(entry: &Entry, out: &mut Vec<u8>) {
-    let (kind, payload) = match entry {
-        Entry::Message(m) => (KIND_MESSAGE, encode(m)),
-        Entry::Claim(c) => (KIND_CLAIM, encode(c)),
-    };
-    let len = 1 + payload.len() as u32;
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&[kind]);
-    crc.update(&payload);
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&crc.finalize().to_le_bytes());
+/// Appends one framed message record to `out`.
+pub(crate) fn frame_message(m: &Message, out: &mut Vec<u8>) {
+    frame(KIND_MESSAGE, m, out)
+}
+
+/// Appends one framed claim record to `out`.
+pub(crate) fn frame_claim(c: &Claim, out: &mut Vec<u8>) {
+    frame(KIND_CLAIM, c, out)
+}
+
+/// The record is encoded in place after a header that is filled in last.
+fn frame<T: Serialize>(kind: u8, value: &T, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; 8]);
     out.push(kind);
-    out.extend_from_slice(&payload);
+    bincode::serde::encode_into_std_write(value, out, bincode::config::standard())
+        .expect("bincode encodes our records into a Vec");
+    let body = &out[start + 8..];
+    let (len, crc) = (body.len() as u32, crc32fast::hash(body));
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
 pub(crate) fn segment_path(dir: &Path, no: u64) -> PathBuf {
@@ -223,7 +230,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut head = Head::create(dir.path(), 1).unwrap();
         let mut buf = Vec::new();
-        frame(&Entry::Message(message(1)), &mut buf);
+        frame_message(&message(1), &mut buf);
         let claim = Claim {
             turn_id: "t1".into(),
             conv: message(1).conv,
@@ -232,12 +239,12 @@ mod tests {
             cut_at_ms: 5,
             attempts: 0,
         };
-        frame(&Entry::Claim(claim.clone()), &mut buf);
+        frame_claim(&claim, &mut buf);
         head.append(&buf, None).unwrap();
         let whole = head.len;
         // Half of a third record: what a crash mid-write leaves.
         let mut third = Vec::new();
-        frame(&Entry::Message(message(2)), &mut third);
+        frame_message(&message(2), &mut third);
         head.append(&third[..third.len() / 2], None).unwrap();
 
         let path = segment_path(dir.path(), 1);
@@ -257,10 +264,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut head = Head::create(dir.path(), 7).unwrap();
         let mut buf = Vec::new();
-        frame(&Entry::Message(message(1)), &mut buf);
+        frame_message(&message(1), &mut buf);
         head.append(&buf, None).unwrap();
         let mut more = Vec::new();
-        frame(&Entry::Message(message(2)), &mut more);
+        frame_message(&message(2), &mut more);
         let failed = head.append(&more, Some(io::Error::from_raw_os_error(28))).unwrap_err();
         assert!(failed.rolled_back);
         assert_eq!(failed.error.raw_os_error(), Some(28));

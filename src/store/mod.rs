@@ -96,8 +96,8 @@ pub struct Announce {
     pub immediate: bool,
 }
 
-/// Where announcements go; returns false once nobody listens.
-pub type Sink = dyn Fn(Announce) -> bool + Send + Sync;
+/// Where announcements go, a group at a time; returns false once nobody listens.
+pub type Sink = dyn Fn(Vec<Announce>) -> bool + Send + Sync;
 
 /// A turn's commit: its messages leave the inbox, its summary joins the
 /// history (trimmed to `history_limit`), its context update is applied and

@@ -280,7 +280,7 @@ fn migrate_first_layout(
         let mut head = Head::create(&log_dir, next).map_err(|e| log::io_error(&log_dir, e))?;
         let mut buf = Vec::new();
         for m in &inbox {
-            log::frame(&Entry::Message(m.clone()), &mut buf);
+            log::frame_message(m, &mut buf);
         }
         head.append(&buf, None).map_err(|e| log::io_error(&log_dir, e.error))?;
     }

@@ -27,7 +27,7 @@ fn open(dir: &Path) -> (Store, Arc<StdMutex<Vec<Announce>>>) {
     let heard: Arc<StdMutex<Vec<Announce>>> = Arc::default();
     let h = heard.clone();
     store.set_sink(Some(Arc::new(move |a| {
-        h.lock().unwrap().push(a);
+        h.lock().unwrap().extend(a);
         true
     })));
     (store, heard)

@@ -23,7 +23,7 @@ use sled::Transactional;
 use super::contexts::{self, TxResult};
 use super::dedup::{self, IdHash, IdSet};
 use super::durable::Syncer;
-use super::log::{self, Entry, Head};
+use super::log::{self, Head};
 use super::records::{conv_prefix, encode, seq_key};
 use super::{
     lock, Announce, Commit, ContextMeta, ContextUpdate, Inserted, OpenClaim, OutboxItem, Pending, Reply,
@@ -246,15 +246,15 @@ impl Writer {
                             }
                         };
                         let message = Message::from_new(seq, new);
-                        log::frame(&Entry::Message(message.clone()), &mut buf);
-                        stored.push(message.clone());
-                        out.push(Inserted::New(message));
+                        log::frame_message(&message, &mut buf);
+                        out.push(Inserted::New(message.clone()));
+                        stored.push(message);
                     }
                     answers.push((reply, out, immediate));
                 }
                 Op::Claim { claim, reply } => {
                     if self.claim_is_live(&claim) {
-                        log::frame(&Entry::Claim(claim.clone()), &mut buf);
+                        log::frame_claim(&claim, &mut buf);
                         claims.push(claim);
                     }
                     claim_replies.extend(reply);
@@ -294,9 +294,11 @@ impl Writer {
             if added > 0 {
                 memory.segments.entry(head).or_insert(Segment { live: 0, created_ms: now }).live += added;
             }
-            for message in &stored {
-                let old = memory.pending.insert(message.seq, Pending { message: message.clone(), seg: head });
-                debug_assert!(old.is_none(), "sequence number {} handed out twice", message.seq);
+            self.shared.stats.stored.fetch_add(stored.len() as u64, Ordering::Relaxed);
+            for message in stored {
+                let seq = message.seq;
+                let old = memory.pending.insert(seq, Pending { message, seg: head });
+                debug_assert!(old.is_none(), "sequence number {seq} handed out twice");
             }
             for claim in claims {
                 let entry = memory
@@ -307,20 +309,25 @@ impl Writer {
                 entry.segs.push(head);
             }
         }
-        self.shared.stats.stored.fetch_add(stored.len() as u64, Ordering::Relaxed);
-        // Announced before answered: an "accepted" message is always known
-        // to the pipeline, whatever happens to the request afterwards.
-        for (reply, out, immediate) in answers {
-            let mut undelivered = false;
-            for inserted in &out {
-                if let (Inserted::New(m), Some(sink)) = (inserted, &sink) {
-                    let announce = Announce { conv: m.conv.clone(), seq: m.seq, immediate };
-                    undelivered |= !sink(announce);
-                }
-            }
+        // Announced before answered, the whole group at once: an "accepted"
+        // message is always known to the pipeline, whatever happens to the
+        // request afterwards.
+        let announced: Vec<Announce> = answers
+            .iter()
+            .flat_map(|(_, out, immediate)| {
+                out.iter().filter_map(move |i| match i {
+                    Inserted::New(m) => {
+                        Some(Announce { conv: m.conv.clone(), seq: m.seq, immediate: *immediate })
+                    }
+                    Inserted::Duplicate => None,
+                })
+            })
+            .collect();
+        let heard = announced.is_empty() || sink.as_ref().is_some_and(|sink| sink(announced));
+        for (reply, out, _) in answers {
             // Nobody listens (stopping): the messages are on disk and the
             // next start batches them; the sender is told to retry.
-            let answer = if undelivered { Err(StoreError::NotAccepting("shutting down")) } else { Ok(out) };
+            let answer = if heard { Ok(out) } else { Err(StoreError::NotAccepting("shutting down")) };
             let _ = reply.send(answer);
         }
         for reply in claim_replies {

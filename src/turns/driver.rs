@@ -16,7 +16,7 @@ use crate::batcher::{Batcher, Cut, CutReason, Rules};
 use crate::config::Config;
 use crate::message::{unix_ms, Conv};
 use crate::metrics::Metrics;
-use crate::store::{Recovered, Store};
+use crate::store::{Announce, Recovered, Store};
 
 use super::gate::Gate;
 use super::{DriverInbox, Event, Outcome, RetryOutcome, Runner, Shared, Snapshot, Work};
@@ -128,13 +128,15 @@ impl Driver {
 
     fn on_event(&mut self, event: Event) {
         match event {
-            Event::Ingested { conv, seq, immediate } => {
-                let cut = self.batcher.push(conv.clone(), seq, now());
-                if let Some(cut) = cut {
-                    self.offer(cut);
-                } else if immediate {
-                    if let Some(cut) = self.batcher.cut_now(&conv) {
+            Event::Ingested(stored) => {
+                let now = now();
+                for Announce { conv, seq, immediate } in stored {
+                    if let Some(cut) = self.batcher.push(conv.clone(), seq, now) {
                         self.offer(cut);
+                    } else if immediate {
+                        if let Some(cut) = self.batcher.cut_now(&conv) {
+                            self.offer(cut);
+                        }
                     }
                 }
             }

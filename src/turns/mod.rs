@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::batcher::CutReason;
 use crate::message::Conv;
-use crate::store::{ContextMeta, TurnRecord};
+use crate::store::{Announce, ContextMeta, TurnRecord};
 
 pub use driver::Driver;
 pub use run::{Runner, Stopping};
@@ -146,12 +146,8 @@ pub enum Outcome {
 
 /// Events the driver reacts to, besides its own timers.
 pub(crate) enum Event {
-    /// A message is durably stored (told by the store's writer).
-    Ingested {
-        conv: Conv,
-        seq: u64,
-        immediate: bool,
-    },
+    /// Messages are durably stored (told by the store's writer, a group at a time).
+    Ingested(Vec<Announce>),
     /// The running work of `conv` ended.
     Finished {
         conv: Conv,
@@ -204,11 +200,11 @@ pub struct DriverHandle {
 }
 
 impl DriverHandle {
-    /// Tells the driver a message is on disk (the driver stamps its arrival
-    /// on its own clock). Returns false once the driver has stopped: the
-    /// message stays pending on disk for the next start.
-    pub fn ingested(&self, conv: Conv, seq: u64, immediate: bool) -> bool {
-        self.tx.send(Event::Ingested { conv, seq, immediate }).is_ok()
+    /// Tells the driver messages are on disk (the driver stamps their
+    /// arrival on its own clock). Returns false once the driver has stopped:
+    /// the messages stay pending on disk for the next start.
+    pub fn ingested(&self, stored: Vec<Announce>) -> bool {
+        self.tx.send(Event::Ingested(stored)).is_ok()
     }
 
     pub async fn retry(&self, turn_id: String) -> RetryOutcome {
