@@ -8,6 +8,12 @@
 //! JSON shrinks many times over, and dropping the cache never recompresses
 //! the dialogue. Decoding failures are errors for that one conversation,
 //! never a crash.
+//!
+//! A small part (below `DEFLATE_FROM` bytes) is stored as the plain record
+//! behind a 0xFF byte: deflate would save a few bytes and cost more CPU to
+//! set up than the rest of the turn's encoding. 0xFF cannot begin a deflate
+//! stream (its block type bits would be the reserved 11), so the two forms
+//! never mix up, and parts stored before this form existed read as before.
 
 use std::io::{Read, Write};
 
@@ -17,6 +23,10 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 const FORMAT_VERSION: u8 = 1;
+/// Parts smaller than this are stored plain.
+const DEFLATE_FROM: usize = 512;
+/// Marks a plain record.
+const PLAIN: u8 = 0xFF;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContextError {
@@ -54,10 +64,15 @@ pub fn encode(value: &Value) -> Encoded {
 pub fn encode_json(json: String) -> Encoded {
     let raw_len = json.len() as u64;
     let record = Record { version: FORMAT_VERSION, json };
-    let raw = bincode::serde::encode_to_vec(&record, bincode::config::standard())
+    let mut raw = vec![PLAIN];
+    bincode::serde::encode_into_std_write(&record, &mut raw, bincode::config::standard())
         .expect("bincode encodes a string record");
+    if raw.len() < DEFLATE_FROM {
+        return Encoded { bytes: raw, raw_len };
+    }
+    let raw = &raw[1..];
     let mut z = DeflateEncoder::new(Vec::with_capacity(raw.len() / 4), Compression::default());
-    z.write_all(&raw).expect("writing to a Vec cannot fail");
+    z.write_all(raw).expect("writing to a Vec cannot fail");
     Encoded { bytes: z.finish().expect("writing to a Vec cannot fail"), raw_len }
 }
 
@@ -74,9 +89,17 @@ pub fn decode_raw(bytes: &[u8]) -> Result<Box<RawValue>, ContextError> {
 }
 
 fn decode_text(bytes: &[u8]) -> Result<String, ContextError> {
-    let mut raw = Vec::with_capacity(bytes.len() * 4);
-    DeflateDecoder::new(bytes).read_to_end(&mut raw).map_err(ContextError::Inflate)?;
-    let (record, _): (Record, usize) = bincode::serde::decode_from_slice(&raw, bincode::config::standard())
+    let inflated;
+    let raw = match bytes.split_first() {
+        Some((&PLAIN, plain)) => plain,
+        _ => {
+            let mut out = Vec::with_capacity(bytes.len() * 4);
+            DeflateDecoder::new(bytes).read_to_end(&mut out).map_err(ContextError::Inflate)?;
+            inflated = out;
+            &inflated
+        }
+    };
+    let (record, _): (Record, usize) = bincode::serde::decode_from_slice(raw, bincode::config::standard())
         .map_err(|e| ContextError::Record(e.to_string()))?;
     if record.version != FORMAT_VERSION {
         return Err(ContextError::Version(record.version));
@@ -99,6 +122,20 @@ mod tests {
         assert_eq!(decode_raw(&encoded.bytes).unwrap().get(), value.to_string());
         assert_eq!(encoded.raw_len, value.to_string().len() as u64);
         assert!(encoded.bytes.len() * 5 < value.to_string().len(), "repetitive JSON compresses well");
+    }
+
+    #[test]
+    fn small_parts_are_stored_plain_and_both_forms_read_back() {
+        let small = serde_json::json!({"count": 3});
+        let encoded = encode(&small);
+        assert_eq!(encoded.bytes[0], PLAIN);
+        assert_eq!(decode(&encoded.bytes).unwrap(), small);
+        // What earlier builds stored for the same part: a deflate stream.
+        let record = Record { version: FORMAT_VERSION, json: small.to_string() };
+        let raw = bincode::serde::encode_to_vec(&record, bincode::config::standard()).unwrap();
+        let mut z = DeflateEncoder::new(Vec::new(), Compression::default());
+        z.write_all(&raw).unwrap();
+        assert_eq!(decode(&z.finish().unwrap()).unwrap(), small);
     }
 
     #[test]
