@@ -43,12 +43,16 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Address the HTTP listener binds.
+    /// Address of the public listener: the webhooks, /healthz and /readyz,
+    /// nothing else. What a reverse proxy forwards to.
     pub listen: SocketAddr,
+    /// Address of the admin listener: /api/*, /metrics (and /healthz,
+    /// /readyz). Must differ from `listen`; meant to stay on loopback.
+    pub admin_listen: SocketAddr,
     /// Directory of the embedded store; created if missing.
     pub data_dir: PathBuf,
-    /// Bearer token for /api/* and /metrics. Required when `listen` is not a
-    /// loopback address; when set, required on loopback too.
+    /// Bearer token for the admin listener. Required when `admin_listen` is
+    /// not a loopback address; when set, required on loopback too.
     pub admin_token: String,
 }
 
@@ -210,6 +214,10 @@ pub struct LogConfig {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }
+/// Beside the public port, on loopback: the admin API is never exposed by default.
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8081))
+}
 fn default_data_dir() -> PathBuf {
     PathBuf::from("./data")
 }
@@ -307,7 +315,12 @@ fn default_log_filter() -> String {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: default_listen(), data_dir: default_data_dir(), admin_token: String::new() }
+        ServerConfig {
+            listen: default_listen(),
+            admin_listen: default_admin_listen(),
+            data_dir: default_data_dir(),
+            admin_token: String::new(),
+        }
     }
 }
 impl Default for IngestConfig {
@@ -396,8 +409,17 @@ impl Config {
         let bad = |key: &str, message: &str| {
             Err(ConfigError::Invalid { key: key.to_owned(), message: message.to_owned() })
         };
-        if !self.server.listen.ip().is_loopback() && self.server.admin_token.is_empty() {
-            return bad("server.admin_token", "is required when server.listen is not a loopback address");
+        if overlaps(self.server.listen, self.server.admin_listen) {
+            return bad(
+                "server.admin_listen",
+                "must differ from server.listen: the admin API never shares the public listener",
+            );
+        }
+        if !self.server.admin_listen.ip().is_loopback() && self.server.admin_token.is_empty() {
+            return bad(
+                "server.admin_token",
+                "is required when server.admin_listen is not a loopback address",
+            );
         }
         if !self.server.admin_token.is_empty() && self.server.admin_token.len() < 16 {
             return bad("server.admin_token", "must be at least 16 characters");
@@ -473,6 +495,15 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Whether two listen addresses would serve the same socket: the same port
+/// on the same address or on the wildcard one. Port 0 (the OS picks) never
+/// collides.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 fn check_url(key: &str, value: &str, because: &str) -> Result<(), ConfigError> {
@@ -567,6 +598,7 @@ mod tests {
     fn no_file_means_defaults() {
         let c = Config::load(None, Vec::new()).unwrap();
         assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:8081");
         assert_eq!(c.server.data_dir, PathBuf::from("./data"));
         assert_eq!(c.handler.kind, HandlerKind::Echo);
     }
@@ -600,7 +632,9 @@ mod tests {
         assert!(err(&[("TURNSTILE_SERVER_LISTEN", "nowhere")]).contains("server.listen"));
         assert!(err(&[("TURNSTILE_HANDLER_KIND", "http")]).contains("handler.url"));
         assert!(err(&[("TURNSTILE_BATCHING_NOPE", "1")]).contains("batching.nope"));
-        assert!(err(&[("TURNSTILE_SERVER_LISTEN", "0.0.0.0:8080")]).contains("server.admin_token"));
+        assert!(err(&[("TURNSTILE_SERVER_ADMIN_LISTEN", "0.0.0.0:8081")]).contains("server.admin_token"));
+        assert!(err(&[("TURNSTILE_SERVER_ADMIN_LISTEN", "127.0.0.1:8080")]).contains("server.admin_listen"));
+        assert!(err(&[("TURNSTILE_SERVER_LISTEN", "0.0.0.0:8081")]).contains("server.admin_listen"));
         assert!(err(&[("TURNSTILE_META_COMPANIES", "x")]).contains("meta.companies"));
 
         let dir = tempfile::tempdir().unwrap();

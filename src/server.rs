@@ -1,16 +1,17 @@
 //! Wiring, in one place and in order.
 //!
-//! Start: open the store, serve at once (`/healthz` answers; webhooks and
-//! `/readyz` answer 503), rebuild batches and turns from disk, then turn
-//! ready and tell systemd `READY=1`.
+//! Start: open the store, serve at once on both listeners (`/healthz`
+//! answers; webhooks and `/readyz` answer 503), rebuild batches and turns
+//! from disk, then turn ready and tell systemd `READY=1`.
 //!
 //! Stop (first signal): webhooks answer 503 and `STOPPING=1` goes to systemd;
 //! no new turn starts; running turns get `turns.shutdown_grace_ms`, then their
 //! handler calls are abandoned (they stay open on disk and re-run on the next
-//! start); the listener closes; the outbox finishes its sends in flight; the
+//! start); the listeners close; the outbox finishes its sends in flight; the
 //! store is flushed and closed.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, ServerConfig};
 use crate::gateway::Gateway;
 use crate::handler::Handler;
 use crate::http::{self, AppState};
@@ -35,6 +36,8 @@ use crate::turns::{self, Driver, Recovery, Runner, Shared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot open the store in {dir}: {source}")]
     Open { dir: String, source: StoreError },
     #[error("cannot recover from the store: {0}")]
@@ -46,19 +49,37 @@ pub enum ServerError {
 /// How often expired message ids are forgotten.
 const DEDUP_SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
-/// Runs the daemon on `listener` until `shutdown` resolves.
+/// The daemon's two sockets: the public one (webhooks, health) and the admin
+/// one (API, metrics, health). Bound before `run`, so tests can bind port 0
+/// and read the addresses.
+pub struct Listeners {
+    pub public: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `server.listen` and `server.admin_listen`.
+    pub async fn bind(server: &ServerConfig) -> Result<Listeners, ServerError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
+        };
+        Ok(Listeners { public: bind(server.listen).await?, admin: bind(server.admin_listen).await? })
+    }
+}
+
+/// Runs the daemon on `listeners` until `shutdown` resolves.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    run_with_clock(config, listener, shutdown, Clock::system()).await
+    run_with_clock(config, listeners, shutdown, Clock::system()).await
 }
 
 /// `run` with an injected wall clock (tests move it hours ahead).
 pub async fn run_with_clock(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
     clock: Clock,
 ) -> Result<(), ServerError> {
@@ -94,11 +115,15 @@ pub async fn run_with_clock(
         default_company_id: config.ingest.default_company_id.clone(),
     });
     let http_stop = CancellationToken::new();
-    info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
+    let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    info!(listen = %addr(&listeners.public), admin_listen = %addr(&listeners.admin), "serving");
     let mut server = {
-        let serve = axum::serve(listener, http::router(state))
+        let public = axum::serve(listeners.public, http::public_router(state.clone()))
             .with_graceful_shutdown(http_stop.clone().cancelled_owned());
-        tokio::spawn(async move { serve.await })
+        let admin = axum::serve(listeners.admin, http::admin_router(state))
+            .with_graceful_shutdown(http_stop.clone().cancelled_owned());
+        // Either failing stops both: the daemon then shuts down.
+        tokio::spawn(async move { tokio::try_join!(public.into_future(), admin.into_future()).map(|_| ()) })
     };
 
     let recovery = {
@@ -151,7 +176,7 @@ pub async fn run_with_clock(
     ops::notify("READY=1");
     info!("ready");
 
-    // Run until asked to stop, or until the listener fails.
+    // Run until asked to stop, or until a listener fails.
     let served_early = tokio::select! {
         _ = stopping.shutdown.cancelled() => None,
         served = &mut server => Some(served),

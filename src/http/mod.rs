@@ -1,10 +1,14 @@
-//! The HTTP surface: webhooks in, inspection and context API, health.
-//! Handlers here parse and answer; they never await a turn — a webhook
-//! returns as soon as its message is on disk.
+//! The HTTP surface, on two listeners. The public one (`server.listen`,
+//! what a reverse proxy forwards to) serves the webhooks and health, nothing
+//! else; the admin one (`server.admin_listen`) serves the inspection and
+//! context API, metrics and backups behind the admin token, and health. A
+//! path of one surface answers 404 on the other, whatever a proxy forwards.
 //!
-//! `webhooks` takes the gateways' deliveries, `admin` the inspection API,
-//! metrics and backups, `contexts` the context API; this file holds the state
-//! they share, the router, and the checks they have in common.
+//! Handlers here parse and answer; they never await a turn — a webhook
+//! returns as soon as its message is on disk. `webhooks` takes the gateways'
+//! deliveries, `admin` the inspection API, metrics and backups, `contexts`
+//! the context API; this file holds the state they share, the two routers,
+//! and the checks they have in common.
 
 // Helpers here return `Err(Response)`: the error *is* the answer to send, and
 // boxing it would buy nothing on a path that allocates a body anyway.
@@ -53,10 +57,19 @@ pub struct AppState {
     pub default_company_id: String,
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .merge(webhooks::routes(state.clone()))
-        .merge(admin::routes(state.clone()))
+/// The public listener: webhooks, `/healthz`, `/readyz`.
+pub fn public_router(state: Arc<AppState>) -> Router {
+    surface(webhooks::routes(state.clone()), state)
+}
+
+/// The admin listener: `/api/*`, `/metrics`, `/healthz`, `/readyz`.
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    surface(admin::routes(state.clone()), state)
+}
+
+/// One listener's routes, plus health and the JSON answers for the rest.
+fn surface(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
+    routes
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })

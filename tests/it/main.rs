@@ -9,6 +9,7 @@ mod batching;
 mod contexts;
 mod chaos;
 mod crash;
+mod exposure;
 mod gateways;
 mod helpers;
 mod input;
