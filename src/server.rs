@@ -108,12 +108,15 @@ pub async fn run_with_clock(
         draining: stopping.shutdown.clone(),
         metrics: shared.metrics.clone(),
         admin_token: config.server.admin_token.clone(),
+        webhook_token: config.ingest.webhook_token.clone(),
+        generic_webhooks: config.ingest.generic_webhooks,
         meta: config.meta.clone(),
         waha: config.waha.clone(),
         max_body_bytes: config.ingest.max_body_bytes,
         context_max_bytes: config.context.max_bytes,
         default_company_id: config.ingest.default_company_id.clone(),
     });
+    warn_unauthenticated(&config);
     let http_stop = CancellationToken::new();
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     info!(listen = %addr(&listeners.public), admin_listen = %addr(&listeners.admin), "serving");
@@ -213,6 +216,30 @@ pub async fn run_with_clock(
     match served {
         Ok(result) => result.map_err(ServerError::Serve),
         Err(e) => Err(ServerError::Serve(std::io::Error::other(e))),
+    }
+}
+
+/// Names, at every start, each webhook served without a secret: a warning
+/// when something leaves the machine (allowed by `allow_unauthenticated`),
+/// a note on the trial defaults.
+fn warn_unauthenticated(config: &Config) {
+    for w in config.unauthenticated_webhooks() {
+        match config.leaves_the_machine() {
+            Some(reason) => warn!(
+                webhook = w.path,
+                "{} takes unauthenticated requests although {reason}: anyone who can reach it \
+                 can make turnstile send; set {}",
+                w.path,
+                w.key
+            ),
+            None => info!(
+                webhook = w.path,
+                "{} takes unauthenticated requests (trial: nothing leaves the machine); set {} \
+                 before configuring a gateway or handler",
+                w.path,
+                w.key
+            ),
+        }
     }
 }
 

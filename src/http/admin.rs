@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::contexts::{delete_context, get_context, invalidate_context, put_context};
-use super::{accepting, error, AppState};
+use super::{accepting, bearer, error, AppState};
 use crate::backup;
 use crate::ingest::{self, signature};
 use crate::message::{unix_ms, Message};
@@ -188,12 +188,7 @@ async fn retry_dead(State(s): State<Arc<AppState>>, Path(turn_id): Path<String>)
 /// `Authorization: Bearer <admin_token>` on /api/* and /metrics, when a token is set.
 async fn require_token(State(s): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     if !s.admin_token.is_empty() {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+        let given = bearer(request.headers()).unwrap_or("");
         if !signature::same(given.as_bytes(), s.admin_token.as_bytes()) {
             return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
         }

@@ -50,7 +50,13 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Empty: the admin routes are open (loopback only, enforced by config).
     pub admin_token: String,
+    /// Empty: the generic webhooks take unauthenticated input (allowed by config).
+    pub webhook_token: String,
+    /// Serve the generic webhooks at all.
+    pub generic_webhooks: bool,
+    /// Served only when `enabled()`; `app_secret` empty means unsigned deliveries pass.
     pub meta: MetaConfig,
+    /// Served only when `enabled()`; `hmac_key` empty means unsigned events pass.
     pub waha: WahaConfig,
     pub max_body_bytes: usize,
     pub context_max_bytes: usize,
@@ -77,6 +83,13 @@ fn surface(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
         })
         .with_state(state)
+}
+
+/// The token of `Authorization: Bearer <token>` (the scheme in any case).
+pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// Every error answer has the same shape: status code + `{"error": "..."}`.

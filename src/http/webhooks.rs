@@ -1,6 +1,13 @@
-//! The webhooks: the generic payload (debounced or immediate), Meta's and
-//! WAHA's. Each checks, in order, that the daemon takes webhooks, the body,
-//! the gateway's signature, and then hands the payload to ingest.
+//! The webhooks, the public listener's only business: the generic payload
+//! (debounced or immediate), Meta's and WAHA's. Each checks, in order, that
+//! the daemon takes webhooks, that the sender knows the secret (the generic
+//! token before the body is read; Meta's and WAHA's HMAC over the body), the
+//! body, and then hands the payload to ingest. A request refused on the way
+//! stores nothing: no message, no dedup mark.
+//!
+//! Meta's and WAHA's routes exist only while their config sections are set,
+//! the generic ones unless `ingest.generic_webhooks = false`; an absent
+//! route answers 404.
 
 use std::sync::Arc;
 
@@ -13,17 +20,28 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
-use super::{accepting, error, read_json_body, AppState};
+use super::{accepting, bearer, error, read_json_body, AppState};
 use crate::ingest::{self, signature, Accepted, IngestError};
 use crate::message::unix_ms;
 
 pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/webhook/whatsapp/batched", post(webhook_batched))
-        .route("/webhook/whatsapp", post(webhook_immediate))
-        .route("/webhook/meta", get(meta_verify).post(meta_webhook))
-        .route("/webhook/waha", post(waha_webhook))
-        .route_layer(middleware::from_fn_with_state(state, count_webhooks))
+    let mut routes = Router::new();
+    if state.generic_webhooks {
+        routes = routes
+            .route("/webhook/whatsapp/batched", post(webhook_batched))
+            .route("/webhook/whatsapp", post(webhook_immediate));
+    }
+    if state.meta.enabled() {
+        routes = routes.route("/webhook/meta", get(meta_verify).post(meta_webhook));
+    }
+    if state.waha.enabled() {
+        routes = routes.route("/webhook/waha", post(waha_webhook));
+    }
+    // axum refuses a route layer over no routes.
+    if !routes.has_routes() {
+        return routes;
+    }
+    routes.route_layer(middleware::from_fn_with_state(state, count_webhooks))
 }
 
 async fn webhook_batched(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
@@ -35,7 +53,15 @@ async fn webhook_immediate(State(s): State<Arc<AppState>>, headers: HeaderMap, b
 }
 
 async fn webhook(s: &AppState, headers: &HeaderMap, body: Body, immediate: bool) -> Response {
-    let body = match webhook_body(s, headers, body).await {
+    // The token before the body: a stranger's request is not even read.
+    let checked = async {
+        accepting(s)?;
+        if !token_ok(s, headers) {
+            return Err(error(StatusCode::UNAUTHORIZED, "missing or wrong webhook token"));
+        }
+        read_json_body(headers, body, s.max_body_bytes).await
+    };
+    let body = match checked.await {
         Ok(body) => body,
         Err(refused) => return refused,
     };
@@ -49,8 +75,23 @@ async fn webhook(s: &AppState, headers: &HeaderMap, body: Body, immediate: bool)
     }
 }
 
-/// What every webhook checks before parsing, in this order: the daemon takes
-/// webhooks (503 while recovering or draining), the body is JSON, not too large.
+/// The generic webhooks' shared secret, `ingest.webhook_token`, in
+/// `Authorization: Bearer <token>` or, for senders that cannot set that
+/// header, `X-Webhook-Token: <token>`. Compared in constant time.
+fn token_ok(s: &AppState, headers: &HeaderMap) -> bool {
+    if s.webhook_token.is_empty() {
+        return true;
+    }
+    let header = headers.get("x-webhook-token").and_then(|v| v.to_str().ok());
+    [bearer(headers), header]
+        .into_iter()
+        .flatten()
+        .any(|given| signature::same(given.as_bytes(), s.webhook_token.as_bytes()))
+}
+
+/// What the signed webhooks (Meta, WAHA) check before their signature, in
+/// this order: the daemon takes webhooks (503 while recovering or draining),
+/// the body is JSON, not too large.
 async fn webhook_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, Response> {
     accepting(s)?;
     read_json_body(headers, body, s.max_body_bytes).await

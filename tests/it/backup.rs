@@ -45,6 +45,7 @@ async fn populated(dir: &Path, gateway: &FakeServer) -> turnstile::Config {
     let mut c = config(dir);
     c.gateway.kind = GatewayKind::Http;
     c.gateway.url = format!("{}/send", gateway.base);
+    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
     gateway.set_status(503);
     let d = Daemon::start(c.clone()).await;
     d.put(

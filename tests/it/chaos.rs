@@ -66,7 +66,8 @@ async fn chaos_keeps_every_invariant() {
                 let deadline = Instant::now() + Duration::from_secs(60);
                 loop {
                     assert!(Instant::now() < deadline, "{id} never acknowledged");
-                    if let Ok(r) = client.post(format!("{base}{path}")).json(&body).send().await {
+                    let sent = client.post(format!("{base}{path}")).bearer_auth(WEBHOOK_TOKEN).json(&body);
+                    if let Ok(r) = sent.send().await {
                         if r.status() == 200 {
                             acked.lock().unwrap().entry(phone.clone()).or_default().push(id.clone());
                             break;

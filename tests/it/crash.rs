@@ -58,8 +58,12 @@ async fn every_acknowledged_message_survives_repeated_sigkill() {
                 let body = json!({"id": id, "from": format!("{phone}@c.us"), "message": format!("msg {i}")});
                 loop {
                     assert!(Instant::now() < deadline, "{id} was never acknowledged");
-                    let sent =
-                        client.post(format!("{base}/webhook/whatsapp/batched")).json(&body).send().await;
+                    let sent = client
+                        .post(format!("{base}/webhook/whatsapp/batched"))
+                        .bearer_auth(WEBHOOK_TOKEN)
+                        .json(&body)
+                        .send()
+                        .await;
                     if let Ok(r) = sent {
                         if r.status() == 200 {
                             acked.lock().unwrap().push((phone.clone(), id.clone()));

@@ -22,6 +22,13 @@ use turnstile::{Config, Listeners};
 
 pub const BURST: [&str; 5] = ["Привет", "можно", "записаться", "на стрижку", "завтра?"];
 
+/// `ingest.webhook_token` wherever something leaves the machine (a real
+/// handler or gateway): the daemon refuses to start without one.
+pub const WEBHOOK_TOKEN: &str = "test-webhook-token-0001";
+/// `meta.app_secret` and `waha.hmac_key` for tests that configure those webhooks.
+pub const META_SECRET: &str = "meta-app-secret-0001";
+pub const WAHA_KEY: &str = "waha-hmac-key-0001";
+
 /// Defaults, on `dir`, on ports the OS picks.
 pub fn config(dir: &Path) -> Config {
     let mut c = Config::default();
@@ -32,24 +39,29 @@ pub fn config(dir: &Path) -> Config {
     c
 }
 
-/// The same, with the recording handler answering turns.
+/// The same, with the recording handler answering turns (and so the
+/// webhook token a real handler requires).
 pub fn config_with(dir: &Path, handler: &TestHandler) -> Config {
     let mut c = config(dir);
     c.handler.kind = HandlerKind::Http;
     c.handler.url = handler.url.clone();
+    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
     c
 }
 
 /// An in-process daemon. `get`, `post`, `put`, `delete` and `url` send
 /// `/api/...` and `/metrics` to the admin listener and everything else to
-/// the public one, as a deployment's clients would; a test that means one
-/// listener in particular builds its URL from `base` or `admin`.
+/// the public one, as a deployment's clients would, and the generic
+/// webhooks get the configured `ingest.webhook_token`, as a gateway would
+/// send it; a test that means one listener in particular, or a request
+/// without the token, builds its URL from `base` or `admin`.
 pub struct Daemon {
     /// The public listener: webhooks and health.
     pub base: String,
     /// The admin listener: API, metrics and health.
     pub admin: String,
     pub client: reqwest::Client,
+    webhook_token: String,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), turnstile::server::ServerError>>,
 }
@@ -61,6 +73,9 @@ impl Daemon {
 
     /// With a wall clock the test can move ahead (context expiry).
     pub async fn start_with_clock(config: Config, clock: Clock) -> Daemon {
+        // What the binary would refuse, a test does not run either.
+        config.validate().expect("a valid test config");
+        let webhook_token = config.ingest.webhook_token.clone();
         let listeners = Listeners::bind(&config.server).await.unwrap();
         let base = format!("http://{}", listeners.public.local_addr().unwrap());
         let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
@@ -69,7 +84,8 @@ impl Daemon {
             let _ = stopped.await;
         };
         let task = tokio::spawn(turnstile::server::run_with_clock(config, listeners, stopped, clock));
-        let d = Daemon { base, admin, client: reqwest::Client::new(), stop: Some(stop), task };
+        let client = reqwest::Client::new();
+        let d = Daemon { base, admin, client, webhook_token, stop: Some(stop), task };
         // Serving starts before recovery; webhooks are taken once /readyz says so.
         let start = Instant::now();
         while d.get("/readyz").await.0 != 200 {
@@ -111,7 +127,11 @@ impl Daemon {
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        status_json(self.client.post(self.url(path)).json(body)).await
+        let mut request = self.client.post(self.url(path)).json(body);
+        if path.starts_with("/webhook/whatsapp") && !self.webhook_token.is_empty() {
+            request = request.bearer_auth(&self.webhook_token);
+        }
+        status_json(request).await
     }
 
     pub async fn put(&self, path: &str, body: &Value) -> (u16, Value) {
@@ -356,6 +376,32 @@ pub fn spawn_binary(env: &[(&str, String)], log: &Path) -> std::process::Child {
         .expect("start the turnstile binary")
 }
 
+/// Waits up to `limit` (wall-clock) for the child to exit.
+pub fn exited_within(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Waits (wall-clock, up to 30 s) until the binary at `base` answers /readyz 200.
+pub async fn wait_ready(client: &reqwest::Client, base: &str) {
+    let start = std::time::Instant::now();
+    loop {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "daemon never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The two ports of a binary-level daemon, free on 127.0.0.1.
 #[derive(Clone, Copy, Debug)]
 pub struct Ports {
@@ -393,6 +439,8 @@ pub fn binary_env(ports: Ports, data: &Path, handler_url: Option<&str>) -> Vec<(
     if let Some(url) = handler_url {
         env.push(("TURNSTILE_HANDLER_KIND", "http".into()));
         env.push(("TURNSTILE_HANDLER_URL", url.into()));
+        // A real handler: the generic webhooks need their token.
+        env.push(("TURNSTILE_INGEST_WEBHOOK_TOKEN", WEBHOOK_TOKEN.into()));
     }
     env
 }

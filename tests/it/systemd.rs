@@ -14,31 +14,6 @@ fn signal(child: &Child, name: &str) {
     assert!(ok.success());
 }
 
-/// Waits up to `limit` for the child to exit.
-fn exited_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
-async fn wait_ready(client: &reqwest::Client, base: &str) {
-    let start = Instant::now();
-    loop {
-        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "daemon never became ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_watchdog_and_stopping_reach_systemd() {
     let dir = tempfile::tempdir().unwrap();
@@ -99,6 +74,7 @@ async fn a_second_signal_exits_at_once_and_the_turn_re_runs_after_restart() {
     let send = |id: &str| {
         client
             .post(format!("{base}/webhook/whatsapp"))
+            .bearer_auth(WEBHOOK_TOKEN)
             .json(&json!({"id": id, "from": "79001234567", "message": "Привет"}))
             .send()
     };
