@@ -185,6 +185,11 @@ pub struct GatewayConfig {
     pub max_attempts: u32,
     /// While a turn runs, show the client the assistant is answering (WAHA typing, Meta read + typing).
     pub typing: bool,
+    /// Replies sent to one conversation in any hour, at most (a reply split
+    /// into pieces counts once). A reply over it is parked, never sent:
+    /// listed by GET /api/outbox as "rate_limited" and counted in
+    /// turnstile_replies_rate_limited_total.
+    pub max_replies_per_conversation_per_hour: u32,
 }
 
 /// The `openai` handler: any OpenAI-compatible chat completions API.
@@ -305,6 +310,11 @@ fn default_context_max_bytes() -> usize {
 fn default_sweep_interval_ms() -> u64 {
     60_000
 }
+/// One a minute for a whole hour: far above a client's conversation, and a
+/// brake on a loop between two bots or a flood aimed at one number.
+fn default_max_replies_per_conversation_per_hour() -> u32 {
+    60
+}
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
@@ -321,6 +331,7 @@ impl Default for GatewayConfig {
             // With the 60 s cap, about an hour and a half of outage.
             max_attempts: 100,
             typing: true,
+            max_replies_per_conversation_per_hour: default_max_replies_per_conversation_per_hour(),
         }
     }
 }
@@ -517,6 +528,9 @@ impl Config {
         }
         if g.timeout_ms == 0 {
             return bad("gateway.timeout_ms", "must be at least 1");
+        }
+        if g.max_replies_per_conversation_per_hour == 0 {
+            return bad("gateway.max_replies_per_conversation_per_hour", "must be at least 1");
         }
         if self.context.ttl_hours == 0 {
             return bad("context.ttl_hours", "must be at least 1");

@@ -78,6 +78,8 @@ pub struct Metrics {
     pub turns_dead: AtomicU64,
     pub replies_sent: AtomicU64,
     pub send_failures: AtomicU64,
+    /// Replies parked by `gateway.max_replies_per_conversation_per_hour`.
+    pub replies_rate_limited: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -96,6 +98,7 @@ impl Default for Metrics {
             turns_dead: AtomicU64::new(0),
             replies_sent: AtomicU64::new(0),
             send_failures: AtomicU64::new(0),
+            replies_rate_limited: AtomicU64::new(0),
         }
     }
 }
@@ -110,6 +113,7 @@ pub struct Gauges {
     pub dead_turns: usize,
     pub outbox_depth: usize,
     pub outbox_failed: usize,
+    pub outbox_rate_limited: usize,
     pub context_hits: u64,
     pub context_misses: u64,
     pub context_invalidations: u64,
@@ -176,8 +180,14 @@ impl Metrics {
         gauge(
             &mut out,
             "turnstile_outbox_failed",
-            "Reply pieces given up (GET /api/outbox).",
+            "Reply pieces given up after gateway.max_attempts (GET /api/outbox).",
             g.outbox_failed as f64,
+        );
+        gauge(
+            &mut out,
+            "turnstile_outbox_rate_limited",
+            "Reply pieces parked by the reply cap, never sent (GET /api/outbox).",
+            g.outbox_rate_limited as f64,
         );
         self.batch_size.render(&mut out, "turnstile_batch_size", "Messages per cut batch.");
         self.idle_at_cut.render(
@@ -217,6 +227,12 @@ impl Metrics {
             "turnstile_send_failures_total",
             "Failed sends to the gateway.",
             load(&self.send_failures),
+        );
+        counter(
+            &mut out,
+            "turnstile_replies_rate_limited_total",
+            "Replies not sent: their conversation had gateway.max_replies_per_conversation_per_hour already.",
+            load(&self.replies_rate_limited),
         );
         counter(
             &mut out,

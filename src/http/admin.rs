@@ -19,6 +19,7 @@ use crate::backup;
 use crate::ingest::{self, signature};
 use crate::message::{unix_ms, Message};
 use crate::metrics::Gauges;
+use crate::outbox;
 use crate::store::{TurnRecord, TurnSummary};
 use crate::turns::RetryOutcome;
 
@@ -36,7 +37,7 @@ pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route_layer(middleware::from_fn_with_state(state, require_token))
 }
 
-/// Replies waiting for the gateway, and the ones given up.
+/// Replies waiting for the gateway, the ones given up, and the ones parked by the reply cap.
 async fn outbox(State(s): State<Arc<AppState>>) -> Response {
     match s.store.outbox() {
         Ok(items) => {
@@ -46,7 +47,7 @@ async fn outbox(State(s): State<Arc<AppState>>) -> Response {
                     json!({
                         "turn_id": o.turn_id, "company_id": o.conv.company_id, "phone": o.conv.phone,
                         "text": o.text, "part": o.part, "parts": o.parts, "attempts": o.attempts,
-                        "last_error": o.last_error, "state": if o.failed { "failed" } else { "pending" },
+                        "last_error": o.last_error, "state": outbox::state(o),
                         "created_at": o.created_at_ms,
                     })
                 })
@@ -248,8 +249,9 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
         g.dead_turns = turns.iter().filter(|t| t.dead.is_some()).count();
     }
     if let Ok(items) = s.store.outbox() {
-        g.outbox_failed = items.iter().filter(|i| i.failed).count();
-        g.outbox_depth = items.len() - g.outbox_failed;
+        let count = |state| items.iter().filter(|i| outbox::state(i) == state).count();
+        (g.outbox_depth, g.outbox_failed, g.outbox_rate_limited) =
+            (count("pending"), count("failed"), count("rate_limited"));
     }
     let c = s.store.context_stats();
     (g.context_hits, g.context_misses, g.context_invalidations) =

@@ -13,5 +13,6 @@ mod exposure;
 mod gateways;
 mod helpers;
 mod input;
+mod reply_cap;
 mod systemd;
 mod lifecycle;
