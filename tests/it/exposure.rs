@@ -246,7 +246,7 @@ async fn the_deployed_binary_serves_nothing_admin_publicly_and_every_webhook_wan
         ("TURNSTILE_WAHA_HMAC_KEY", WAHA_KEY.into()),
         ("TURNSTILE_BATCHING_DEBOUNCE_MS", "200".into()),
     ]);
-    let mut child = spawn_binary(&env, &dir.path().join("daemon.log"));
+    let mut child = Spawned(spawn_binary(&env, &dir.path().join("daemon.log")));
     let client = reqwest::Client::new();
     let (public, admin) = (ports.base(), ports.admin_base());
     wait_ready(&client, &public).await;
@@ -338,8 +338,8 @@ async fn the_deployed_binary_serves_nothing_admin_publicly_and_every_webhook_wan
         assert!(start.elapsed() < Duration::from_secs(20), "the three messages never made a turn: {turns}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let status = exited_within(&mut child, Duration::from_secs(20)).expect("exits after SIGTERM");
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status();
+    let status = exited_within(&mut child.0, Duration::from_secs(20)).expect("exits after SIGTERM");
     assert!(status.success(), "{status}");
 }
 
@@ -362,8 +362,8 @@ async fn a_real_gateway_with_an_open_webhook_is_refused_at_start_unless_allowed(
     ];
     for (i, (extra, key)) in cases.into_iter().enumerate() {
         let log = dir.path().join(format!("refused-{i}.log"));
-        let mut child = spawn_binary(&[env.clone(), extra].concat(), &log);
-        let status = exited_within(&mut child, Duration::from_secs(20)).expect("refuses to start");
+        let mut child = Spawned(spawn_binary(&[env.clone(), extra].concat(), &log));
+        let status = exited_within(&mut child.0, Duration::from_secs(20)).expect("refuses to start");
         let printed = std::fs::read_to_string(&log).unwrap();
         assert_eq!(status.code(), Some(2), "{printed}");
         assert!(printed.contains(&format!("invalid config key {key}")), "{key}: {printed}");
@@ -376,11 +376,11 @@ async fn a_real_gateway_with_an_open_webhook_is_refused_at_start_unless_allowed(
         ("TURNSTILE_META_VERIFY_TOKEN", "verify".into()),
         ("TURNSTILE_META_ALLOW_UNAUTHENTICATED", "true".into()),
     ];
-    let mut child = spawn_binary(&[env, allowed.to_vec()].concat(), &log);
+    let mut child = Spawned(spawn_binary(&[env, allowed.to_vec()].concat(), &log));
     let client = reqwest::Client::new();
     wait_ready(&client, &ports.base()).await;
-    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    assert!(exited_within(&mut child, Duration::from_secs(20)).expect("stops").success());
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status();
+    assert!(exited_within(&mut child.0, Duration::from_secs(20)).expect("stops").success());
     let printed = std::fs::read_to_string(&log).unwrap();
     let warning = printed.lines().find(|l| l.contains("/webhook/meta takes unauthenticated requests"));
     assert!(warning.is_some_and(|l| l.contains("WARN") && l.contains("meta.app_secret")), "{printed}");

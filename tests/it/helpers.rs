@@ -376,6 +376,19 @@ pub fn spawn_binary(env: &[(&str, String)], log: &Path) -> std::process::Child {
         .expect("start the turnstile binary")
 }
 
+/// A spawned binary that is SIGKILLed if the test ends with it still
+/// running: a failed assertion leaves no daemon behind.
+pub struct Spawned(pub std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Waits up to `limit` (wall-clock) for the child to exit.
 pub fn exited_within(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
     let start = std::time::Instant::now();
