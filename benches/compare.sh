@@ -45,7 +45,8 @@ load bare http://127.0.0.1:8090/webhook/whatsapp/batched
 kill "${pids[-1]}"
 
 # 2. turnstile, on its defaults
-TURNSTILE_SERVER_LISTEN=127.0.0.1:8091 TURNSTILE_SERVER_DATA_DIR="$work/data" TURNSTILE_LOG_FILTER=warn \
+TURNSTILE_SERVER_LISTEN=127.0.0.1:8091 TURNSTILE_SERVER_ADMIN_LISTEN=127.0.0.1:8092 \
+  TURNSTILE_SERVER_DATA_DIR="$work/data" TURNSTILE_LOG_FILTER=warn \
   target/release/turnstile serve & pids+=($!)
 tpid=${pids[-1]}
 wait_http http://127.0.0.1:8091/readyz
@@ -55,7 +56,7 @@ cpu_before=$(cpu)
 load turnstile http://127.0.0.1:8091/webhook/whatsapp/batched
 cpu_used=$(awk -v a="$cpu_before" -v b="$(cpu)" -v hz="$(getconf CLK_TCK)" -v d="$DURATION" 'BEGIN { printf "%.2f", (b - a) / hz / d }')
 rss_loaded=$(awk '/VmRSS/ {print $2}' /proc/$tpid/status)
-fsyncs=$(curl -fsS http://127.0.0.1:8091/metrics | awk '/^turnstile_fsyncs_total/ {print $2}')
+fsyncs=$(curl -fsS http://127.0.0.1:8092/metrics | awk '/^turnstile_fsyncs_total/ {print $2}')
 kill -TERM "$tpid"; wait "$tpid" || true
 echo "turnstile: RSS idle ${rss_idle} kB, after load ${rss_loaded} kB; CPU ${cpu_used} cores during load; fsyncs ${fsyncs}; data dir $(du -sh "$work/data" | cut -f1)" | tee "$OUT/turnstile-extra.txt"
 

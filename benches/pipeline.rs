@@ -21,11 +21,12 @@ use turnstile::store::Store;
 const PENDING_MESSAGES: u64 = 100_000;
 const PHONES: u64 = 10_000;
 
-fn spawn(data: &Path, port: u16, env: &[(&str, &str)]) -> Child {
+fn spawn(data: &Path, ports: Ports, env: &[(&str, &str)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_turnstile"))
         .arg("serve")
         .env_clear()
-        .env("TURNSTILE_SERVER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("TURNSTILE_SERVER_LISTEN", format!("127.0.0.1:{}", ports.public))
+        .env("TURNSTILE_SERVER_ADMIN_LISTEN", format!("127.0.0.1:{}", ports.admin))
         .env("TURNSTILE_SERVER_DATA_DIR", data)
         .env("TURNSTILE_LOG_FILTER", "warn")
         .envs(env.iter().copied())
@@ -41,8 +42,17 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// The daemon's public port (webhooks, /readyz) and admin port (/metrics).
+#[derive(Clone, Copy)]
+struct Ports {
+    public: u16,
+    admin: u16,
+}
+
+fn free_ports() -> Ports {
+    let public = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    Ports { public: public.local_addr().unwrap().port(), admin: admin.local_addr().unwrap().port() }
 }
 
 async fn wait_ready(client: &reqwest::Client, port: u16) {
@@ -173,13 +183,13 @@ fn main() {
         let mut times = Vec::new();
         let mut loaded_rss = 0;
         for _ in 0..3 {
-            let port = free_port();
+            let ports = free_ports();
             let t = Instant::now();
-            let child = spawn(&data, port, quiet);
-            wait_ready(&client, port).await;
+            let child = spawn(&data, ports, quiet);
+            wait_ready(&client, ports.public).await;
             times.push(t.elapsed());
             loaded_rss = rss_kb(&child);
-            let pending = value(&scrape(&client, port).await, "turnstile_pending_messages");
+            let pending = value(&scrape(&client, ports.admin).await, "turnstile_pending_messages");
             assert_eq!(pending as u64, PENDING_MESSAGES, "every message back in a batch");
             stop(child);
         }
@@ -192,12 +202,12 @@ fn main() {
 
         // 2. Memory.
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let child = spawn(&dir.path().join("data"), port, quiet);
-        wait_ready(&client, port).await;
+        let ports = free_ports();
+        let child = spawn(&dir.path().join("data"), ports, quiet);
+        wait_ready(&client, ports.public).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let idle = rss_kb(&child);
-        post_many(&client, port, 0..PHONES, 5_000).await;
+        post_many(&client, ports.public, 0..PHONES, 5_000).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let loaded = rss_kb(&child);
         println!("== memory: RSS idle {idle} kB; with {PHONES} phones pending {loaded} kB");
@@ -206,13 +216,13 @@ fn main() {
 
         // 3 and 4. Debounce precision and turn overhead.
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let child = spawn(&dir.path().join("data"), port, &[("TURNSTILE_BATCHING_DEBOUNCE_MS", "2000")]);
-        wait_ready(&client, port).await;
-        post_many(&client, port, 0..PHONES, 2_500).await;
+        let ports = free_ports();
+        let child = spawn(&dir.path().join("data"), ports, &[("TURNSTILE_BATCHING_DEBOUNCE_MS", "2000")]);
+        wait_ready(&client, ports.public).await;
+        post_many(&client, ports.public, 0..PHONES, 2_500).await;
         let start = Instant::now();
         let text = loop {
-            let text = scrape(&client, port).await;
+            let text = scrape(&client, ports.admin).await;
             if value(&text, "turnstile_turns_committed_total") as u64 >= PHONES {
                 break text;
             }
@@ -225,13 +235,13 @@ fn main() {
 
         // 4. The same, unloaded: turns never wait for a slot or a busy disk.
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let child = spawn(&dir.path().join("data"), port, &[("TURNSTILE_BATCHING_DEBOUNCE_MS", "500")]);
-        wait_ready(&client, port).await;
-        post_many(&client, port, 0..300, 50).await;
+        let ports = free_ports();
+        let child = spawn(&dir.path().join("data"), ports, &[("TURNSTILE_BATCHING_DEBOUNCE_MS", "500")]);
+        wait_ready(&client, ports.public).await;
+        post_many(&client, ports.public, 0..300, 50).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         println!("== 300 phones, 50 new phones/s, debounce 0.5 s, echo handler (turn overhead, unloaded)");
-        report(&scrape(&client, port).await);
+        report(&scrape(&client, ports.admin).await);
         stop(child);
     });
 }

@@ -11,6 +11,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod exposure;
+
+pub use exposure::Unauthenticated;
+
 /// Why a configuration was refused. The binary prints it and exits with 2.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -43,12 +47,16 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Address the HTTP listener binds.
+    /// Address of the public listener: the webhooks, /healthz and /readyz,
+    /// nothing else. What a reverse proxy forwards to.
     pub listen: SocketAddr,
+    /// Address of the admin listener: /api/*, /metrics (and /healthz,
+    /// /readyz). Must differ from `listen`; meant to stay on loopback.
+    pub admin_listen: SocketAddr,
     /// Directory of the embedded store; created if missing.
     pub data_dir: PathBuf,
-    /// Bearer token for /api/* and /metrics. Required when `listen` is not a
-    /// loopback address; when set, required on loopback too.
+    /// Bearer token for the admin listener. Required when `admin_listen` is
+    /// not a loopback address; when set, required on loopback too.
     pub admin_token: String,
 }
 
@@ -61,6 +69,15 @@ pub struct IngestConfig {
     pub max_body_bytes: usize,
     /// How long a message id is remembered to answer redeliveries as duplicates.
     pub dedup_days: u64,
+    /// Shared secret of the generic webhooks, sent as `Authorization: Bearer
+    /// <token>` or `X-Webhook-Token: <token>`; when set, a request without it
+    /// gets 401. Required once replies can leave the machine.
+    pub webhook_token: String,
+    /// Serve `/webhook/whatsapp` and `/webhook/whatsapp/batched` (false: 404).
+    pub generic_webhooks: bool,
+    /// Take the generic webhooks without a token even with a real gateway or
+    /// handler (warned about at every start).
+    pub allow_unauthenticated: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,7 +111,8 @@ pub enum HandlerKind {
     OpenAi,
 }
 
-/// The WhatsApp Cloud API (Meta) webhook.
+/// The WhatsApp Cloud API (Meta) webhook: served when any key here is set
+/// (`enabled`); `/webhook/meta` answers 404 otherwise.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetaConfig {
@@ -104,9 +122,20 @@ pub struct MetaConfig {
     pub app_secret: String,
     /// Business phone_number_id -> company_id (unlisted numbers: ingest.default_company_id).
     pub companies: HashMap<String, String>,
+    /// Take unsigned deliveries even with a real gateway or handler (warned
+    /// about at every start).
+    pub allow_unauthenticated: bool,
 }
 
-/// The WAHA webhook.
+impl MetaConfig {
+    /// Whether `/webhook/meta` is served: the section is configured.
+    pub fn enabled(&self) -> bool {
+        *self != MetaConfig::default()
+    }
+}
+
+/// The WAHA webhook: served when any key here is set (`enabled`);
+/// `/webhook/waha` answers 404 otherwise.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct WahaConfig {
@@ -114,6 +143,16 @@ pub struct WahaConfig {
     pub hmac_key: String,
     /// WAHA session name -> company_id (unlisted sessions: ingest.default_company_id).
     pub sessions: HashMap<String, String>,
+    /// Take unsigned events even with a real gateway or handler (warned
+    /// about at every start).
+    pub allow_unauthenticated: bool,
+}
+
+impl WahaConfig {
+    /// Whether `/webhook/waha` is served: the section is configured.
+    pub fn enabled(&self) -> bool {
+        *self != WahaConfig::default()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +189,11 @@ pub struct GatewayConfig {
     pub max_attempts: u32,
     /// While a turn runs, show the client the assistant is answering (WAHA typing, Meta read + typing).
     pub typing: bool,
+    /// Replies sent to one conversation in any hour, at most (a reply split
+    /// into pieces counts once). A reply over it is parked, never sent:
+    /// listed by GET /api/outbox as "rate_limited" and counted in
+    /// turnstile_replies_rate_limited_total.
+    pub max_replies_per_conversation_per_hour: u32,
 }
 
 /// The `openai` handler: any OpenAI-compatible chat completions API.
@@ -210,6 +254,10 @@ pub struct LogConfig {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }
+/// Beside the public port, on loopback: the admin API is never exposed by default.
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8081))
+}
 fn default_data_dir() -> PathBuf {
     PathBuf::from("./data")
 }
@@ -266,6 +314,11 @@ fn default_context_max_bytes() -> usize {
 fn default_sweep_interval_ms() -> u64 {
     60_000
 }
+/// One a minute for a whole hour: far above a client's conversation, and a
+/// brake on a loop between two bots or a flood aimed at one number.
+fn default_max_replies_per_conversation_per_hour() -> u32 {
+    60
+}
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
@@ -282,6 +335,7 @@ impl Default for GatewayConfig {
             // With the 60 s cap, about an hour and a half of outage.
             max_attempts: 100,
             typing: true,
+            max_replies_per_conversation_per_hour: default_max_replies_per_conversation_per_hour(),
         }
     }
 }
@@ -307,7 +361,12 @@ fn default_log_filter() -> String {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: default_listen(), data_dir: default_data_dir(), admin_token: String::new() }
+        ServerConfig {
+            listen: default_listen(),
+            admin_listen: default_admin_listen(),
+            data_dir: default_data_dir(),
+            admin_token: String::new(),
+        }
     }
 }
 impl Default for IngestConfig {
@@ -316,6 +375,9 @@ impl Default for IngestConfig {
             default_company_id: default_company_id(),
             max_body_bytes: default_max_body_bytes(),
             dedup_days: default_dedup_days(),
+            webhook_token: String::new(),
+            generic_webhooks: true,
+            allow_unauthenticated: false,
         }
     }
 }
@@ -396,12 +458,7 @@ impl Config {
         let bad = |key: &str, message: &str| {
             Err(ConfigError::Invalid { key: key.to_owned(), message: message.to_owned() })
         };
-        if !self.server.listen.ip().is_loopback() && self.server.admin_token.is_empty() {
-            return bad("server.admin_token", "is required when server.listen is not a loopback address");
-        }
-        if !self.server.admin_token.is_empty() && self.server.admin_token.len() < 16 {
-            return bad("server.admin_token", "must be at least 16 characters");
-        }
+        exposure::check_listeners(&self.server)?;
         if self.ingest.default_company_id.trim().is_empty() {
             return bad("ingest.default_company_id", "must not be empty");
         }
@@ -459,6 +516,9 @@ impl Config {
         if g.timeout_ms == 0 {
             return bad("gateway.timeout_ms", "must be at least 1");
         }
+        if g.max_replies_per_conversation_per_hour == 0 {
+            return bad("gateway.max_replies_per_conversation_per_hour", "must be at least 1");
+        }
         if self.context.ttl_hours == 0 {
             return bad("context.ttl_hours", "must be at least 1");
         }
@@ -471,7 +531,8 @@ impl Config {
         if let Err(e) = self.log.filter.parse::<tracing_subscriber::EnvFilter>() {
             return bad("log.filter", &e.to_string());
         }
-        Ok(())
+        // Last: a config otherwise sound, but open to anyone once something leaves.
+        exposure::check_webhooks(self)
     }
 }
 
@@ -567,6 +628,7 @@ mod tests {
     fn no_file_means_defaults() {
         let c = Config::load(None, Vec::new()).unwrap();
         assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:8081");
         assert_eq!(c.server.data_dir, PathBuf::from("./data"));
         assert_eq!(c.handler.kind, HandlerKind::Echo);
     }
@@ -579,6 +641,7 @@ mod tests {
                 ("TURNSTILE_SERVER_LISTEN", "127.0.0.1:9000"),
                 ("TURNSTILE_HANDLER_KIND", "http"),
                 ("TURNSTILE_HANDLER_URL", "http://127.0.0.1:7000/turn"),
+                ("TURNSTILE_INGEST_WEBHOOK_TOKEN", "a-webhook-token-of-16+"),
                 ("TURNSTILE_INGEST_DEFAULT_COMPANY_ID", "962302"),
                 ("TURNSTILE_BATCHING_DEBOUNCE_MS", "250"),
                 ("TURNSTILE_CONFIG", "ignored.toml"),
@@ -600,7 +663,9 @@ mod tests {
         assert!(err(&[("TURNSTILE_SERVER_LISTEN", "nowhere")]).contains("server.listen"));
         assert!(err(&[("TURNSTILE_HANDLER_KIND", "http")]).contains("handler.url"));
         assert!(err(&[("TURNSTILE_BATCHING_NOPE", "1")]).contains("batching.nope"));
-        assert!(err(&[("TURNSTILE_SERVER_LISTEN", "0.0.0.0:8080")]).contains("server.admin_token"));
+        assert!(err(&[("TURNSTILE_SERVER_ADMIN_LISTEN", "0.0.0.0:8081")]).contains("server.admin_token"));
+        assert!(err(&[("TURNSTILE_SERVER_ADMIN_LISTEN", "127.0.0.1:8080")]).contains("server.admin_listen"));
+        assert!(err(&[("TURNSTILE_SERVER_LISTEN", "0.0.0.0:8081")]).contains("server.admin_listen"));
         assert!(err(&[("TURNSTILE_META_COMPANIES", "x")]).contains("meta.companies"));
 
         let dir = tempfile::tempdir().unwrap();

@@ -6,7 +6,7 @@
 
 pub mod config; // the one TOML file, environment overrides, validation
 pub mod clock; // wall-clock time, injectable for expiry tests
-pub mod http; // axum routes: webhooks, context API, inspection API, health
+pub mod http; // axum routes: webhooks on the public listener; APIs and metrics on the admin one
 pub mod message; // what a message and a conversation (company, phone) are
 pub mod ingest; // webhook payloads (generic, Meta, WAHA) -> messages on disk -> batcher
 pub mod store; // the only module that names sled: inbox, dedup, turns, contexts
@@ -22,4 +22,4 @@ pub mod backup; // backup files: write, verify, offline backup and restore
 pub mod server; // wiring: open the store, serve, recover, shut down in order
 
 pub use config::Config;
-pub use server::run;
+pub use server::{run, Listeners};

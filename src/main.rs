@@ -1,5 +1,5 @@
 //! The binary: parse the command line and config, set up logging, bind the
-//! listener, and hand over to `turnstile::run` with a shutdown future fed by
+//! two listeners, and hand over to `turnstile::run` with a shutdown future fed by
 //! SIGTERM/SIGINT. Exit codes: 0 clean stop, 1 runtime failure, 2 bad config.
 
 use std::path::PathBuf;
@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use turnstile::{backup, Config};
+use turnstile::{backup, Config, Listeners};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -108,10 +108,8 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.server.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
-        turnstile::run(config, listener, shutdown_signal()).await.map_err(anyhow::Error::from)
+        let listeners = Listeners::bind(&config.server).await?;
+        turnstile::run(config, listeners, shutdown_signal()).await.map_err(anyhow::Error::from)
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -80,6 +80,8 @@ pub struct Metrics {
     pub send_failures: AtomicU64,
     /// Turn work the store could not record, read or commit (retried).
     pub turn_store_failures: AtomicU64,
+    /// Replies parked by `gateway.max_replies_per_conversation_per_hour`.
+    pub replies_rate_limited: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -99,6 +101,7 @@ impl Default for Metrics {
             replies_sent: AtomicU64::new(0),
             send_failures: AtomicU64::new(0),
             turn_store_failures: AtomicU64::new(0),
+            replies_rate_limited: AtomicU64::new(0),
         }
     }
 }
@@ -113,6 +116,7 @@ pub struct Gauges {
     pub dead_turns: usize,
     pub outbox_depth: usize,
     pub outbox_failed: usize,
+    pub outbox_rate_limited: usize,
     pub context_hits: u64,
     pub context_misses: u64,
     pub context_invalidations: u64,
@@ -185,8 +189,14 @@ impl Metrics {
         gauge(
             &mut out,
             "turnstile_outbox_failed",
-            "Reply pieces given up (GET /api/outbox).",
+            "Reply pieces given up after gateway.max_attempts (GET /api/outbox).",
             g.outbox_failed as f64,
+        );
+        gauge(
+            &mut out,
+            "turnstile_outbox_rate_limited",
+            "Reply pieces parked by the reply cap, never sent (GET /api/outbox).",
+            g.outbox_rate_limited as f64,
         );
         self.batch_size.render(&mut out, "turnstile_batch_size", "Messages per cut batch.");
         self.idle_at_cut.render(
@@ -226,6 +236,12 @@ impl Metrics {
             "turnstile_send_failures_total",
             "Failed sends to the gateway.",
             load(&self.send_failures),
+        );
+        counter(
+            &mut out,
+            "turnstile_replies_rate_limited_total",
+            "Replies not sent: their conversation had gateway.max_replies_per_conversation_per_hour already.",
+            load(&self.replies_rate_limited),
         );
         counter(
             &mut out,

@@ -8,8 +8,16 @@
 //! removal flushed) only after the gateway answered 2xx, so a restart never
 //! loses a reply; a crash in the instant between the two may send it twice,
 //! which is why the http gateway carries an idempotency key.
+//!
+//! The reply cap: at most `gateway.max_replies_per_conversation_per_hour`
+//! replies go to one conversation in any hour. A reply whose turn comes while
+//! its conversation is at the cap is parked — every piece marked given up
+//! with the reason, listed by `GET /api/outbox` as `rate_limited`, counted —
+//! and never sent: a brake on a bot loop or a flood must not leave a backlog
+//! that keeps sending for hours, and a reply an hour late answers nothing.
+//! Replies committed after the hour frees up go out again.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +37,22 @@ use crate::store::{OutboxItem, Store};
 /// Sends in flight at once (across conversations).
 const MAX_PARALLEL: usize = 16;
 
+/// The reply cap counts the replies sent in this window.
+const CAP_WINDOW: Duration = Duration::from_secs(3600);
+
+/// A piece as `GET /api/outbox` shows it: `pending` (waiting for the
+/// gateway, maybe backing off), `failed` (given up after
+/// `gateway.max_attempts`) or `rate_limited` (parked by the reply cap). A
+/// parked piece is one given up without a single attempt — a failed send
+/// always counts one — so the state needs no field of its own on disk.
+pub fn state(item: &OutboxItem) -> &'static str {
+    match (item.failed, item.attempts) {
+        (false, _) => "pending",
+        (true, 0) => "rate_limited",
+        (true, _) => "failed",
+    }
+}
+
 pub struct Outbox {
     store: Store,
     gateway: Arc<Gateway>,
@@ -37,6 +61,7 @@ pub struct Outbox {
     backoff: Duration,
     backoff_max: Duration,
     max_attempts: u32,
+    max_replies_per_hour: usize,
 }
 
 impl Outbox {
@@ -55,11 +80,18 @@ impl Outbox {
             backoff: Duration::from_millis(config.gateway.backoff_ms),
             backoff_max: Duration::from_millis(config.gateway.backoff_max_ms),
             max_attempts: config.gateway.max_attempts,
+            max_replies_per_hour: config.gateway.max_replies_per_conversation_per_hour as usize,
         }
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
         let mut not_before: HashMap<Conv, Instant> = HashMap::new();
+        // When each conversation's replies of the last hour went out, oldest
+        // first: the reply cap's count. In memory only — a piece leaves the
+        // store once sent, so the disk cannot tell — and a restart starts
+        // every hour afresh: at most one more hour's worth per restart, which
+        // is enough for a brake.
+        let mut sent: HashMap<Conv, VecDeque<Instant>> = HashMap::new();
         // Sends in flight finish (within the gateway timeout); no new round starts.
         while !shutdown.is_cancelled() {
             let items = match self.store.outbox() {
@@ -71,14 +103,31 @@ impl Outbox {
             };
             let now = Instant::now();
             not_before.retain(|_, t| *t > now);
-            // Each conversation's oldest live piece, unless it is backing off.
-            let mut heads = HashSet::new();
-            let ready: Vec<OutboxItem> = items
+            sent.retain(|_, at| {
+                while at.front().is_some_and(|t| now.duration_since(*t) >= CAP_WINDOW) {
+                    at.pop_front();
+                }
+                !at.is_empty()
+            });
+            // Each conversation's oldest live piece.
+            let mut seen = HashSet::new();
+            let heads: Vec<&OutboxItem> =
+                items.iter().filter(|i| !i.failed).filter(|i| seen.insert(i.conv.clone())).collect();
+            // A conversation at the cap whose oldest piece starts a reply:
+            // that reply and every later one waiting are parked. (A piece
+            // after the first goes on: its reply was counted when it began.)
+            let at_cap = |conv: &Conv| sent.get(conv).map_or(0, VecDeque::len) >= self.max_replies_per_hour;
+            let capped: HashSet<Conv> =
+                heads.iter().filter(|i| i.part == 1 && at_cap(&i.conv)).map(|i| i.conv.clone()).collect();
+            if !capped.is_empty() {
+                self.park(&items, &capped).await;
+            }
+            // The rest, unless backing off.
+            let ready: Vec<OutboxItem> = heads
                 .into_iter()
-                .filter(|i| !i.failed)
-                .filter(|i| heads.insert(i.conv.clone()))
-                .filter(|i| !not_before.contains_key(&i.conv))
+                .filter(|i| !capped.contains(&i.conv) && !not_before.contains_key(&i.conv))
                 .take(MAX_PARALLEL)
+                .cloned()
                 .collect();
             if ready.is_empty() {
                 let next = not_before.values().min().copied();
@@ -112,6 +161,9 @@ impl Outbox {
                 let written = match result {
                     Ok(()) => {
                         inc(&self.metrics.replies_sent);
+                        if item.part == 1 {
+                            sent.entry(item.conv.clone()).or_default().push_back(Instant::now());
+                        }
                         info!(part = item.part, parts = item.parts, "reply sent");
                         self.store.outbox_sent(item.seq).await
                     }
@@ -133,6 +185,33 @@ impl Outbox {
                 if let Err(e) = written {
                     error!(error = %e, "cannot record the send in the outbox");
                 }
+            }
+        }
+    }
+
+    /// Parks every live piece of the `capped` conversations: given up, with
+    /// the reason, without an attempt (`state` tells them apart by that).
+    async fn park(&self, items: &[OutboxItem], capped: &HashSet<Conv>) {
+        let reason = format!(
+            "rate limited: {} replies already sent to this conversation in the last hour \
+             (gateway.max_replies_per_conversation_per_hour); not sent",
+            self.max_replies_per_hour
+        );
+        let mut replies = HashSet::new();
+        for item in items.iter().filter(|i| !i.failed && capped.contains(&i.conv)) {
+            let parked = OutboxItem { failed: true, last_error: Some(reason.clone()), ..item.clone() };
+            if let Err(e) = self.store.outbox_update(&parked).await {
+                error!(error = %e, "cannot park a reply in the outbox");
+                continue;
+            }
+            if replies.insert(&item.turn_id) {
+                inc(&self.metrics.replies_rate_limited);
+                warn!(
+                    turn_id = %item.turn_id,
+                    phone = %mask(&item.conv.phone),
+                    cap = self.max_replies_per_hour,
+                    "reply not sent: the conversation reached its replies per hour; listed in GET /api/outbox as rate_limited"
+                );
             }
         }
     }

@@ -1,8 +1,8 @@
 //! Wiring, in one place and in order.
 //!
-//! Start: open the store, serve at once (`/healthz` answers; webhooks and
-//! `/readyz` answer 503), rebuild batches and turns from disk, then turn
-//! ready and tell systemd `READY=1`.
+//! Start: open the store, serve at once on both listeners (`/healthz`
+//! answers; webhooks and `/readyz` answer 503), rebuild batches and turns
+//! from disk, then turn ready and tell systemd `READY=1`.
 //!
 //! A fatal fault (the store failed, the driver or the outbox task ended)
 //! stops acknowledging at once (the store refuses messages, `/readyz` says
@@ -12,10 +12,11 @@
 //! Stop (first signal): webhooks answer 503 and `STOPPING=1` goes to systemd;
 //! no new turn starts; running turns get `turns.shutdown_grace_ms`, then their
 //! handler calls are abandoned (they stay open on disk and re-run on the next
-//! start); the listener closes; the outbox finishes its sends in flight; the
+//! start); the listeners close; the outbox finishes its sends in flight; the
 //! store is flushed and closed.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, ServerConfig};
 use crate::gateway::Gateway;
 use crate::handler::Handler;
 use crate::http::{self, AppState};
@@ -39,6 +40,8 @@ use crate::turns::{self, Driver, Runner, Shared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot open the store in {dir}: {source}")]
     Open { dir: String, source: StoreError },
     #[error("http server failed: {0}")]
@@ -53,19 +56,37 @@ pub enum ServerError {
 /// How often expired message ids are forgotten.
 const DEDUP_SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
-/// Runs the daemon on `listener` until `shutdown` resolves.
+/// The daemon's two sockets: the public one (webhooks, health) and the admin
+/// one (API, metrics, health). Bound before `run`, so tests can bind port 0
+/// and read the addresses.
+pub struct Listeners {
+    pub public: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `server.listen` and `server.admin_listen`.
+    pub async fn bind(server: &ServerConfig) -> Result<Listeners, ServerError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
+        };
+        Ok(Listeners { public: bind(server.listen).await?, admin: bind(server.admin_listen).await? })
+    }
+}
+
+/// Runs the daemon on `listeners` until `shutdown` resolves.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    run_with_clock(config, listener, shutdown, Clock::system()).await
+    run_with_clock(config, listeners, shutdown, Clock::system()).await
 }
 
 /// `run` with an injected wall clock (tests move it hours ahead).
 pub async fn run_with_clock(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
     clock: Clock,
 ) -> Result<(), ServerError> {
@@ -77,13 +98,13 @@ pub async fn run_with_clock(
             source: StoreError::Failed(e.to_string().into()),
         })?
         .map_err(|source| ServerError::Open { dir: config.server.data_dir.display().to_string(), source })?;
-    run_on(config, listener, shutdown, clock, store).await
+    run_on(config, listeners, shutdown, clock, store).await
 }
 
 /// `run` on a store the caller opened (tests reach its failure hooks).
 pub async fn run_on(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
     clock: Clock,
     store: Store,
@@ -113,18 +134,25 @@ pub async fn run_on(
         draining: stopping.shutdown.clone(),
         metrics: shared.metrics.clone(),
         admin_token: config.server.admin_token.clone(),
+        webhook_token: config.ingest.webhook_token.clone(),
+        generic_webhooks: config.ingest.generic_webhooks,
         meta: config.meta.clone(),
         waha: config.waha.clone(),
         max_body_bytes: config.ingest.max_body_bytes,
         context_max_bytes: config.context.max_bytes,
         default_company_id: config.ingest.default_company_id.clone(),
     });
+    warn_unauthenticated(&config);
     let http_stop = CancellationToken::new();
-    info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
+    let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    info!(listen = %addr(&listeners.public), admin_listen = %addr(&listeners.admin), "serving");
     let mut server = {
-        let serve = axum::serve(listener, http::router(state))
+        let public = axum::serve(listeners.public, http::public_router(state.clone()))
             .with_graceful_shutdown(http_stop.clone().cancelled_owned());
-        tokio::spawn(async move { serve.await })
+        let admin = axum::serve(listeners.admin, http::admin_router(state))
+            .with_graceful_shutdown(http_stop.clone().cancelled_owned());
+        // Either failing stops both: the daemon then shuts down.
+        tokio::spawn(async move { tokio::try_join!(public.into_future(), admin.into_future()).map(|_| ()) })
     };
 
     let recovery = store.take_recovered().unwrap_or_default();
@@ -233,6 +261,30 @@ pub async fn run_on(
     match served {
         Ok(result) => result.map_err(ServerError::Serve),
         Err(e) => Err(ServerError::Serve(std::io::Error::other(e))),
+    }
+}
+
+/// Names, at every start, each webhook served without a secret: a warning
+/// when something leaves the machine (allowed by `allow_unauthenticated`),
+/// a note on the trial defaults.
+fn warn_unauthenticated(config: &Config) {
+    for w in config.unauthenticated_webhooks() {
+        match config.leaves_the_machine() {
+            Some(reason) => warn!(
+                webhook = w.path,
+                "{} takes unauthenticated requests although {reason}: anyone who can reach it \
+                 can make turnstile send; set {}",
+                w.path,
+                w.key
+            ),
+            None => info!(
+                webhook = w.path,
+                "{} takes unauthenticated requests (trial: nothing leaves the machine); set {} \
+                 before configuring a gateway or handler",
+                w.path,
+                w.key
+            ),
+        }
     }
 }
 

@@ -74,7 +74,7 @@ fn metric(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 async fn scrape(d: &Daemon) -> Scrape {
-    let r = d.client.get(format!("{}/metrics", d.base)).send().await.unwrap();
+    let r = d.client.get(d.url("/metrics")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
     let text = r.text().await.unwrap();
@@ -133,7 +133,7 @@ async fn the_admin_token_guards_the_api_and_metrics_but_not_webhooks() {
     c.server.admin_token = "s3cret-admin-token-0042".into();
     let d = Daemon::start(c).await;
     let get = |path: &str, token: Option<&str>| {
-        let mut r = d.client.get(format!("{}{path}", d.base));
+        let mut r = d.client.get(d.url(path));
         if let Some(t) = token {
             r = r.bearer_auth(t);
         }

@@ -45,6 +45,7 @@ async fn populated(dir: &Path, gateway: &FakeServer) -> turnstile::Config {
     let mut c = config(dir);
     c.gateway.kind = GatewayKind::Http;
     c.gateway.url = format!("{}/send", gateway.base);
+    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
     gateway.set_status(503);
     let d = Daemon::start(c.clone()).await;
     d.put(
@@ -157,7 +158,7 @@ async fn offline_commands_refuse_a_data_dir_a_running_daemon_holds() {
     assert!(!file.exists());
 
     // A backup taken online, restored over the held directory: refused.
-    let r = d.client.post(format!("{}/api/backup", d.base)).send().await.unwrap();
+    let r = d.client.post(d.url("/api/backup")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     std::fs::write(&file, r.bytes().await.unwrap()).unwrap();
     let (ok, out) = cli(&["verify", file.to_str().unwrap()]);

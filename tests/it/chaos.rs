@@ -32,9 +32,9 @@ async fn chaos_keeps_every_invariant() {
         hang: 0.05,
         hang_for: Duration::from_millis(1500),
     }));
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut env = binary_env(port, &dir.path().join("data"), Some(&handler.url));
+    let ports = Ports::free();
+    let (base, admin) = (ports.base(), ports.admin_base());
+    let mut env = binary_env(ports, &dir.path().join("data"), Some(&handler.url));
     env.extend([
         ("TURNSTILE_HANDLER_TIMEOUT_MS", "500".into()),
         ("TURNSTILE_HANDLER_MAX_ATTEMPTS", "3".into()),
@@ -54,7 +54,7 @@ async fn chaos_keeps_every_invariant() {
     let acked: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::default();
     let mut senders = Vec::new();
     for p in 0..phones {
-        let (client, base, acked) = (client.clone(), base.clone(), acked.clone());
+        let (client, base, admin, acked) = (client.clone(), base.clone(), admin.clone(), acked.clone());
         senders.push(tokio::spawn(async move {
             let phone = format!("7902{p:07}");
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (p as u64 + 1));
@@ -66,7 +66,8 @@ async fn chaos_keeps_every_invariant() {
                 let deadline = Instant::now() + Duration::from_secs(60);
                 loop {
                     assert!(Instant::now() < deadline, "{id} never acknowledged");
-                    if let Ok(r) = client.post(format!("{base}{path}")).json(&body).send().await {
+                    let sent = client.post(format!("{base}{path}")).bearer_auth(WEBHOOK_TOKEN).json(&body);
+                    if let Ok(r) = sent.send().await {
                         if r.status() == 200 {
                             acked.lock().unwrap().entry(phone.clone()).or_default().push(id.clone());
                             break;
@@ -75,7 +76,7 @@ async fn chaos_keeps_every_invariant() {
                     sleep(Duration::from_millis(50)).await;
                 }
                 if rng.below(10) == 0 {
-                    let ctx = format!("{base}/api/contexts/default/{phone}");
+                    let ctx = format!("{admin}/api/contexts/default/{phone}");
                     let _ = if rng.below(2) == 0 {
                         client.post(format!("{ctx}/invalidate")).send().await
                     } else {
@@ -108,10 +109,10 @@ async fn chaos_keeps_every_invariant() {
     // Calm down: no more chaos; wait until every message is committed or dead,
     // then retry every dead turn through the API.
     handler.set_chaos(None);
-    let committed = |client: reqwest::Client, base: String, phones: Vec<String>| async move {
+    let committed = |client: reqwest::Client, admin: String, phones: Vec<String>| async move {
         let mut all = HashMap::new();
         for phone in phones {
-            if let Ok(r) = client.get(format!("{base}/api/conversations/{phone}")).send().await {
+            if let Ok(r) = client.get(format!("{admin}/api/conversations/{phone}")).send().await {
                 if let Ok(v) = r.json::<Value>().await {
                     all.insert(phone, v["turns"].as_array().cloned().unwrap_or_default());
                 }
@@ -119,8 +120,8 @@ async fn chaos_keeps_every_invariant() {
         }
         all
     };
-    let dead = |client: reqwest::Client, base: String| async move {
-        match client.get(format!("{base}/api/dead")).send().await {
+    let dead = |client: reqwest::Client, admin: String| async move {
+        match client.get(format!("{admin}/api/dead")).send().await {
             Ok(r) => {
                 r.json::<Value>().await.ok().and_then(|v| v["dead"].as_array().cloned()).unwrap_or_default()
             }
@@ -132,14 +133,14 @@ async fn chaos_keeps_every_invariant() {
     let mut retried = HashSet::new();
     let final_turns = loop {
         assert!(Instant::now() < settle, "the pipeline never settled");
-        let turns = committed(client.clone(), base.clone(), phone_list.clone()).await;
+        let turns = committed(client.clone(), admin.clone(), phone_list.clone()).await;
         let in_turns: usize = turns.values().flatten().map(|t| t["messages"].as_array().unwrap().len()).sum();
-        let dead_now = dead(client.clone(), base.clone()).await;
+        let dead_now = dead(client.clone(), admin.clone()).await;
         for d in &dead_now {
             let id = d["turn_id"].as_str().unwrap().to_owned();
             assert!(!d["messages"].as_array().unwrap().is_empty(), "a dead turn keeps its messages");
             if retried.insert(id.clone()) {
-                let r = client.post(format!("{base}/api/dead/{id}/retry")).send().await.unwrap();
+                let r = client.post(format!("{admin}/api/dead/{id}/retry")).send().await.unwrap();
                 assert_eq!(r.status(), 202, "dead turn {id} is retryable");
             }
         }

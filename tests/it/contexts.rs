@@ -146,7 +146,7 @@ async fn bad_context_writes_are_refused_and_change_nothing() {
     let d = Daemon::start(config).await;
     let original = json!({"dialogue": {"keep": "me"}, "cache": null});
     d.put(CTX, &original).await;
-    let url = format!("{}{CTX}", d.base);
+    let url = d.url(CTX);
     let send = |ct: &'static str, body: Vec<u8>| {
         let req = d.client.put(&url).header("content-type", ct).body(body);
         async move {

@@ -19,8 +19,8 @@ const PHONES: usize = 200;
 const PER_PHONE: usize = 10;
 const MIN_KILLS: usize = 5;
 
-fn spawn_daemon(dir: &Path, port: u16, handler_url: &str, log: &Path) -> Child {
-    let mut env = binary_env(port, dir, Some(handler_url));
+fn spawn_daemon(dir: &Path, ports: Ports, handler_url: &str, log: &Path) -> Child {
+    let mut env = binary_env(ports, dir, Some(handler_url));
     env.extend([
         ("TURNSTILE_HANDLER_BACKOFF_MS", "50".into()),
         ("TURNSTILE_HANDLER_MAX_ATTEMPTS", "1000".into()),
@@ -37,9 +37,9 @@ async fn every_acknowledged_message_survives_repeated_sigkill() {
     let data = dir.path().join("data");
     let log = dir.path().join("daemon.log");
     let handler = TestHandler::start(Duration::from_millis(5)).await;
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let daemon = Arc::new(Mutex::new(spawn_daemon(&data, port, &handler.url, &log)));
+    let ports = Ports::free();
+    let base = ports.base();
+    let daemon = Arc::new(Mutex::new(spawn_daemon(&data, ports, &handler.url, &log)));
     let deadline = Instant::now() + Duration::from_secs(120);
 
     // Senders: each phone sends its messages in order, retrying each until
@@ -58,8 +58,12 @@ async fn every_acknowledged_message_survives_repeated_sigkill() {
                 let body = json!({"id": id, "from": format!("{phone}@c.us"), "message": format!("msg {i}")});
                 loop {
                     assert!(Instant::now() < deadline, "{id} was never acknowledged");
-                    let sent =
-                        client.post(format!("{base}/webhook/whatsapp/batched")).json(&body).send().await;
+                    let sent = client
+                        .post(format!("{base}/webhook/whatsapp/batched"))
+                        .bearer_auth(WEBHOOK_TOKEN)
+                        .json(&body)
+                        .send()
+                        .await;
                     if let Ok(r) = sent {
                         if r.status() == 200 {
                             acked.lock().unwrap().push((phone.clone(), id.clone()));
@@ -87,7 +91,7 @@ async fn every_acknowledged_message_survives_repeated_sigkill() {
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         kills += 1;
-        *child = spawn_daemon(&data, port, &handler.url, &log);
+        *child = spawn_daemon(&data, ports, &handler.url, &log);
     }
     for s in senders {
         s.await.unwrap();
@@ -104,7 +108,9 @@ async fn every_acknowledged_message_survives_repeated_sigkill() {
             committed.clear();
             for p in 0..PHONES {
                 let phone = format!("7901{p:07}");
-                if let Ok(r) = client.get(format!("{base}/api/conversations/{phone}")).send().await {
+                if let Ok(r) =
+                    client.get(format!("{}/api/conversations/{phone}", ports.admin_base())).send().await
+                {
                     if let Ok(v) = r.json::<Value>().await {
                         committed.insert(phone, v["turns"].as_array().cloned().unwrap_or_default());
                     }

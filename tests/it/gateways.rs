@@ -170,6 +170,7 @@ async fn replies_go_out_through_meta_in_the_documented_shape() {
     c.gateway.url = format!("{}/v21.0", graph.base);
     c.gateway.access_token = "EAAG-token".into();
     c.meta.companies = HashMap::from([("1055".into(), "962302".into())]);
+    (c.ingest.webhook_token, c.meta.app_secret) = (WEBHOOK_TOKEN.into(), META_SECRET.into());
     let d = Daemon::start(c).await;
     say(&d, "wamid.IN1", "79001234567", "Привет").await;
     wait_until("the reply", 10 * S, || !graph.delivered("/v21.0/1055/messages").is_empty()).await;
@@ -202,6 +203,7 @@ async fn replies_go_out_through_waha_and_http_in_their_shapes() {
     c.gateway.url = waha.base.clone();
     c.gateway.api_key = "waha-api-key".into();
     c.waha.sessions = HashMap::from([("lotos".into(), "962302".into())]);
+    (c.ingest.webhook_token, c.waha.hmac_key) = (WEBHOOK_TOKEN.into(), WAHA_KEY.into());
     let d = Daemon::start(c).await;
     say(&d, "w1", "79001234567", "Привет").await;
     wait_until("the reply", 10 * S, || !waha.delivered("/api/sendText").is_empty()).await;
@@ -224,6 +226,7 @@ async fn replies_go_out_through_waha_and_http_in_their_shapes() {
     let mut c = config(dir.path());
     c.gateway.kind = GatewayKind::Http;
     c.gateway.url = format!("{}/send", hook.base);
+    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
     let d = Daemon::start(c).await;
     say(&d, "h1", "79001234567", "Привет").await;
     wait_until("the reply", 10 * S, || !hook.delivered("/send").is_empty()).await;
@@ -246,6 +249,7 @@ async fn a_gateway_down_for_a_while_gets_every_reply_once_in_order_per_phone() {
     let mut c = config(dir.path());
     c.gateway.kind = GatewayKind::Http;
     c.gateway.url = format!("{}/send", hook.base);
+    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
     c.gateway.max_chars = 40;
     c.gateway.timeout_ms = 2_000;
     let d = Daemon::start(c).await;
@@ -306,6 +310,7 @@ async fn a_restart_between_commit_and_send_still_delivers_and_a_sent_reply_is_no
     let mut c = config(dir.path());
     c.gateway.kind = GatewayKind::Http;
     c.gateway.url = format!("{}/send", hook.base);
+    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
     let d = Daemon::start(c.clone()).await;
     say(&d, "r1", "79001234567", "Привет").await;
     sleep(5 * S).await;
@@ -345,6 +350,7 @@ async fn the_openai_handler_sends_prompt_history_and_text_and_keeps_the_history(
     c.openai.system_prompt = "Ты администратор салона.".into();
     c.openai.api_key_env = "TURNSTILE_TEST_LLM_KEY".into();
     c.openai.history_turns = 1;
+    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
     let d = Daemon::start(c).await;
     for (i, text) in ["Привет", "Хочу на стрижку", "Завтра можно?"].iter().enumerate()
     {

@@ -1,5 +1,5 @@
-//! Shared test helpers: a real daemon on a temp data dir behind a real
-//! listener, a recording HTTP handler standing in for the AI service, and
+//! Shared test helpers: a real daemon on a temp data dir behind its two real
+//! listeners, a recording HTTP handler standing in for the AI service, and
 //! small HTTP utilities. Everything talks over 127.0.0.1.
 
 use std::collections::HashMap;
@@ -18,30 +18,50 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use turnstile::clock::Clock;
 use turnstile::config::HandlerKind;
-use turnstile::Config;
+use turnstile::{Config, Listeners};
 
 pub const BURST: [&str; 5] = ["Привет", "можно", "записаться", "на стрижку", "завтра?"];
 
-/// Defaults, on `dir`, on a port the OS picks.
+/// `ingest.webhook_token` wherever something leaves the machine (a real
+/// handler or gateway): the daemon refuses to start without one.
+pub const WEBHOOK_TOKEN: &str = "test-webhook-token-0001";
+/// `meta.app_secret` and `waha.hmac_key` for tests that configure those webhooks.
+pub const META_SECRET: &str = "meta-app-secret-0001";
+pub const WAHA_KEY: &str = "waha-hmac-key-0001";
+
+/// Defaults, on `dir`, on ports the OS picks.
 pub fn config(dir: &Path) -> Config {
     let mut c = Config::default();
     c.server.data_dir = dir.to_owned();
     c.server.listen = "127.0.0.1:0".parse().unwrap();
+    c.server.admin_listen = "127.0.0.1:0".parse().unwrap();
     c.log.filter = "warn".into();
     c
 }
 
-/// The same, with the recording handler answering turns.
+/// The same, with the recording handler answering turns (and so the
+/// webhook token a real handler requires).
 pub fn config_with(dir: &Path, handler: &TestHandler) -> Config {
     let mut c = config(dir);
     c.handler.kind = HandlerKind::Http;
     c.handler.url = handler.url.clone();
+    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
     c
 }
 
+/// An in-process daemon. `get`, `post`, `put`, `delete` and `url` send
+/// `/api/...` and `/metrics` to the admin listener and everything else to
+/// the public one, as a deployment's clients would, and the generic
+/// webhooks get the configured `ingest.webhook_token`, as a gateway would
+/// send it; a test that means one listener in particular, or a request
+/// without the token, builds its URL from `base` or `admin`.
 pub struct Daemon {
+    /// The public listener: webhooks and health.
     pub base: String,
+    /// The admin listener: API, metrics and health.
+    pub admin: String,
     pub client: reqwest::Client,
+    webhook_token: String,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), turnstile::server::ServerError>>,
 }
@@ -53,14 +73,19 @@ impl Daemon {
 
     /// With a wall clock the test can move ahead (context expiry).
     pub async fn start_with_clock(config: Config, clock: Clock) -> Daemon {
-        let listener = TcpListener::bind(config.server.listen).await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        // What the binary would refuse, a test does not run either.
+        config.validate().expect("a valid test config");
+        let webhook_token = config.ingest.webhook_token.clone();
+        let listeners = Listeners::bind(&config.server).await.unwrap();
+        let base = format!("http://{}", listeners.public.local_addr().unwrap());
+        let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let stopped = async move {
             let _ = stopped.await;
         };
-        let task = tokio::spawn(turnstile::server::run_with_clock(config, listener, stopped, clock));
-        let d = Daemon { base, client: reqwest::Client::new(), stop: Some(stop), task };
+        let task = tokio::spawn(turnstile::server::run_with_clock(config, listeners, stopped, clock));
+        let client = reqwest::Client::new();
+        let d = Daemon { base, admin, client, webhook_token, stop: Some(stop), task };
         // Serving starts before recovery; webhooks are taken once /readyz says so.
         let start = Instant::now();
         while d.get("/readyz").await.0 != 200 {
@@ -94,25 +119,38 @@ impl Daemon {
         self.post("/webhook/whatsapp/batched", &body).await
     }
 
+    /// `path` on the listener that serves it: admin for `/api/...` and
+    /// `/metrics`, public for the rest.
+    pub fn url(&self, path: &str) -> String {
+        let admin = path.starts_with("/api/") || path == "/metrics";
+        format!("{}{path}", if admin { &self.admin } else { &self.base })
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self.client.post(format!("{}{path}", self.base)).json(body).send().await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        let mut request = self.client.post(self.url(path)).json(body);
+        if path.starts_with("/webhook/whatsapp") && !self.webhook_token.is_empty() {
+            request = request.bearer_auth(&self.webhook_token);
+        }
+        status_json(request).await
     }
 
     pub async fn put(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self.client.put(format!("{}{path}", self.base)).json(body).send().await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        status_json(self.client.put(self.url(path)).json(body)).await
     }
 
     pub async fn delete(&self, path: &str) -> (u16, Value) {
-        let r = self.client.delete(format!("{}{path}", self.base)).send().await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        status_json(self.client.delete(self.url(path))).await
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.client.get(format!("{}{path}", self.base)).send().await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        status_json(self.client.get(self.url(path))).await
     }
+}
+
+/// Status and JSON body (null when there is none).
+pub async fn status_json(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let r = request.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
 /// One call the recording handler received.
@@ -338,23 +376,86 @@ pub fn spawn_binary(env: &[(&str, String)], log: &Path) -> std::process::Child {
         .expect("start the turnstile binary")
 }
 
+/// A spawned binary that is SIGKILLed if the test ends with it still
+/// running: a failed assertion leaves no daemon behind.
+pub struct Spawned(pub std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Waits up to `limit` (wall-clock) for the child to exit.
+pub fn exited_within(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Waits (wall-clock, up to 30 s) until the binary at `base` answers /readyz 200.
+pub async fn wait_ready(client: &reqwest::Client, base: &str) {
+    let start = std::time::Instant::now();
+    loop {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "daemon never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The two ports of a binary-level daemon, free on 127.0.0.1.
+#[derive(Clone, Copy, Debug)]
+pub struct Ports {
+    pub public: u16,
+    pub admin: u16,
+}
+
+impl Ports {
+    /// Two distinct ports the OS picks (both held while picking, then released).
+    pub fn free() -> Ports {
+        let public = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Ports { public: public.local_addr().unwrap().port(), admin: admin.local_addr().unwrap().port() }
+    }
+
+    /// The public listener's base URL: webhooks and health.
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.public)
+    }
+
+    /// The admin listener's base URL: API, metrics and health.
+    pub fn admin_base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin)
+    }
+}
+
 /// The environment every binary-level test starts from: where to listen and
 /// store, and (when given) the recording handler to call.
-pub fn binary_env(port: u16, data: &Path, handler_url: Option<&str>) -> Vec<(&'static str, String)> {
+pub fn binary_env(ports: Ports, data: &Path, handler_url: Option<&str>) -> Vec<(&'static str, String)> {
     let mut env = vec![
-        ("TURNSTILE_SERVER_LISTEN", format!("127.0.0.1:{port}")),
+        ("TURNSTILE_SERVER_LISTEN", format!("127.0.0.1:{}", ports.public)),
+        ("TURNSTILE_SERVER_ADMIN_LISTEN", format!("127.0.0.1:{}", ports.admin)),
         ("TURNSTILE_SERVER_DATA_DIR", data.display().to_string()),
     ];
     if let Some(url) = handler_url {
         env.push(("TURNSTILE_HANDLER_KIND", "http".into()));
         env.push(("TURNSTILE_HANDLER_URL", url.into()));
+        // A real handler: the generic webhooks need their token.
+        env.push(("TURNSTILE_INGEST_WEBHOOK_TOKEN", WEBHOOK_TOKEN.into()));
     }
     env
-}
-
-/// A free port on 127.0.0.1 (the OS picks; released before use).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// One request a `FakeServer` received.

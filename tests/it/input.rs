@@ -32,7 +32,8 @@ async fn a_redelivered_id_is_stored_once_even_across_a_restart() {
 
 /// Sends raw bytes with the given content type; returns status and JSON body.
 async fn raw(d: &Daemon, content_type: Option<&str>, body: Vec<u8>) -> (u16, Value) {
-    let mut req = d.client.post(format!("{}/webhook/whatsapp/batched", d.base)).body(body);
+    let mut req =
+        d.client.post(format!("{}/webhook/whatsapp/batched", d.base)).bearer_auth(WEBHOOK_TOKEN).body(body);
     if let Some(ct) = content_type {
         req = req.header("content-type", ct);
     }
@@ -87,7 +88,7 @@ async fn bad_input_gets_its_status_and_a_json_error_and_stores_nothing() {
     let chunk =
         format!("{{\"id\":\"big\",\"from\":\"79001234567\",\"message\":\"{}\"}}", "y".repeat(80 * 1024));
     let req = format!(
-        "POST /webhook/whatsapp/batched HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+        "POST /webhook/whatsapp/batched HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {WEBHOOK_TOKEN}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
         chunk.len()
     );
     let _ = s.write_all(req.as_bytes()).await;

@@ -14,39 +14,14 @@ fn signal(child: &Child, name: &str) {
     assert!(ok.success());
 }
 
-/// Waits up to `limit` for the child to exit.
-fn exited_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
-async fn wait_ready(client: &reqwest::Client, base: &str) {
-    let start = Instant::now();
-    loop {
-        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "daemon never became ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_watchdog_and_stopping_reach_systemd() {
     let dir = tempfile::tempdir().unwrap();
     let socket_path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let port = free_port();
-    let mut env = binary_env(port, &dir.path().join("data"), None);
+    let ports = Ports::free();
+    let mut env = binary_env(ports, &dir.path().join("data"), None);
     env.extend([("NOTIFY_SOCKET", socket_path.display().to_string()), ("WATCHDOG_USEC", "200000".into())]);
     let mut child = spawn_binary(&env, &dir.path().join("daemon.log"));
     let read = move |want: &'static str| -> Vec<String> {
@@ -70,7 +45,7 @@ async fn ready_watchdog_and_stopping_reach_systemd() {
     // Ready means ready: the webhook takes messages now.
     let client = reqwest::Client::new();
     let r = client
-        .post(format!("http://127.0.0.1:{port}/webhook/whatsapp/batched"))
+        .post(format!("{}/webhook/whatsapp/batched", ports.base()))
         .json(&json!({"id": "n1", "from": "79001234567", "message": "Привет"}))
         .send()
         .await
@@ -89,9 +64,9 @@ async fn ready_watchdog_and_stopping_reach_systemd() {
 async fn a_second_signal_exits_at_once_and_the_turn_re_runs_after_restart() {
     let dir = tempfile::tempdir().unwrap();
     let handler = TestHandler::start(Duration::from_secs(60)).await;
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let env = binary_env(port, &dir.path().join("data"), Some(&handler.url));
+    let ports = Ports::free();
+    let base = ports.base();
+    let env = binary_env(ports, &dir.path().join("data"), Some(&handler.url));
     let log = dir.path().join("daemon.log");
     let mut child = spawn_binary(&env, &log);
     let client = reqwest::Client::new();
@@ -99,6 +74,7 @@ async fn a_second_signal_exits_at_once_and_the_turn_re_runs_after_restart() {
     let send = |id: &str| {
         client
             .post(format!("{base}/webhook/whatsapp"))
+            .bearer_auth(WEBHOOK_TOKEN)
             .json(&json!({"id": id, "from": "79001234567", "message": "Привет"}))
             .send()
     };
@@ -129,7 +105,7 @@ async fn a_second_signal_exits_at_once_and_the_turn_re_runs_after_restart() {
     let calls = handler.calls();
     assert_eq!(calls[1].turn_id, calls[0].turn_id);
     let conv: serde_json::Value = client
-        .get(format!("{base}/api/conversations/79001234567"))
+        .get(format!("{}/api/conversations/79001234567", ports.admin_base()))
         .send()
         .await
         .unwrap()

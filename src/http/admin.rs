@@ -1,0 +1,262 @@
+//! The inspection API (`/api/batches`, conversations, dead turns, the
+//! outbox), the online backup and `/metrics`, behind the admin token.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use super::contexts::{delete_context, get_context, invalidate_context, put_context};
+use super::{accepting, bearer, error, AppState};
+use crate::backup;
+use crate::ingest::{self, signature};
+use crate::message::{unix_ms, Message};
+use crate::metrics::Gauges;
+use crate::outbox;
+use crate::store::{TurnRecord, TurnSummary};
+use crate::turns::RetryOutcome;
+
+pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/outbox", get(outbox))
+        .route("/api/backup", post(online_backup))
+        .route("/api/batches", get(batches))
+        .route("/api/conversations/{phone}", get(conversation))
+        .route("/api/dead", get(dead))
+        .route("/api/dead/{turn_id}/retry", post(retry_dead))
+        .route("/api/contexts/{company_id}/{phone}", get(get_context).put(put_context).delete(delete_context))
+        .route("/api/contexts/{company_id}/{phone}/invalidate", post(invalidate_context))
+        .route_layer(middleware::from_fn_with_state(state, require_token))
+}
+
+/// Replies waiting for the gateway, the ones given up, and the ones parked by the reply cap.
+async fn outbox(State(s): State<Arc<AppState>>) -> Response {
+    match s.store.outbox() {
+        Ok(items) => {
+            let items: Vec<Value> = items
+                .iter()
+                .map(|o| {
+                    json!({
+                        "turn_id": o.turn_id, "company_id": o.conv.company_id, "phone": o.conv.phone,
+                        "text": o.text, "part": o.part, "parts": o.parts, "attempts": o.attempts,
+                        "last_error": o.last_error, "state": outbox::state(o),
+                        "created_at": o.created_at_ms,
+                    })
+                })
+                .collect();
+            Json(json!({ "outbox": items })).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn message_json(m: &Message) -> Value {
+    json!({ "id": m.id, "text": m.text, "received_at": m.received_at_ms, "timestamp": m.timestamp })
+}
+
+async fn batches(State(s): State<Arc<AppState>>) -> Response {
+    let Some(snap) = s.driver.snapshot().await else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    };
+    let now_ms = unix_ms();
+    let mut out = Vec::new();
+    for (conv, seqs, first_at, deadline) in &snap.collecting {
+        let messages = s.store.messages(conv, seqs);
+        out.push(json!({
+            "company_id": conv.company_id,
+            "phone": conv.phone,
+            "state": "collecting",
+            "messages": messages.iter().map(message_json).collect::<Vec<_>>(),
+            "age_ms": ms(snap.now.saturating_duration_since(*first_at)),
+            "fires_in_ms": ms(deadline.saturating_duration_since(snap.now)),
+        }));
+    }
+    for (conv, seqs) in &snap.waiting {
+        let messages = s.store.messages(conv, seqs);
+        let first = messages.iter().map(|m| m.received_at_ms).min().unwrap_or(now_ms);
+        out.push(json!({
+            "company_id": conv.company_id,
+            "phone": conv.phone,
+            "state": "waiting_for_turn",
+            "messages": messages.iter().map(message_json).collect::<Vec<_>>(),
+            "age_ms": now_ms.saturating_sub(first),
+            "fires_in_ms": 0,
+        }));
+    }
+    let running: Vec<Value> =
+        snap.running.iter().map(|c| json!({ "company_id": c.company_id, "phone": c.phone })).collect();
+    Json(json!({ "batches": out, "running": running })).into_response()
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+fn summary_json(t: &TurnSummary) -> Value {
+    json!({
+        "turn_id": t.turn_id,
+        "company_id": t.conv.company_id,
+        "messages": t.messages.iter().map(message_json).collect::<Vec<_>>(),
+        "text": t.messages.iter().map(|m| m.text.as_str()).collect::<Vec<_>>().join("\n"),
+        "reply": t.reply,
+        "cut_reason": t.cut_reason,
+        "attempts": t.attempts,
+        "first_message_at": t.messages.iter().map(|m| m.received_at_ms).min(),
+        "cut_at": t.cut_at_ms,
+        "started_at": t.started_at_ms,
+        "committed_at": t.committed_at_ms,
+    })
+}
+
+fn record_json(t: &TurnRecord) -> Value {
+    json!({
+        "turn_id": t.turn_id,
+        "company_id": t.conv.company_id,
+        "phone": t.conv.phone,
+        "messages": t.messages.iter().map(message_json).collect::<Vec<_>>(),
+        "text": t.messages.iter().map(|m| m.text.as_str()).collect::<Vec<_>>().join("\n"),
+        "attempts": t.attempts,
+        "error": t.dead.as_ref().map(|d| d.error.clone()),
+        "died_at": t.dead.as_ref().map(|d| d.died_at_ms),
+    })
+}
+
+async fn conversation(State(s): State<Arc<AppState>>, Path(phone): Path<String>) -> Response {
+    let phone = match ingest::normalize_phone(&phone) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
+    };
+    let history = match s.store.history(&phone) {
+        Ok(h) => h,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let open = match s.store.turns() {
+        Ok(t) => t,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let open: Vec<Value> = open
+        .iter()
+        .filter(|t| t.conv.phone == phone)
+        .map(|t| {
+            let mut v = record_json(t);
+            v["state"] = json!(if t.dead.is_some() { "dead" } else { "open" });
+            v
+        })
+        .collect();
+    Json(json!({
+        "phone": phone,
+        "turns": history.iter().map(summary_json).collect::<Vec<_>>(),
+        "open_turns": open,
+    }))
+    .into_response()
+}
+
+async fn dead(State(s): State<Arc<AppState>>) -> Response {
+    match s.store.turns() {
+        Ok(turns) => {
+            let dead: Vec<Value> = turns.iter().filter(|t| t.dead.is_some()).map(record_json).collect();
+            Json(json!({ "dead": dead })).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn retry_dead(State(s): State<Arc<AppState>>, Path(turn_id): Path<String>) -> Response {
+    match s.driver.retry(turn_id.clone()).await {
+        RetryOutcome::Queued => {
+            (StatusCode::ACCEPTED, Json(json!({ "status": "queued", "turn_id": turn_id }))).into_response()
+        }
+        RetryOutcome::NotFound => error(StatusCode::NOT_FOUND, format!("no turn {turn_id}")),
+        RetryOutcome::NotDead => error(StatusCode::CONFLICT, format!("turn {turn_id} is not dead")),
+        RetryOutcome::Failed(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+/// `Authorization: Bearer <admin_token>` on /api/* and /metrics, when a token is set.
+async fn require_token(State(s): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    if !s.admin_token.is_empty() {
+        let given = bearer(request.headers()).unwrap_or("");
+        if !signature::same(given.as_bytes(), s.admin_token.as_bytes()) {
+            return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        }
+    }
+    next.run(request).await
+}
+
+/// A consistent snapshot while the daemon keeps serving: written to a temp
+/// file off the runtime (writers pause for the copy), then streamed.
+async fn online_backup(State(s): State<Arc<AppState>>) -> Response {
+    let store = s.store.clone();
+    let path =
+        std::env::temp_dir().join(format!("turnstile-backup-{}-{}.partial", std::process::id(), unix_ms()));
+    let written = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let file = std::fs::File::create(&path).map_err(|e| e.to_string())?;
+            let mut w = std::io::BufWriter::new(file);
+            backup::write(&store, &mut w).map_err(|e| e.to_string())?;
+            w.into_inner().map_err(|e| e.to_string())?.sync_all().map_err(|e| e.to_string())
+        })
+        .await
+    };
+    let opened = match written {
+        Ok(Ok(())) => tokio::fs::File::open(&path).await.map_err(|e| e.to_string()),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(e.to_string()),
+    };
+    // Unlinked at once: the open file streams on, and nothing is left behind.
+    let _ = std::fs::remove_file(&path);
+    match opened {
+        Ok(file) => {
+            let name = format!("attachment; filename=\"turnstile-{}.backup\"", unix_ms());
+            let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+            (
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                    (header::CONTENT_DISPOSITION, name),
+                ],
+                body,
+            )
+                .into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("backup failed: {e}")),
+    }
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    let mut g = Gauges { ready: accepting(&s).is_ok(), ..Gauges::default() };
+    if let Some(snap) = s.driver.snapshot().await {
+        g.pending_batches = snap.collecting.len() + snap.waiting.len();
+        g.pending_messages = snap.collecting.iter().map(|c| c.1.len()).sum::<usize>()
+            + snap.waiting.iter().map(|w| w.1.len()).sum::<usize>();
+        g.turns_in_flight = snap.running.len();
+    }
+    if let Ok(turns) = s.store.turns() {
+        g.dead_turns = turns.iter().filter(|t| t.dead.is_some()).count();
+    }
+    if let Ok(items) = s.store.outbox() {
+        let count = |state| items.iter().filter(|i| outbox::state(i) == state).count();
+        (g.outbox_depth, g.outbox_failed, g.outbox_rate_limited) =
+            (count("pending"), count("failed"), count("rate_limited"));
+    }
+    let c = s.store.context_stats();
+    (g.context_hits, g.context_misses, g.context_invalidations) =
+        (c.cache_hits, c.cache_misses, c.invalidations);
+    (g.contexts, g.context_raw_bytes, g.context_stored_bytes) = (c.contexts, c.raw_bytes, c.stored_bytes);
+    g.store_bytes = s.store.size_on_disk().unwrap_or(0);
+    g.fsyncs = s.store.syncs();
+    let st = s.store.stats();
+    (g.log_syncs, g.tree_syncs, g.messages_stored, g.log_segments) =
+        (st.log_syncs, st.tree_syncs, st.stored, st.log_segments);
+    g.store_ok = s.store.failure().is_none();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render(&g))
+        .into_response()
+}

@@ -1,0 +1,163 @@
+//! The HTTP surface, on two listeners. The public one (`server.listen`,
+//! what a reverse proxy forwards to) serves the webhooks and health, nothing
+//! else; the admin one (`server.admin_listen`) serves the inspection and
+//! context API, metrics and backups behind the admin token, and health. A
+//! path of one surface answers 404 on the other, whatever a proxy forwards.
+//!
+//! Handlers here parse and answer; they never await a turn — a webhook
+//! returns as soon as its message is on disk. `webhooks` takes the gateways'
+//! deliveries, `admin` the inspection API, metrics and backups, `contexts`
+//! the context API; this file holds the state they share, the two routers,
+//! and the checks they have in common.
+
+// Helpers here return `Err(Response)`: the error *is* the answer to send, and
+// boxing it would buy nothing on a path that allocates a body anyway.
+#![allow(clippy::result_large_err)]
+
+mod admin;
+mod contexts;
+mod webhooks;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::config::{MetaConfig, WahaConfig};
+use crate::ingest::Ingest;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::turns::DriverHandle;
+
+pub struct AppState {
+    pub ingest: Ingest,
+    pub store: Store,
+    pub driver: DriverHandle,
+    pub clock: Clock,
+    /// Set once recovery is done; webhooks and /readyz answer 503 before.
+    pub ready: Arc<AtomicBool>,
+    /// Set on a fatal fault (a dead task): webhooks and /readyz answer 503
+    /// with it while the daemon stops for a restart.
+    pub fatal: Arc<std::sync::Mutex<Option<String>>>,
+    /// Cancelled on shutdown: webhooks answer 503 so the gateway retries later.
+    pub draining: CancellationToken,
+    pub metrics: Arc<Metrics>,
+    /// Empty: the admin routes are open (loopback only, enforced by config).
+    pub admin_token: String,
+    /// Empty: the generic webhooks take unauthenticated input (allowed by config).
+    pub webhook_token: String,
+    /// Serve the generic webhooks at all.
+    pub generic_webhooks: bool,
+    /// Served only when `enabled()`; `app_secret` empty means unsigned deliveries pass.
+    pub meta: MetaConfig,
+    /// Served only when `enabled()`; `hmac_key` empty means unsigned events pass.
+    pub waha: WahaConfig,
+    pub max_body_bytes: usize,
+    pub context_max_bytes: usize,
+    pub default_company_id: String,
+}
+
+/// The public listener: webhooks, `/healthz`, `/readyz`.
+pub fn public_router(state: Arc<AppState>) -> Router {
+    surface(webhooks::routes(state.clone()), state)
+}
+
+/// The admin listener: `/api/*`, `/metrics`, `/healthz`, `/readyz`.
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    surface(admin::routes(state.clone()), state)
+}
+
+/// One listener's routes, plus health and the JSON answers for the rest.
+fn surface(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
+    routes
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
+        })
+        .with_state(state)
+}
+
+/// The token of `Authorization: Bearer <token>` (the scheme in any case).
+pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Every error answer has the same shape: status code + `{"error": "..."}`.
+pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// The content-type and size checks every JSON webhook shares.
+pub(super) async fn read_json_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<axum::body::Bytes, Response> {
+    if !is_json(headers) {
+        return Err(error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "content type must be application/json"));
+    }
+    read_body(headers, body, limit).await
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Reads at most `limit` bytes; a larger body (declared or actual) is 413.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<axum::body::Bytes, Response> {
+    let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, format!("body exceeds {limit} bytes"));
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(e) => Err(error(StatusCode::BAD_REQUEST, format!("could not read the body: {e}"))),
+    }
+}
+
+async fn healthz() -> Response {
+    Json(json!({ "status": "ok" })).into_response()
+}
+
+/// 503 while recovering, after a fatal fault, or shutting down: a webhook
+/// refused so is retried by the gateway, never lost.
+pub(super) fn accepting(s: &AppState) -> Result<(), Response> {
+    if let Some(reason) = s.store.failure() {
+        Err(error(StatusCode::SERVICE_UNAVAILABLE, format!("store failed, restarting: {reason}")))
+    } else if let Some(reason) = s.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        Err(error(StatusCode::SERVICE_UNAVAILABLE, format!("restarting: {reason}")))
+    } else if s.draining.is_cancelled() {
+        Err(error(StatusCode::SERVICE_UNAVAILABLE, "shutting down; retry later"))
+    } else if !s.ready.load(Ordering::Acquire) {
+        Err(error(StatusCode::SERVICE_UNAVAILABLE, "recovering from disk; retry shortly"))
+    } else {
+        Ok(())
+    }
+}
+
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    match accepting(&s) {
+        Ok(()) => Json(json!({ "status": "ready" })).into_response(),
+        Err(refused) => refused,
+    }
+}
