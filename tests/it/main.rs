@@ -13,6 +13,8 @@ mod exposure;
 mod gateways;
 mod helpers;
 mod input;
+mod loopfs;
+mod powercut;
 mod reply_cap;
 mod systemd;
 mod lifecycle;
