@@ -28,6 +28,7 @@ trap cleanup EXIT
 
 need() { command -v "$1" >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }; }
 need wrk wrk
+need strace strace
 need redis-server redis-server
 
 cargo build --release --quiet --bin turnstile --example bare
@@ -56,9 +57,25 @@ cpu_before=$(cpu)
 load turnstile http://127.0.0.1:8091/webhook/whatsapp/batched
 cpu_used=$(awk -v a="$cpu_before" -v b="$(cpu)" -v hz="$(getconf CLK_TCK)" -v d="$DURATION" 'BEGIN { printf "%.2f", (b - a) / hz / d }')
 rss_loaded=$(awk '/VmRSS/ {print $2}' /proc/$tpid/status)
-fsyncs=$(curl -fsS http://127.0.0.1:8092/metrics | awk '/^turnstile_fsyncs_total/ {print $2}')
+metric() { curl -fsS http://127.0.0.1:8092/metrics | awk -v m="$1" '$1 == m {print $2}'; }
+stored=$(metric turnstile_messages_stored_total); log_syncs=$(metric turnstile_log_syncs_total)
+store_syncs=$(metric turnstile_store_syncs_total); fsyncs=$(metric turnstile_fsyncs_total)
+# Which sync calls, counted by the kernel's view (a short extra load under strace, not measured).
+syscalls=""
+if command -v strace >/dev/null; then
+  strace -f -c -e trace=fdatasync,fsync,sync_file_range -p "$tpid" -o "$OUT/strace.txt" & spid=$!
+  sleep 0.5
+  PHONES=1000 RUN_ID="strace-$$" wrk -t2 -c"$CONNECTIONS" -d3s -s "$REPLICA/wrk-webhook.lua" \
+    http://127.0.0.1:8091/webhook/whatsapp/batched >/dev/null
+  kill -INT "$spid"; wait "$spid" || true
+  syscalls=$(awk '$NF ~ /^(fdatasync|fsync|sync_file_range)$/ {printf "%s %s; ", $NF, $4}' "$OUT/strace.txt")
+fi
 kill -TERM "$tpid"; wait "$tpid" || true
-echo "turnstile: RSS idle ${rss_idle} kB, after load ${rss_loaded} kB; CPU ${cpu_used} cores during load; fsyncs ${fsyncs}; data dir $(du -sh "$work/data" | cut -f1)" | tee "$OUT/turnstile-extra.txt"
+{
+  echo "turnstile: RSS idle ${rss_idle} kB, after load ${rss_loaded} kB; CPU ${cpu_used} cores during load; data dir $(du -sh "$work/data" | cut -f1)"
+  echo "turnstile: ${stored} messages stored, ${log_syncs} fdatasyncs of the message log: $(awk -v a="$stored" -v s="$log_syncs" 'BEGIN { printf "%.1f", a / s }') acks per sync; ${store_syncs} syncs of sled's files; ${fsyncs} sync calls in all"
+  [ -n "$syscalls" ] && echo "turnstile: sync syscalls under strace -f -c (3 s more load): ${syscalls}"
+} | tee "$OUT/turnstile-extra.txt"
 
 # 3. the replica, as its README runs it, from a copy (its node_modules stay out of shared/)
 if command -v node >/dev/null; then
@@ -82,3 +99,7 @@ for t in bare turnstile replica; do
   printf '%-10s %12s %10s %10s %9.0f%%\n' "$t" "$(rate $t)" "$(pct $t p50)" "$(pct $t p99)" \
     "$(awk -v a="$(rate $t)" -v b="$(rate bare)" 'BEGIN { print 100 * a / b }')"
 done | tee "$OUT/summary.txt"
+if [ -f "$OUT/replica.txt" ]; then
+  awk -v t="$(rate turnstile)" -v r="$(rate replica)" -v b="$(rate bare)" \
+    'BEGIN { printf "turnstile: %.1fx the replica, %.0f%% of the bare server\n", t / r, 100 * t / b }' | tee -a "$OUT/summary.txt"
+fi

@@ -279,7 +279,9 @@ const META: &str = "meta";
 const ID_FLOOR: &[u8] = b"id_floor";
 
 fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
-    sled::Config::new().path(dir).open().map_err(|e| match e {
+    // sled's own background flusher is off: the syncer (durable.rs) flushes
+    // and really syncs, and a second, weaker flush would only cost CPU.
+    sled::Config::new().path(dir).flush_every_ms(None).open().map_err(|e| match e {
         sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
             StoreError::Held { dir: dir.display().to_string() }
         }
