@@ -428,7 +428,7 @@ impl Default for LogConfig {
 
 const ENV_PREFIX: &str = "TURNSTILE_";
 /// Environment variables with the prefix that are not config keys.
-const ENV_RESERVED: &[&str] = &["TURNSTILE_CONFIG"];
+const ENV_RESERVED: &[&str] = &["TURNSTILE_CONFIG", crate::server::TEST_FAULTS_ENV];
 
 impl Config {
     /// Reads `path` (if given), then applies `TURNSTILE_*` variables from `env`.

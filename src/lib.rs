@@ -14,6 +14,7 @@ pub mod batcher; // sans-IO debounce: when a phone's pending messages become a t
 pub mod turns; // the turn gate, the driver task and the life of one turn
 pub mod handler; // who answers a turn: echo or an HTTP service, with retries
 pub mod context; // the per-conversation memory (dialogue + cache), compressed
+pub mod sweep; // background removal of expired dedup marks and contexts
 pub mod outbox; // durable delivery of replies: in order per phone, retried, sent once
 pub mod gateway; // one send to WhatsApp: log, http, WAHA or Meta; typing; splitting
 pub mod metrics; // Prometheus text: counters, histograms, gauges read at scrape

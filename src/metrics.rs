@@ -308,7 +308,7 @@ impl Metrics {
         gauge(
             &mut out,
             "turnstile_store_ok",
-            "1 while the store takes writes; 0 once it failed (the daemon then exits for a restart).",
+            "1 while the store takes writes; 0 while message-log writes fail, or once it failed (the daemon then exits for a restart).",
             g.store_ok as u8 as f64,
         );
         counter(

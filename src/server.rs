@@ -36,6 +36,7 @@ use crate::message::set_mask_phones;
 use crate::ops;
 use crate::outbox::Outbox;
 use crate::store::{Announce, Store, StoreError};
+use crate::sweep;
 use crate::turns::{self, Driver, Runner, Shared};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,8 +54,10 @@ pub enum ServerError {
     Fatal(String),
 }
 
-/// How often expired message ids are forgotten.
-const DEDUP_SWEEP_EVERY: Duration = Duration::from_secs(3600);
+/// A test hook, read by `run`: `kill-driver-after-ms=N` makes the driver
+/// die N ms after start, so a test of the real binary can watch the daemon
+/// notice a dead task. Not a configuration key.
+pub const TEST_FAULTS_ENV: &str = "TURNSTILE_TEST_FAULTS";
 
 /// The daemon's two sockets: the public one (webhooks, health) and the admin
 /// one (API, metrics, health). Bound before `run`, so tests can bind port 0
@@ -90,15 +93,89 @@ pub async fn run_with_clock(
     shutdown: impl Future<Output = ()> + Send + 'static,
     clock: Clock,
 ) -> Result<(), ServerError> {
-    let dir = config.server.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
-        .await
-        .map_err(|e| ServerError::Open {
-            dir: String::new(),
-            source: StoreError::Failed(e.to_string().into()),
-        })?
-        .map_err(|source| ServerError::Open { dir: config.server.data_dir.display().to_string(), source })?;
+    let stop = CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            stop.cancel();
+        });
+    }
+    let (store, listeners) = match open_patiently(&config, listeners, &stop).await? {
+        Some(opened) => opened,
+        None => return Ok(()), // stopped while waiting for the store
+    };
+    let shutdown = stop.cancelled_owned();
+    if let Some(after) = std::env::var(TEST_FAULTS_ENV)
+        .ok()
+        .and_then(|spec| spec.strip_prefix("kill-driver-after-ms=").and_then(|ms| ms.parse().ok()))
+    {
+        warn!(after_ms = after, "test fault hook: the driver will be killed");
+        let faults = store.faults();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(after)).await;
+            faults.kill_driver();
+        });
+    }
     run_on(config, listeners, shutdown, clock, store).await
+}
+
+/// Opens the store. While it cannot be opened for a reason that can pass (a
+/// full disk, an I/O error) the daemon waits in place — `/healthz` 200,
+/// everything else 503 with the reason — and retries with a backoff, rather
+/// than exiting into a restart loop that would spend systemd's start limit.
+/// A store held by another process or damaged is an error exit at once.
+async fn open_patiently(
+    config: &Config,
+    listeners: Listeners,
+    stop: &CancellationToken,
+) -> Result<Option<(Store, Listeners)>, ServerError> {
+    let dir = config.server.data_dir.clone();
+    let open = || {
+        let dir = dir.clone();
+        async move {
+            tokio::task::spawn_blocking(move || Store::open(&dir))
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Failed(e.to_string().into())))
+        }
+    };
+    let fatal = |source| ServerError::Open { dir: dir.display().to_string(), source };
+    let first = match open().await {
+        Ok(store) => return Ok(Some((store, listeners))),
+        Err(e @ (StoreError::Held { .. } | StoreError::Corrupt { .. })) => return Err(fatal(e)),
+        Err(e) => e,
+    };
+    let reason = Arc::new(Mutex::new(first.to_string()));
+    let waiting = crate::http::unavailable(listeners, reason.clone()).map_err(ServerError::Serve)?;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let wait = crate::clock::backoff(Duration::from_secs(1), Duration::from_secs(10), attempt);
+        // Still starting, as systemd sees it: keep its start timeout and
+        // watchdog from ending a daemon that is waiting on purpose.
+        ops::notify(&format!("EXTEND_TIMEOUT_USEC={}", (wait + Duration::from_secs(30)).as_micros()));
+        ops::notify("WATCHDOG=1");
+        ops::notify("STATUS=waiting for the store to open");
+        warn!(error = %reason.lock().unwrap_or_else(|p| p.into_inner()), retry_in_ms = wait.as_millis() as u64, "the store cannot be opened; waiting (health 200, everything else 503)");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => {
+                waiting.stop().await;
+                return Ok(None);
+            }
+        }
+        match open().await {
+            Ok(store) => {
+                info!(attempts = attempt + 1, "the store opened");
+                return Ok(Some((store, waiting.stop().await)));
+            }
+            Err(e @ (StoreError::Held { .. } | StoreError::Corrupt { .. })) => {
+                waiting.stop().await;
+                return Err(fatal(e));
+            }
+            Err(e) => *reason.lock().unwrap_or_else(|p| p.into_inner()) = e.to_string(),
+        }
+    }
 }
 
 /// `run` on a store the caller opened (tests reach its failure hooks).
@@ -172,13 +249,13 @@ pub async fn run_on(
     let outbox = Outbox::new(&config, store.clone(), gateway, store.outbox_ready(), shared.metrics.clone());
     let mut outbox = tokio::spawn(outbox.run(stopping.shutdown.clone()));
     let background = [
-        tokio::spawn(sweep_dedup(
+        tokio::spawn(sweep::dedup(
             store.clone(),
             shared.clock.clone(),
             config.ingest.dedup_days,
             stopping.shutdown.clone(),
         )),
-        tokio::spawn(sweep_contexts(
+        tokio::spawn(sweep::contexts(
             store.clone(),
             shared.clock.clone(),
             config.context.sweep_interval_ms,
@@ -216,9 +293,10 @@ pub async fn run_on(
             (!stopping.shutdown.is_cancelled()).then(|| "the outbox task ended unexpectedly".to_owned())
         }
     };
+    // From here nothing more is acknowledged (the writer refuses messages
+    // before writing them): what would not become a turn now is not taken.
+    store.set_sink(None);
     if let Some(reason) = &failure {
-        // Nothing more is acknowledged: what cannot become a turn is refused.
-        store.set_sink(None);
         *fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
         error!(reason, "fatal fault: refusing webhooks and exiting for a restart");
     }
@@ -315,80 +393,4 @@ fn spawn_driver(driver: Driver) -> tokio::sync::oneshot::Receiver<()> {
         });
     }
     finished
-}
-
-/// Forgets message ids retired more than `dedup_days` ago, once an hour.
-async fn sweep_dedup(store: Store, clock: Clock, dedup_days: u64, token: CancellationToken) {
-    let keep_ms = dedup_days * 24 * 3600 * 1000;
-    every(DEDUP_SWEEP_EVERY, token, || {
-        let store = store.clone();
-        let cutoff = clock.now_ms().saturating_sub(keep_ms);
-        async move {
-            let mut forgotten = 0;
-            loop {
-                match store.expire_dedup(cutoff).await {
-                    Ok(0) => break,
-                    Ok(n) => forgotten += n,
-                    Err(e) => {
-                        warn!(error = %e, "dedup sweep failed");
-                        break;
-                    }
-                }
-            }
-            if forgotten > 0 {
-                info!(records = forgotten, "expired message ids removed from the dedup index");
-            }
-        }
-    })
-    .await
-}
-
-/// Removes expired contexts from disk (reads already ignore them).
-async fn sweep_contexts(store: Store, clock: Clock, interval_ms: u64, token: CancellationToken) {
-    every(Duration::from_millis(interval_ms), token, || {
-        let store = store.clone();
-        let now = clock.now_ms();
-        async move {
-            let mut removed = 0;
-            loop {
-                match store.expire_contexts(now).await {
-                    Ok(swept) => {
-                        for e in &swept.errors {
-                            error!(error = %e, "context sweep met a damaged record; it stays until repaired");
-                        }
-                        removed += swept.removed;
-                        if swept.removed == 0 {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "context sweep failed");
-                        break;
-                    }
-                }
-            }
-            if removed > 0 {
-                info!(removed, "expired contexts removed");
-            }
-        }
-    })
-    .await
-}
-
-/// Runs `job` now and then every `period` until `token` is cancelled.
-async fn every<F: Future<Output = ()>>(
-    period: Duration,
-    token: CancellationToken,
-    mut job: impl FnMut() -> F,
-) {
-    loop {
-        tokio::select! {
-            _ = job() => {}
-            _ = token.cancelled() => return,
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(period) => {}
-            _ = token.cancelled() => return,
-        }
-    }
 }

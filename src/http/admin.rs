@@ -256,7 +256,7 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     let st = s.store.stats();
     (g.log_syncs, g.tree_syncs, g.messages_stored, g.log_segments) =
         (st.log_syncs, st.tree_syncs, st.stored, st.log_segments);
-    g.store_ok = s.store.failure().is_none();
+    g.store_ok = s.store.failure().is_none() && s.store.trouble().is_none();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render(&g))
         .into_response()
 }

@@ -155,9 +155,64 @@ pub(super) fn accepting(s: &AppState) -> Result<(), Response> {
     }
 }
 
+/// Ready: recovered, not stopping, the store sound and its log writable
+/// (while writes fail, each call probes whether they work again).
 async fn readyz(State(s): State<Arc<AppState>>) -> Response {
-    match accepting(&s) {
-        Ok(()) => Json(json!({ "status": "ready" })).into_response(),
-        Err(refused) => refused,
+    if let Err(refused) = accepting(&s) {
+        return refused;
+    }
+    match s.store.write_trouble().await {
+        Some(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("messages cannot be stored: {e}")),
+        None => Json(json!({ "status": "ready" })).into_response(),
+    }
+}
+
+/// What both listeners answer while the store cannot be opened yet:
+/// `/healthz` 200 (the process is alive and retrying), everything else 503
+/// with the reason. `stop` hands the listeners back for the real routes.
+pub struct Unavailable {
+    listeners: crate::server::Listeners,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Serves the waiting answers on duplicates of `listeners` (the same
+/// sockets: connections queue on them meanwhile, none is refused).
+pub fn unavailable(
+    listeners: crate::server::Listeners,
+    reason: Arc<std::sync::Mutex<String>>,
+) -> std::io::Result<Unavailable> {
+    let stop = CancellationToken::new();
+    let router =
+        Router::new().route("/healthz", get(healthz)).fallback(move || {
+            let reason = reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            async move {
+                error(StatusCode::SERVICE_UNAVAILABLE, format!("the store cannot be opened yet: {reason}"))
+            }
+        });
+    let dup = |l: &tokio::net::TcpListener| -> std::io::Result<tokio::net::TcpListener> {
+        let fd = std::os::fd::AsFd::as_fd(l).try_clone_to_owned()?;
+        let std = std::net::TcpListener::from(fd);
+        std.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(std)
+    };
+    let mut tasks = Vec::new();
+    for listener in [dup(&listeners.public)?, dup(&listeners.admin)?] {
+        let serve =
+            axum::serve(listener, router.clone()).with_graceful_shutdown(stop.clone().cancelled_owned());
+        tasks.push(tokio::spawn(async move {
+            let _ = serve.await;
+        }));
+    }
+    Ok(Unavailable { listeners, stop, tasks })
+}
+
+impl Unavailable {
+    pub async fn stop(self) -> crate::server::Listeners {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.listeners
     }
 }

@@ -39,6 +39,8 @@ const MAX_RECORD: u32 = 16 << 20;
 
 const KIND_MESSAGE: u8 = 1;
 const KIND_CLAIM: u8 = 2;
+/// A probe: written to learn whether the log can be written again; read as nothing.
+const KIND_PROBE: u8 = 3;
 
 /// A turn as the log knows it: which messages it answers, so that after a
 /// restart it re-runs with the same id and the same input.
@@ -66,6 +68,11 @@ pub(crate) fn frame_message(m: &Message, out: &mut Vec<u8>) {
 /// Appends one framed claim record to `out`.
 pub(crate) fn frame_claim(c: &Claim, out: &mut Vec<u8>) {
     frame(KIND_CLAIM, c, out)
+}
+
+/// Appends one framed probe record (no payload) to `out`.
+pub(crate) fn frame_probe(out: &mut Vec<u8>) {
+    frame(KIND_PROBE, &(), out)
 }
 
 /// The record is encoded in place after a header that is filled in last.
@@ -130,6 +137,10 @@ pub(crate) fn read_segment(path: &Path) -> Result<SegmentRead, StoreError> {
         let entry = match body[0] {
             KIND_MESSAGE => Entry::Message(decode("log", key.as_bytes(), &body[1..])?),
             KIND_CLAIM => Entry::Claim(decode("log", key.as_bytes(), &body[1..])?),
+            KIND_PROBE => {
+                at += 8 + len as usize;
+                continue;
+            }
             kind => {
                 return Err(StoreError::Corrupt {
                     tree: "log",

@@ -39,7 +39,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock};
-use std::time::Instant;
 
 use tokio::sync::oneshot;
 
@@ -120,18 +119,26 @@ pub struct Swept {
     pub errors: Vec<String>,
 }
 
-/// Failure hooks for tests. They fail the very calls a real I/O error
-/// fails, so what follows is the real error's path, not a simulation of it.
+/// Failure hooks for tests. Each fails the very call a real error fails, so
+/// what follows is the real error's path, not a simulation of it.
 #[derive(Debug, Default)]
 pub struct Faults {
-    log_until: Mutex<Option<Instant>>,
+    log_writes: AtomicBool,
+    commits: AtomicBool,
     tree_sync: AtomicBool,
+    driver: AtomicBool,
 }
 
 impl Faults {
-    /// Message-log writes fail with ENOSPC ("no space left") until `until`.
-    pub fn fail_log_writes_until(&self, until: Instant) {
-        *lock(&self.log_until) = Some(until);
+    /// Message-log writes fail with ENOSPC ("no space left") while set.
+    pub fn set_log_writes_failing(&self, on: bool) {
+        self.log_writes.store(on, Ordering::SeqCst);
+    }
+
+    /// Turn commits fail while set, as one meeting a damaged record would:
+    /// nothing of them is written.
+    pub fn set_commits_failing(&self, on: bool) {
+        self.commits.store(on, Ordering::SeqCst);
     }
 
     /// The next sync of sled's files fails with EIO.
@@ -139,9 +146,22 @@ impl Faults {
         self.tree_sync.store(true, Ordering::SeqCst);
     }
 
+    /// The driver panics at its next event.
+    pub fn kill_driver(&self) {
+        self.driver.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the driver should die now (read once).
+    pub fn driver_killed(&self) -> bool {
+        self.driver.swap(false, Ordering::SeqCst)
+    }
+
     fn log_write(&self) -> Option<std::io::Error> {
-        let until = *lock(&self.log_until);
-        until.filter(|u| Instant::now() < *u).map(|_| std::io::Error::from_raw_os_error(28))
+        self.log_writes.load(Ordering::SeqCst).then(|| std::io::Error::from_raw_os_error(28))
+    }
+
+    fn commit(&self) -> bool {
+        self.commits.load(Ordering::SeqCst)
     }
 
     fn tree_sync(&self) -> Option<std::io::Error> {
@@ -213,6 +233,9 @@ pub(crate) struct Shared {
     sink: RwLock<Option<Arc<Sink>>>,
     /// Set once the store has failed; the reason.
     failed: Mutex<Option<Arc<str>>>,
+    /// Set while message-log writes fail (each undone); the last error.
+    /// Cleared by the next write that succeeds.
+    trouble: Mutex<Option<Arc<str>>>,
     stats: Stats,
     /// Outbox items with a seq up to this are durable and may be sent.
     durable_outbox: AtomicU64,
@@ -279,6 +302,7 @@ const META: &str = "meta";
 const ID_FLOOR: &[u8] = b"id_floor";
 
 fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+    remove_unfinished_snapshots(dir)?;
     // sled's own background flusher is off: the syncer (durable.rs) flushes
     // and really syncs, and a second, weaker flush would only cost CPU.
     sled::Config::new().path(dir).flush_every_ms(None).open().map_err(|e| match e {
@@ -287,6 +311,24 @@ fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
         }
         e => StoreError::Sled(e),
     })
+}
+
+/// sled writes a snapshot to `snap.<lsn>.generating` and renames it once
+/// written and synced, but when it looks for snapshots it takes the
+/// unfinished ones too: one left by a failure (a full disk during an open)
+/// makes every later open fail with "corrupted data". Such a file never
+/// holds anything sled needs, so it goes before sled opens.
+fn remove_unfinished_snapshots(dir: &Path) -> Result<(), StoreError> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(file = %name, "removing an unfinished sled snapshot left by a failed write");
+            std::fs::remove_file(entry.path()).map_err(|e| log::io_error(&entry.path(), e))?;
+        }
+    }
+    Ok(())
 }
 
 #[derive(Clone)]
@@ -335,6 +377,20 @@ impl Store {
     /// `Some(reason)` once the store has failed and takes no writes.
     pub fn failure(&self) -> Option<Arc<str>> {
         lock(&self.inner.shared.failed).clone()
+    }
+
+    /// `Some(error)` while writes to the message log fail (a full disk, say):
+    /// nothing is stored meanwhile, the store itself is sound. Probes the
+    /// log once to see whether it can be written again.
+    pub async fn write_trouble(&self) -> Option<Arc<str>> {
+        self.trouble()?;
+        let _ = self.call(|reply| writer::Op::Probe { reply }).await;
+        self.trouble()
+    }
+
+    /// The last failed log write, if the log has not been written since.
+    pub fn trouble(&self) -> Option<Arc<str>> {
+        lock(&self.inner.shared.trouble).clone()
     }
 
     /// Resolves once the store has failed; the reason.

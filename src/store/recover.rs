@@ -126,6 +126,7 @@ pub(super) fn open(dir: &Path) -> Result<Store, StoreError> {
         memory: Mutex::new(memory),
         sink: RwLock::new(None),
         failed: Mutex::new(None),
+        trouble: Mutex::new(None),
         stats: Default::default(),
         durable_outbox: Default::default(),
         applied_epoch: Default::default(),

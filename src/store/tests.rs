@@ -322,13 +322,13 @@ async fn a_failed_log_write_stores_nothing_marks_no_id_and_the_next_one_works() 
     let dir = tempfile::tempdir().unwrap();
     let (store, heard) = open(dir.path());
     insert(&store, "before", "700000001").await;
-    store.faults().fail_log_writes_until(Instant::now() + std::time::Duration::from_secs(3600));
+    store.faults().set_log_writes_failing(true);
     let failed = store.accept(vec![new_message("f1", "700000001", "x")], false).await;
     assert!(matches!(failed, Err(StoreError::Write(_))), "{failed:?}");
     assert!(store.failure().is_none(), "an undone write is not a store failure");
     assert_eq!(ids(&store.pending()), ["before"]);
     assert_eq!(heard.lock().unwrap().len(), 1, "nothing announced for the failed write");
-    store.faults().fail_log_writes_until(Instant::now());
+    store.faults().set_log_writes_failing(false);
     assert!(matches!(again(&store, "f1", "700000001").await, Inserted::New(_)), "f1 was marked seen");
     store.close().await.unwrap();
     let (store, _) = open(dir.path());
@@ -563,4 +563,19 @@ async fn a_commit_puts_its_reply_in_the_outbox_sendable_once_synced() {
     store.close().await.unwrap();
     let (store, _) = open(dir.path());
     assert_eq!(store.outbox().unwrap(), vec![first]);
+}
+
+#[tokio::test]
+async fn an_unfinished_sled_snapshot_does_not_make_the_store_unopenable() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = open(dir.path());
+        insert(&store, "u1", "700000001").await;
+        store.close().await.unwrap();
+    }
+    // What a full disk during sled's own snapshot leaves behind.
+    std::fs::write(dir.path().join("snap.0000000001637004.generating"), b"").unwrap();
+    let (store, _) = open(dir.path());
+    assert_eq!(ids(&store.take_recovered().unwrap().inbox), ["u1"]);
+    assert!(!dir.path().join("snap.0000000001637004.generating").exists());
 }

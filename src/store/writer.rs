@@ -45,6 +45,10 @@ pub(crate) enum Op {
         immediate: bool,
         reply: Reply<Vec<Inserted>>,
     },
+    /// A probe record: can the log be written again?
+    Probe {
+        reply: Reply<()>,
+    },
     /// `reply: None`: an attempt count, not waited for.
     Claim {
         claim: log::Claim,
@@ -162,7 +166,7 @@ impl Writer {
         let mut pauses = Vec::new();
         for op in group {
             match op {
-                Op::Accept { .. } | Op::Claim { .. } => log_ops.push(op),
+                Op::Accept { .. } | Op::Claim { .. } | Op::Probe { .. } => log_ops.push(op),
                 Op::Trees { write, durable, reply } => tree_ops.push((write, durable, reply)),
                 Op::Sync { reply } => syncs.push(reply),
                 Op::Pause { paused, resume } => pauses.push((paused, resume)),
@@ -252,6 +256,10 @@ impl Writer {
                     }
                     answers.push((reply, out, immediate));
                 }
+                Op::Probe { reply } => {
+                    log::frame_probe(&mut buf);
+                    claim_replies.push(reply);
+                }
                 Op::Claim { claim, reply } => {
                     if self.claim_is_live(&claim) {
                         log::frame_claim(&claim, &mut buf);
@@ -271,10 +279,12 @@ impl Writer {
             match self.head.append(&buf, self.shared.faults.log_write()) {
                 Ok(()) => {
                     self.shared.stats.log_syncs.fetch_add(1, Ordering::Relaxed);
+                    *lock(&self.shared.trouble) = None;
                 }
                 Err(failed) => {
                     let path = log::segment_path(&self.log_dir, self.head.no);
                     let reason: Arc<str> = Arc::from(format!("{}: {}", path.display(), failed.error));
+                    *lock(&self.shared.trouble) = Some(reason.clone());
                     if failed.rolled_back {
                         tracing::warn!(error = %reason, "message log write failed and was undone; senders get 503");
                         self.undo(&fresh, answers, claim_replies, || StoreError::Write(reason.clone()));
@@ -472,6 +482,9 @@ impl Writer {
         let fail = |e: sled::Error| Some(StoreError::Sled(e));
         match &p.write {
             TreeWrite::Commit(c) => {
+                if self.shared.faults.commit() {
+                    p.error = Some(StoreError::Write(Arc::from("commit failed (injected fault)")));
+                }
                 p.retire = self.retiring(&c.turn);
                 // One turn of a conversation at a time: these keys cannot
                 // change before the transaction.
@@ -616,7 +629,7 @@ fn refuse(op: Op, error: impl Fn() -> StoreError) {
         Op::Accept { reply, .. } => {
             let _ = reply.send(Err(error()));
         }
-        Op::Claim { reply: Some(reply), .. } => {
+        Op::Claim { reply: Some(reply), .. } | Op::Probe { reply } => {
             let _ = reply.send(Err(error()));
         }
         _ => {}

@@ -127,6 +127,9 @@ impl Driver {
     }
 
     fn on_event(&mut self, event: Event) {
+        if self.store.faults().driver_killed() {
+            panic!("the driver was killed by a test's fault hook");
+        }
         match event {
             Event::Ingested(stored) => {
                 let now = now();

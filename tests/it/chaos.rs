@@ -1,6 +1,9 @@
 //! The chaos run: a mixed load (debounced and immediate webhooks, context
-//! writes) while the real binary is SIGKILLed and restarted at random and
-//! the AI service fails or hangs for a share of calls. Afterwards: no
+//! writes) while the real binary is SIGKILLed and restarted at random, its
+//! disk fills up for a second or two now and then (its data on a small
+//! loop-mounted ext4: real write errors; a daemon that exits over them is
+//! restarted, as systemd would), and the AI service fails or hangs for a
+//! share of calls. Afterwards: no
 //! acknowledged message lost, none in two committed turns, no two turns of
 //! one phone overlapping, and every dead turn listed and retryable.
 //!
@@ -25,6 +28,9 @@ async fn chaos_keeps_every_invariant() {
     let phones: usize = 60;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("daemon.log");
+    // Store errors need a file system that can fill up: a loop mount (root).
+    let fs = crate::loopfs::loop_fs_or_skip(dir.path(), 128, "chaos's store-error faults");
+    let data = fs.as_ref().map_or_else(|| dir.path().join("data"), |fs| fs.mount.join("data"));
     let handler = TestHandler::start(Duration::from_millis(5)).await;
     handler.set_chaos(Some(Chaos {
         seed: 0x5eed,
@@ -34,7 +40,7 @@ async fn chaos_keeps_every_invariant() {
     }));
     let ports = Ports::free();
     let (base, admin) = (ports.base(), ports.admin_base());
-    let mut env = binary_env(ports, &dir.path().join("data"), Some(&handler.url));
+    let mut env = binary_env(ports, &data, Some(&handler.url));
     env.extend([
         ("TURNSTILE_HANDLER_TIMEOUT_MS", "500".into()),
         ("TURNSTILE_HANDLER_MAX_ATTEMPTS", "3".into()),
@@ -89,19 +95,34 @@ async fn chaos_keeps_every_invariant() {
         }));
     }
 
-    // SIGKILL and restart at random while the load runs.
+    // SIGKILL and restart at random while the load runs; one round in three
+    // fills the disk instead. A daemon that exited by itself is restarted.
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
-    let mut kills = 0;
+    let (mut kills, mut disk_fulls, mut exits) = (0, 0, 0);
     while Instant::now() < until {
         sleep(Duration::from_millis(400 + rng.below(1600))).await;
-        let mut child = daemon.lock().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
-        kills += 1;
-        *child = spawn_binary(&env, &log);
+        exits += restart_if_exited(&daemon, &env, &log);
+        match &fs {
+            Some(fs) if rng.below(3) == 0 => {
+                let filler = fs.mount.join("filler");
+                tokio::task::block_in_place(|| crate::disk_full::fill(&filler));
+                sleep(Duration::from_millis(1000 + rng.below(1000))).await;
+                std::fs::remove_file(&filler).unwrap();
+                disk_fulls += 1;
+            }
+            _ => {
+                let mut child = daemon.lock().unwrap();
+                child.kill().unwrap();
+                child.wait().unwrap();
+                kills += 1;
+                *child = spawn_binary(&env, &log);
+            }
+        }
     }
     for s in senders {
-        s.await.unwrap();
+        if s.await.is_err() {
+            panic!("a sender failed; the daemon's log, newest first:\n{}", log_tail(&log, 60));
+        }
     }
     let acked = acked.lock().unwrap().clone();
     let total: usize = acked.values().map(Vec::len).sum();
@@ -133,6 +154,7 @@ async fn chaos_keeps_every_invariant() {
     let mut retried = HashSet::new();
     let final_turns = loop {
         assert!(Instant::now() < settle, "the pipeline never settled");
+        exits += restart_if_exited(&daemon, &env, &log);
         let turns = committed(client.clone(), admin.clone(), phone_list.clone()).await;
         let in_turns: usize = turns.values().flatten().map(|t| t["messages"].as_array().unwrap().len()).sum();
         let dead_now = dead(client.clone(), admin.clone()).await;
@@ -209,9 +231,22 @@ async fn chaos_keeps_every_invariant() {
     child.kill().unwrap();
     child.wait().unwrap();
     eprintln!(
-        "chaos: {seconds} s, {kills} SIGKILLs, {total} messages, {} turns, {} handler calls, {} dead turns retried",
+        "chaos: {seconds} s, {kills} SIGKILLs, {disk_fulls} full disks ({exits} exits over them), {total} messages, {} turns, {} handler calls, {} dead turns retried",
         turn_ids.len(),
         calls.len(),
         retried.len()
     );
+}
+
+/// What systemd's Restart=on-failure does: a daemon that exited is started
+/// again. Returns 1 if it had exited.
+fn restart_if_exited(daemon: &Mutex<Child>, env: &[(&str, String)], log: &std::path::Path) -> usize {
+    let mut child = daemon.lock().unwrap();
+    match child.try_wait().unwrap() {
+        Some(_) => {
+            *child = spawn_binary(env, log);
+            1
+        }
+        None => 0,
+    }
 }

@@ -73,6 +73,19 @@ impl Daemon {
 
     /// With a wall clock the test can move ahead (context expiry).
     pub async fn start_with_clock(config: Config, clock: Clock) -> Daemon {
+        Daemon::start_inner(config, clock, None).await
+    }
+
+    /// On a store the test opened, so it holds the store's fault hooks.
+    pub async fn start_with_faults(config: Config) -> (Daemon, Arc<turnstile::store::Faults>) {
+        let dir = config.server.data_dir.clone();
+        let store =
+            tokio::task::spawn_blocking(move || turnstile::store::Store::open(&dir).unwrap()).await.unwrap();
+        let faults = store.faults();
+        (Daemon::start_inner(config, Clock::system(), Some(store)).await, faults)
+    }
+
+    async fn start_inner(config: Config, clock: Clock, store: Option<turnstile::store::Store>) -> Daemon {
         // What the binary would refuse, a test does not run either.
         config.validate().expect("a valid test config");
         let webhook_token = config.ingest.webhook_token.clone();
@@ -83,7 +96,10 @@ impl Daemon {
         let stopped = async move {
             let _ = stopped.await;
         };
-        let task = tokio::spawn(turnstile::server::run_with_clock(config, listeners, stopped, clock));
+        let task = match store {
+            Some(store) => tokio::spawn(turnstile::server::run_on(config, listeners, stopped, clock, store)),
+            None => tokio::spawn(turnstile::server::run_with_clock(config, listeners, stopped, clock)),
+        };
         let client = reqwest::Client::new();
         let d = Daemon { base, admin, client, webhook_token, stop: Some(stop), task };
         // Serving starts before recovery; webhooks are taken once /readyz says so.
@@ -111,6 +127,11 @@ impl Daemon {
     /// Waits until the daemon has exited.
     pub async fn stopped(self) {
         self.task.await.unwrap().unwrap();
+    }
+
+    /// Waits until the daemon has exited by itself; what `run` returned.
+    pub async fn exited(self) -> Result<(), turnstile::server::ServerError> {
+        self.task.await.unwrap()
     }
 
     /// POSTs a message to the debounced webhook.
@@ -540,4 +561,36 @@ async fn fake_answer(
         status,
     });
     (StatusCode::from_u16(status).unwrap(), Json(answer)).into_response()
+}
+
+/// Each phone's committed turns, as `GET /api/conversations/{phone}` lists
+/// them (a phone that does not answer is left out).
+pub async fn committed_turns(
+    client: &reqwest::Client,
+    admin: &str,
+    phones: &[String],
+) -> HashMap<String, Vec<Value>> {
+    let mut all = HashMap::new();
+    for phone in phones {
+        if let Ok(r) = client.get(format!("{admin}/api/conversations/{phone}")).send().await {
+            if let Ok(v) = r.json::<Value>().await {
+                all.insert(phone.clone(), v["turns"].as_array().cloned().unwrap_or_default());
+            }
+        }
+    }
+    all
+}
+
+/// The message ids of committed turns, turn by turn, in order.
+pub fn ids_in_turns(turns: &[Value]) -> Vec<String> {
+    turns
+        .iter()
+        .flat_map(|t| t["messages"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+/// The last `n` lines of a daemon's log, newest first (for failure messages).
+pub fn log_tail(log: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines().rev().take(n).collect::<Vec<_>>().join("\n")
 }

@@ -1,0 +1,91 @@
+//! Background sweeps: message ids past the dedup window and expired
+//! contexts leave the disk. Each runs in bounded chunks through the store's
+//! writer, so a large sweep never makes one long group.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::clock::Clock;
+use crate::store::Store;
+
+/// How often expired message ids are forgotten.
+const DEDUP_SWEEP_EVERY: Duration = Duration::from_secs(3600);
+
+/// Forgets message ids retired more than `dedup_days` ago, once an hour.
+pub async fn dedup(store: Store, clock: Clock, dedup_days: u64, token: CancellationToken) {
+    let keep_ms = dedup_days * 24 * 3600 * 1000;
+    every(DEDUP_SWEEP_EVERY, token, || {
+        let store = store.clone();
+        let cutoff = clock.now_ms().saturating_sub(keep_ms);
+        async move {
+            let mut forgotten = 0;
+            loop {
+                match store.expire_dedup(cutoff).await {
+                    Ok(0) => break,
+                    Ok(n) => forgotten += n,
+                    Err(e) => {
+                        warn!(error = %e, "dedup sweep failed");
+                        break;
+                    }
+                }
+            }
+            if forgotten > 0 {
+                info!(records = forgotten, "expired message ids removed from the dedup index");
+            }
+        }
+    })
+    .await
+}
+
+/// Removes expired contexts from disk (reads already ignore them).
+pub async fn contexts(store: Store, clock: Clock, interval_ms: u64, token: CancellationToken) {
+    every(Duration::from_millis(interval_ms), token, || {
+        let store = store.clone();
+        let now = clock.now_ms();
+        async move {
+            let mut removed = 0;
+            loop {
+                match store.expire_contexts(now).await {
+                    Ok(swept) => {
+                        for e in &swept.errors {
+                            error!(error = %e, "context sweep met a damaged record; it stays until repaired");
+                        }
+                        removed += swept.removed;
+                        if swept.removed == 0 {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "context sweep failed");
+                        break;
+                    }
+                }
+            }
+            if removed > 0 {
+                info!(removed, "expired contexts removed");
+            }
+        }
+    })
+    .await
+}
+
+/// Runs `job` now and then every `period` until `token` is cancelled.
+async fn every<F: Future<Output = ()>>(
+    period: Duration,
+    token: CancellationToken,
+    mut job: impl FnMut() -> F,
+) {
+    loop {
+        tokio::select! {
+            _ = job() => {}
+            _ = token.cancelled() => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = token.cancelled() => return,
+        }
+    }
+}

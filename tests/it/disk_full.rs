@@ -1,0 +1,180 @@
+//! The disk fills up, for real: the data directory is on a small
+//! loop-mounted ext4, and a filler file takes all its free space for 10 s.
+//! Webhooks are refused meanwhile (never a 200 that is lost) and `/readyz`
+//! says why. Should sled fail too, the daemon exits with an error and the
+//! test restarts it the way the unit's `Restart=on-failure` would; a daemon
+//! that starts while the disk is full waits in place. Once the space is
+//! back, webhooks are accepted again within 15 s with no manual action, and
+//! every acknowledged message is in exactly one committed turn, in the order
+//! its phone sent it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::time::{sleep, Instant};
+
+use crate::helpers::*;
+use crate::loopfs::loop_fs_or_skip;
+
+const PHONES: usize = 20;
+
+/// Writes to `path` until the file system has no space left (4 KiB at the end).
+pub fn fill(path: &std::path::Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    for chunk in [1 << 20, 4096] {
+        let zeros = vec![0u8; chunk];
+        loop {
+            match f.write(&zeros) {
+                Ok(n) if n == chunk => continue,
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) => panic!("filling the disk: {e}"),
+            }
+        }
+    }
+    let _ = f.sync_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_refused_then_healed_without_an_operator_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = loop_fs_or_skip(dir.path(), 64, "the disk-full test") else { return };
+    let handler = TestHandler::start(Duration::from_millis(5)).await;
+    let ports = Ports::free();
+    let (base, admin) = (ports.base(), ports.admin_base());
+    let mut env = binary_env(ports, &fs.mount.join("data"), Some(&handler.url));
+    env.extend([
+        ("TURNSTILE_BATCHING_DEBOUNCE_MS", "200".into()),
+        ("TURNSTILE_BATCHING_MAX_WAIT_MS", "800".into()),
+        ("TURNSTILE_TURNS_HISTORY_LIMIT", "1000".into()),
+        ("TURNSTILE_TURNS_SHUTDOWN_GRACE_MS", "1000".into()),
+    ]);
+    let log = dir.path().join("daemon.log");
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().unwrap();
+
+    // "systemd": restart the daemon 1 s after it exits, whatever the reason.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let exits: Arc<Mutex<Vec<String>>> = Arc::default();
+    let supervisor = {
+        let (env, log, done, exits) = (env.clone(), log.clone(), done.clone(), exits.clone());
+        tokio::spawn(async move {
+            let mut child = Spawned(spawn_binary(&env, &log));
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(status) = child.0.try_wait().unwrap() {
+                    exits.lock().unwrap().push(status.to_string());
+                    sleep(Duration::from_secs(1)).await;
+                    child = Spawned(spawn_binary(&env, &log));
+                }
+                sleep(Duration::from_millis(50)).await;
+            }
+            child
+        })
+    };
+    wait_ready(&client, &admin).await;
+
+    // Senders: each phone in order, each message retried until answered 200.
+    let acked: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::default();
+    let last_ok: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let stop_sending = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut senders = Vec::new();
+    for p in 0..PHONES {
+        let (client, base, acked, last_ok, stop) =
+            (client.clone(), base.clone(), acked.clone(), last_ok.clone(), stop_sending.clone());
+        senders.push(tokio::spawn(async move {
+            let phone = format!("7905{p:07}");
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = format!("{phone}-{i}");
+                let body = json!({"id": id, "from": phone, "message": format!("m{i}")});
+                loop {
+                    let sent = client
+                        .post(format!("{base}/webhook/whatsapp/batched"))
+                        .bearer_auth(WEBHOOK_TOKEN)
+                        .json(&body)
+                        .send()
+                        .await;
+                    if sent.is_ok_and(|r| r.status() == 200) {
+                        acked.lock().unwrap().entry(phone.clone()).or_default().push(id.clone());
+                        *last_ok.lock().unwrap() = Some(Instant::now());
+                        break;
+                    }
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
+                    sleep(Duration::from_millis(100)).await;
+                }
+                i += 1;
+                sleep(Duration::from_millis(100)).await;
+            }
+        }));
+    }
+
+    sleep(Duration::from_secs(3)).await;
+    let acked_before = acked.lock().unwrap().values().map(Vec::len).sum::<usize>();
+    // Fill the disk: every free block to one file, written until ENOSPC.
+    let filler = fs.mount.join("filler");
+    tokio::task::block_in_place(|| fill(&filler));
+    let full_at = Instant::now();
+    let mut saw_unready = false;
+    while full_at.elapsed() < Duration::from_secs(10) {
+        if let Ok(r) = client.get(format!("{admin}/readyz")).send().await {
+            saw_unready |= r.status() == 503;
+        }
+        sleep(Duration::from_millis(200)).await;
+    }
+    std::fs::remove_file(&filler).unwrap();
+    let freed_at = Instant::now();
+
+    // Back within 15 s, with nobody touching it.
+    loop {
+        let ok = last_ok.lock().unwrap().is_some_and(|t| t > freed_at);
+        if ok {
+            break;
+        }
+        assert!(
+            freed_at.elapsed() < Duration::from_secs(15),
+            "webhooks not accepted 15 s after space came back"
+        );
+        sleep(Duration::from_millis(100)).await;
+    }
+    let healed_in = freed_at.elapsed();
+    sleep(Duration::from_secs(2)).await;
+    stop_sending.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in senders {
+        s.await.unwrap();
+    }
+
+    // Every acknowledged message, once, in order, in a committed turn.
+    let acked = acked.lock().unwrap().clone();
+    let total: usize = acked.values().map(Vec::len).sum();
+    let phones: Vec<String> = acked.keys().cloned().collect();
+    let drain_until = Instant::now() + Duration::from_secs(60);
+    let committed = loop {
+        let turns = committed_turns(&client, &admin, &phones).await;
+        let n: usize = turns.values().map(|t| ids_in_turns(t).len()).sum();
+        if n >= total {
+            break turns;
+        }
+        assert!(Instant::now() < drain_until, "{n} of {total} acknowledged messages committed");
+        sleep(Duration::from_millis(200)).await;
+    };
+    for (phone, sent) in &acked {
+        assert_eq!(
+            &ids_in_turns(&committed[phone]),
+            sent,
+            "{phone}: not every acknowledged message once, in order"
+        );
+    }
+    assert_eq!(handler.max_in_flight().0, 1, "two turns of one phone overlapped");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(supervisor.await.unwrap());
+    let exits = exits.lock().unwrap().clone();
+    assert!(saw_unready, "the full disk was never visible on /readyz");
+    eprintln!(
+        "disk full: {acked_before} acknowledged before, {total} in all; exits {exits:?}; accepting again {:.1} s after space came back",
+        healed_in.as_secs_f64()
+    );
+}
