@@ -43,9 +43,20 @@ fn only_the_store_names_sled() {
 #[test]
 fn only_turns_commits_turns_and_writes_contexts() {
     for (file, code) in code() {
-        for write in [".commit_turn(", ".park_dead(", ".update_context("] {
+        for write in ["store.commit(", ".park_dead(", ".update_context(", "store.claim(", ".reopen_dead("] {
             if code.contains(write) {
                 assert!(file.starts_with("turns/") || file.starts_with("store/"), "{file} calls {write}");
+            }
+        }
+    }
+}
+
+#[test]
+fn nothing_but_the_store_syncs_files_or_writes_its_trees() {
+    for (file, code) in code() {
+        if !file.starts_with("store/") && file != "backup.rs" {
+            for forbidden in ["sync_data(", "sync_all(", ".apply_batch(", "sync_file_range"] {
+                assert!(!code.contains(forbidden), "{file} uses {forbidden}");
             }
         }
     }
