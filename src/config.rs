@@ -1,7 +1,9 @@
 //! The daemon's one configuration: a TOML file where every key is optional,
 //! overlaid by `TURNSTILE_<SECTION>_<KEY>` environment variables.
 //!
-//! Defaults live in named functions so the example file in the repository
+//! The types are here; the defaults (named functions) in `defaults.rs`, the
+//! environment overlay in `env.rs`, the rules in `validate.rs` and
+//! `exposure.rs`. The example file in the repository
 //! (`turnstile.example.toml`) and the code cannot drift: a unit test parses
 //! the example and compares it with `Config::default()`.
 
@@ -11,7 +13,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod defaults;
+mod env;
 mod exposure;
+mod validate;
 
 pub use exposure::Unauthenticated;
 
@@ -251,185 +256,6 @@ pub struct LogConfig {
     pub mask_phones: bool,
 }
 
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 8080))
-}
-/// Beside the public port, on loopback: the admin API is never exposed by default.
-fn default_admin_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 8081))
-}
-fn default_data_dir() -> PathBuf {
-    PathBuf::from("./data")
-}
-fn default_company_id() -> String {
-    "default".to_owned()
-}
-/// 64 KiB: a WhatsApp text is at most 4096 characters, so this leaves room.
-fn default_max_body_bytes() -> usize {
-    64 * 1024
-}
-/// WhatsApp's Cloud API redelivers a webhook for up to 7 days.
-fn default_dedup_days() -> u64 {
-    7
-}
-fn default_debounce_ms() -> u64 {
-    10_000
-}
-fn default_max_messages() -> usize {
-    10
-}
-fn default_max_wait_ms() -> u64 {
-    60_000
-}
-fn default_max_concurrent() -> usize {
-    32
-}
-fn default_history_limit() -> usize {
-    20
-}
-/// Below systemd's default TimeoutStopSec of 90 s, and below the unit's 30 s.
-fn default_shutdown_grace_ms() -> u64 {
-    20_000
-}
-fn default_timeout_ms() -> u64 {
-    60_000
-}
-fn default_max_attempts() -> u32 {
-    5
-}
-fn default_backoff_ms() -> u64 {
-    1_000
-}
-fn default_backoff_max_ms() -> u64 {
-    30_000
-}
-/// The system we replace kept contexts in Redis for 12 hours.
-fn default_ttl_hours() -> u64 {
-    12
-}
-/// Room for a ~300 KB booking snapshot many times over.
-fn default_context_max_bytes() -> usize {
-    4 * 1024 * 1024
-}
-fn default_sweep_interval_ms() -> u64 {
-    60_000
-}
-/// One a minute for a whole hour: far above a client's conversation, and a
-/// brake on a loop between two bots or a flood aimed at one number.
-fn default_max_replies_per_conversation_per_hour() -> u32 {
-    60
-}
-impl Default for GatewayConfig {
-    fn default() -> Self {
-        GatewayConfig {
-            kind: GatewayKind::Log,
-            url: String::new(),
-            api_key: String::new(),
-            access_token: String::new(),
-            session: "default".to_owned(),
-            phone_number_id: String::new(),
-            max_chars: 4096,
-            timeout_ms: 10_000,
-            backoff_ms: 1_000,
-            backoff_max_ms: 60_000,
-            // With the 60 s cap, about an hour and a half of outage.
-            max_attempts: 100,
-            typing: true,
-            max_replies_per_conversation_per_hour: default_max_replies_per_conversation_per_hour(),
-        }
-    }
-}
-
-impl Default for OpenAiConfig {
-    fn default() -> Self {
-        OpenAiConfig {
-            base_url: "https://api.openai.com/v1".to_owned(),
-            model: "gpt-4o-mini".to_owned(),
-            system_prompt:
-                "You are the booking assistant of a beauty salon. Answer briefly, in the client's language."
-                    .to_owned(),
-            system_prompt_file: String::new(),
-            api_key_env: "OPENAI_API_KEY".to_owned(),
-            history_turns: 20,
-        }
-    }
-}
-
-fn default_log_filter() -> String {
-    "info".to_owned()
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            listen: default_listen(),
-            admin_listen: default_admin_listen(),
-            data_dir: default_data_dir(),
-            admin_token: String::new(),
-        }
-    }
-}
-impl Default for IngestConfig {
-    fn default() -> Self {
-        IngestConfig {
-            default_company_id: default_company_id(),
-            max_body_bytes: default_max_body_bytes(),
-            dedup_days: default_dedup_days(),
-            webhook_token: String::new(),
-            generic_webhooks: true,
-            allow_unauthenticated: false,
-        }
-    }
-}
-impl Default for BatchingConfig {
-    fn default() -> Self {
-        BatchingConfig {
-            debounce_ms: default_debounce_ms(),
-            max_messages: default_max_messages(),
-            max_wait_ms: default_max_wait_ms(),
-        }
-    }
-}
-impl Default for TurnsConfig {
-    fn default() -> Self {
-        TurnsConfig {
-            max_concurrent: default_max_concurrent(),
-            history_limit: default_history_limit(),
-            shutdown_grace_ms: default_shutdown_grace_ms(),
-        }
-    }
-}
-impl Default for HandlerConfig {
-    fn default() -> Self {
-        HandlerConfig {
-            kind: HandlerKind::Echo,
-            url: String::new(),
-            timeout_ms: default_timeout_ms(),
-            max_attempts: default_max_attempts(),
-            backoff_ms: default_backoff_ms(),
-            backoff_max_ms: default_backoff_max_ms(),
-        }
-    }
-}
-impl Default for ContextConfig {
-    fn default() -> Self {
-        ContextConfig {
-            ttl_hours: default_ttl_hours(),
-            max_bytes: default_context_max_bytes(),
-            sweep_interval_ms: default_sweep_interval_ms(),
-        }
-    }
-}
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig { filter: default_log_filter(), mask_phones: true }
-    }
-}
-
-const ENV_PREFIX: &str = "TURNSTILE_";
-/// Environment variables with the prefix that are not config keys.
-const ENV_RESERVED: &[&str] = &["TURNSTILE_CONFIG", crate::server::TEST_FAULTS_ENV];
-
 impl Config {
     /// Reads `path` (if given), then applies `TURNSTILE_*` variables from `env`.
     pub fn load(
@@ -445,156 +271,13 @@ impl Config {
             }
             None => toml::Table::new(),
         };
-        apply_env(&mut table, env)?;
+        env::apply(&mut table, env)?;
         let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             ConfigError::Invalid { key: e.path().to_string(), message: e.into_inner().to_string() }
         })?;
         config.validate()?;
         Ok(config)
     }
-
-    /// Checks the rules the types cannot express.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, message: &str| {
-            Err(ConfigError::Invalid { key: key.to_owned(), message: message.to_owned() })
-        };
-        exposure::check_listeners(&self.server)?;
-        if self.ingest.default_company_id.trim().is_empty() {
-            return bad("ingest.default_company_id", "must not be empty");
-        }
-        if self.ingest.max_body_bytes < 256 {
-            return bad("ingest.max_body_bytes", "must be at least 256");
-        }
-        if self.ingest.dedup_days == 0 {
-            return bad("ingest.dedup_days", "must be at least 1");
-        }
-        if self.batching.debounce_ms == 0 {
-            return bad("batching.debounce_ms", "must be at least 1");
-        }
-        if self.batching.max_messages == 0 {
-            return bad("batching.max_messages", "must be at least 1");
-        }
-        if self.batching.max_wait_ms == 0 {
-            return bad("batching.max_wait_ms", "must be at least 1");
-        }
-        if self.turns.max_concurrent == 0 {
-            return bad("turns.max_concurrent", "must be at least 1");
-        }
-        if self.handler.max_attempts == 0 {
-            return bad("handler.max_attempts", "must be at least 1");
-        }
-        if self.handler.timeout_ms == 0 {
-            return bad("handler.timeout_ms", "must be at least 1");
-        }
-        if self.handler.kind == HandlerKind::Http {
-            check_url("handler.url", &self.handler.url, "handler.kind = \"http\"")?;
-        }
-        if self.handler.kind == HandlerKind::OpenAi {
-            check_url("openai.base_url", &self.openai.base_url, "handler.kind = \"openai\"")?;
-            if self.openai.model.trim().is_empty() {
-                return bad("openai.model", "must not be empty");
-            }
-            if !self.openai.system_prompt_file.is_empty() {
-                if let Err(e) = std::fs::read_to_string(&self.openai.system_prompt_file) {
-                    return bad("openai.system_prompt_file", &format!("cannot read it: {e}"));
-                }
-            }
-        }
-        let g = &self.gateway;
-        if g.kind != GatewayKind::Log {
-            check_url("gateway.url", &g.url, "gateway.kind is not \"log\"")?;
-        }
-        if g.kind == GatewayKind::Meta && g.access_token.is_empty() {
-            return bad("gateway.access_token", "is required for gateway.kind = \"meta\"");
-        }
-        if g.max_chars < 16 {
-            return bad("gateway.max_chars", "must be at least 16");
-        }
-        if g.max_attempts == 0 {
-            return bad("gateway.max_attempts", "must be at least 1");
-        }
-        if g.timeout_ms == 0 {
-            return bad("gateway.timeout_ms", "must be at least 1");
-        }
-        if g.max_replies_per_conversation_per_hour == 0 {
-            return bad("gateway.max_replies_per_conversation_per_hour", "must be at least 1");
-        }
-        if self.context.ttl_hours == 0 {
-            return bad("context.ttl_hours", "must be at least 1");
-        }
-        if self.context.max_bytes < 1024 {
-            return bad("context.max_bytes", "must be at least 1024");
-        }
-        if self.context.sweep_interval_ms == 0 {
-            return bad("context.sweep_interval_ms", "must be at least 1");
-        }
-        if let Err(e) = self.log.filter.parse::<tracing_subscriber::EnvFilter>() {
-            return bad("log.filter", &e.to_string());
-        }
-        // Last: a config otherwise sound, but open to anyone once something leaves.
-        exposure::check_webhooks(self)
-    }
-}
-
-fn check_url(key: &str, value: &str, because: &str) -> Result<(), ConfigError> {
-    let bad = |message: String| Err(ConfigError::Invalid { key: key.to_owned(), message });
-    match reqwest::Url::parse(value) {
-        Ok(url) if url.scheme() == "http" || url.scheme() == "https" => Ok(()),
-        Ok(url) => bad(format!("must be http:// or https://, not {}://", url.scheme())),
-        Err(_) if value.is_empty() => bad(format!("is required when {because}")),
-        Err(e) => bad(format!("not a URL: {e}")),
-    }
-}
-
-/// Overlays `TURNSTILE_<SECTION>_<KEY>` variables. The type of each value is
-/// taken from the key's default, so `TURNSTILE_INGEST_DEFAULT_COMPANY_ID=962302`
-/// stays a string and `TURNSTILE_BATCHING_DEBOUNCE_MS=abc` is refused by name.
-fn apply_env(
-    table: &mut toml::Table,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
-    let defaults = toml::Table::try_from(Config::default()).expect("default config serializes");
-    let mut vars: Vec<(String, String)> = env
-        .into_iter()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !ENV_RESERVED.contains(&k.as_str()))
-        .collect();
-    vars.sort();
-    for (var, raw) in vars {
-        let rest = var[ENV_PREFIX.len()..].to_ascii_lowercase();
-        let err = |message: String| ConfigError::Env { var: var.clone(), message };
-        let (section, key) =
-            rest.split_once('_').ok_or_else(|| err("expected TURNSTILE_<SECTION>_<KEY>".to_owned()))?;
-        let default = defaults
-            .get(section)
-            .and_then(|s| s.as_table())
-            .and_then(|s| s.get(key))
-            .ok_or_else(|| err(format!("no config key {section}.{key}")))?;
-        let value = match default {
-            toml::Value::Integer(_) => raw
-                .trim()
-                .parse::<i64>()
-                .map(toml::Value::Integer)
-                .map_err(|_| err(format!("{section}.{key} must be an integer, got {raw:?}")))?,
-            toml::Value::Table(_) => {
-                return Err(err(format!("{section}.{key} is a table: set it in the config file")));
-            }
-            toml::Value::Boolean(_) => raw
-                .trim()
-                .parse::<bool>()
-                .map(toml::Value::Boolean)
-                .map_err(|_| err(format!("{section}.{key} must be true or false, got {raw:?}")))?,
-            _ => toml::Value::String(raw),
-        };
-        let section_table =
-            table.entry(section.to_owned()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        match section_table.as_table_mut() {
-            Some(t) => {
-                t.insert(key.to_owned(), value);
-            }
-            None => return Err(err(format!("[{section}] in the config file is not a table"))),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

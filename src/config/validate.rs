@@ -1,0 +1,99 @@
+//! The rules a config must keep that its types cannot express; each refusal
+//! names the key to change.
+
+use super::{exposure, Config, ConfigError, GatewayKind, HandlerKind};
+
+impl Config {
+    /// Checks the rules the types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: &str| {
+            Err(ConfigError::Invalid { key: key.to_owned(), message: message.to_owned() })
+        };
+        exposure::check_listeners(&self.server)?;
+        if self.ingest.default_company_id.trim().is_empty() {
+            return bad("ingest.default_company_id", "must not be empty");
+        }
+        if self.ingest.max_body_bytes < 256 {
+            return bad("ingest.max_body_bytes", "must be at least 256");
+        }
+        if self.ingest.dedup_days == 0 {
+            return bad("ingest.dedup_days", "must be at least 1");
+        }
+        if self.batching.debounce_ms == 0 {
+            return bad("batching.debounce_ms", "must be at least 1");
+        }
+        if self.batching.max_messages == 0 {
+            return bad("batching.max_messages", "must be at least 1");
+        }
+        if self.batching.max_wait_ms == 0 {
+            return bad("batching.max_wait_ms", "must be at least 1");
+        }
+        if self.turns.max_concurrent == 0 {
+            return bad("turns.max_concurrent", "must be at least 1");
+        }
+        if self.handler.max_attempts == 0 {
+            return bad("handler.max_attempts", "must be at least 1");
+        }
+        if self.handler.timeout_ms == 0 {
+            return bad("handler.timeout_ms", "must be at least 1");
+        }
+        if self.handler.kind == HandlerKind::Http {
+            check_url("handler.url", &self.handler.url, "handler.kind = \"http\"")?;
+        }
+        if self.handler.kind == HandlerKind::OpenAi {
+            check_url("openai.base_url", &self.openai.base_url, "handler.kind = \"openai\"")?;
+            if self.openai.model.trim().is_empty() {
+                return bad("openai.model", "must not be empty");
+            }
+            if !self.openai.system_prompt_file.is_empty() {
+                if let Err(e) = std::fs::read_to_string(&self.openai.system_prompt_file) {
+                    return bad("openai.system_prompt_file", &format!("cannot read it: {e}"));
+                }
+            }
+        }
+        let g = &self.gateway;
+        if g.kind != GatewayKind::Log {
+            check_url("gateway.url", &g.url, "gateway.kind is not \"log\"")?;
+        }
+        if g.kind == GatewayKind::Meta && g.access_token.is_empty() {
+            return bad("gateway.access_token", "is required for gateway.kind = \"meta\"");
+        }
+        if g.max_chars < 16 {
+            return bad("gateway.max_chars", "must be at least 16");
+        }
+        if g.max_attempts == 0 {
+            return bad("gateway.max_attempts", "must be at least 1");
+        }
+        if g.timeout_ms == 0 {
+            return bad("gateway.timeout_ms", "must be at least 1");
+        }
+        if g.max_replies_per_conversation_per_hour == 0 {
+            return bad("gateway.max_replies_per_conversation_per_hour", "must be at least 1");
+        }
+        if self.context.ttl_hours == 0 {
+            return bad("context.ttl_hours", "must be at least 1");
+        }
+        if self.context.max_bytes < 1024 {
+            return bad("context.max_bytes", "must be at least 1024");
+        }
+        if self.context.sweep_interval_ms == 0 {
+            return bad("context.sweep_interval_ms", "must be at least 1");
+        }
+        if let Err(e) = self.log.filter.parse::<tracing_subscriber::EnvFilter>() {
+            return bad("log.filter", &e.to_string());
+        }
+        // Last: a config otherwise sound, but open to anyone once something leaves.
+        exposure::check_webhooks(self)
+    }
+}
+
+fn check_url(key: &str, value: &str, because: &str) -> Result<(), ConfigError> {
+    let bad = |message: String| Err(ConfigError::Invalid { key: key.to_owned(), message });
+    match reqwest::Url::parse(value) {
+        Ok(url) if url.scheme() == "http" || url.scheme() == "https" => Ok(()),
+        Ok(url) => bad(format!("must be http:// or https://, not {}://", url.scheme())),
+        Err(_) if value.is_empty() => bad(format!("is required when {because}")),
+        Err(e) => bad(format!("not a URL: {e}")),
+    }
+}
+
