@@ -18,6 +18,8 @@ mod env;
 mod exposure;
 mod validate;
 
+pub use validate::STOP_RESERVE_MS;
+
 pub use exposure::Unauthenticated;
 
 /// Why a configuration was refused. The binary prints it and exits with 2.
@@ -63,6 +65,20 @@ pub struct ServerConfig {
     /// Bearer token for the admin listener. Required when `admin_listen` is
     /// not a loopback address; when set, required on loopback too.
     pub admin_token: String,
+    /// Time a client has to send a request's headers, counted from when the
+    /// connection waits for them: also the longest an idle keep-alive
+    /// connection stays open. Slower clients are disconnected.
+    pub header_timeout_ms: u64,
+    /// Time a client has to send a request's body once its headers are in;
+    /// past it the answer is 408 and the connection closes.
+    pub body_timeout_ms: u64,
+    /// Open connections per listener; past it a new one is closed at once.
+    pub max_connections: usize,
+    /// The longest a stop may take, whatever clients or the handler do:
+    /// running turns get `turns.shutdown_grace_ms` of it, the outbox, the
+    /// connections and the store's last sync the rest. Keep it below the
+    /// unit's TimeoutStopSec (30 s).
+    pub stop_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

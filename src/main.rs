@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -107,10 +108,14 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
         .init();
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let stop_timeout = Duration::from_millis(config.server.stop_timeout_ms);
     let result = runtime.block_on(async {
         let listeners = Listeners::bind(&config.server).await?;
-        turnstile::run(config, listeners, shutdown_signal()).await.map_err(anyhow::Error::from)
+        turnstile::run(config, listeners, shutdown_signal(stop_timeout)).await.map_err(anyhow::Error::from)
     });
+    // Nothing left to wait for: a blocking call still running (a sync on a
+    // sick disk) must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_millis(100));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -124,7 +129,7 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
 /// Resolves on the first SIGTERM or SIGINT. A second one exits at once:
 /// every acknowledged message is already on disk, and running turns re-run
 /// on the next start under the same turn_id.
-async fn shutdown_signal() {
+async fn shutdown_signal(stop_timeout: Duration) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
@@ -132,6 +137,13 @@ async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM received; stopping (a second signal exits at once)"),
         _ = int.recv() => tracing::info!("SIGINT received; stopping (a second signal exits at once)"),
     }
+    // The stop is bounded by `server.stop_timeout_ms` step by step; this is
+    // the backstop, on a thread of its own, should anything still hang.
+    std::thread::spawn(move || {
+        std::thread::sleep(stop_timeout + Duration::from_millis(700));
+        eprintln!("turnstile: the stop deadline passed; exiting now (acknowledged messages are on disk)");
+        std::process::exit(0);
+    });
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => {}

@@ -131,6 +131,8 @@ pub struct Gauges {
     pub tree_syncs: u64,
     pub messages_stored: u64,
     pub log_segments: usize,
+    /// Per listener (public, admin): connections open, and refused at the cap.
+    pub connections: [(u64, u64); 2],
 }
 
 pub fn inc(counter: &AtomicU64) {
@@ -304,6 +306,20 @@ impl Metrics {
             "Messages stored and acknowledged as accepted.",
             g.messages_stored,
         );
+        let _ = writeln!(
+            out,
+            "# HELP turnstile_connections Open connections per listener.\n# TYPE turnstile_connections gauge"
+        );
+        for (listener, (open, _)) in ["public", "admin"].iter().zip(g.connections) {
+            let _ = writeln!(out, "turnstile_connections{{listener=\"{listener}\"}} {open}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP turnstile_connections_refused_total Connections closed at once at server.max_connections.\n# TYPE turnstile_connections_refused_total counter"
+        );
+        for (listener, (_, refused)) in ["public", "admin"].iter().zip(g.connections) {
+            let _ = writeln!(out, "turnstile_connections_refused_total{{listener=\"{listener}\"}} {refused}");
+        }
         gauge(&mut out, "turnstile_log_segments", "Message-log segment files.", g.log_segments as f64);
         gauge(
             &mut out,

@@ -15,7 +15,7 @@
 //! start); the listeners close; the outbox finishes its sends in flight; the
 //! store is flushed and closed.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -189,11 +189,14 @@ pub async fn run_on(
     set_mask_phones(config.log.mask_phones);
     let shared = Shared { clock, ..Shared::default() };
     let stopping = shared.stopping.clone();
+    // The stop request only; the stop itself (`stopping.shutdown`) follows
+    // once the store refuses messages, so none is written and then refused.
+    let requested = CancellationToken::new();
     {
-        let shutdown_token = stopping.shutdown.clone();
+        let requested = requested.clone();
         tokio::spawn(async move {
             shutdown.await;
-            shutdown_token.cancel();
+            requested.cancel();
         });
     }
 
@@ -207,6 +210,8 @@ pub async fn run_on(
         driver: handle.clone(),
         clock: shared.clock.clone(),
         ready: ready.clone(),
+        body_timeout: Duration::from_millis(config.server.body_timeout_ms),
+        connections: [Arc::default(), Arc::default()],
         fatal: fatal.clone(),
         draining: stopping.shutdown.clone(),
         metrics: shared.metrics.clone(),
@@ -220,17 +225,23 @@ pub async fn run_on(
         default_company_id: config.ingest.default_company_id.clone(),
     });
     warn_unauthenticated(&config);
-    let http_stop = CancellationToken::new();
+    let http_stop = http::serve::Stop::default();
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     info!(listen = %addr(&listeners.public), admin_listen = %addr(&listeners.admin), "serving");
-    let mut server = {
-        let public = axum::serve(listeners.public, http::public_router(state.clone()))
-            .with_graceful_shutdown(http_stop.clone().cancelled_owned());
-        let admin = axum::serve(listeners.admin, http::admin_router(state))
-            .with_graceful_shutdown(http_stop.clone().cancelled_owned());
-        // Either failing stops both: the daemon then shuts down.
-        tokio::spawn(async move { tokio::try_join!(public.into_future(), admin.into_future()).map(|_| ()) })
+    let limits = http::serve::Limits {
+        header_timeout: Duration::from_millis(config.server.header_timeout_ms),
+        max_connections: config.server.max_connections,
     };
+    let mut server = tokio::task::JoinSet::new();
+    for (listener, router, counts) in [
+        (listeners.public, http::public_router(state.clone()), state.connections[0].clone()),
+        (listeners.admin, http::admin_router(state.clone()), state.connections[1].clone()),
+    ] {
+        server.spawn(http::serve::serve(listener, router, limits, counts, http_stop.clone()));
+    }
+    // The routers hold the state (and the store) from here; the store closes
+    // only once they are gone.
+    drop(state);
 
     let recovery = store.take_recovered().unwrap_or_default();
     info!(
@@ -263,7 +274,7 @@ pub async fn run_on(
         )),
     ];
     let watchdog =
-        ops::watchdog_interval().map(|every| tokio::spawn(ops::watchdog(every, http_stop.clone())));
+        ops::watchdog_interval().map(|every| tokio::spawn(ops::watchdog(every, http_stop.kill.clone())));
 
     // The writer announces every stored message to the driver, from now on.
     store.set_sink(Some(Arc::new(move |stored: Vec<Announce>| handle.ingested(stored))));
@@ -271,74 +282,83 @@ pub async fn run_on(
     ops::notify("READY=1");
     info!("ready");
 
-    // Run until asked to stop, the listener fails, or a fatal fault.
-    let mut served_early = None;
+    // Run until asked to stop, or a fatal fault.
     let mut driver_done = false;
     let mut outbox_done = false;
-    // The driver and the outbox also end on shutdown: only an end before it is a fault.
+    // The driver and the outbox end only after `stopping.shutdown`: an end before it is a fault.
     let failure: Option<String> = tokio::select! {
         biased;
-        _ = stopping.shutdown.cancelled() => None,
-        served = &mut server => {
-            served_early = Some(served);
-            None
-        }
+        _ = requested.cancelled() => None,
         reason = store.failed() => Some(format!("the store failed: {reason}")),
         _ = &mut driver => {
             driver_done = true;
-            (!stopping.shutdown.is_cancelled()).then(|| "the driver task ended unexpectedly".to_owned())
+            Some("the driver task ended unexpectedly".to_owned())
         }
         _ = &mut outbox => {
             outbox_done = true;
-            (!stopping.shutdown.is_cancelled()).then(|| "the outbox task ended unexpectedly".to_owned())
+            Some("the outbox task ended unexpectedly".to_owned())
         }
     };
+    // One deadline for the whole stop, whatever clients or the handler do.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(config.server.stop_timeout_ms);
+    let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
     // From here nothing more is acknowledged (the writer refuses messages
     // before writing them): what would not become a turn now is not taken.
     store.set_sink(None);
+    // A group the writer took up before that announces to the driver still:
+    // one round trip through the writer waits it out, before the driver stops.
+    let _ = tokio::time::timeout(Duration::from_secs(1), store.sync()).await;
     if let Some(reason) = &failure {
         *fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
         error!(reason, "fatal fault: refusing webhooks and exiting for a restart");
     }
     stopping.shutdown.cancel();
     ops::notify("STOPPING=1");
-    info!("shutting down: webhooks get 503, no new turns start; waiting for running turns");
+    info!(
+        stop_timeout_ms = config.server.stop_timeout_ms,
+        "shutting down: webhooks get 503, no new turns start; waiting for running turns"
+    );
 
     if !driver_done {
-        let _ = driver.await;
+        let _ = tokio::time::timeout(left(), driver).await;
     }
     for task in background {
-        let _ = task.await;
+        let _ = tokio::time::timeout(left(), task).await;
     }
+    // Running turns get their grace, within the deadline and its reserve.
     turns.close();
-    let grace = Duration::from_millis(config.turns.shutdown_grace_ms);
+    let reserve = Duration::from_millis(crate::config::STOP_RESERVE_MS);
+    let grace = Duration::from_millis(config.turns.shutdown_grace_ms).min(left().saturating_sub(reserve));
     if tokio::time::timeout(grace, turns.wait()).await.is_err() {
         warn!(still_running = turns.len(), "grace period over; unfinished turns re-run on the next start");
         stopping.abort.cancel();
-        turns.wait().await;
+        let _ = tokio::time::timeout(left(), turns.wait()).await;
     }
-    http_stop.cancel();
-    let served = match served_early {
-        Some(served) => served,
-        None => server.await,
-    };
+    // Replies committed but not sent stay in the outbox for the next start.
+    if !outbox_done && tokio::time::timeout(left().saturating_sub(reserve / 2), &mut outbox).await.is_err() {
+        warn!("sends still in flight at the stop deadline; their pieces are sent after the next start");
+        outbox.abort();
+    }
+    // The listeners close only now: until here gateways got 503, not refusals.
+    http_stop.close.cancel();
+    // Clients that do not finish (a half-sent request) are dropped after this.
+    let closing = async { while server.join_next().await.is_some() {} };
+    let _ =
+        tokio::time::timeout(left().saturating_sub(reserve / 4).min(Duration::from_secs(1)), closing).await;
+    http_stop.kill.cancel();
+    while server.join_next().await.is_some() {}
     if let Some(w) = watchdog {
         let _ = w.await;
     }
-    // Replies committed but not sent stay in the outbox for the next start.
-    if !outbox_done {
-        let _ = outbox.await;
-    }
-    if let Err(e) = store.close().await {
-        error!(error = %e, "final sync failed");
+    match tokio::time::timeout(left().max(Duration::from_millis(200)), store.close()).await {
+        Ok(Err(e)) => error!(error = %e, "final sync failed"),
+        Err(_) => error!("the store's last sync did not end before the stop deadline"),
+        Ok(Ok(())) => {}
     }
     info!("stopped");
-    if let Some(reason) = failure {
-        return Err(ServerError::Fatal(reason));
-    }
-    match served {
-        Ok(result) => result.map_err(ServerError::Serve),
-        Err(e) => Err(ServerError::Serve(std::io::Error::other(e))),
+    match failure {
+        Some(reason) => Err(ServerError::Fatal(reason)),
+        None => Ok(()),
     }
 }
 

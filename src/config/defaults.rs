@@ -14,6 +14,22 @@ fn default_listen() -> SocketAddr {
 fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8081))
 }
+/// hyper's own default: generous for a gateway on a slow link, and above the
+/// keep-alive idle time of common proxies' upstream pools (keep those below).
+fn default_header_timeout_ms() -> u64 {
+    30_000
+}
+fn default_body_timeout_ms() -> u64 {
+    15_000
+}
+/// Far above what gateways open, well below the unit's LimitNOFILE.
+fn default_max_connections() -> usize {
+    1024
+}
+/// Below the unit's TimeoutStopSec=30 with room for the process to exit.
+fn default_stop_timeout_ms() -> u64 {
+    25_000
+}
 fn default_data_dir() -> PathBuf {
     PathBuf::from("./data")
 }
@@ -122,6 +138,10 @@ impl Default for ServerConfig {
             admin_listen: default_admin_listen(),
             data_dir: default_data_dir(),
             admin_token: String::new(),
+            header_timeout_ms: default_header_timeout_ms(),
+            body_timeout_ms: default_body_timeout_ms(),
+            max_connections: default_max_connections(),
+            stop_timeout_ms: default_stop_timeout_ms(),
         }
     }
 }
@@ -181,4 +201,3 @@ impl Default for LogConfig {
         LogConfig { filter: default_log_filter(), mask_phones: true }
     }
 }
-

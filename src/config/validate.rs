@@ -3,6 +3,10 @@
 
 use super::{exposure, Config, ConfigError, GatewayKind, HandlerKind};
 
+/// What a stop keeps after the turns' grace: the outbox's sends in flight,
+/// the connections' last answers, the store's last sync.
+pub const STOP_RESERVE_MS: u64 = 2_000;
+
 impl Config {
     /// Checks the rules the types cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -10,6 +14,26 @@ impl Config {
             Err(ConfigError::Invalid { key: key.to_owned(), message: message.to_owned() })
         };
         exposure::check_listeners(&self.server)?;
+        let server = &self.server;
+        for (key, value) in [
+            ("server.header_timeout_ms", server.header_timeout_ms),
+            ("server.body_timeout_ms", server.body_timeout_ms),
+            ("server.max_connections", server.max_connections as u64),
+        ] {
+            if value == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        if server.stop_timeout_ms < self.turns.shutdown_grace_ms + STOP_RESERVE_MS {
+            return bad(
+                "server.stop_timeout_ms",
+                &format!(
+                    "must leave {STOP_RESERVE_MS} ms after turns.shutdown_grace_ms ({}) for the outbox, \
+                     the connections and the store's last sync",
+                    self.turns.shutdown_grace_ms
+                ),
+            );
+        }
         if self.ingest.default_company_id.trim().is_empty() {
             return bad("ingest.default_company_id", "must not be empty");
         }
@@ -96,4 +120,3 @@ fn check_url(key: &str, value: &str, because: &str) -> Result<(), ConfigError> {
         Err(e) => bad(format!("not a URL: {e}")),
     }
 }
-

@@ -258,6 +258,11 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     (g.log_syncs, g.tree_syncs, g.messages_stored, g.log_segments) =
         (st.log_syncs, st.tree_syncs, st.stored, st.log_segments);
     g.store_ok = s.store.failure().is_none() && s.store.trouble().is_none();
+    let count = |c: &super::serve::Counts| {
+        use std::sync::atomic::Ordering::Relaxed;
+        (c.open.load(Relaxed), c.refused.load(Relaxed))
+    };
+    g.connections = [count(&s.connections[0]), count(&s.connections[1])];
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render(&g))
         .into_response()
 }

@@ -96,7 +96,7 @@ pub(super) async fn put_context(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let body = match read_json_body(&headers, body, s.context_max_bytes).await {
+    let body = match read_json_body(&s, &headers, body, s.context_max_bytes).await {
         Ok(body) => body,
         Err(response) => return response,
     };

@@ -16,6 +16,7 @@
 
 mod admin;
 mod contexts;
+pub mod serve;
 mod webhooks;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,6 +46,10 @@ pub struct AppState {
     pub clock: Clock,
     /// Set once recovery is done; webhooks and /readyz answer 503 before.
     pub ready: Arc<AtomicBool>,
+    /// `server.body_timeout_ms`.
+    pub body_timeout: std::time::Duration,
+    /// Open and refused connections, per listener, for the metrics.
+    pub connections: [Arc<serve::Counts>; 2],
     /// Set on a fatal fault (a dead task): webhooks and /readyz answer 503
     /// with it while the daemon stops for a restart.
     pub fatal: Arc<std::sync::Mutex<Option<String>>>,
@@ -100,8 +105,9 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
-/// The content-type and size checks every JSON webhook shares.
+/// The content-type, size and time checks every JSON body shares.
 pub(super) async fn read_json_body(
+    s: &AppState,
     headers: &HeaderMap,
     body: Body,
     limit: usize,
@@ -109,7 +115,13 @@ pub(super) async fn read_json_body(
     if !is_json(headers) {
         return Err(error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "content type must be application/json"));
     }
-    read_body(headers, body, limit).await
+    match tokio::time::timeout(s.body_timeout, read_body(headers, body, limit)).await {
+        Ok(read) => read,
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the body did not arrive within {} ms", s.body_timeout.as_millis()),
+        )),
+    }
 }
 
 fn is_json(headers: &HeaderMap) -> bool {

@@ -59,7 +59,7 @@ async fn webhook(s: &AppState, headers: &HeaderMap, body: Body, immediate: bool)
         if !token_ok(s, headers) {
             return Err(error(StatusCode::UNAUTHORIZED, "missing or wrong webhook token"));
         }
-        read_json_body(headers, body, s.max_body_bytes).await
+        read_json_body(s, headers, body, s.max_body_bytes).await
     };
     let body = match checked.await {
         Ok(body) => body,
@@ -94,7 +94,7 @@ fn token_ok(s: &AppState, headers: &HeaderMap) -> bool {
 /// the body is JSON, not too large.
 async fn webhook_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, Response> {
     accepting(s)?;
-    read_json_body(headers, body, s.max_body_bytes).await
+    read_json_body(s, headers, body, s.max_body_bytes).await
 }
 
 fn accepted_json(accepted: Accepted) -> Response {

@@ -36,6 +36,10 @@ pub fn config(dir: &Path) -> Config {
     c.server.listen = "127.0.0.1:0".parse().unwrap();
     c.server.admin_listen = "127.0.0.1:0".parse().unwrap();
     c.log.filter = "warn".into();
+    // Paused-clock tests jump minutes ahead: idle keep-alive connections
+    // would be closed under the client's feet. The limits have their own test.
+    c.server.header_timeout_ms = 24 * 3_600_000;
+    c.server.body_timeout_ms = 24 * 3_600_000;
     c
 }
 
@@ -469,6 +473,8 @@ pub fn binary_env(ports: Ports, data: &Path, handler_url: Option<&str>) -> Vec<(
         ("TURNSTILE_SERVER_LISTEN", format!("127.0.0.1:{}", ports.public)),
         ("TURNSTILE_SERVER_ADMIN_LISTEN", format!("127.0.0.1:{}", ports.admin)),
         ("TURNSTILE_SERVER_DATA_DIR", data.display().to_string()),
+        // Long waits in some tests: keep pooled connections (the limits have their own test).
+        ("TURNSTILE_SERVER_HEADER_TIMEOUT_MS", "600000".into()),
     ];
     if let Some(url) = handler_url {
         env.push(("TURNSTILE_HANDLER_KIND", "http".into()));

@@ -20,3 +20,4 @@ mod powercut;
 mod reply_cap;
 mod systemd;
 mod lifecycle;
+mod limits;

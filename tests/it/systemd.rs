@@ -118,3 +118,30 @@ async fn a_second_signal_exits_at_once_and_the_turn_re_runs_after_restart() {
     signal(&child, "TERM");
     assert!(exited_within(&mut child, Duration::from_secs(20)).is_some());
 }
+
+/// The unit gives the daemon longer to stop than the daemon gives itself,
+/// so a stop ends in the daemon's own clean exit, not in SIGKILL.
+#[test]
+fn the_units_stop_timeout_leaves_room_for_the_daemons_own_deadline() {
+    let unit =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/turnstile.service")).unwrap();
+    let stop_sec: u64 = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .expect("the unit sets TimeoutStopSec")
+        .trim()
+        .parse()
+        .unwrap();
+    let defaults = turnstile::Config::default();
+    // The daemon's backstop exits 0.7 s after its deadline; a second more for the process to go.
+    assert!(
+        defaults.server.stop_timeout_ms + 1_700 <= stop_sec * 1000,
+        "server.stop_timeout_ms {} does not fit the unit's TimeoutStopSec={stop_sec}",
+        defaults.server.stop_timeout_ms
+    );
+    assert!(
+        defaults.turns.shutdown_grace_ms + turnstile::config::STOP_RESERVE_MS
+            <= defaults.server.stop_timeout_ms,
+        "turns.shutdown_grace_ms does not fit server.stop_timeout_ms"
+    );
+}
