@@ -122,6 +122,10 @@ pub struct TurnsConfig {
     /// On shutdown, how long running turns may take to finish before the
     /// daemon exits anyway (they re-run on the next start).
     pub shutdown_grace_ms: u64,
+    /// Committed turns older than this are removed from the history.
+    pub history_days: u64,
+    /// Dead turns (and their messages) older than this are removed.
+    pub dead_retention_days: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,6 +219,9 @@ pub struct GatewayConfig {
     /// listed by GET /api/outbox as "rate_limited" and counted in
     /// turnstile_replies_rate_limited_total.
     pub max_replies_per_conversation_per_hour: u32,
+    /// Reply pieces given up (or parked by the cap) are kept this long for
+    /// `GET /api/outbox`, then removed.
+    pub failed_retention_days: u64,
 }
 
 /// The `openai` handler: any OpenAI-compatible chat completions API.
@@ -249,6 +256,9 @@ pub struct HandlerConfig {
     pub backoff_ms: u64,
     /// Upper bound of that wait.
     pub backoff_max_ms: u64,
+    /// Largest answer read from the handler (reply and context parts); a
+    /// larger one is a failed attempt.
+    pub max_answer_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

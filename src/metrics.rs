@@ -133,6 +133,8 @@ pub struct Gauges {
     pub log_segments: usize,
     /// Per listener (public, admin): connections open, and refused at the cap.
     pub connections: [(u64, u64); 2],
+    /// Removed by retention: dead turns, given-up outbox pieces, history.
+    pub expired: [u64; 3],
 }
 
 pub fn inc(counter: &AtomicU64) {
@@ -319,6 +321,13 @@ impl Metrics {
         );
         for (listener, (_, refused)) in ["public", "admin"].iter().zip(g.connections) {
             let _ = writeln!(out, "turnstile_connections_refused_total{{listener=\"{listener}\"}} {refused}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP turnstile_expired_total Records removed by retention, by kind.\n# TYPE turnstile_expired_total counter"
+        );
+        for (kind, n) in ["dead_turns", "outbox_failed", "history"].iter().zip(g.expired) {
+            let _ = writeln!(out, "turnstile_expired_total{{kind=\"{kind}\"}} {n}");
         }
         gauge(&mut out, "turnstile_log_segments", "Message-log segment files.", g.log_segments as f64);
         gauge(

@@ -94,13 +94,8 @@ impl Outbox {
         let mut sent: HashMap<Conv, VecDeque<Instant>> = HashMap::new();
         // Sends in flight finish (within the gateway timeout); no new round starts.
         while !shutdown.is_cancelled() {
-            let items = match self.store.outbox() {
-                Ok(items) => items,
-                Err(e) => {
-                    error!(error = %e, "cannot read the outbox");
-                    Vec::new()
-                }
-            };
+            // The store keeps the outbox in memory: no tree is decoded per round.
+            let items = self.store.outbox();
             let now = Instant::now();
             not_before.retain(|_, t| *t > now);
             sent.retain(|_, at| {

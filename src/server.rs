@@ -266,6 +266,16 @@ pub async fn run_on(
             config.ingest.dedup_days,
             stopping.shutdown.clone(),
         )),
+        tokio::spawn(sweep::retention(
+            store.clone(),
+            shared.clock.clone(),
+            sweep::RetentionDays {
+                dead: config.turns.dead_retention_days,
+                failed: config.gateway.failed_retention_days,
+                history: config.turns.history_days,
+            },
+            stopping.shutdown.clone(),
+        )),
         tokio::spawn(sweep::contexts(
             store.clone(),
             shared.clock.clone(),

@@ -89,3 +89,55 @@ async fn every<F: Future<Output = ()>>(
         }
     }
 }
+
+/// Removes, once an hour, what retention lets go: dead turns, given-up
+/// reply pieces, old history (in chunks).
+pub async fn retention(store: Store, clock: Clock, rules: RetentionDays, token: CancellationToken) {
+    let day = 24 * 3600 * 1000;
+    every(DEDUP_SWEEP_EVERY, token, || {
+        let store = store.clone();
+        let now = clock.now_ms();
+        let rules = crate::store::Retention {
+            dead_before: now.saturating_sub(rules.dead * day),
+            failed_before: now.saturating_sub(rules.failed * day),
+            history_before: now.saturating_sub(rules.history * day),
+        };
+        async move {
+            let (mut total, mut from) = (crate::store::Expired::default(), None);
+            loop {
+                match store.expire_old(rules, from.take()).await {
+                    Ok(e) => {
+                        total.dead += e.dead;
+                        total.failed += e.failed;
+                        total.history += e.history;
+                        match e.next {
+                            Some(next) => from = Some(next),
+                            None => break,
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "retention sweep failed");
+                        break;
+                    }
+                }
+            }
+            if total.dead + total.failed + total.history > 0 {
+                info!(
+                    dead_turns = total.dead,
+                    outbox_failed = total.failed,
+                    history = total.history,
+                    "retention: old records removed"
+                );
+            }
+        }
+    })
+    .await
+}
+
+/// How many days each kind of record is kept.
+#[derive(Debug, Clone, Copy)]
+pub struct RetentionDays {
+    pub dead: u64,
+    pub failed: u64,
+    pub history: u64,
+}

@@ -75,6 +75,10 @@ fn default_backoff_ms() -> u64 {
 fn default_backoff_max_ms() -> u64 {
     30_000
 }
+/// Both context parts at their limit (4 MiB each) and a reply.
+fn default_max_answer_bytes() -> usize {
+    9 * 1024 * 1024
+}
 /// The system we replace kept contexts in Redis for 12 hours.
 fn default_ttl_hours() -> u64 {
     12
@@ -88,6 +92,10 @@ fn default_sweep_interval_ms() -> u64 {
 }
 /// One a minute for a whole hour: far above a client's conversation, and a
 /// brake on a loop between two bots or a flood aimed at one number.
+/// A month: long enough to look into a problem, short enough not to pile up.
+fn default_retention_days() -> u64 {
+    30
+}
 fn default_max_replies_per_conversation_per_hour() -> u32 {
     60
 }
@@ -108,6 +116,7 @@ impl Default for GatewayConfig {
             max_attempts: 100,
             typing: true,
             max_replies_per_conversation_per_hour: default_max_replies_per_conversation_per_hour(),
+            failed_retention_days: default_retention_days(),
         }
     }
 }
@@ -172,6 +181,8 @@ impl Default for TurnsConfig {
             max_concurrent: default_max_concurrent(),
             history_limit: default_history_limit(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
+            history_days: default_retention_days(),
+            dead_retention_days: default_retention_days(),
         }
     }
 }
@@ -184,6 +195,7 @@ impl Default for HandlerConfig {
             max_attempts: default_max_attempts(),
             backoff_ms: default_backoff_ms(),
             backoff_max_ms: default_backoff_max_ms(),
+            max_answer_bytes: default_max_answer_bytes(),
         }
     }
 }

@@ -55,8 +55,20 @@ impl Config {
         if self.turns.max_concurrent == 0 {
             return bad("turns.max_concurrent", "must be at least 1");
         }
+        for (key, days) in [
+            ("turns.history_days", self.turns.history_days),
+            ("turns.dead_retention_days", self.turns.dead_retention_days),
+            ("gateway.failed_retention_days", self.gateway.failed_retention_days),
+        ] {
+            if days == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
         if self.handler.max_attempts == 0 {
             return bad("handler.max_attempts", "must be at least 1");
+        }
+        if self.handler.max_answer_bytes < 1024 {
+            return bad("handler.max_answer_bytes", "must be at least 1024");
         }
         if self.handler.timeout_ms == 0 {
             return bad("handler.timeout_ms", "must be at least 1");

@@ -95,9 +95,20 @@ pub enum HandlerError {
     Connect(String),
     #[error("handler answer is not {{\"reply\", \"context\"}} JSON: {0}")]
     BadAnswer(String),
+    #[error("handler answer is over {0} bytes (handler.max_answer_bytes)")]
+    TooLarge(usize),
 }
 
-pub enum Handler {
+/// Who answers turns, and the sizes an answer may have.
+pub struct Handler {
+    kind: Kind,
+    /// `handler.max_answer_bytes`: the whole answer, as read.
+    max_answer: usize,
+    /// `context.max_bytes`: each context part, whatever road it takes.
+    max_part: usize,
+}
+
+enum Kind {
     Echo,
     Http { client: reqwest::Client, url: String, timeout: Duration },
     OpenAi(Box<openai::OpenAi>),
@@ -106,13 +117,13 @@ pub enum Handler {
 impl Handler {
     pub fn from_config(config: &Config) -> Handler {
         let c = &config.handler;
-        match c.kind {
-            HandlerKind::OpenAi => Handler::OpenAi(Box::new(openai::OpenAi::from_config(
+        let kind = match c.kind {
+            HandlerKind::OpenAi => Kind::OpenAi(Box::new(openai::OpenAi::from_config(
                 &config.openai,
                 Duration::from_millis(c.timeout_ms),
             ))),
-            HandlerKind::Echo => Handler::Echo,
-            HandlerKind::Http => Handler::Http {
+            HandlerKind::Echo => Kind::Echo,
+            HandlerKind::Http => Kind::Http {
                 client: reqwest::Client::builder()
                     .pool_idle_timeout(Duration::from_secs(30))
                     .build()
@@ -120,15 +131,41 @@ impl Handler {
                 url: c.url.clone(),
                 timeout: Duration::from_millis(c.timeout_ms),
             },
+        };
+        Handler { kind, max_answer: c.max_answer_bytes, max_part: config.context.max_bytes }
+    }
+
+    /// The echo handler with the default limits (tests and benches).
+    pub fn echo() -> Handler {
+        let config = Config::default();
+        Handler {
+            kind: Kind::Echo,
+            max_answer: config.handler.max_answer_bytes,
+            max_part: config.context.max_bytes,
         }
     }
 
-    /// One attempt at answering the turn.
+    /// One attempt at answering the turn. An answer over the size limits is
+    /// a failed attempt like any other: nothing of it reaches the store.
     pub async fn call(&self, req: &TurnRequest) -> Result<TurnAnswer, HandlerError> {
-        match self {
-            Handler::Echo => Ok(echo(req)),
-            Handler::OpenAi(ai) => ai.call(req).await,
-            Handler::Http { client, url, timeout } => {
+        let answer = self.call_kind(req).await?;
+        for (part, raw) in [("context", &answer.context), ("cache", &answer.cache)] {
+            if let Some(raw) = raw.as_ref().filter(|r| r.get().len() > self.max_part) {
+                return Err(HandlerError::BadAnswer(format!(
+                    "its {part} is {} bytes, over context.max_bytes ({})",
+                    raw.get().len(),
+                    self.max_part
+                )));
+            }
+        }
+        Ok(answer)
+    }
+
+    async fn call_kind(&self, req: &TurnRequest) -> Result<TurnAnswer, HandlerError> {
+        match &self.kind {
+            Kind::Echo => Ok(echo(req)),
+            Kind::OpenAi(ai) => ai.call(req, self.max_answer).await,
+            Kind::Http { client, url, timeout } => {
                 let sent = client
                     .post(url)
                     .header("Idempotency-Key", &req.turn_id)
@@ -138,7 +175,7 @@ impl Handler {
                     .await;
                 let resp = sent.map_err(|e| classify(e, *timeout))?;
                 let status = resp.status();
-                let body = resp.bytes().await.map_err(|e| classify(e, *timeout))?;
+                let body = read_limited(resp, self.max_answer, *timeout).await?;
                 if !status.is_success() {
                     let body = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
                     return Err(HandlerError::Status { status: status.as_u16(), body });
@@ -147,6 +184,26 @@ impl Handler {
             }
         }
     }
+}
+
+/// Reads an answer's body, refusing one over `limit` bytes (declared or as
+/// it arrives) without holding more of it.
+pub(crate) async fn read_limited(
+    mut resp: reqwest::Response,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Vec<u8>, HandlerError> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(HandlerError::TooLarge(limit));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| classify(e, timeout))? {
+        if body.len() + chunk.len() > limit {
+            return Err(HandlerError::TooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 pub(crate) fn classify(e: reqwest::Error, timeout: Duration) -> HandlerError {
@@ -194,10 +251,10 @@ mod tests {
                 received_at_ms: 0,
             })
             .collect();
-        let first = Handler::Echo.call(&TurnRequest::new("t1", &conv, &msgs, None, None)).await.unwrap();
+        let first = Handler::echo().call(&TurnRequest::new("t1", &conv, &msgs, None, None)).await.unwrap();
         assert_eq!(first.reply.as_deref(), Some("received: Привет\nможно"));
         let second =
-            Handler::Echo.call(&TurnRequest::new("t2", &conv, &msgs, first.context, None)).await.unwrap();
+            Handler::echo().call(&TurnRequest::new("t2", &conv, &msgs, first.context, None)).await.unwrap();
         assert_eq!(second.context.unwrap().get(), r#"{"turns":2}"#);
     }
 }

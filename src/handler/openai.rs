@@ -48,7 +48,7 @@ impl OpenAi {
         }
     }
 
-    pub async fn call(&self, req: &TurnRequest) -> Result<TurnAnswer, HandlerError> {
+    pub async fn call(&self, req: &TurnRequest, max_answer: usize) -> Result<TurnAnswer, HandlerError> {
         let mut dialogue = match req.context.as_ref().map(|raw| serde_json::from_str::<Value>(raw.get())) {
             Some(Ok(Value::Object(map))) => map,
             _ => serde_json::Map::new(),
@@ -78,7 +78,7 @@ impl OpenAi {
         }
         let response = request.send().await.map_err(|e| classify(e, self.timeout))?;
         let status = response.status();
-        let body = response.bytes().await.map_err(|e| classify(e, self.timeout))?;
+        let body = super::read_limited(response, max_answer, self.timeout).await?;
         if !status.is_success() {
             let body = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
             return Err(HandlerError::Status { status: status.as_u16(), body });

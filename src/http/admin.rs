@@ -39,23 +39,20 @@ pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
 
 /// Replies waiting for the gateway, the ones given up, and the ones parked by the reply cap.
 async fn outbox(State(s): State<Arc<AppState>>) -> Response {
-    match s.store.outbox() {
-        Ok(items) => {
-            let items: Vec<Value> = items
-                .iter()
-                .map(|o| {
-                    json!({
-                        "turn_id": o.turn_id, "company_id": o.conv.company_id, "phone": o.conv.phone,
-                        "text": o.text, "part": o.part, "parts": o.parts, "attempts": o.attempts,
-                        "last_error": o.last_error, "state": outbox::state(o),
-                        "created_at": o.created_at_ms,
-                    })
-                })
-                .collect();
-            Json(json!({ "outbox": items })).into_response()
-        }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    let items: Vec<Value> = s
+        .store
+        .outbox()
+        .iter()
+        .map(|o| {
+            json!({
+                "turn_id": o.turn_id, "company_id": o.conv.company_id, "phone": o.conv.phone,
+                "text": o.text, "part": o.part, "parts": o.parts, "attempts": o.attempts,
+                "last_error": o.last_error, "state": outbox::state(o),
+                "created_at": o.created_at_ms,
+            })
+        })
+        .collect();
+    Json(json!({ "outbox": items })).into_response()
 }
 
 fn message_json(m: &Message) -> Value {
@@ -240,14 +237,10 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
             + snap.waiting.iter().map(|w| w.1.len()).sum::<usize>();
         g.turns_in_flight = snap.running.len();
     }
-    if let Ok(turns) = s.store.turns() {
-        g.dead_turns = turns.iter().filter(|t| t.dead.is_some()).count();
-    }
-    if let Ok(items) = s.store.outbox() {
-        let count = |state| items.iter().filter(|i| outbox::state(i) == state).count();
-        (g.outbox_depth, g.outbox_failed, g.outbox_rate_limited) =
-            (count("pending"), count("failed"), count("rate_limited"));
-    }
+    let items = s.store.outbox();
+    let count = |state| items.iter().filter(|i| outbox::state(i) == state).count();
+    (g.outbox_depth, g.outbox_failed, g.outbox_rate_limited) =
+        (count("pending"), count("failed"), count("rate_limited"));
     let c = s.store.context_stats();
     (g.context_hits, g.context_misses, g.context_invalidations) =
         (c.cache_hits, c.cache_misses, c.invalidations);
@@ -255,6 +248,8 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     g.store_bytes = s.store.size_on_disk().unwrap_or(0);
     g.fsyncs = s.store.syncs();
     let st = s.store.stats();
+    g.dead_turns = st.dead_turns as usize;
+    g.expired = [st.expired_dead, st.expired_failed, st.expired_history];
     (g.log_syncs, g.tree_syncs, g.messages_stored, g.log_segments) =
         (st.log_syncs, st.tree_syncs, st.stored, st.log_segments);
     g.store_ok = s.store.failure().is_none() && s.store.trouble().is_none();

@@ -111,6 +111,24 @@ pub struct Commit {
     pub now_ms: u64,
 }
 
+/// What retention keeps: everything younger than these (Unix ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub dead_before: u64,
+    pub failed_before: u64,
+    pub history_before: u64,
+}
+
+/// What a retention sweep removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Expired {
+    pub dead: usize,
+    pub failed: usize,
+    pub history: usize,
+    /// Where the next chunk of history starts; `None` once the end is reached.
+    pub next: Option<Vec<u8>>,
+}
+
 /// What a context sweep did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Swept {
@@ -181,6 +199,10 @@ pub(crate) struct Stats {
     /// Messages stored (acknowledged as accepted).
     stored: AtomicU64,
     groups: AtomicU64,
+    /// Removed by retention: dead turns, given-up outbox pieces, history.
+    expired_dead: AtomicU64,
+    expired_failed: AtomicU64,
+    expired_history: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -192,6 +214,10 @@ pub struct StoreStats {
     pub groups: u64,
     pub pending: usize,
     pub log_segments: usize,
+    pub dead_turns: u64,
+    pub expired_dead: u64,
+    pub expired_failed: u64,
+    pub expired_history: u64,
 }
 
 /// A message in the log that no committed turn has answered yet.
@@ -246,6 +272,11 @@ pub(crate) struct Shared {
     context_stats: ContextStats,
     /// Notified when outbox items become durable (sendable).
     outbox_ready: Arc<tokio::sync::Notify>,
+    /// The outbox tree, in memory: the sender and the API read it without
+    /// decoding the tree (written by the writer, loaded on open).
+    outbox: Mutex<BTreeMap<u64, OutboxItem>>,
+    /// Dead turns in the `turns` tree.
+    dead: AtomicU64,
     /// Notified when the store fails.
     failed_notify: Arc<tokio::sync::Notify>,
 }
@@ -483,7 +514,19 @@ impl Store {
 
     /// Marks a dead turn open again (to retry it); durable when it returns.
     pub async fn reopen_dead(&self, turn: &TurnRecord) -> Result<(), StoreError> {
-        self.trees(writer::TreeWrite::PutTurn(Box::new(turn.clone())), true).await.map(drop)
+        self.trees(writer::TreeWrite::Reopen(Box::new(turn.clone())), true).await.map(drop)
+    }
+
+    /// Removes what retention lets go: dead turns that died before
+    /// `rules.dead_before`, given-up outbox pieces created before
+    /// `rules.failed_before`, history committed before `rules.history_before`
+    /// (one bounded chunk of history from `from`). Returns the counts and
+    /// where the next history chunk starts (`None`: the end was reached).
+    pub async fn expire_old(&self, rules: Retention, from: Option<Vec<u8>>) -> Result<Expired, StoreError> {
+        match self.trees(writer::TreeWrite::Retention { rules, from }, false).await? {
+            writer::Outcome::Expired(expired) => Ok(expired),
+            other => unreachable!("a retention sweep answered {other:?}"),
+        }
     }
 
     /// Applies a context update outside a turn (the context API), durable
@@ -610,10 +653,9 @@ impl Store {
     }
 
     /// Outbox items that are durable (only those may be sent), oldest first.
-    pub fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError> {
+    pub fn outbox(&self) -> Vec<OutboxItem> {
         let durable = self.inner.shared.durable_outbox.load(Ordering::Acquire);
-        let items: Vec<OutboxItem> = decode_all(&self.inner.trees.outbox, "outbox")?;
-        Ok(items.into_iter().filter(|i| i.seq <= durable).collect())
+        lock(&self.inner.shared.outbox).range(..=durable).map(|(_, i)| i.clone()).collect()
     }
 
     /// A conversation's live context (parts still deflated); `None` if it
@@ -681,6 +723,10 @@ impl Store {
             groups: s.groups.load(Ordering::Relaxed),
             pending: memory.pending.len(),
             log_segments: memory.segments.len(),
+            dead_turns: self.inner.shared.dead.load(Ordering::Relaxed),
+            expired_dead: s.expired_dead.load(Ordering::Relaxed),
+            expired_failed: s.expired_failed.load(Ordering::Relaxed),
+            expired_history: s.expired_history.load(Ordering::Relaxed),
         }
     }
 

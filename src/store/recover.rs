@@ -17,8 +17,8 @@ use super::log::{self, Entry, Head};
 use super::records::decode_all;
 use super::writer::Writer;
 use super::{
-    contexts, open_db, turn_of_claim, Inner, Memory, OpenClaim, Pending, Segment, Shared, Store, StoreError,
-    Trees, TurnRecord, ID_FLOOR,
+    contexts, open_db, turn_of_claim, Inner, Memory, OpenClaim, OutboxItem, Pending, Segment, Shared, Store,
+    StoreError, Trees, TurnRecord, ID_FLOOR,
 };
 use crate::message::{unix_ms, Message};
 
@@ -134,6 +134,10 @@ pub(super) fn open(dir: &Path) -> Result<Store, StoreError> {
         context_stats,
         outbox_ready: Default::default(),
         failed_notify: Default::default(),
+        outbox: Mutex::new(
+            decode_all::<OutboxItem>(&trees.outbox, "outbox")?.into_iter().map(|i| (i.seq, i)).collect(),
+        ),
+        dead: std::sync::atomic::AtomicU64::new(dead_turns as u64),
     });
     // Outbox items on disk at open are durable (synced above).
     let top = trees.outbox.last()?.map(|(k, _)| u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8])));

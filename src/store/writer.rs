@@ -76,11 +76,25 @@ pub(crate) enum TreeWrite {
     Commit(Box<Commit>),
     Park(Box<TurnRecord>),
     PutTurn(Box<TurnRecord>),
-    Context { conv: Conv, update: ContextUpdate, now_ms: u64 },
+    /// A dead turn open again (the record without `dead`).
+    Reopen(Box<TurnRecord>),
+    Retention {
+        rules: super::Retention,
+        from: Option<Vec<u8>>,
+    },
+    Context {
+        conv: Conv,
+        update: ContextUpdate,
+        now_ms: u64,
+    },
     OutboxSent(u64),
     OutboxUpdate(Box<OutboxItem>),
-    ExpireDedup { cutoff_ms: u64 },
-    ExpireContexts { now_ms: u64 },
+    ExpireDedup {
+        cutoff_ms: u64,
+    },
+    ExpireContexts {
+        now_ms: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -90,6 +104,7 @@ pub(crate) enum Outcome {
     Count(usize),
     /// The sweep's report, and the metas it removed (for the counters).
     Swept(Swept, Vec<ContextMeta>),
+    Expired(super::Expired),
 }
 
 pub(crate) struct Writer {
@@ -108,6 +123,11 @@ pub(crate) struct Writer {
     pub last_sync: Instant,
 }
 
+/// What a retention sweep removes: dead turns' keys, outbox seqs, history
+/// keys, and where the next history chunk starts.
+#[derive(Default)]
+struct Expiring(Vec<sled::IVec>, Vec<u64>, Vec<sled::IVec>, Option<Vec<u8>>);
+
 /// A sled write, with what the writer worked out before the transaction.
 struct Prepared {
     write: TreeWrite,
@@ -121,6 +141,8 @@ struct Prepared {
     expired: Vec<(sled::IVec, Vec<IdHash>)>,
     /// Context sweep: the index entries due.
     due: Vec<sled::IVec>,
+    /// Retention: what to remove.
+    expiring: Expiring,
     /// A damaged record met while preparing: the write fails with it.
     error: Option<StoreError>,
 }
@@ -477,6 +499,7 @@ impl Writer {
             history: (Vec::new(), Vec::new()),
             expired: Vec::new(),
             due: Vec::new(),
+            expiring: Default::default(),
             error: None,
         };
         let fail = |e: sled::Error| Some(StoreError::Sled(e));
@@ -544,6 +567,11 @@ impl Writer {
                     }
                 }
             }
+            TreeWrite::Retention { rules, from } => {
+                if let Err(e) = self.prepare_retention(rules, from.as_deref(), &mut p.expiring) {
+                    p.error = Some(e);
+                }
+            }
             _ => {}
         }
         if !p.retire.is_empty() {
@@ -553,6 +581,46 @@ impl Writer {
             p.dedup_record = Some((key, dedup::pack(&hashes)));
         }
         p
+    }
+
+    /// Finds what retention removes. Dead turns and given-up pieces are few
+    /// (the `turns` tree holds only dead and re-opened turns; given-up
+    /// pieces are found in memory); history is read a chunk at a time.
+    fn prepare_retention(
+        &self,
+        rules: &super::Retention,
+        from: Option<&[u8]>,
+        out: &mut Expiring,
+    ) -> Result<(), StoreError> {
+        for kv in self.trees.turns.iter() {
+            let (k, v) = kv?;
+            let turn: TurnRecord = super::records::decode("turns", &k, &v)?;
+            if turn.dead.is_some_and(|d| d.died_at_ms < rules.dead_before) {
+                out.0.push(k);
+            }
+        }
+        out.1 = lock(&self.shared.outbox)
+            .values()
+            .filter(|i| i.failed && i.created_at_ms < rules.failed_before)
+            .map(|i| i.seq)
+            .collect();
+        let start = match from {
+            Some(key) => std::ops::Bound::Excluded(key.to_vec()),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut last = None;
+        for kv in
+            self.trees.history.range::<Vec<u8>, _>((start, std::ops::Bound::Unbounded)).take(SWEEP_CHUNK)
+        {
+            let (k, v) = kv?;
+            let summary: super::TurnSummary = super::records::decode("history", &k, &v)?;
+            if summary.committed_at_ms < rules.history_before {
+                out.2.push(k.clone());
+            }
+            last = Some(k.to_vec());
+        }
+        out.3 = last;
+        Ok(())
     }
 
     /// The turn's messages that are still pending in the log.
@@ -574,8 +642,36 @@ impl Writer {
                 stats.add(before.as_ref(), after.as_ref());
                 self.retire(&c.turn.turn_id, &p.retire, segs);
                 *outbox_max = c.outbox.iter().map(|o| o.seq).fold(*outbox_max, u64::max);
+                lock(&self.shared.outbox).extend(c.outbox.iter().map(|o| (o.seq, o.clone())));
             }
-            (TreeWrite::Park(turn), _) => self.retire(&turn.turn_id, &p.retire, segs),
+            (TreeWrite::Park(turn), _) => {
+                self.retire(&turn.turn_id, &p.retire, segs);
+                self.shared.dead.fetch_add(1, Ordering::Relaxed);
+            }
+            (TreeWrite::Reopen(_), _) => {
+                let _ =
+                    self.shared.dead.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            }
+            (TreeWrite::OutboxSent(seq), _) => {
+                lock(&self.shared.outbox).remove(seq);
+            }
+            (TreeWrite::OutboxUpdate(item), _) => {
+                lock(&self.shared.outbox).insert(item.seq, item.as_ref().clone());
+            }
+            (TreeWrite::Retention { .. }, Outcome::Expired(e)) => {
+                let s = &self.shared.stats;
+                s.expired_dead.fetch_add(e.dead as u64, Ordering::Relaxed);
+                s.expired_failed.fetch_add(e.failed as u64, Ordering::Relaxed);
+                s.expired_history.fetch_add(e.history as u64, Ordering::Relaxed);
+                let _ = self
+                    .shared
+                    .dead
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(e.dead as u64));
+                let mut outbox = lock(&self.shared.outbox);
+                for seq in &p.expiring.1 {
+                    outbox.remove(seq);
+                }
+            }
             (TreeWrite::Context { update, now_ms, .. }, Outcome::Context(before, after)) => {
                 stats.add(before.as_ref(), after.as_ref());
                 let had_cache =
@@ -692,7 +788,25 @@ fn apply(v: &Views<'_>, p: &Prepared) -> TxResult<Outcome> {
             v.turns.insert(turn.turn_id.as_bytes(), encode(turn.as_ref()))?;
             Ok(Ok(Outcome::Done))
         }
-        TreeWrite::PutTurn(turn) => {
+        TreeWrite::Retention { .. } => {
+            let Expiring(dead, failed, history, next) = &p.expiring;
+            for k in dead {
+                v.turns.remove(k)?;
+            }
+            for seq in failed {
+                v.outbox.remove(&seq.to_be_bytes())?;
+            }
+            for k in history {
+                v.history.remove(k)?;
+            }
+            Ok(Ok(Outcome::Expired(super::Expired {
+                dead: dead.len(),
+                failed: failed.len(),
+                history: history.len(),
+                next: next.clone(),
+            })))
+        }
+        TreeWrite::PutTurn(turn) | TreeWrite::Reopen(turn) => {
             v.turns.insert(turn.turn_id.as_bytes(), encode(turn.as_ref()))?;
             Ok(Ok(Outcome::Done))
         }

@@ -113,3 +113,35 @@ async fn a_slow_handler_times_out_and_is_retried() {
     assert_eq!(conv["turns"][0]["attempts"], 3);
     d.stop().await;
 }
+
+/// An answer too large, or with a context part over `context.max_bytes`, is
+/// a failed attempt like any other: retried, then dead, nothing stored.
+#[tokio::test(start_paused = true)]
+async fn an_oversized_answer_or_context_part_fails_the_attempt_and_stores_nothing() {
+    for (case, answer) in [
+        ("answer", serde_json::json!({"reply": "x".repeat(5000)})),
+        ("context", serde_json::json!({"reply": "ok", "context": {"blob": "y".repeat(3000)}})),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let ai = FakeServer::start(move |_| answer.clone()).await;
+        let mut c = config(dir.path());
+        c.handler.kind = turnstile::config::HandlerKind::Http;
+        c.handler.url = format!("{}/turn", ai.base);
+        c.ingest.webhook_token = WEBHOOK_TOKEN.into();
+        c.handler.max_attempts = 2;
+        c.handler.backoff_ms = 10;
+        c.handler.max_answer_bytes = 4096;
+        c.context.max_bytes = 2048;
+        let d = Daemon::start(c).await;
+        let body = serde_json::json!({"id": "big1", "from": "79001234567", "message": "Привет"});
+        assert_eq!(d.post("/webhook/whatsapp", &body).await.0, 200);
+        wait_until("the dead turn", Duration::from_secs(60), || ai.seen().len() == 2).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let dead = d.get("/api/dead").await.1;
+        let error = dead["dead"][0]["error"].as_str().unwrap_or_default().to_owned();
+        let expected = if case == "answer" { "handler.max_answer_bytes" } else { "context.max_bytes" };
+        assert!(error.contains(expected), "{case}: {dead}");
+        assert_eq!(d.get("/api/contexts/default/79001234567").await.0, 404, "{case}: nothing stored");
+        d.stop().await;
+    }
+}

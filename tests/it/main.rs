@@ -17,6 +17,7 @@ mod helpers;
 mod input;
 mod loopfs;
 mod powercut;
+mod retention;
 mod reply_cap;
 mod systemd;
 mod lifecycle;
