@@ -131,11 +131,12 @@ async fn conversation(State(s): State<Arc<AppState>>, Path(phone): Path<String>)
         Ok(p) => p,
         Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
     };
-    let history = match s.store.history(&phone) {
+    let wanted = phone.clone();
+    let history = match s.store.read(move |st| st.history(&wanted)).await {
         Ok(h) => h,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    let open = match s.store.turns() {
+    let open = match s.store.read(|st| st.turns()).await {
         Ok(t) => t,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
@@ -157,7 +158,7 @@ async fn conversation(State(s): State<Arc<AppState>>, Path(phone): Path<String>)
 }
 
 async fn dead(State(s): State<Arc<AppState>>) -> Response {
-    match s.store.turns() {
+    match s.store.read(|st| st.turns()).await {
         Ok(turns) => {
             let dead: Vec<Value> = turns.iter().filter(|t| t.dead.is_some()).map(record_json).collect();
             Json(json!({ "dead": dead })).into_response()
@@ -245,7 +246,7 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     (g.context_hits, g.context_misses, g.context_invalidations) =
         (c.cache_hits, c.cache_misses, c.invalidations);
     (g.contexts, g.context_raw_bytes, g.context_stored_bytes) = (c.contexts, c.raw_bytes, c.stored_bytes);
-    g.store_bytes = s.store.size_on_disk().unwrap_or(0);
+    g.store_bytes = s.store.read(|st| st.size_on_disk().unwrap_or(0)).await;
     g.fsyncs = s.store.syncs();
     let st = s.store.stats();
     g.dead_turns = st.dead_turns as usize;

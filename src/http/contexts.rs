@@ -40,7 +40,8 @@ pub(super) async fn get_context(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let stored = match s.store.context(&conv, s.clock.now_ms()) {
+    let (key, now) = (conv.clone(), s.clock.now_ms());
+    let stored = match s.store.read(move |st| st.context(&key, now)).await {
         Ok(Some(stored)) => stored,
         Ok(None) => return error(StatusCode::NOT_FOUND, format!("no context for {conv}")),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("context for {conv}: {e}")),

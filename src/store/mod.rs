@@ -597,6 +597,13 @@ impl Store {
         synced
     }
 
+    /// Runs `f` (reads of sled, which may wait for the disk) on a blocking
+    /// thread, never on the async workers.
+    pub async fn read<T: Send + 'static>(&self, f: impl FnOnce(&Store) -> T + Send + 'static) -> T {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store)).await.expect("a store read panicked")
+    }
+
     /// The given messages of a conversation that are still pending, by arrival.
     pub fn messages(&self, conv: &Conv, seqs: &[u64]) -> Vec<Message> {
         let memory = lock(&self.inner.shared.memory);

@@ -156,6 +156,8 @@ pub(super) fn open(dir: &Path) -> Result<Store, StoreError> {
         ids: ids.clone(),
         dirty: false,
         last_sync: std::time::Instant::now(),
+        exporting: 0,
+        deferred: Default::default(),
     };
     let thread = std::thread::Builder::new()
         .name("turnstile-store".into())

@@ -2,8 +2,8 @@
 //! `backup`; here is only what needs the store's insides: every record, in a
 //! consistent cut, and a fresh store built from such records.
 //!
-//! The cut: the writer is paused while the records are read, so no write
-//! lands halfway. Pending messages and open claims live in the log; they are
+//! The cut: the writer holds its sled writes while the records are read,
+//! so no commit lands halfway; messages go on into the log meanwhile. Pending messages and open claims live in the log; they are
 //! exported as the trees the first layout had (`inbox`, open `turns`), and
 //! an import writes them there, so that opening the restored store moves
 //! them into a log of its own like any first-layout store.
@@ -11,47 +11,37 @@
 use std::path::Path;
 
 use super::records::{encode, seq_key};
-use super::{lock, log, open_db, writer, Store, StoreError, ID_FLOOR, META};
+use super::{log, open_db, writer, Store, StoreError, ID_FLOOR, META};
 
 /// sled's own default tree; turnstile keeps nothing there.
 const DEFAULT_TREE: &[u8] = b"__sled__default";
 
 impl Store {
-    /// Calls `visit(tree, key, value)` for every record, tree by tree, while
-    /// the writer waits, so the records form one consistent cut. Returns an
-    /// id above every id in the cut (for `import_into`). Blocking: run it
-    /// off the async runtime.
+    /// Calls `visit(tree, key, value)` for every record, tree by tree, as
+    /// one consistent cut: the writer hands over its memory (pending
+    /// messages, open claims) and holds its sled writes until the export is
+    /// done, while it goes on taking messages into the log — ingest does not
+    /// stop for a backup. Returns an id above every id in the cut (for
+    /// `import_into`). Blocking: run it off the async runtime.
     pub fn export<E>(&self, mut visit: impl FnMut(&str, &[u8], &[u8]) -> Result<(), E>) -> Result<u64, E>
     where
         E: From<StoreError>,
     {
-        let (paused_tx, paused_rx) = std::sync::mpsc::channel();
-        let (resume, resume_rx) = std::sync::mpsc::channel::<()>();
-        self.inner
-            .tx
-            .send(writer::Op::Pause { paused: paused_tx, resume: resume_rx })
-            .map_err(|_| StoreError::Closed)?;
-        paused_rx.recv().map_err(|_| StoreError::Closed)?;
-        let result = self.export_paused(&mut visit);
-        drop(resume);
-        result
-    }
-
-    fn export_paused<E>(&self, visit: &mut impl FnMut(&str, &[u8], &[u8]) -> Result<(), E>) -> Result<u64, E>
-    where
-        E: From<StoreError>,
-    {
-        let next_id = self.inner.ids.peek();
-        let (pending, claims) = {
-            let memory = lock(&self.inner.shared.memory);
-            let claims: Vec<_> =
-                memory.claims.values().map(|c| super::turn_of_claim(&c.claim, &memory.pending)).collect();
-            (memory.pending.values().map(|p| p.message.clone()).collect::<Vec<_>>(), claims)
-        };
-        for m in &pending {
+        let (cut_tx, cut_rx) = std::sync::mpsc::channel();
+        self.inner.tx.send(writer::Op::Export { cut: cut_tx }).map_err(|_| StoreError::Closed)?;
+        let cut = cut_rx.recv().map_err(|_| StoreError::Closed)?;
+        // However the export ends, the writer's sled writes resume.
+        struct End<'a>(&'a std::sync::mpsc::Sender<writer::Op>);
+        impl Drop for End<'_> {
+            fn drop(&mut self) {
+                let _ = self.0.send(writer::Op::EndExport);
+            }
+        }
+        let _end = End(&self.inner.tx);
+        for m in &cut.pending {
             visit("inbox", &seq_key(&m.conv, m.seq), &encode(m))?;
         }
-        for t in &claims {
+        for t in &cut.claims {
             visit("turns", t.turn_id.as_bytes(), &encode(t))?;
         }
         let db = &self.inner.db;
@@ -66,7 +56,7 @@ impl Store {
                 visit(&name, &k, &v)?;
             }
         }
-        Ok(next_id)
+        Ok(cut.next_id)
     }
 
     /// Opens the store in `dir` and closes it again: fails with

@@ -579,3 +579,52 @@ async fn an_unfinished_sled_snapshot_does_not_make_the_store_unopenable() {
     assert_eq!(ids(&store.take_recovered().unwrap().inbox), ["u1"]);
     assert!(!dir.path().join("snap.0000000001637004.generating").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_is_one_cut_ingest_goes_on_and_commits_wait_for_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let m = insert(&store, "before", "700000001").await;
+    let (in_export, wait_in_export) = std::sync::mpsc::channel::<()>();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let exporter = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut first = true;
+            store
+                .export(|tree, key, _| -> Result<(), StoreError> {
+                    if first {
+                        first = false;
+                        in_export.send(()).unwrap();
+                        released.recv().unwrap();
+                    }
+                    seen.push((tree.to_owned(), key.to_vec()));
+                    Ok(())
+                })
+                .unwrap();
+            seen
+        })
+    };
+    wait_in_export.recv().unwrap();
+    // Ingest goes on during the export...
+    let during =
+        tokio::time::timeout(std::time::Duration::from_secs(5), insert(&store, "during", "700000001"));
+    let during = during.await.expect("an accept waited for the export");
+    // ...while a commit waits for its end.
+    let t = turn_of(&store, vec![m]);
+    let commit = tokio::spawn({
+        let store = store.clone();
+        async move { store.commit(commit_of(&t, keep(), vec![], 10, 0)).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!commit.is_finished(), "a commit landed in the middle of an export");
+    release.send(()).unwrap();
+    let seen = tokio::task::spawn_blocking(move || exporter.join().unwrap()).await.unwrap();
+    commit.await.unwrap().unwrap();
+    let inbox: Vec<&Vec<u8>> = seen.iter().filter(|(t, _)| t == "inbox").map(|(_, k)| k).collect();
+    assert_eq!(inbox.len(), 1, "the export holds the cut: 'before' only");
+    assert!(!seen.iter().any(|(t, _)| t == "history"), "nor the commit that came after the cut");
+    assert_eq!(ids(&store.pending()), ["during"]);
+    let _ = during;
+}

@@ -62,14 +62,26 @@ pub(crate) enum Op {
     Sync {
         reply: Reply<()>,
     },
-    /// Stop writing until `resume` is dropped (a consistent export).
-    Pause {
-        paused: mpsc::Sender<()>,
-        resume: mpsc::Receiver<()>,
+    /// Begin a consistent export: the cut of memory is sent back, and sled
+    /// writes wait (the message log goes on) until `EndExport`.
+    Export {
+        cut: mpsc::Sender<Cut>,
     },
+    EndExport,
     Close {
         reply: Reply<()>,
     },
+}
+
+/// Sled writes and syncs held while an export runs.
+#[derive(Default)]
+pub(crate) struct Deferred(Vec<(TreeWrite, bool, Reply<Outcome>)>, Vec<Reply<()>>);
+
+/// What an export reads from memory, taken at the moment of its cut.
+pub(crate) struct Cut {
+    pub pending: Vec<Message>,
+    pub claims: Vec<TurnRecord>,
+    pub next_id: u64,
 }
 
 pub(crate) enum TreeWrite {
@@ -121,6 +133,10 @@ pub(crate) struct Writer {
     /// Sled has writes no sync was asked for yet.
     pub dirty: bool,
     pub last_sync: Instant,
+    /// Exports in progress: sled writes (and syncs asked for) wait in
+    /// `deferred` meanwhile, so the trees an export reads do not move.
+    pub exporting: usize,
+    pub deferred: Deferred,
 }
 
 /// What a retention sweep removes: dead turns' keys, outbox seqs, history
@@ -185,14 +201,29 @@ impl Writer {
     /// Handles one group; returns the close request if there was one.
     fn handle(&mut self, group: Vec<Op>) -> Option<Reply<()>> {
         let (mut log_ops, mut tree_ops, mut syncs, mut close) = (Vec::new(), Vec::new(), Vec::new(), None);
-        let mut pauses = Vec::new();
+        let (mut exports, mut ended) = (Vec::new(), 0);
         for op in group {
             match op {
                 Op::Accept { .. } | Op::Claim { .. } | Op::Probe { .. } => log_ops.push(op),
                 Op::Trees { write, durable, reply } => tree_ops.push((write, durable, reply)),
                 Op::Sync { reply } => syncs.push(reply),
-                Op::Pause { paused, resume } => pauses.push((paused, resume)),
+                Op::Export { cut } => exports.push(cut),
+                Op::EndExport => ended += 1,
                 Op::Close { reply } => close = Some(reply),
+            }
+        }
+        if self.exporting > 0 {
+            // The trees must hold still for an export in progress.
+            self.deferred.0.append(&mut tree_ops);
+            self.deferred.1.append(&mut syncs);
+        }
+        self.exporting = self.exporting.saturating_sub(ended);
+        if self.exporting == 0 && close.is_none() || close.is_some() {
+            let Deferred(t, s) = std::mem::take(&mut self.deferred);
+            tree_ops.splice(0..0, t);
+            syncs.splice(0..0, s);
+            if close.is_some() {
+                self.exporting = 0;
             }
         }
         if !log_ops.is_empty() || !tree_ops.is_empty() {
@@ -214,9 +245,21 @@ impl Writer {
             self.dirty = false;
             self.last_sync = Instant::now();
         }
-        for (paused, resume) in pauses {
-            if paused.send(()).is_ok() {
-                let _ = resume.recv();
+        // An export's cut: after everything of this group is applied.
+        for cut in exports {
+            let memory = lock(&self.shared.memory);
+            let taken = Cut {
+                pending: memory.pending.values().map(|p| p.message.clone()).collect(),
+                claims: memory
+                    .claims
+                    .values()
+                    .map(|c| super::turn_of_claim(&c.claim, &memory.pending))
+                    .collect(),
+                next_id: self.ids.peek(),
+            };
+            drop(memory);
+            if cut.send(taken).is_ok() {
+                self.exporting += 1;
             }
         }
         close

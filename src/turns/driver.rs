@@ -16,7 +16,7 @@ use crate::batcher::{Batcher, Cut, CutReason, Rules};
 use crate::config::Config;
 use crate::message::{unix_ms, Conv};
 use crate::metrics::Metrics;
-use crate::store::{Announce, Recovered, Store};
+use crate::store::{Announce, Recovered, Store, TurnRecord};
 
 use super::gate::Gate;
 use super::{DriverInbox, Event, Outcome, RetryOutcome, Runner, Shared, Snapshot, Work};
@@ -145,16 +145,16 @@ impl Driver {
             }
             Event::Finished { conv, outcome } => self.finished(conv, outcome),
             Event::Retry { turn_id, reply } => self.retry(turn_id, reply),
-            Event::Reopened { turn, result, reply } => {
-                self.reopening.remove(&turn.turn_id);
+            Event::Reopened { turn_id, result, reply } => {
+                self.reopening.remove(&turn_id);
                 match result {
-                    Ok(()) => {
+                    Ok(turn) => {
                         info!(turn_id = %turn.turn_id, conv = %turn.conv.masked(), "dead turn queued for retry");
                         self.gate.offer(turn.conv.clone(), Work::Resume(turn));
                         let _ = reply.send(RetryOutcome::Queued);
                     }
-                    Err(e) => {
-                        let _ = reply.send(RetryOutcome::Failed(e));
+                    Err(outcome) => {
+                        let _ = reply.send(outcome);
                     }
                 }
             }
@@ -217,32 +217,30 @@ impl Driver {
     /// it. The turn is marked open on disk (durably) before it is queued: if
     /// the daemon stops first, it re-runs on the next start.
     fn retry(&mut self, turn_id: String, reply: tokio::sync::oneshot::Sender<RetryOutcome>) {
-        if self.reopening.contains(&turn_id) {
+        if !self.reopening.insert(turn_id.clone()) {
             let _ = reply.send(RetryOutcome::NotDead);
             return;
         }
-        let mut turn = match self.store.turn(&turn_id) {
-            Ok(Some(turn)) => turn,
-            Ok(None) => {
-                let _ = reply.send(RetryOutcome::NotFound);
-                return;
-            }
-            Err(e) => {
-                let _ = reply.send(RetryOutcome::Failed(e.to_string()));
-                return;
-            }
-        };
-        if turn.dead.take().is_none() {
-            let _ = reply.send(RetryOutcome::NotDead);
-            return;
-        }
-        self.reopening.insert(turn_id);
+        // The read and the write run off the driver's thread; the answer
+        // comes back as an event.
         let (store, tx) = (self.store.clone(), self.tx.clone());
         self.turns_on.spawn(async move {
-            let result = store.reopen_dead(&turn).await.map_err(|e| e.to_string());
-            // If the driver has stopped, the turn is open on disk and re-runs
-            // on the next start; the caller hears "shutting down".
-            let _ = tx.send(Event::Reopened { turn: Box::new(turn), result, reply });
+            let id = turn_id.clone();
+            let result = match store.read(move |st| st.turn(&id)).await {
+                Ok(Some(turn)) if turn.dead.is_some() => {
+                    let turn = TurnRecord { dead: None, ..turn };
+                    match store.reopen_dead(&turn).await {
+                        Ok(()) => Ok(Box::new(turn)),
+                        Err(e) => Err(RetryOutcome::Failed(e.to_string())),
+                    }
+                }
+                Ok(Some(_)) => Err(RetryOutcome::NotDead),
+                Ok(None) => Err(RetryOutcome::NotFound),
+                Err(e) => Err(RetryOutcome::Failed(e.to_string())),
+            };
+            // If the driver has stopped, a re-opened turn is open on disk and
+            // re-runs on the next start; the caller hears "shutting down".
+            let _ = tx.send(Event::Reopened { turn_id, result, reply });
         });
     }
 

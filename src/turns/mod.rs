@@ -158,10 +158,10 @@ pub(crate) enum Event {
         turn_id: String,
         reply: oneshot::Sender<RetryOutcome>,
     },
-    /// A dead turn was marked open again on disk (or could not be): queue it.
+    /// A dead turn was marked open again on disk (queue it), or why not.
     Reopened {
-        turn: Box<TurnRecord>,
-        result: Result<(), String>,
+        turn_id: String,
+        result: Result<Box<TurnRecord>, RetryOutcome>,
         reply: oneshot::Sender<RetryOutcome>,
     },
     Snapshot {

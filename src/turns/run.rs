@@ -143,7 +143,8 @@ impl Runner {
         let started = Instant::now();
         let started_at_ms = self.clock.now_ms();
         info!(messages = turn.messages.len(), reason = %turn.cut_reason, attempts_before = turn.attempts, "turn started");
-        let (dialogue, cache) = match self.store.context(&turn.conv, self.clock.now_ms()) {
+        let (key, now) = (turn.conv.clone(), self.clock.now_ms());
+        let (dialogue, cache) = match self.store.read(move |st| st.context(&key, now)).await {
             Ok(Some(stored)) => (
                 self.decode_part("dialogue", stored.dialogue.as_deref()),
                 self.decode_part("cache", stored.cache.as_deref()),
