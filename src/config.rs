@@ -280,6 +280,9 @@ pub struct LogConfig {
     pub filter: String,
     /// Show phones in logs as "7900*****67".
     pub mask_phones: bool,
+    /// Put what clients wrote and what the assistant replied in `debug`
+    /// lines. Off: logs carry sizes, ids, timings and masked phones only.
+    pub message_text: bool,
 }
 
 impl Config {

@@ -12,6 +12,22 @@ pub fn set_mask_phones(on: bool) {
     MASK_PHONES.store(on, Ordering::Relaxed);
 }
 
+/// Whether debug lines may carry message and reply texts (`log.message_text`).
+static LOG_TEXT: AtomicBool = AtomicBool::new(false);
+
+pub fn set_log_text(on: bool) {
+    LOG_TEXT.store(on, Ordering::Relaxed);
+}
+
+/// `text` itself if `log.message_text` is on, else only its length.
+pub fn loggable(text: &str) -> String {
+    if LOG_TEXT.load(Ordering::Relaxed) {
+        text.to_owned()
+    } else {
+        format!("<{} chars>", text.chars().count())
+    }
+}
+
 /// A phone as logs show it: "7900*****67" unless masking is off. API answers
 /// always carry the full number.
 pub fn mask(phone: &str) -> String {
@@ -99,6 +115,15 @@ pub fn unix_ms() -> u64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn texts_reach_the_logs_only_when_asked() {
+        assert_eq!(loggable("Привет, можно?"), "<14 chars>");
+        set_log_text(true);
+        assert_eq!(loggable("Привет"), "Привет");
+        set_log_text(false);
+    }
+
     #[test]
     fn phones_are_masked_in_the_middle() {
         assert_eq!(super::mask("79001234567"), "7900*****67");

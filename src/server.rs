@@ -32,7 +32,7 @@ use crate::gateway::Gateway;
 use crate::handler::Handler;
 use crate::http::{self, AppState};
 use crate::ingest::Ingest;
-use crate::message::set_mask_phones;
+use crate::message::{set_log_text, set_mask_phones};
 use crate::ops;
 use crate::outbox::Outbox;
 use crate::store::{Announce, Store, StoreError};
@@ -187,6 +187,7 @@ pub async fn run_on(
     store: Store,
 ) -> Result<(), ServerError> {
     set_mask_phones(config.log.mask_phones);
+    set_log_text(config.log.message_text);
     let shared = Shared { clock, ..Shared::default() };
     let stopping = shared.stopping.clone();
     // The stop request only; the stop itself (`stopping.shutdown`) follows

@@ -210,6 +210,6 @@ impl Default for ContextConfig {
 }
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { filter: default_log_filter(), mask_phones: true }
+        LogConfig { filter: default_log_filter(), mask_phones: true, message_text: false }
     }
 }

@@ -151,7 +151,7 @@ impl Ingest {
         for inserted in self.store.accept(messages, immediate).await? {
             match inserted {
                 Inserted::New(m) => {
-                    tracing::debug!(conv = %m.conv.masked(), id = %m.id, seq = m.seq, kind = %m.kind, "message stored");
+                    tracing::debug!(conv = %m.conv.masked(), id = %m.id, seq = m.seq, kind = %m.kind, text = %crate::message::loggable(&m.text), "message stored");
                     counts.accepted += 1;
                 }
                 Inserted::Duplicate => counts.duplicates += 1,

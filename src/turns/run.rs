@@ -274,6 +274,7 @@ impl Runner {
                     reply_chars = answer.reply.as_deref().map(|r| r.chars().count()),
                     "turn committed"
                 );
+                tracing::debug!(reply = %crate::message::loggable(answer.reply.as_deref().unwrap_or("")), "the turn's reply");
                 Outcome::Done
             }
             Err(e) => Self::failed(kept, "the commit", e),
