@@ -115,6 +115,7 @@ pub fn unix_ms() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn texts_reach_the_logs_only_when_asked() {
