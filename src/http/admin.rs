@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::contexts::{delete_context, get_context, invalidate_context, put_context};
-use super::{accepting, bearer, error, AppState};
+use super::{accepting, bearer, ApiError, AppState};
 use crate::backup;
 use crate::ingest::{self, signature};
 use crate::message::{unix_ms, Message};
@@ -59,9 +59,9 @@ fn message_json(m: &Message) -> Value {
     json!({ "id": m.id, "text": m.text, "received_at": m.received_at_ms, "timestamp": m.timestamp })
 }
 
-async fn batches(State(s): State<Arc<AppState>>) -> Response {
+async fn batches(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
     let Some(snap) = s.driver.snapshot().await else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+        return Err(ApiError::unavailable("shutting down"));
     };
     let now_ms = unix_ms();
     let mut out = Vec::new();
@@ -90,7 +90,7 @@ async fn batches(State(s): State<Arc<AppState>>) -> Response {
     }
     let running: Vec<Value> =
         snap.running.iter().map(|c| json!({ "company_id": c.company_id, "phone": c.phone })).collect();
-    Json(json!({ "batches": out, "running": running })).into_response()
+    Ok(Json(json!({ "batches": out, "running": running })))
 }
 
 fn ms(d: Duration) -> u64 {
@@ -126,21 +126,17 @@ fn record_json(t: &TurnRecord) -> Value {
     })
 }
 
-async fn conversation(State(s): State<Arc<AppState>>, Path(phone): Path<String>) -> Response {
-    let phone = match ingest::normalize_phone(&phone) {
-        Ok(p) => p,
-        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
-    };
+async fn conversation(
+    State(s): State<Arc<AppState>>,
+    Path(phone): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let phone = ingest::normalize_phone(&phone).map_err(ApiError::unprocessable)?;
     let wanted = phone.clone();
-    let history = match s.store.read(move |st| st.history(&wanted)).await {
-        Ok(h) => h,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    };
-    let open = match s.store.read(|st| st.turns()).await {
-        Ok(t) => t,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    };
-    let open: Vec<Value> = open
+    let history = s.store.read(move |st| st.history(&wanted)).await?;
+    let open: Vec<Value> = s
+        .store
+        .read(|st| st.turns())
+        .await?
         .iter()
         .filter(|t| t.conv.phone == phone)
         .map(|t| {
@@ -149,49 +145,54 @@ async fn conversation(State(s): State<Arc<AppState>>, Path(phone): Path<String>)
             v
         })
         .collect();
-    Json(json!({
+    Ok(Json(json!({
         "phone": phone,
         "turns": history.iter().map(summary_json).collect::<Vec<_>>(),
         "open_turns": open,
-    }))
-    .into_response()
+    })))
 }
 
-async fn dead(State(s): State<Arc<AppState>>) -> Response {
-    match s.store.read(|st| st.turns()).await {
-        Ok(turns) => {
-            let dead: Vec<Value> = turns.iter().filter(|t| t.dead.is_some()).map(record_json).collect();
-            Json(json!({ "dead": dead })).into_response()
-        }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+async fn dead(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let turns = s.store.read(|st| st.turns()).await?;
+    let dead: Vec<Value> = turns.iter().filter(|t| t.dead.is_some()).map(record_json).collect();
+    Ok(Json(json!({ "dead": dead })))
 }
 
-async fn retry_dead(State(s): State<Arc<AppState>>, Path(turn_id): Path<String>) -> Response {
+async fn retry_dead(
+    State(s): State<Arc<AppState>>,
+    Path(turn_id): Path<String>,
+) -> Result<Response, ApiError> {
     match s.driver.retry(turn_id.clone()).await {
         RetryOutcome::Queued => {
-            (StatusCode::ACCEPTED, Json(json!({ "status": "queued", "turn_id": turn_id }))).into_response()
+            Ok((StatusCode::ACCEPTED, Json(json!({ "status": "queued", "turn_id": turn_id })))
+                .into_response())
         }
-        RetryOutcome::NotFound => error(StatusCode::NOT_FOUND, format!("no turn {turn_id}")),
-        RetryOutcome::NotDead => error(StatusCode::CONFLICT, format!("turn {turn_id} is not dead")),
-        RetryOutcome::Failed(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        RetryOutcome::NotFound => Err(ApiError::not_found(format!("no turn {turn_id}"))),
+        RetryOutcome::NotDead => {
+            Err(ApiError::new(StatusCode::CONFLICT, format!("turn {turn_id} is not dead")))
+        }
+        RetryOutcome::Failed(e) => Err(ApiError::unavailable(e)),
     }
 }
 
 /// `Authorization: Bearer <admin_token>` on /api/* and /metrics, when a token is set.
-async fn require_token(State(s): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+async fn require_token(
+    State(s): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     if !s.admin_token.is_empty() {
         let given = bearer(request.headers()).unwrap_or("");
         if !signature::same(given.as_bytes(), s.admin_token.as_bytes()) {
-            return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"));
         }
     }
-    next.run(request).await
+    Ok(next.run(request).await)
 }
 
 /// A consistent snapshot while the daemon keeps serving: written to a temp
 /// file off the runtime (writers pause for the copy), then streamed.
-async fn online_backup(State(s): State<Arc<AppState>>) -> Response {
+async fn online_backup(State(s): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let store = s.store.clone();
     let path =
         std::env::temp_dir().join(format!("turnstile-backup-{}-{}.partial", std::process::id(), unix_ms()));
@@ -213,21 +214,14 @@ async fn online_backup(State(s): State<Arc<AppState>>) -> Response {
     };
     // Unlinked at once: the open file streams on, and nothing is left behind.
     let _ = std::fs::remove_file(&path);
-    match opened {
-        Ok(file) => {
-            let name = format!("attachment; filename=\"turnstile-{}.backup\"", unix_ms());
-            let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
-            (
-                [
-                    (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-                    (header::CONTENT_DISPOSITION, name),
-                ],
-                body,
-            )
-                .into_response()
-        }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("backup failed: {e}")),
-    }
+    let file = opened.map_err(|e| ApiError::internal(format!("backup failed: {e}")))?;
+    let name = format!("attachment; filename=\"turnstile-{}.backup\"", unix_ms());
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream".to_owned()), (header::CONTENT_DISPOSITION, name)],
+        body,
+    )
+        .into_response())
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {

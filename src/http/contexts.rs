@@ -6,13 +6,12 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderMap;
 use axum::Json;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use super::{error, read_json_body, AppState};
+use super::{read_json_body, ApiError, AppState};
 use crate::context;
 use crate::ingest;
 use crate::message::Conv;
@@ -20,11 +19,11 @@ use crate::store::ContextMeta;
 use crate::turns::{ContextOp, ContextOutcome};
 
 /// The conversation a context path names: company as given, phone normalised.
-fn context_conv(company_id: String, phone: &str) -> Result<Conv, Response> {
+fn context_conv(company_id: String, phone: &str) -> Result<Conv, ApiError> {
     if company_id.trim().is_empty() || company_id.contains('\0') {
-        return Err(error(StatusCode::UNPROCESSABLE_ENTITY, "company_id must not be empty"));
+        return Err(ApiError::unprocessable("company_id must not be empty"));
     }
-    let phone = ingest::normalize_phone(phone).map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    let phone = ingest::normalize_phone(phone).map_err(ApiError::unprocessable)?;
     Ok(Conv { phone, company_id })
 }
 
@@ -35,50 +34,36 @@ fn meta_json(meta: &ContextMeta) -> (Value, Value) {
 pub(super) async fn get_context(
     State(s): State<Arc<AppState>>,
     Path((company_id, phone)): Path<(String, String)>,
-) -> Response {
-    let conv = match context_conv(company_id, &phone) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+) -> Result<Json<ContextBody>, ApiError> {
+    let conv = context_conv(company_id, &phone)?;
     let (key, now) = (conv.clone(), s.clock.now_ms());
-    let stored = match s.store.read(move |st| st.context(&key, now)).await {
-        Ok(Some(stored)) => stored,
-        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no context for {conv}")),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("context for {conv}: {e}")),
-    };
+    let stored = s
+        .store
+        .read(move |st| st.context(&key, now))
+        .await
+        .map_err(|e| ApiError::internal(format!("context for {conv}: {e}")))?
+        .ok_or_else(|| ApiError::not_found(format!("no context for {conv}")))?;
     // Raw JSON text: checked, never built into a tree and serialized again.
-    let decode = |which: &str, bytes: Option<&[u8]>| -> Result<Option<Box<RawValue>>, Response> {
+    let decode = |which: &str, bytes: Option<&[u8]>| -> Result<Option<Box<RawValue>>, ApiError> {
         match bytes {
             None => Ok(None),
             Some(b) => context::decode_raw(b).map(Some).map_err(|e| {
                 tracing::error!(conv = %conv.masked(), part = which, error = %e, "stored context is corrupt");
-                error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("{which} of the context for {conv} is corrupt: {e}"),
-                )
+                ApiError::internal(format!("{which} of the context for {conv} is corrupt: {e}"))
             }),
         }
     };
-    let dialogue = match decode("dialogue", stored.dialogue.as_deref()) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let cache = match decode("cache", stored.cache.as_deref()) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    Json(ContextBody {
-        dialogue,
-        cache,
+    Ok(Json(ContextBody {
+        dialogue: decode("dialogue", stored.dialogue.as_deref())?,
+        cache: decode("cache", stored.cache.as_deref())?,
         updated_at: stored.meta.updated_at_ms,
         expires_at: stored.meta.expires_at_ms,
-    })
-    .into_response()
+    }))
 }
 
 /// What `GET /api/contexts/...` answers (and a PUT may send back).
 #[derive(serde::Serialize)]
-struct ContextBody {
+pub(super) struct ContextBody {
     dialogue: Option<Box<RawValue>>,
     cache: Option<Box<RawValue>>,
     updated_at: u64,
@@ -92,44 +77,30 @@ pub(super) async fn put_context(
     Path((company_id, phone)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    let conv = match context_conv(company_id, &phone) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let body = match read_json_body(&s, &headers, body, s.context_max_bytes).await {
-        Ok(body) => body,
-        Err(response) => return response,
-    };
-    let value: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body is not valid JSON: {e}")),
-    };
+) -> Result<Json<Value>, ApiError> {
+    let conv = context_conv(company_id, &phone)?;
+    let body = read_json_body(&s, &headers, body, s.context_max_bytes).await?;
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")))?;
     let Some(obj) = value.as_object() else {
-        return error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "body must be a JSON object {\"dialogue\", \"cache\"}",
-        );
+        return Err(ApiError::unprocessable("body must be a JSON object {\"dialogue\", \"cache\"}"));
     };
     if let Some(unknown) =
         obj.keys().find(|k| !["dialogue", "cache", "updated_at", "expires_at"].contains(&k.as_str()))
     {
-        return error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("unknown field `{unknown}`; expected dialogue and cache"),
-        );
+        return Err(ApiError::unprocessable(format!(
+            "unknown field `{unknown}`; expected dialogue and cache"
+        )));
     }
     let part = |k: &str| obj.get(k).filter(|v| !v.is_null()).cloned();
     let op = ContextOp::Put { dialogue: part("dialogue"), cache: part("cache") };
-    match write_context(&s, conv, op).await {
-        Ok((_, Some(meta))) => {
+    Ok(Json(match write_context(&s, conv, op).await? {
+        (_, Some(meta)) => {
             let (updated_at, expires_at) = meta_json(&meta);
-            Json(json!({ "status": "stored", "updated_at": updated_at, "expires_at": expires_at }))
-                .into_response()
+            json!({ "status": "stored", "updated_at": updated_at, "expires_at": expires_at })
         }
-        Ok((_, None)) => Json(json!({ "status": "empty" })).into_response(),
-        Err(refused) => refused,
-    }
+        (_, None) => json!({ "status": "empty" }),
+    }))
 }
 
 /// Queues a context write in its conversation's turn slot and waits until it
@@ -138,26 +109,22 @@ async fn write_context(
     s: &AppState,
     conv: Conv,
     op: ContextOp,
-) -> Result<(Option<ContextMeta>, Option<ContextMeta>), Response> {
+) -> Result<(Option<ContextMeta>, Option<ContextMeta>), ApiError> {
     match s.driver.context(conv, op).await {
         ContextOutcome::Done { before, after } => Ok((before, after)),
-        ContextOutcome::Failed(e) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e)),
+        ContextOutcome::Failed(e) => Err(ApiError::unavailable(e)),
     }
 }
 
 pub(super) async fn delete_context(
     State(s): State<Arc<AppState>>,
     Path((company_id, phone)): Path<(String, String)>,
-) -> Response {
-    let conv = match context_conv(company_id, &phone) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+) -> Result<Json<Value>, ApiError> {
+    let conv = context_conv(company_id, &phone)?;
     let label = conv.to_string();
-    match write_context(&s, conv, ContextOp::Delete).await {
-        Ok((Some(_), _)) => Json(json!({ "status": "deleted" })).into_response(),
-        Ok((None, _)) => error(StatusCode::NOT_FOUND, format!("no context for {label}")),
-        Err(refused) => refused,
+    match write_context(&s, conv, ContextOp::Delete).await? {
+        (Some(_), _) => Ok(Json(json!({ "status": "deleted" }))),
+        (None, _) => Err(ApiError::not_found(format!("no context for {label}"))),
     }
 }
 
@@ -166,16 +133,9 @@ pub(super) async fn delete_context(
 pub(super) async fn invalidate_context(
     State(s): State<Arc<AppState>>,
     Path((company_id, phone)): Path<(String, String)>,
-) -> Response {
-    let conv = match context_conv(company_id, &phone) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    match write_context(&s, conv, ContextOp::Invalidate).await {
-        Ok((before, _)) => {
-            let had_cache = before.is_some_and(|m| m.cache.is_some());
-            Json(json!({ "status": "invalidated", "had_cache": had_cache })).into_response()
-        }
-        Err(refused) => refused,
-    }
+) -> Result<Json<Value>, ApiError> {
+    let conv = context_conv(company_id, &phone)?;
+    let (before, _) = write_context(&s, conv, ContextOp::Invalidate).await?;
+    let had_cache = before.is_some_and(|m| m.cache.is_some());
+    Ok(Json(json!({ "status": "invalidated", "had_cache": had_cache })))
 }

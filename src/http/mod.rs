@@ -7,17 +7,17 @@
 //! Handlers here parse and answer; they never await a turn — a webhook
 //! returns as soon as its message is on disk. `webhooks` takes the gateways'
 //! deliveries, `admin` the inspection API, metrics and backups, `contexts`
-//! the context API; this file holds the state they share, the two routers,
-//! and the checks they have in common.
-
-// Helpers here return `Err(Response)`: the error *is* the answer to send, and
-// boxing it would buy nothing on a path that allocates a body anyway.
-#![allow(clippy::result_large_err)]
+//! the context API, `error` the one refusal they all answer with; this file
+//! holds the state they share, the two routers, and the checks they have in
+//! common.
 
 mod admin;
 mod contexts;
+mod error;
 pub mod serve;
 mod webhooks;
+
+pub use error::ApiError;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -29,7 +29,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
@@ -86,9 +86,9 @@ fn surface(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
     routes
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
-            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
         })
         .with_state(state)
 }
@@ -100,24 +100,22 @@ pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// Every error answer has the same shape: status code + `{"error": "..."}`.
-pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
-}
-
 /// The content-type, size and time checks every JSON body shares.
 pub(super) async fn read_json_body(
     s: &AppState,
     headers: &HeaderMap,
     body: Body,
     limit: usize,
-) -> Result<axum::body::Bytes, Response> {
+) -> Result<axum::body::Bytes, ApiError> {
     if !is_json(headers) {
-        return Err(error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "content type must be application/json"));
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "content type must be application/json",
+        ));
     }
     match tokio::time::timeout(s.body_timeout, read_body(headers, body, limit)).await {
         Ok(read) => read,
-        Err(_) => Err(error(
+        Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             format!("the body did not arrive within {} ms", s.body_timeout.as_millis()),
         )),
@@ -133,8 +131,8 @@ fn is_json(headers: &HeaderMap) -> bool {
 }
 
 /// Reads at most `limit` bytes; a larger body (declared or actual) is 413.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<axum::body::Bytes, Response> {
-    let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, format!("body exceeds {limit} bytes"));
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    let too_large = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("body exceeds {limit} bytes"));
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
@@ -143,7 +141,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<axum
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(error(StatusCode::BAD_REQUEST, format!("could not read the body: {e}"))),
+        Err(e) => Err(ApiError::bad_request(format!("could not read the body: {e}"))),
     }
 }
 
@@ -153,15 +151,15 @@ async fn healthz() -> Response {
 
 /// 503 while recovering, after a fatal fault, or shutting down: a webhook
 /// refused so is retried by the gateway, never lost.
-pub(super) fn accepting(s: &AppState) -> Result<(), Response> {
+pub(super) fn accepting(s: &AppState) -> Result<(), ApiError> {
     if let Some(reason) = s.store.failure() {
-        Err(error(StatusCode::SERVICE_UNAVAILABLE, format!("store failed, restarting: {reason}")))
+        Err(ApiError::unavailable(format!("store failed, restarting: {reason}")))
     } else if let Some(reason) = s.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-        Err(error(StatusCode::SERVICE_UNAVAILABLE, format!("restarting: {reason}")))
+        Err(ApiError::unavailable(format!("restarting: {reason}")))
     } else if s.draining.is_cancelled() {
-        Err(error(StatusCode::SERVICE_UNAVAILABLE, "shutting down; retry later"))
+        Err(ApiError::unavailable("shutting down; retry later"))
     } else if !s.ready.load(Ordering::Acquire) {
-        Err(error(StatusCode::SERVICE_UNAVAILABLE, "recovering from disk; retry shortly"))
+        Err(ApiError::unavailable("recovering from disk; retry shortly"))
     } else {
         Ok(())
     }
@@ -169,13 +167,11 @@ pub(super) fn accepting(s: &AppState) -> Result<(), Response> {
 
 /// Ready: recovered, not stopping, the store sound and its log writable
 /// (while writes fail, each call probes whether they work again).
-async fn readyz(State(s): State<Arc<AppState>>) -> Response {
-    if let Err(refused) = accepting(&s) {
-        return refused;
-    }
+async fn readyz(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    accepting(&s)?;
     match s.store.write_trouble().await {
-        Some(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("messages cannot be stored: {e}")),
-        None => Json(json!({ "status": "ready" })).into_response(),
+        Some(e) => Err(ApiError::unavailable(format!("messages cannot be stored: {e}"))),
+        None => Ok(Json(json!({ "status": "ready" }))),
     }
 }
 
@@ -195,13 +191,10 @@ pub fn unavailable(
     reason: Arc<std::sync::Mutex<String>>,
 ) -> std::io::Result<Unavailable> {
     let stop = CancellationToken::new();
-    let router =
-        Router::new().route("/healthz", get(healthz)).fallback(move || {
-            let reason = reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            async move {
-                error(StatusCode::SERVICE_UNAVAILABLE, format!("the store cannot be opened yet: {reason}"))
-            }
-        });
+    let router = Router::new().route("/healthz", get(healthz)).fallback(move || {
+        let reason = reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        async move { ApiError::unavailable(format!("the store cannot be opened yet: {reason}")) }
+    });
     let dup = |l: &tokio::net::TcpListener| -> std::io::Result<tokio::net::TcpListener> {
         let fd = std::os::fd::AsFd::as_fd(l).try_clone_to_owned()?;
         let std = std::net::TcpListener::from(fd);

@@ -15,13 +15,13 @@ use axum::body::Body;
 use axum::extract::{Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::json;
+use serde_json::{json, Value};
 
-use super::{accepting, bearer, error, read_json_body, AppState};
-use crate::ingest::{self, signature, Accepted, IngestError};
+use super::{accepting, bearer, read_json_body, ApiError, AppState};
+use crate::ingest::{self, signature, Accepted};
 use crate::message::unix_ms;
 
 pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
@@ -44,35 +44,36 @@ pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
     routes.route_layer(middleware::from_fn_with_state(state, count_webhooks))
 }
 
-async fn webhook_batched(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+async fn webhook_batched(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
     webhook(&s, &headers, body, false).await
 }
 
-async fn webhook_immediate(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+async fn webhook_immediate(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
     webhook(&s, &headers, body, true).await
 }
 
-async fn webhook(s: &AppState, headers: &HeaderMap, body: Body, immediate: bool) -> Response {
+async fn webhook(
+    s: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    immediate: bool,
+) -> Result<Json<Value>, ApiError> {
+    accepting(s)?;
     // The token before the body: a stranger's request is not even read.
-    let checked = async {
-        accepting(s)?;
-        if !token_ok(s, headers) {
-            return Err(error(StatusCode::UNAUTHORIZED, "missing or wrong webhook token"));
-        }
-        read_json_body(s, headers, body, s.max_body_bytes).await
-    };
-    let body = match checked.await {
-        Ok(body) => body,
-        Err(refused) => return refused,
-    };
-    let outcome = async {
-        let message = ingest::parse(&body, &s.default_company_id)?;
-        s.ingest.accept(message, immediate).await
-    };
-    match outcome.await {
-        Ok(accepted) => accepted_json(accepted),
-        Err(e) => ingest_error(e),
+    if !token_ok(s, headers) {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong webhook token"));
     }
+    let body = read_json_body(s, headers, body, s.max_body_bytes).await?;
+    let message = ingest::parse(&body, &s.default_company_id)?;
+    Ok(accepted_json(s.ingest.accept(message, immediate).await?))
 }
 
 /// The generic webhooks' shared secret, `ingest.webhook_token`, in
@@ -92,90 +93,68 @@ fn token_ok(s: &AppState, headers: &HeaderMap) -> bool {
 /// What the signed webhooks (Meta, WAHA) check before their signature, in
 /// this order: the daemon takes webhooks (503 while recovering or draining),
 /// the body is JSON, not too large.
-async fn webhook_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, Response> {
+async fn webhook_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, ApiError> {
     accepting(s)?;
     read_json_body(s, headers, body, s.max_body_bytes).await
 }
 
-fn accepted_json(accepted: Accepted) -> Response {
+fn accepted_json(accepted: Accepted) -> Json<Value> {
     let status = match accepted {
         Accepted::New => "accepted",
         Accepted::Duplicate => "duplicate",
     };
-    Json(json!({ "status": status })).into_response()
-}
-
-fn ingest_error(e: IngestError) -> Response {
-    match e {
-        IngestError::Malformed(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
-        IngestError::Invalid(_) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
-        IngestError::Store(_) => {
-            tracing::warn!(error = %e, "webhook refused: not stored");
-            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-        }
-    }
+    Json(json!({ "status": status }))
 }
 
 /// Meta's subscription check: echo `hub.challenge` when the token matches.
 async fn meta_verify(
     State(s): State<Arc<AppState>>,
     Query(q): Query<std::collections::HashMap<String, String>>,
-) -> Response {
+) -> Result<String, ApiError> {
     let param = |k: &str| q.get(k).map(String::as_str).unwrap_or("");
     let token_ok = !s.meta.verify_token.is_empty()
         && signature::same(param("hub.verify_token").as_bytes(), s.meta.verify_token.as_bytes());
     if param("hub.mode") == "subscribe" && token_ok {
-        return (StatusCode::OK, param("hub.challenge").to_owned()).into_response();
+        return Ok(param("hub.challenge").to_owned());
     }
-    error(StatusCode::FORBIDDEN, "verification refused: wrong hub.mode or hub.verify_token")
+    Err(ApiError::new(StatusCode::FORBIDDEN, "verification refused: wrong hub.mode or hub.verify_token"))
 }
 
 /// One Meta delivery: possibly several messages, possibly none (statuses only).
-async fn meta_webhook(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    let body = match webhook_body(&s, &headers, body).await {
-        Ok(body) => body,
-        Err(refused) => return refused,
-    };
+async fn meta_webhook(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let body = webhook_body(&s, &headers, body).await?;
     if !s.meta.app_secret.is_empty() {
         let sig = headers.get("x-hub-signature-256").and_then(|v| v.to_str().ok());
         if !signature::meta_valid(&s.meta.app_secret, &body, sig) {
-            return error(StatusCode::UNAUTHORIZED, "missing or wrong X-Hub-Signature-256");
+            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong X-Hub-Signature-256"));
         }
     }
-    let outcome = async {
-        let messages = ingest::meta::parse(&body, &s.meta.companies, &s.default_company_id, unix_ms())?;
-        s.ingest.accept_many(messages, false).await
-    };
-    match outcome.await {
-        Ok(c) => Json(json!({ "status": "accepted", "accepted": c.accepted, "duplicates": c.duplicates }))
-            .into_response(),
-        Err(e) => ingest_error(e),
-    }
+    let messages = ingest::meta::parse(&body, &s.meta.companies, &s.default_company_id, unix_ms())?;
+    let c = s.ingest.accept_many(messages, false).await?;
+    Ok(Json(json!({ "status": "accepted", "accepted": c.accepted, "duplicates": c.duplicates })))
 }
 
 /// One WAHA event; only client messages are stored, the rest acknowledged.
-async fn waha_webhook(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    let body = match webhook_body(&s, &headers, body).await {
-        Ok(body) => body,
-        Err(refused) => return refused,
-    };
+async fn waha_webhook(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let body = webhook_body(&s, &headers, body).await?;
     if !s.waha.hmac_key.is_empty() {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let (sig, algorithm) = (header("x-webhook-hmac"), header("x-webhook-hmac-algorithm"));
         if !signature::waha_valid(&s.waha.hmac_key, &body, sig, algorithm) {
-            return error(StatusCode::UNAUTHORIZED, "missing or wrong X-Webhook-Hmac");
+            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong X-Webhook-Hmac"));
         }
     }
-    let outcome = async {
-        match ingest::waha::parse(&body, &s.waha.sessions, &s.default_company_id, unix_ms())? {
-            Some(message) => s.ingest.accept(message, false).await.map(Some),
-            None => Ok(None),
-        }
-    };
-    match outcome.await {
-        Ok(Some(accepted)) => accepted_json(accepted),
-        Ok(None) => Json(json!({ "status": "ignored" })).into_response(),
-        Err(e) => ingest_error(e),
+    match ingest::waha::parse(&body, &s.waha.sessions, &s.default_company_id, unix_ms())? {
+        Some(message) => Ok(accepted_json(s.ingest.accept(message, false).await?)),
+        None => Ok(Json(json!({ "status": "ignored" }))),
     }
 }
 

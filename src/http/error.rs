@@ -1,0 +1,77 @@
+//! `ApiError`, the one refusal every route answers with: a status code and
+//! `{"error": "..."}`. Handlers return `Result<_, ApiError>` and use `?`; the
+//! `From` impls below say which status a module's error becomes.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::ingest::IngestError;
+use crate::store::StoreError;
+
+/// A refused request: sent as its status and `{"error": message}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into() }
+    }
+
+    /// 400: the request itself is broken.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// 404: nothing by that name.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    /// 422: well-formed, but a value is unacceptable.
+    pub fn unprocessable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, message)
+    }
+
+    /// 500: the daemon's own fault.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+
+    /// 503: not now; the caller should retry later.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+/// A message refused by ingest: broken JSON 400, a bad field 422, and a
+/// store that could not take it 503, so the gateway delivers it again.
+impl From<IngestError> for ApiError {
+    fn from(e: IngestError) -> Self {
+        match e {
+            IngestError::Malformed(_) => Self::bad_request(e.to_string()),
+            IngestError::Invalid(_) => Self::unprocessable(e.to_string()),
+            IngestError::Store(_) => {
+                tracing::warn!(error = %e, "webhook refused: not stored");
+                Self::unavailable(e.to_string())
+            }
+        }
+    }
+}
+
+/// A failed store read: 500, with the store's own words.
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Self::internal(e.to_string())
+    }
+}
