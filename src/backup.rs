@@ -172,6 +172,36 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Writes a backup of the live store to the scratch file `path`, on a
+/// thread of its own that runs at a lower CPU priority (nice 10): while it
+/// reads, deflates and hashes the whole store, acknowledging webhooks wins
+/// the cores. The file is a scratch copy for streaming: not synced.
+pub async fn write_online(store: Store, path: PathBuf) -> Result<Manifest, BackupError> {
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("turnstile-backup".into())
+        .spawn(move || {
+            // On Linux a nice value belongs to a thread; this one ends with the backup.
+            // SAFETY: plain syscalls on this thread's own id; failure only leaves the priority as it was.
+            unsafe {
+                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+            }
+            let written = (|| {
+                let mut w = BufWriter::new(File::create(&path).map_err(io(&path))?);
+                let manifest = write(&store, &mut w)?;
+                w.into_inner().map_err(|e| BackupError::Io {
+                    path: path.display().to_string(),
+                    source: e.into_error(),
+                })?;
+                Ok(manifest)
+            })();
+            let _ = done.send(written);
+        })
+        .map_err(|e| BackupError::Io { path: "the backup thread".into(), source: e })?;
+    result.await.unwrap_or_else(|_| Err(BackupError::Damaged("the backup thread died".into())))
+}
+
 /// `turnstile verify FILE`.
 pub fn verify(file: &Path) -> Result<Manifest, BackupError> {
     let f = File::open(file).map_err(io(file))?;

@@ -191,25 +191,13 @@ async fn require_token(
 }
 
 /// A consistent snapshot while the daemon keeps serving: written to a temp
-/// file off the runtime (writers pause for the copy), then streamed.
+/// file by a low-priority thread (ingest goes on; tree writes wait for the
+/// cut), then streamed.
 async fn online_backup(State(s): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let store = s.store.clone();
     let path =
         std::env::temp_dir().join(format!("turnstile-backup-{}-{}.partial", std::process::id(), unix_ms()));
-    let written = {
-        let path = path.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let file = std::fs::File::create(&path).map_err(|e| e.to_string())?;
-            let mut w = std::io::BufWriter::new(file);
-            backup::write(&store, &mut w).map_err(|e| e.to_string())?;
-            // A scratch copy, streamed and unlinked: no sync needed.
-            w.into_inner().map(drop).map_err(|e| e.to_string())
-        })
-        .await
-    };
-    let opened = match written {
-        Ok(Ok(())) => tokio::fs::File::open(&path).await.map_err(|e| e.to_string()),
-        Ok(Err(e)) => Err(e),
+    let opened = match backup::write_online(s.store.clone(), path.clone()).await {
+        Ok(_) => tokio::fs::File::open(&path).await.map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
     // Unlinked at once: the open file streams on, and nothing is left behind.
