@@ -19,11 +19,15 @@
 //! Loopback only; the data lives in a temporary directory under `target/`
 //! (a real disk, as the appliance's) and goes when the bench ends.
 
+#[path = "support/daemon.rs"]
+mod daemon;
+
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use daemon::{dir_bytes, free_ports, open_loop, quantile_ms, wait_ready, Recorder};
 
 use serde_json::json;
 use turnstile::context;
@@ -76,61 +80,17 @@ async fn fill(data: &Path, contexts: u64) {
     Arc::into_inner(store).expect("every writer done").close().await.unwrap();
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
-#[derive(Clone, Copy)]
-struct Ports {
-    public: u16,
-    admin: u16,
-}
-
-fn free_ports() -> Ports {
-    let public = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    Ports { public: public.local_addr().unwrap().port(), admin: admin.local_addr().unwrap().port() }
-}
-
-fn spawn(data: &Path, ports: Ports, notify: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_turnstile"))
-        .arg("serve")
-        .env_clear()
-        .env("TURNSTILE_SERVER_LISTEN", format!("127.0.0.1:{}", ports.public))
-        .env("TURNSTILE_SERVER_ADMIN_LISTEN", format!("127.0.0.1:{}", ports.admin))
-        .env("TURNSTILE_SERVER_DATA_DIR", data)
-        .env("TURNSTILE_LOG_FILTER", "warn")
-        .env("NOTIFY_SOCKET", notify)
-        .env("WATCHDOG_USEC", WATCHDOG_USEC.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the release binary")
-}
-
-async fn wait_ready(client: &reqwest::Client, port: u16) -> Duration {
-    let start = Instant::now();
-    loop {
-        if let Ok(r) = client.get(format!("http://127.0.0.1:{port}/readyz")).send().await {
-            if r.status() == 200 {
-                return start.elapsed();
-            }
-        }
-        assert!(start.elapsed() < Duration::from_secs(300), "never ready");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// One phase's latencies: its line of the report, and its p99.
+fn line(what: &str, rec: &Recorder) -> f64 {
+    let (l, failed) = rec.take();
+    println!(
+        "  {what:<22} n={:<7} p50 {:>6.2} ms  p99 {:>6.2} ms  max {:>7.2} ms  failed {failed}",
+        l.len(),
+        quantile_ms(&l, 0.50),
+        quantile_ms(&l, 0.99),
+        quantile_ms(&l, 1.0)
+    );
+    quantile_ms(&l, 0.99)
 }
 
 /// The watchdog's side: the time of every `WATCHDOG=1` the daemon sends.
@@ -146,63 +106,6 @@ fn watch(socket: UnixDatagram) -> Arc<Mutex<Vec<Instant>>> {
         }
     });
     pings
-}
-
-/// Acknowledgement latencies (microseconds) of an open-loop load at `rate`
-/// per second until `until` resolves; failed requests are counted apart.
-async fn load(
-    client: &reqwest::Client,
-    port: u16,
-    rate: u64,
-    tag: &str,
-    until: impl std::future::Future<Output = ()>,
-) -> (Vec<u64>, u64) {
-    let url = format!("http://127.0.0.1:{port}/webhook/whatsapp/batched");
-    let latencies = Arc::new(Mutex::new(Vec::new()));
-    let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
-    let start = tokio::time::Instant::now();
-    let mut until = std::pin::pin!(until);
-    for i in 0u64.. {
-        let due = start + Duration::from_micros(i * 1_000_000 / rate);
-        tokio::select! {
-            _ = &mut until => break,
-            _ = tokio::time::sleep_until(due) => {}
-        }
-        let (client, url, latencies, failed) =
-            (client.clone(), url.clone(), latencies.clone(), failed.clone());
-        let body = json!({"id": format!("{tag}-{i}"), "from": format!("7907{:07}", i % PHONES), "message": "Привет"});
-        tasks.spawn(async move {
-            let sent = Instant::now();
-            match client.post(url).json(&body).send().await {
-                Ok(r) if r.status() == 200 => {
-                    latencies.lock().unwrap().push(sent.elapsed().as_micros() as u64);
-                }
-                _ => {
-                    failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-        });
-        while let Some(done) = tasks.try_join_next() {
-            done.unwrap();
-        }
-    }
-    while tasks.join_next().await.is_some() {}
-    let mut l = Arc::into_inner(latencies).unwrap().into_inner().unwrap();
-    l.sort_unstable();
-    (l, failed.load(std::sync::atomic::Ordering::Relaxed))
-}
-
-fn line(what: &str, (l, failed): &(Vec<u64>, u64)) -> f64 {
-    let q = |q: f64| l[((l.len() as f64 * q) as usize).min(l.len() - 1)] as f64 / 1e3;
-    println!(
-        "  {what:<22} n={:<7} p50 {:>6.2} ms  p99 {:>6.2} ms  max {:>7.2} ms  failed {failed}",
-        l.len(),
-        q(0.50),
-        q(0.99),
-        *l.last().unwrap() as f64 / 1e3
-    );
-    q(0.99)
 }
 
 /// Streams one online backup into nothing; its size and duration.
@@ -238,16 +141,20 @@ fn main() {
         let notify_path = dir.path().join("notify.sock");
         let pings = watch(UnixDatagram::bind(&notify_path).unwrap());
         let ports = free_ports();
-        let mut child = spawn(&data, ports, &notify_path);
+        let env = [
+            ("NOTIFY_SOCKET", notify_path.display().to_string()),
+            ("WATCHDOG_USEC", WATCHDOG_USEC.to_string()),
+        ];
+        let child = daemon::spawn(&data, ports, &env);
         let client = reqwest::Client::new();
         let ready = wait_ready(&client, ports.public).await;
         println!("  start to ready: {:.1} s", ready.as_secs_f64());
 
         println!("== ingest at {rate}/s over {PHONES} phones, {seconds} s each phase");
-        let quiet =
-            load(&client, ports.public, rate, "quiet", tokio::time::sleep(Duration::from_secs(seconds)))
-                .await;
-        let base = line("without a backup", &quiet);
+        let rec = Arc::new(Recorder::default());
+        let quiet = tokio::time::sleep(Duration::from_secs(seconds));
+        open_loop(&client, ports.public, rate, PHONES, "quiet", rec.clone(), quiet).await;
+        let base = line("without a backup", &rec);
 
         let backups = Arc::new(Mutex::new(Vec::new()));
         let done = {
@@ -261,8 +168,8 @@ fn main() {
                 }
             }
         };
-        let busy = load(&client, ports.public, rate, "backup", done).await;
-        let during = line("during online backups", &busy);
+        open_loop(&client, ports.public, rate, PHONES, "backup", rec.clone(), done).await;
+        let during = line("during online backups", &rec);
         let backups = backups.lock().unwrap().clone();
         let took: Vec<f64> = backups.iter().map(|b| b.1.as_secs_f64()).collect();
         println!(
@@ -285,7 +192,6 @@ fn main() {
             WATCHDOG_USEC / 1000
         );
 
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        let _ = child.wait();
+        daemon::stop(child);
     });
 }

@@ -253,13 +253,20 @@ pub fn restore(file: &Path, data: &Path, force: bool) -> Result<Manifest, Backup
     let building = sibling(data, "restoring");
     let _ = std::fs::remove_dir_all(&building);
     let built = (|| {
+        // Streamed: a reader thread hands records over as the import takes
+        // them, so a store of any size restores in little memory.
         let f = File::open(file).map_err(io(file))?;
-        let mut records = Vec::new();
-        read(BufReader::new(f), |r| {
-            records.push(Ok::<Record, BackupError>(r));
-            Ok::<(), BackupError>(())
-        })?;
-        Store::import_into(&building, manifest.next_id, records)
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Record>(1024);
+        let reader = std::thread::spawn(move || {
+            read(BufReader::new(f), |r| {
+                tx.send(r).map_err(|_| BackupError::Damaged("the import stopped reading".into()))
+            })
+        });
+        let imported =
+            Store::import_into(&building, manifest.next_id, rx.into_iter().map(Ok::<_, BackupError>));
+        let read =
+            reader.join().unwrap_or_else(|_| Err(BackupError::Damaged("the reader thread died".into())));
+        imported.and(read.map(drop))
     })();
     if let Err(e) = built {
         let _ = std::fs::remove_dir_all(&building);
@@ -281,6 +288,58 @@ pub fn restore(file: &Path, data: &Path, force: bool) -> Result<Manifest, Backup
         let _ = std::fs::remove_dir_all(&replaced);
     }
     Ok(manifest)
+}
+
+/// What `compact` did: the records it kept and the directory's size before and after.
+pub struct Compacted {
+    pub manifest: Manifest,
+    pub before: u64,
+    pub after: u64,
+}
+
+/// `turnstile compact --data DIR`: rewrites a stopped daemon's store into a
+/// fresh directory through the backup path — an offline backup beside it
+/// (every record, checked by its manifest), restored into a new directory
+/// that replaces the old one in one rename — so the space the store's
+/// engine had not reclaimed stays behind with the old directory. Refused
+/// while a daemon holds DIR; any failure leaves DIR as it was.
+pub async fn compact(data: &Path) -> Result<Compacted, BackupError> {
+    let before = dir_size(data);
+    let scratch = sibling(data, "compact.backup");
+    let result = async {
+        backup_offline(data, &scratch).await?;
+        restore(&scratch, data, true)
+    }
+    .await;
+    let _ = std::fs::remove_file(&scratch);
+    Ok(Compacted { manifest: result?, before, after: dir_size(data) })
+}
+
+/// Bytes of every file under `dir`.
+pub fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// `turnstile verify FILE`'s report: the manifest, and the key + value
+/// bytes of each tree's records.
+pub fn verify_sizes(file: &Path) -> Result<(Manifest, BTreeMap<String, u64>), BackupError> {
+    let f = File::open(file).map_err(io(file))?;
+    let mut bytes: BTreeMap<String, u64> = BTreeMap::new();
+    let manifest = read(BufReader::new(f), |(tree, key, value)| {
+        *bytes.entry(tree).or_insert(0) += (key.len() + value.len()) as u64;
+        Ok::<(), BackupError>(())
+    })?;
+    Ok((manifest, bytes))
 }
 
 fn sibling(path: &Path, what: &str) -> PathBuf {

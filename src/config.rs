@@ -49,6 +49,7 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub openai: OpenAiConfig,
     pub log: LogConfig,
+    pub store: StoreConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -283,6 +284,19 @@ pub struct LogConfig {
     /// Put what clients wrote and what the assistant replied in `debug`
     /// lines. Off: logs carry sizes, ids, timings and masked phones only.
     pub message_text: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The most memory, in MiB, the embedded store's page cache may hold.
+    pub cache_mb: u64,
+}
+
+impl StoreConfig {
+    pub fn options(&self) -> crate::store::Options {
+        crate::store::Options { cache_bytes: self.cache_mb << 20 }
+    }
 }
 
 impl Config {

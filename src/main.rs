@@ -51,8 +51,14 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Check a backup file: format, checksum, counts.
+    /// Check a backup file: format, checksum, counts; records and bytes per tree.
     Verify { file: PathBuf },
+    /// Rewrite a stopped daemon's data directory without the space its
+    /// store has not reclaimed (through a backup; switched in atomically).
+    Compact {
+        #[arg(long)]
+        data: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -70,7 +76,35 @@ fn main() -> ExitCode {
         Command::Restore { from, data, force } => {
             report(backup::restore(&from, &data, force), &format!("restored into {}", data.display()))
         }
-        Command::Verify { file } => report(backup::verify(&file), &format!("{} is intact", file.display())),
+        Command::Verify { file } => match backup::verify_sizes(&file) {
+            Ok((manifest, bytes)) => {
+                for (tree, n) in &manifest.counts {
+                    println!(
+                        "  {tree:<14} {n:>10} records {:>14} bytes",
+                        bytes.get(tree).copied().unwrap_or(0)
+                    );
+                }
+                report(Ok(manifest), &format!("{} is intact", file.display()))
+            }
+            Err(e) => report(Err(e), ""),
+        },
+        Command::Compact { data } => {
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+            match runtime.block_on(backup::compact(&data)) {
+                Ok(c) => {
+                    let mb = |b: u64| b as f64 / 1048576.0;
+                    let done = format!(
+                        "compacted {}: {:.1} MB -> {:.1} MB",
+                        data.display(),
+                        mb(c.before),
+                        mb(c.after)
+                    );
+                    report(Ok(c.manifest), &done)
+                }
+                Err(e) => report(Err(e), ""),
+            }
+        }
     }
 }
 

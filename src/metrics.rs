@@ -135,6 +135,10 @@ pub struct Gauges {
     pub connections: [(u64, u64); 2],
     /// Removed by retention: dead turns, given-up outbox pieces, history.
     pub expired: [u64; 3],
+    /// Bytes of the trees' files (the embedded store) and of the message log.
+    pub file_bytes: (u64, u64),
+    /// Live records and their key + value bytes, per tree of the embedded store.
+    pub trees: Vec<crate::store::TreeSize>,
 }
 
 pub fn inc(counter: &AtomicU64) {
@@ -284,6 +288,26 @@ impl Metrics {
             "The data directory's size on disk, as the store counts it.",
             g.store_bytes as f64,
         );
+        let _ = writeln!(
+            out,
+            "# HELP turnstile_store_file_bytes Bytes on disk: the trees' files (the embedded store), the message log's segments.\n# TYPE turnstile_store_file_bytes gauge"
+        );
+        let _ = writeln!(out, "turnstile_store_file_bytes{{part=\"trees\"}} {}", g.file_bytes.0);
+        let _ = writeln!(out, "turnstile_store_file_bytes{{part=\"log\"}} {}", g.file_bytes.1);
+        let _ = writeln!(
+            out,
+            "# HELP turnstile_tree_records Live records per tree (counted at most once a minute).\n# TYPE turnstile_tree_records gauge"
+        );
+        for t in &g.trees {
+            let _ = writeln!(out, "turnstile_tree_records{{tree=\"{}\"}} {}", t.tree, t.records);
+        }
+        let _ = writeln!(
+            out,
+            "# HELP turnstile_tree_bytes Key + value bytes of the live records per tree (counted at most once a minute).\n# TYPE turnstile_tree_bytes gauge"
+        );
+        for t in &g.trees {
+            let _ = writeln!(out, "turnstile_tree_bytes{{tree=\"{}\"}} {}", t.tree, t.bytes);
+        }
         counter(
             &mut out,
             "turnstile_fsyncs_total",

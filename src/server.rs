@@ -131,10 +131,11 @@ async fn open_patiently(
     stop: &CancellationToken,
 ) -> Result<Option<(Store, Listeners)>, ServerError> {
     let dir = config.server.data_dir.clone();
+    let options = config.store.options();
     let open = || {
         let dir = dir.clone();
         async move {
-            tokio::task::spawn_blocking(move || Store::open(&dir))
+            tokio::task::spawn_blocking(move || Store::open_with(&dir, options))
                 .await
                 .unwrap_or_else(|e| Err(StoreError::Failed(e.to_string().into())))
         }

@@ -208,6 +208,12 @@ impl Default for ContextConfig {
         }
     }
 }
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { cache_mb: crate::store::DEFAULT_CACHE_MB }
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig { filter: default_log_filter(), mask_phones: true, message_text: false }

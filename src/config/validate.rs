@@ -115,6 +115,9 @@ impl Config {
         if self.context.sweep_interval_ms == 0 {
             return bad("context.sweep_interval_ms", "must be at least 1");
         }
+        if !(8..=65536).contains(&self.store.cache_mb) {
+            return bad("store.cache_mb", "must be between 8 and 65536 (MiB)");
+        }
         if let Err(e) = self.log.filter.parse::<tracing_subscriber::EnvFilter>() {
             return bad("log.filter", &e.to_string());
         }

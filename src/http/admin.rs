@@ -228,7 +228,11 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     (g.context_hits, g.context_misses, g.context_invalidations) =
         (c.cache_hits, c.cache_misses, c.invalidations);
     (g.contexts, g.context_raw_bytes, g.context_stored_bytes) = (c.contexts, c.raw_bytes, c.stored_bytes);
-    g.store_bytes = s.store.read(|st| st.size_on_disk().unwrap_or(0)).await;
+    (g.file_bytes, g.trees) = s
+        .store
+        .read(|st| (st.file_sizes().unwrap_or((0, 0)), st.tree_sizes_recent().unwrap_or_default()))
+        .await;
+    g.store_bytes = g.file_bytes.0 + g.file_bytes.1;
     g.fsyncs = s.store.syncs();
     let st = s.store.stats();
     g.dead_turns = st.dead_turns as usize;

@@ -173,12 +173,16 @@ fn sync_files(files: &mut Files, shared: &Shared) -> std::io::Result<()> {
     if let Some(e) = shared.faults.tree_sync() {
         return Err(e);
     }
-    files.db.flush().map_err(std::io::Error::other)?;
-    files.db_file.sync_data()?;
-    let mut extra = sync_new_entries(&files.dir, &mut files.known, &["db", log::DIR_NAME, "ids", "ids.tmp"])?;
+    // Each step names itself in the error: the operator reads which one failed.
+    let step =
+        |what: &'static str| move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"));
+    files.db.flush().map_err(|e| step("sled's flush")(std::io::Error::other(e)))?;
+    files.db_file.sync_data().map_err(step("fdatasync of db"))?;
+    let mut extra = sync_new_entries(&files.dir, &mut files.known, &["db", log::DIR_NAME, "ids", "ids.tmp"])
+        .map_err(step("new files of the data directory"))?;
     let blobs = files.dir.join("blobs");
     if blobs.is_dir() {
-        extra += sync_new_entries(&blobs, &mut files.known_blobs, &[])?;
+        extra += sync_new_entries(&blobs, &mut files.known_blobs, &[]).map_err(step("new blob files"))?;
     }
     shared.stats.other_syncs.fetch_add(extra, Ordering::Relaxed);
     Ok(())
@@ -199,13 +203,17 @@ pub(crate) fn sync_new_entries(
         if skip.iter().any(|s| name == *s) {
             continue;
         }
-        if !known.contains(&name) && entry.file_type()?.is_file() {
-            // A file removed between the listing and here is no loss.
-            match File::open(entry.path()) {
-                Ok(f) => {
-                    f.sync_all()?;
-                    syncs += 1;
+        if !known.contains(&name) {
+            // A file removed between the listing and here is no loss: skip it.
+            let synced = (|| {
+                if !entry.file_type()?.is_file() {
+                    return Ok(false);
                 }
+                File::open(entry.path())?.sync_all().map(|()| true)
+            })();
+            match synced {
+                Ok(true) => syncs += 1,
+                Ok(false) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             }

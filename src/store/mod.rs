@@ -30,6 +30,7 @@ mod ids;
 mod log;
 mod records;
 mod recover;
+mod sizes;
 mod snapshot;
 #[cfg(test)]
 mod tests;
@@ -48,6 +49,7 @@ pub use contexts::{
 use records::{conv_prefix, decode, decode_all, phone_prefix};
 pub use records::{DeadInfo, OutboxItem, TurnRecord, TurnSummary};
 pub use recover::Recovered;
+pub use sizes::{TreeSize, SIZES_MAX_AGE};
 
 use crate::message::{Conv, Message, NewMessage};
 
@@ -332,11 +334,34 @@ impl Trees {
 const META: &str = "meta";
 const ID_FLOOR: &[u8] = b"id_floor";
 
-fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+/// How a store opens: what the config's `[store]` section sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// The most memory sled's page cache may hold (`store.cache_mb`).
+    pub cache_bytes: u64,
+}
+
+/// `store.cache_mb`'s default: the working set of a busy salon chain's
+/// store (history, dedup marks, the contexts of the day) fits, and the
+/// daemon stays well inside a small VM it shares with the AI worker.
+pub const DEFAULT_CACHE_MB: u64 = 64;
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { cache_bytes: DEFAULT_CACHE_MB << 20 }
+    }
+}
+
+fn open_db(dir: &Path, options: Options) -> Result<sled::Db, StoreError> {
     remove_unfinished_snapshots(dir)?;
     // sled's own background flusher is off: the syncer (durable.rs) flushes
-    // and really syncs, and a second, weaker flush would only cost CPU.
-    sled::Config::new().path(dir).flush_every_ms(None).open().map_err(|e| match e {
+    // and really syncs. That thread is also where sled cleans segments, but
+    // with it on (once a second) the soak grew just as fast (1.6-1.9 KB per
+    // message at 400/s either way), and its flushes raced the syncer's: a
+    // sync failed on a file sled had just removed. Space comes back with
+    // `turnstile compact`.
+    let config = sled::Config::new().path(dir).flush_every_ms(None).cache_capacity(options.cache_bytes);
+    config.open().map_err(|e| match e {
         sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
             StoreError::Held { dir: dir.display().to_string() }
         }
@@ -375,6 +400,8 @@ struct Inner {
     tx: mpsc::Sender<writer::Op>,
     ids: Arc<ids::Ids>,
     recovered: Mutex<Option<Recovered>>,
+    /// The last count of `tree_sizes`, for the metrics.
+    sizes: Mutex<sizes::Counted>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
@@ -386,7 +413,12 @@ impl Store {
     /// another process holds the directory, or on damage it will not guess
     /// about (naming the file or key).
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        recover::open(dir)
+        recover::open(dir, Options::default())
+    }
+
+    /// `open`, with the config's store settings.
+    pub fn open_with(dir: &Path, options: Options) -> Result<Store, StoreError> {
+        recover::open(dir, options)
     }
 
     /// Where announcements of stored messages go. Until it is set, and after
@@ -745,12 +777,8 @@ impl Store {
 
     /// Bytes the store occupies on disk (sled and the log).
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        let log_dir = self.inner.dir.join(log::DIR_NAME);
-        let mut log = 0;
-        for no in log::segments(&log_dir).map_err(|e| log::io_error(&log_dir, e))? {
-            log += std::fs::metadata(log::segment_path(&log_dir, no)).map(|m| m.len()).unwrap_or(0);
-        }
-        Ok(self.inner.db.size_on_disk()? + log)
+        let (db, log) = self.file_sizes()?;
+        Ok(db + log)
     }
 }
 

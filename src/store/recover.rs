@@ -32,11 +32,11 @@ pub struct Recovered {
     pub dead_turns: usize,
 }
 
-pub(super) fn open(dir: &Path) -> Result<Store, StoreError> {
+pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreError> {
     std::fs::create_dir_all(dir).map_err(|e| log::io_error(dir, e))?;
     let log_dir = dir.join(log::DIR_NAME);
     std::fs::create_dir_all(&log_dir).map_err(|e| log::io_error(&log_dir, e))?;
-    let db = open_db(dir)?;
+    let db = open_db(dir, options)?;
     let trees = Trees::open(&db)?;
     let id_floor = match trees.meta.get(ID_FLOOR)? {
         None => 0,
@@ -172,6 +172,7 @@ pub(super) fn open(dir: &Path) -> Result<Store, StoreError> {
             tx,
             ids,
             recovered: Mutex::new(Some(recovered)),
+            sizes: Mutex::new(None),
             threads: Mutex::new(vec![thread]),
         }),
     })

@@ -14,7 +14,7 @@ use super::records::{encode, seq_key};
 use super::{log, open_db, writer, Store, StoreError, ID_FLOOR, META};
 
 /// sled's own default tree; turnstile keeps nothing there.
-const DEFAULT_TREE: &[u8] = b"__sled__default";
+pub(super) const DEFAULT_TREE: &[u8] = b"__sled__default";
 
 impl Store {
     /// Calls `visit(tree, key, value)` for every record, tree by tree, as
@@ -62,7 +62,7 @@ impl Store {
     /// Opens the store in `dir` and closes it again: fails with
     /// `StoreError::Held` while another process (a running daemon) has it.
     pub fn probe(dir: &Path) -> Result<(), StoreError> {
-        open_db(dir).map(drop)
+        open_db(dir, super::Options::default()).map(drop)
     }
 
     /// Builds a new store in `dir` (which must not hold one) from exported
@@ -77,7 +77,7 @@ impl Store {
         E: From<StoreError>,
     {
         std::fs::create_dir_all(dir).map_err(|e| log::io_error(dir, e))?;
-        let db = open_db(dir)?;
+        let db = open_db(dir, super::Options::default())?;
         for record in records {
             let (tree, key, value) = record?;
             db.open_tree(tree.as_bytes()).and_then(|t| t.insert(key, value)).map_err(StoreError::from)?;

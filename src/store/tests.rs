@@ -628,3 +628,29 @@ async fn an_export_is_one_cut_ingest_goes_on_and_commits_wait_for_its_end() {
     assert_eq!(ids(&store.pending()), ["during"]);
     let _ = during;
 }
+
+#[tokio::test]
+async fn tree_sizes_count_live_records_and_their_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let size = |sizes: &[super::TreeSize], tree: &str| {
+        sizes.iter().find(|t| t.tree == tree).map(|t| (t.records, t.bytes)).unwrap_or((0, 0))
+    };
+    let before = store.tree_sizes().unwrap();
+    assert_eq!(size(&before, "ctx_dialogue"), (0, 0));
+    let dialogue = vec![7u8; 1000];
+    for phone in ["700000001", "700000002", "700000003"] {
+        store.update_context(&conv(phone), set(&dialogue, None), 0).await.unwrap();
+    }
+    let (records, bytes) = size(&store.tree_sizes().unwrap(), "ctx_dialogue");
+    assert_eq!(records, 3);
+    assert!((3000..3300).contains(&bytes), "three 1000-byte parts and their keys: {bytes}");
+    // The metrics' count is reused for a minute: a delete shows in a fresh count only.
+    let recent = store.tree_sizes_recent().unwrap();
+    store
+        .update_context(&conv("700000001"), ContextUpdate { dialogue: Part::Clear, ..keep() }, 0)
+        .await
+        .unwrap();
+    assert_eq!(store.tree_sizes_recent().unwrap(), recent);
+    assert_eq!(size(&store.tree_sizes().unwrap(), "ctx_dialogue").0, 2);
+}

@@ -1,0 +1,71 @@
+//! Where the bytes go: records and key + value bytes per sled tree, beside
+//! the files on disk (sled's and the message log's). Counting walks every
+//! record, so `/metrics` reuses one count for `SIZES_MAX_AGE`.
+
+use std::time::{Duration, Instant};
+
+use super::{Store, StoreError};
+
+/// How long `/metrics` reuses a count: a walk of a million contexts takes
+/// about a second of one core.
+pub const SIZES_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// One sled tree: its live records and their key + value bytes (what the
+/// data needs; the `db` file's size beyond their sum is sled's overhead and
+/// space it has not reclaimed yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeSize {
+    pub tree: String,
+    pub records: u64,
+    pub bytes: u64,
+}
+
+/// A count, and when it was taken.
+pub(super) type Counted = Option<(Instant, Vec<TreeSize>)>;
+
+impl Store {
+    /// Walks every tree. Blocking: run it off the async runtime.
+    pub fn tree_sizes(&self) -> Result<Vec<TreeSize>, StoreError> {
+        let db = &self.inner.db;
+        let mut out = Vec::new();
+        for name in db.tree_names() {
+            if name.as_ref() == super::snapshot::DEFAULT_TREE {
+                continue;
+            }
+            let tree = db.open_tree(&name)?;
+            let (mut records, mut bytes) = (0u64, 0u64);
+            for kv in tree.iter() {
+                let (k, v) = kv?;
+                records += 1;
+                bytes += (k.len() + v.len()) as u64;
+            }
+            out.push(TreeSize { tree: String::from_utf8_lossy(&name).into_owned(), records, bytes });
+        }
+        out.sort_by(|a, b| a.tree.cmp(&b.tree));
+        Ok(out)
+    }
+
+    /// The last count if it is younger than `SIZES_MAX_AGE`, else a new one.
+    /// Blocking, like `tree_sizes`.
+    pub fn tree_sizes_recent(&self) -> Result<Vec<TreeSize>, StoreError> {
+        let mut counted = self.inner.sizes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, sizes)) = counted.as_ref() {
+            if at.elapsed() < SIZES_MAX_AGE {
+                return Ok(sizes.clone());
+            }
+        }
+        let sizes = self.tree_sizes()?;
+        *counted = Some((Instant::now(), sizes.clone()));
+        Ok(sizes)
+    }
+
+    /// Bytes of sled's files (`db`, blobs) and of the message log's segments.
+    pub fn file_sizes(&self) -> Result<(u64, u64), StoreError> {
+        let log_dir = self.inner.dir.join(super::log::DIR_NAME);
+        let mut log = 0;
+        for no in super::log::segments(&log_dir).map_err(|e| super::log::io_error(&log_dir, e))? {
+            log += std::fs::metadata(super::log::segment_path(&log_dir, no)).map(|m| m.len()).unwrap_or(0);
+        }
+        Ok((self.inner.db.size_on_disk()?, log))
+    }
+}
