@@ -146,7 +146,7 @@ fn main() {
             ("WATCHDOG_USEC", WATCHDOG_USEC.to_string()),
         ];
         let child = daemon::spawn(&data, ports, &env);
-        let client = reqwest::Client::new();
+        let client = daemon::client();
         let ready = wait_ready(&client, ports.public).await;
         println!("  start to ready: {:.1} s", ready.as_secs_f64());
 

@@ -71,7 +71,7 @@ fn main() {
         env.extend(passed.iter().map(|(k, v)| (k.as_str(), v.clone())));
         let child = daemon::spawn(&data, ports, &env);
         let pid = child.id();
-        let client = reqwest::Client::new();
+        let client = daemon::client();
         wait_ready(&client, ports.public).await;
         let idle = Sample { at: Duration::ZERO, acked: 0, rss_kb: rss_kb(pid), disk: dir_bytes(&data), p99_ms: 0.0 };
         println!(

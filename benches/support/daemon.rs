@@ -85,8 +85,25 @@ pub fn dir_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// A client for the benches: it drops pooled connections well before the
+/// daemon closes idle ones (`server.header_timeout_ms`, 30 s), so a request
+/// never races that close on a connection the daemon is shutting.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(10)).build().unwrap()
+}
+
+/// `/metrics`, tried twice: a report must not end a long run on one
+/// connection error (the second error says what happened).
 pub async fn scrape(client: &reqwest::Client, port: u16) -> String {
-    client.get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap()
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    for attempt in 1..=2 {
+        match client.get(&url).send().await {
+            Ok(r) => return r.text().await.unwrap(),
+            Err(e) if attempt == 2 => panic!("{url}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    unreachable!()
 }
 
 /// Latencies of acknowledged webhooks and the count of failed ones, taken

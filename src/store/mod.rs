@@ -357,9 +357,8 @@ fn open_db(dir: &Path, options: Options) -> Result<sled::Db, StoreError> {
     // sled's own background flusher is off: the syncer (durable.rs) flushes
     // and really syncs. That thread is also where sled cleans segments, but
     // with it on (once a second) the soak grew just as fast (1.6-1.9 KB per
-    // message at 400/s either way), and its flushes raced the syncer's: a
-    // sync failed on a file sled had just removed. Space comes back with
-    // `turnstile compact`.
+    // message at 400/s either way), so it would only cost CPU. Space comes
+    // back with `turnstile compact`.
     let config = sled::Config::new().path(dir).flush_every_ms(None).cache_capacity(options.cache_bytes);
     config.open().map_err(|e| match e {
         sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
