@@ -27,7 +27,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use daemon::{dir_bytes, free_ports, open_loop, quantile_ms, wait_ready, Recorder};
+use daemon::{free_ports, open_loop, quantile_ms, wait_ready, Recorder};
+use turnstile::backup::dir_size;
 
 use serde_json::json;
 use turnstile::context;
@@ -135,7 +136,7 @@ fn main() {
         println!(
             "== {contexts} contexts written in {:.0} s; data dir {:.0} MiB",
             t.elapsed().as_secs_f64(),
-            dir_bytes(&data) as f64 / 1048576.0
+            dir_size(&data) as f64 / 1048576.0
         );
 
         let notify_path = dir.path().join("notify.sock");

@@ -11,79 +11,17 @@
 //! Loopback only; every phase is bounded. Percentiles of 3 and 4 come from
 //! the daemon's own histograms (`/metrics`), so they are bucket bounds.
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+#[path = "support/daemon.rs"]
+mod daemon;
+
 use std::time::{Duration, Instant};
 
+use daemon::{free_ports, rss_kb, scrape, spawn, stop, wait_ready};
 use turnstile::message::{unix_ms, Conv, NewMessage};
 use turnstile::store::Store;
 
 const PENDING_MESSAGES: u64 = 100_000;
 const PHONES: u64 = 10_000;
-
-fn spawn(data: &Path, ports: Ports, env: &[(&str, &str)]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_turnstile"))
-        .arg("serve")
-        .env_clear()
-        .env("TURNSTILE_SERVER_LISTEN", format!("127.0.0.1:{}", ports.public))
-        .env("TURNSTILE_SERVER_ADMIN_LISTEN", format!("127.0.0.1:{}", ports.admin))
-        .env("TURNSTILE_SERVER_DATA_DIR", data)
-        .env("TURNSTILE_LOG_FILTER", "warn")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the release binary")
-}
-
-fn stop(mut child: Child) {
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let _ = child.wait();
-}
-
-/// The daemon's public port (webhooks, /readyz) and admin port (/metrics).
-#[derive(Clone, Copy)]
-struct Ports {
-    public: u16,
-    admin: u16,
-}
-
-fn free_ports() -> Ports {
-    let public = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    Ports { public: public.local_addr().unwrap().port(), admin: admin.local_addr().unwrap().port() }
-}
-
-async fn wait_ready(client: &reqwest::Client, port: u16) {
-    let start = Instant::now();
-    loop {
-        if let Ok(r) = client.get(format!("http://127.0.0.1:{port}/readyz")).send().await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        assert!(start.elapsed() < Duration::from_secs(120), "never ready");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-fn rss_kb(child: &Child) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
-async fn scrape(client: &reqwest::Client, port: u16) -> String {
-    client.get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap()
-}
 
 fn value(text: &str, name: &str) -> f64 {
     text.lines()
@@ -188,7 +126,7 @@ fn main() {
             let child = spawn(&data, ports, quiet);
             wait_ready(&client, ports.public).await;
             times.push(t.elapsed());
-            loaded_rss = rss_kb(&child);
+            loaded_rss = rss_kb(child.id());
             let pending = value(&scrape(&client, ports.admin).await, "turnstile_pending_messages");
             assert_eq!(pending as u64, PENDING_MESSAGES, "every message back in a batch");
             stop(child);
@@ -206,10 +144,10 @@ fn main() {
         let child = spawn(&dir.path().join("data"), ports, quiet);
         wait_ready(&client, ports.public).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let idle = rss_kb(&child);
+        let idle = rss_kb(child.id());
         post_many(&client, ports.public, 0..PHONES, 5_000).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let loaded = rss_kb(&child);
+        let loaded = rss_kb(child.id());
         println!("== memory: RSS idle {idle} kB; with {PHONES} phones pending {loaded} kB");
         println!("  added per pending phone: {:.0} B", (loaded.saturating_sub(idle) * 1024) as f64 / PHONES as f64);
         stop(child);

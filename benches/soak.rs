@@ -19,7 +19,8 @@ mod daemon;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use daemon::{dir_bytes, free_ports, open_loop, quantile_ms, rss_kb, scrape, wait_ready, Recorder};
+use daemon::{free_ports, open_loop, quantile_ms, rss_kb, scrape, wait_ready, Recorder};
+use turnstile::backup::dir_size;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -73,7 +74,7 @@ fn main() {
         let pid = child.id();
         let client = daemon::client();
         wait_ready(&client, ports.public).await;
-        let idle = Sample { at: Duration::ZERO, acked: 0, rss_kb: rss_kb(pid), disk: dir_bytes(&data), p99_ms: 0.0 };
+        let idle = Sample { at: Duration::ZERO, acked: 0, rss_kb: rss_kb(pid), disk: dir_size(&data), p99_ms: 0.0 };
         println!(
             "== soak: {rate} webhooks/s over {phones} phones for {seconds} s; idle RSS {:.1} MB, data {:.1} MB",
             idle.rss_kb as f64 / 1024.0,
@@ -99,7 +100,7 @@ fn main() {
                         at: started.elapsed(),
                         acked: rec.acked(),
                         rss_kb: rss_kb(pid),
-                        disk: dir_bytes(&data),
+                        disk: dir_size(&data),
                         p99_ms: quantile_ms(&latencies, 0.99),
                     };
                     let last = samples.last().unwrap();

@@ -1,6 +1,6 @@
 //! The release binary as a separate process, for the benches that drive it
-//! over loopback: ports, start, readiness, RSS, the data directory's size,
-//! and an open-loop webhook load that records every acknowledgement's latency.
+//! over loopback: ports, start, readiness, RSS, metrics, and an open-loop
+//! webhook load that records every acknowledgement's latency.
 
 #![allow(dead_code)] // each bench uses its own part of this file
 
@@ -24,7 +24,7 @@ pub fn free_ports() -> Ports {
 }
 
 /// `turnstile serve` on `data`, its defaults but for the ports and `env`.
-pub fn spawn(data: &Path, ports: Ports, env: &[(&str, String)]) -> Child {
+pub fn spawn<V: AsRef<std::ffi::OsStr>>(data: &Path, ports: Ports, env: &[(&str, V)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_turnstile"))
         .arg("serve")
         .env_clear()
@@ -32,7 +32,7 @@ pub fn spawn(data: &Path, ports: Ports, env: &[(&str, String)]) -> Child {
         .env("TURNSTILE_SERVER_ADMIN_LISTEN", format!("127.0.0.1:{}", ports.admin))
         .env("TURNSTILE_SERVER_DATA_DIR", data)
         .env("TURNSTILE_LOG_FILTER", "warn")
-        .envs(env.iter().map(|(k, v)| (k, v)))
+        .envs(env.iter().map(|(k, v)| (k, v.as_ref())))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -66,22 +66,6 @@ pub fn rss_kb(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Bytes of every file under `dir`.
-pub fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
         .unwrap_or(0)
 }
 
