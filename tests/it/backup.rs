@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use serde_json::json;
 use tokio::time::sleep;
-use turnstile::config::GatewayKind;
 use turnstile::store::Store;
 
 use crate::helpers::*;
@@ -43,9 +42,7 @@ async fn records(dir: &Path) -> Records {
 /// the gateway refused, and dedup marks.
 async fn populated(dir: &Path, gateway: &FakeServer) -> turnstile::Config {
     let mut c = config(dir);
-    c.gateway.kind = GatewayKind::Http;
-    c.gateway.url = format!("{}/send", gateway.base);
-    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
+    http_gateway(&mut c, gateway);
     gateway.set_status(503);
     let d = Daemon::start(c.clone()).await;
     d.put(

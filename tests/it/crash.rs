@@ -58,12 +58,7 @@ async fn every_acknowledged_message_survives_repeated_sigkill() {
                 let body = json!({"id": id, "from": format!("{phone}@c.us"), "message": format!("msg {i}")});
                 loop {
                     assert!(Instant::now() < deadline, "{id} was never acknowledged");
-                    let sent = client
-                        .post(format!("{base}/webhook/whatsapp/batched"))
-                        .bearer_auth(WEBHOOK_TOKEN)
-                        .json(&body)
-                        .send()
-                        .await;
+                    let sent = post_batched(&client, &base, &body).await;
                     if let Ok(r) = sent {
                         if r.status() == 200 {
                             acked.lock().unwrap().push((phone.clone(), id.clone()));

@@ -90,12 +90,7 @@ async fn a_full_disk_is_refused_then_healed_without_an_operator_and_nothing_is_l
                 let id = format!("{phone}-{i}");
                 let body = json!({"id": id, "from": phone, "message": format!("m{i}")});
                 loop {
-                    let sent = client
-                        .post(format!("{base}/webhook/whatsapp/batched"))
-                        .bearer_auth(WEBHOOK_TOKEN)
-                        .json(&body)
-                        .send()
-                        .await;
+                    let sent = post_batched(&client, &base, &body).await;
                     if sent.is_ok_and(|r| r.status() == 200) {
                         acked.lock().unwrap().entry(phone.clone()).or_default().push(id.clone());
                         *last_ok.lock().unwrap() = Some(Instant::now());

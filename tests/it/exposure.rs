@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::time::sleep;
-use turnstile::config::GatewayKind;
 use turnstile::ingest::signature::sign_hex;
 
 use crate::helpers::*;
@@ -102,9 +101,7 @@ async fn a_generic_webhook_without_its_token_is_refused_and_leaves_no_trace() {
     let dir = tempfile::tempdir().unwrap();
     let hook = FakeServer::start(|_| json!({"ok": true})).await;
     let mut c = config(dir.path());
-    c.gateway.kind = GatewayKind::Http;
-    c.gateway.url = format!("{}/send", hook.base);
-    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
+    http_gateway(&mut c, &hook);
     let d = Daemon::start(c).await;
     let message = |id: &str| json!({"id": id, "from": "79001234567", "message": "Привет"});
     let bearer = format!("Bearer {WEBHOOK_TOKEN}");

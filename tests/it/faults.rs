@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::time::{sleep, Instant};
 
 use crate::helpers::*;
@@ -160,12 +160,7 @@ async fn the_real_binary_exits_non_zero_when_its_driver_dies_and_loses_nothing()
             break status;
         }
         let body = json!({"id": format!("d{i}"), "from": "79001234567", "message": format!("m{i}")});
-        let sent = client
-            .post(format!("{base}/webhook/whatsapp/batched"))
-            .bearer_auth(WEBHOOK_TOKEN)
-            .json(&body)
-            .send()
-            .await;
+        let sent = post_batched(&client, &base, &body).await;
         match sent.map(|r| r.status().as_u16()) {
             Ok(200) => acked.lock().unwrap().push(format!("d{i}")),
             Ok(503) => refused += 1,
@@ -183,22 +178,8 @@ async fn the_real_binary_exits_non_zero_when_its_driver_dies_and_loses_nothing()
     wait_ready(&client, &admin).await;
     let acked = acked.lock().unwrap().clone();
     let committed = || async {
-        let v: Value = client
-            .get(format!("{admin}/api/conversations/79001234567"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["turns"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|t| {
-                t["messages"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned())
-            })
-            .collect::<Vec<String>>()
+        let (_, v) = status_json(client.get(format!("{admin}/api/conversations/79001234567"))).await;
+        ids_in_turns(v["turns"].as_array().unwrap())
     };
     let start = Instant::now();
     loop {

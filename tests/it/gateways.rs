@@ -224,9 +224,7 @@ async fn replies_go_out_through_waha_and_http_in_their_shapes() {
     let dir = tempfile::tempdir().unwrap();
     let hook = FakeServer::start(|_| json!({"ok": true})).await;
     let mut c = config(dir.path());
-    c.gateway.kind = GatewayKind::Http;
-    c.gateway.url = format!("{}/send", hook.base);
-    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
+    http_gateway(&mut c, &hook);
     let d = Daemon::start(c).await;
     say(&d, "h1", "79001234567", "Привет").await;
     wait_until("the reply", 10 * S, || !hook.delivered("/send").is_empty()).await;
@@ -247,9 +245,7 @@ async fn a_gateway_down_for_a_while_gets_every_reply_once_in_order_per_phone() {
     let hook = FakeServer::start(|_| json!({"ok": true})).await;
     hook.set_status(503);
     let mut c = config(dir.path());
-    c.gateway.kind = GatewayKind::Http;
-    c.gateway.url = format!("{}/send", hook.base);
-    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
+    http_gateway(&mut c, &hook);
     c.gateway.max_chars = 40;
     c.gateway.timeout_ms = 2_000;
     let d = Daemon::start(c).await;
@@ -308,9 +304,7 @@ async fn a_restart_between_commit_and_send_still_delivers_and_a_sent_reply_is_no
     let hook = FakeServer::start(|_| json!({"ok": true})).await;
     hook.set_status(500);
     let mut c = config(dir.path());
-    c.gateway.kind = GatewayKind::Http;
-    c.gateway.url = format!("{}/send", hook.base);
-    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
+    http_gateway(&mut c, &hook);
     let d = Daemon::start(c.clone()).await;
     say(&d, "r1", "79001234567", "Привет").await;
     sleep(5 * S).await;

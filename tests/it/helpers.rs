@@ -53,6 +53,14 @@ pub fn config_with(dir: &Path, handler: &TestHandler) -> Config {
     c
 }
 
+/// The http gateway sending replies to `hook`'s `/send`, and the webhook
+/// token a gateway that leaves the machine requires.
+pub fn http_gateway(c: &mut Config, hook: &FakeServer) {
+    c.gateway.kind = turnstile::config::GatewayKind::Http;
+    c.gateway.url = format!("{}/send", hook.base);
+    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
+}
+
 /// An in-process daemon. `get`, `post`, `put`, `delete` and `url` send
 /// `/api/...` and `/metrics` to the admin listener and everything else to
 /// the public one, as a deployment's clients would, and the generic
@@ -415,6 +423,16 @@ impl Drop for Spawned {
 }
 
 /// Waits up to `limit` (wall-clock) for the child to exit.
+/// One generic debounced webhook to the real binary at `base`, with the
+/// test token, as a gateway sends it.
+pub async fn post_batched(
+    client: &reqwest::Client,
+    base: &str,
+    body: &Value,
+) -> reqwest::Result<reqwest::Response> {
+    client.post(format!("{base}/webhook/whatsapp/batched")).bearer_auth(WEBHOOK_TOKEN).json(body).send().await
+}
+
 pub fn exited_within(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
     let start = std::time::Instant::now();
     while start.elapsed() < limit {

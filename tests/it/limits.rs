@@ -71,9 +71,7 @@ async fn slow_headers_and_bodies_are_cut_off_while_everyone_else_is_served() {
     for i in 0..40 {
         let t = Instant::now();
         let body = json!({"id": format!("ok{i}"), "from": "79001234567", "message": "Привет"});
-        let r =
-            client.post(format!("{base}/webhook/whatsapp/batched")).bearer_auth(WEBHOOK_TOKEN).json(&body);
-        assert_eq!(r.send().await.unwrap().status(), 200);
+        assert_eq!(post_batched(&client, &base, &body).await.unwrap().status(), 200);
         worst = worst.max(t.elapsed());
         sleep(Duration::from_millis(25)).await;
     }
@@ -149,9 +147,7 @@ async fn a_stop_ends_in_time_with_stalled_clients_and_a_silent_handler_and_loses
         let id = format!("late{n}");
         n += 1;
         let body = json!({"id": id, "from": "79001234567", "message": "ещё"});
-        let r =
-            client.post(format!("{base}/webhook/whatsapp/batched")).bearer_auth(WEBHOOK_TOKEN).json(&body);
-        match r.send().await.map(|r| r.status().as_u16()) {
+        match post_batched(&client, &base, &body).await.map(|r| r.status().as_u16()) {
             Ok(503) => refused += 1,
             Ok(200) if refused == 0 => acked.push(id),
             Ok(200) => panic!("a webhook was accepted after the drain had begun"),

@@ -80,12 +80,7 @@ async fn every_acknowledged_write_survives_a_power_cut() {
                 } else {
                     let id = format!("{phone}-{i}");
                     let body = json!({"id": id, "from": phone, "message": format!("m{i}")});
-                    let sent = client
-                        .post(format!("{base}/webhook/whatsapp/batched"))
-                        .bearer_auth(WEBHOOK_TOKEN)
-                        .json(&body)
-                        .send()
-                        .await;
+                    let sent = post_batched(&client, &base, &body).await;
                     if sent.is_ok_and(|r| r.status() == 200) {
                         told.lock().unwrap().entry(phone.clone()).or_default().acked.push(id);
                     }

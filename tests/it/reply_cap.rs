@@ -7,7 +7,6 @@ use std::time::Duration;
 use prometheus_parse::{Scrape, Value as Metric};
 use serde_json::{json, Value};
 use tokio::time::sleep;
-use turnstile::config::GatewayKind;
 
 use crate::helpers::*;
 
@@ -34,11 +33,9 @@ async fn replies_over_the_hourly_cap_are_parked_listed_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let hook = FakeServer::start(|_| json!({"ok": true})).await;
     let mut c = config(dir.path());
-    c.gateway.kind = GatewayKind::Http;
-    c.gateway.url = format!("{}/send", hook.base);
+    http_gateway(&mut c, &hook);
     c.gateway.max_chars = 40;
     c.gateway.max_replies_per_conversation_per_hour = 2;
-    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
     let d = Daemon::start(c).await;
     let (a, b) = ("79001110001", "79001110002");
     let long = "длинное сообщение. ".repeat(3);

@@ -7,7 +7,6 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::time::sleep;
 use turnstile::clock::Clock;
-use turnstile::config::GatewayKind;
 
 use crate::helpers::*;
 
@@ -37,8 +36,7 @@ async fn dead_turns_given_up_replies_and_old_history_go_after_their_period() {
     gateway.set_status(500);
     let mut c = config_with(dir.path(), &handler);
     c.handler.max_attempts = 1;
-    c.gateway.kind = GatewayKind::Http;
-    c.gateway.url = format!("{}/send", gateway.base);
+    http_gateway(&mut c, &gateway);
     c.gateway.max_attempts = 1;
     let clock = Clock::system();
     let d = Daemon::start_with_clock(c, clock.clone()).await;
