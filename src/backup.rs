@@ -177,29 +177,31 @@ fn hex(bytes: &[u8]) -> String {
 /// reads, deflates and hashes the whole store, acknowledging webhooks wins
 /// the cores. The file is a scratch copy for streaming: not synced.
 pub async fn write_online(store: Store, path: PathBuf) -> Result<Manifest, BackupError> {
-    let (done, result) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("turnstile-backup".into())
-        .spawn(move || {
+    // Waited for from tokio's blocking pool, not joined by a channel: the
+    // runtime then knows blocking work is under way (a paused test clock
+    // does not jump past it), and no pooled thread's priority is changed.
+    let waited = tokio::task::spawn_blocking(move || {
+        let copy = std::thread::Builder::new().name("turnstile-backup".into()).spawn(move || {
             // On Linux a nice value belongs to a thread; this one ends with the backup.
             // SAFETY: plain syscalls on this thread's own id; failure only leaves the priority as it was.
             unsafe {
                 let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
                 libc::setpriority(libc::PRIO_PROCESS, tid, 10);
             }
-            let written = (|| {
-                let mut w = BufWriter::new(File::create(&path).map_err(io(&path))?);
-                let manifest = write(&store, &mut w)?;
-                w.into_inner().map_err(|e| BackupError::Io {
-                    path: path.display().to_string(),
-                    source: e.into_error(),
-                })?;
-                Ok(manifest)
-            })();
-            let _ = done.send(written);
-        })
-        .map_err(|e| BackupError::Io { path: "the backup thread".into(), source: e })?;
-    result.await.unwrap_or_else(|_| Err(BackupError::Damaged("the backup thread died".into())))
+            let mut w = BufWriter::new(File::create(&path).map_err(io(&path))?);
+            let manifest = write(&store, &mut w)?;
+            w.into_inner()
+                .map_err(|e| BackupError::Io { path: path.display().to_string(), source: e.into_error() })?;
+            Ok(manifest)
+        });
+        match copy {
+            Ok(thread) => {
+                thread.join().unwrap_or_else(|_| Err(BackupError::Damaged("the backup thread died".into())))
+            }
+            Err(e) => Err(BackupError::Io { path: "the backup thread".into(), source: e }),
+        }
+    });
+    waited.await.unwrap_or_else(|_| Err(BackupError::Damaged("the backup thread died".into())))
 }
 
 /// `turnstile verify FILE`.
