@@ -138,6 +138,25 @@ fn main() {
         let to = samples.last().unwrap();
         let grown = to.disk as f64 - from.disk as f64;
         let messages = to.acked.saturating_sub(from.acked).max(1);
+        // The data directory is a sawtooth once the store rewrites its
+        // files: the trend is the least-squares slope over those lines.
+        let late: Vec<&Sample> = samples.iter().filter(|s| s.at >= from.at).collect();
+        let slope = {
+            let n = late.len().max(1) as f64;
+            let (mx, my) = (
+                late.iter().map(|s| s.acked as f64).sum::<f64>() / n,
+                late.iter().map(|s| s.disk as f64).sum::<f64>() / n,
+            );
+            let sxy: f64 = late.iter().map(|s| (s.acked as f64 - mx) * (s.disk as f64 - my)).sum();
+            let sxx: f64 = late.iter().map(|s| (s.acked as f64 - mx).powi(2)).sum();
+            if sxx > 0.0 { sxy / sxx } else { 0.0 }
+        };
+        let peak_disk = late.iter().map(|s| s.disk).max().unwrap_or(0);
+        let rewrites = scrape(&client, ports.admin)
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix("turnstile_store_rewrites_total ").map(|n| n.trim().to_owned()))
+            .unwrap_or_default();
         let peak_rss = samples.iter().map(|s| s.rss_kb).max().unwrap_or(0);
         let worst_p99 = samples.iter().map(|s| s.p99_ms).fold(0.0, f64::max);
         println!("== after {} s: {} webhooks acknowledged", seconds, rec.acked());
@@ -148,11 +167,14 @@ fn main() {
             peak_rss as f64 / 1024.0
         );
         println!(
-            "  data: {:.1} MB at the end; {:.0} bytes per message from {:.0} s on ({} messages)",
+            "  data: {:.1} MB at the end, {:.1} MB at most from {:.0} s on; growth per message from then ({} messages): {:.0} B end to end, {:.0} B trend (least squares); {} online rewrites",
             mb(to.disk),
-            grown / messages as f64,
+            mb(peak_disk),
             from.at.as_secs_f64(),
-            messages
+            messages,
+            grown / messages as f64,
+            slope,
+            rewrites
         );
         println!(
             "  ack latency: p50 {:.2} ms, p99 {:.2} ms over the run; worst 30 s p99 {:.2} ms; max {:.2} ms",

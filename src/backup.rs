@@ -182,12 +182,8 @@ pub async fn write_online(store: Store, path: PathBuf) -> Result<Manifest, Backu
     // does not jump past it), and no pooled thread's priority is changed.
     let waited = tokio::task::spawn_blocking(move || {
         let copy = std::thread::Builder::new().name("turnstile-backup".into()).spawn(move || {
-            // On Linux a nice value belongs to a thread; this one ends with the backup.
-            // SAFETY: plain syscalls on this thread's own id; failure only leaves the priority as it was.
-            unsafe {
-                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-                libc::setpriority(libc::PRIO_PROCESS, tid, 10);
-            }
+            // This thread ends with the backup.
+            crate::ops::background_priority();
             let mut w = BufWriter::new(File::create(&path).map_err(io(&path))?);
             let manifest = write(&store, &mut w)?;
             w.into_inner()
@@ -213,7 +209,7 @@ pub fn verify(file: &Path) -> Result<Manifest, BackupError> {
 /// `turnstile backup --data DIR --out FILE`: refused while a daemon holds DIR.
 /// The file appears only once complete and synced.
 pub async fn backup_offline(data: &Path, out: &Path) -> Result<Manifest, BackupError> {
-    if !data.join("db").exists() {
+    if !Store::exists(data) {
         return Err(BackupError::Io {
             path: data.display().to_string(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no turnstile store here"),
@@ -246,7 +242,7 @@ pub fn restore(file: &Path, data: &Path, force: bool) -> Result<Manifest, Backup
         if !force {
             return Err(BackupError::NotEmpty(data.display().to_string()));
         }
-        if data.join("db").exists() {
+        if Store::exists(data) {
             Store::probe(data)?;
         }
     }

@@ -291,11 +291,17 @@ pub struct LogConfig {
 pub struct StoreConfig {
     /// The most memory, in MiB, the embedded store's page cache may hold.
     pub cache_mb: u64,
+    /// The store's files are rewritten online once they have grown this
+    /// many MiB (and by half their size) since the last rewrite; 0: never.
+    pub rewrite_after_mb: u64,
 }
 
 impl StoreConfig {
     pub fn options(&self) -> crate::store::Options {
-        crate::store::Options { cache_bytes: self.cache_mb << 20 }
+        crate::store::Options {
+            cache_bytes: self.cache_mb << 20,
+            rewrite_after_bytes: self.rewrite_after_mb << 20,
+        }
     }
 }
 

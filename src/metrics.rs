@@ -139,6 +139,8 @@ pub struct Gauges {
     pub file_bytes: (u64, u64),
     /// Live records and their key + value bytes, per tree of the embedded store.
     pub trees: Vec<crate::store::TreeSize>,
+    /// Online rewrites of the trees' files that completed.
+    pub store_rewrites: u64,
 }
 
 pub fn inc(counter: &AtomicU64) {
@@ -354,6 +356,12 @@ impl Metrics {
             let _ = writeln!(out, "turnstile_expired_total{{kind=\"{kind}\"}} {n}");
         }
         gauge(&mut out, "turnstile_log_segments", "Message-log segment files.", g.log_segments as f64);
+        counter(
+            &mut out,
+            "turnstile_store_rewrites_total",
+            "Online rewrites of the trees' files into a fresh directory (store.rewrite_after_mb).",
+            g.store_rewrites,
+        );
         gauge(
             &mut out,
             "turnstile_store_ok",

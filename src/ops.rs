@@ -50,3 +50,15 @@ pub async fn watchdog(every: Duration, stop: CancellationToken) {
         }
     }
 }
+
+/// Lowers the calling thread's priority to nice 10, so work it does in the
+/// background (a backup, a store rewrite) yields the cores to ingest. On
+/// Linux a nice value belongs to a thread: only this one changes.
+pub fn background_priority() {
+    // SAFETY: plain syscalls on this thread's own id; failure only leaves
+    // the priority as it was.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}

@@ -33,6 +33,8 @@ pub fn spawn<V: AsRef<std::ffi::OsStr>>(data: &Path, ports: Ports, env: &[(&str,
         .env("TURNSTILE_SERVER_DATA_DIR", data)
         .env("TURNSTILE_LOG_FILTER", "warn")
         .envs(env.iter().map(|(k, v)| (k, v.as_ref())))
+        // The allocator's own settings pass through, to try them.
+        .envs(std::env::vars().filter(|(k, _)| k.starts_with("MIMALLOC_")))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

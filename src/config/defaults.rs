@@ -210,7 +210,10 @@ impl Default for ContextConfig {
 }
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { cache_mb: crate::store::DEFAULT_CACHE_MB }
+        StoreConfig {
+            cache_mb: crate::store::DEFAULT_CACHE_MB,
+            rewrite_after_mb: crate::store::DEFAULT_REWRITE_AFTER_MB,
+        }
     }
 }
 

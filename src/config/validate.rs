@@ -118,6 +118,9 @@ impl Config {
         if !(8..=65536).contains(&self.store.cache_mb) {
             return bad("store.cache_mb", "must be between 8 and 65536 (MiB)");
         }
+        if self.store.rewrite_after_mb > 1_048_576 {
+            return bad("store.rewrite_after_mb", "must be 0 (never) to 1048576 (MiB)");
+        }
         if let Err(e) = self.log.filter.parse::<tracing_subscriber::EnvFilter>() {
             return bad("log.filter", &e.to_string());
         }

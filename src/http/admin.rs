@@ -28,6 +28,7 @@ pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/metrics", get(metrics))
         .route("/api/outbox", get(outbox))
         .route("/api/backup", post(online_backup))
+        .route("/api/store/rewrite", post(rewrite_store))
         .route("/api/batches", get(batches))
         .route("/api/conversations/{phone}", get(conversation))
         .route("/api/dead", get(dead))
@@ -212,6 +213,14 @@ async fn online_backup(State(s): State<Arc<AppState>>) -> Result<Response, ApiEr
         .into_response())
 }
 
+/// Rewrites the store's files now (what the daemon does by itself at
+/// `store.rewrite_after_mb`); answers once the new files are in use.
+async fn rewrite_store(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let generation = s.store.rewrite_now().await?;
+    let (trees_bytes, _) = s.store.read(|st| st.file_sizes()).await?;
+    Ok(Json(json!({ "generation": generation, "trees_bytes": trees_bytes })))
+}
+
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     let mut g = Gauges { ready: accepting(&s).is_ok(), ..Gauges::default() };
     if let Some(snap) = s.driver.snapshot().await {
@@ -237,6 +246,7 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     let st = s.store.stats();
     g.dead_turns = st.dead_turns as usize;
     g.expired = [st.expired_dead, st.expired_failed, st.expired_history];
+    g.store_rewrites = st.rewrites;
     (g.log_syncs, g.tree_syncs, g.messages_stored, g.log_segments) =
         (st.log_syncs, st.tree_syncs, st.stored, st.log_segments);
     g.store_ok = s.store.failure().is_none() && s.store.trouble().is_none();

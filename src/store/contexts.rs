@@ -11,7 +11,9 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
-use sled::transaction::{TransactionalTree, UnabortableTransactionError};
+use sled::transaction::UnabortableTransactionError;
+
+use super::generation::Noted;
 
 use super::records::{decode, encode};
 use super::StoreError;
@@ -130,11 +132,11 @@ pub(crate) fn decode_meta(key: &[u8], bytes: &[u8]) -> Result<ContextMeta, Store
 
 /// The context trees inside a transaction.
 pub(crate) struct Trees<'t> {
-    pub meta: &'t TransactionalTree,
-    pub dialogue: &'t TransactionalTree,
-    pub cache: &'t TransactionalTree,
-    pub expiry: &'t TransactionalTree,
-    pub totals: &'t TransactionalTree,
+    pub meta: &'t Noted<'t>,
+    pub dialogue: &'t Noted<'t>,
+    pub cache: &'t Noted<'t>,
+    pub expiry: &'t Noted<'t>,
+    pub totals: &'t Noted<'t>,
 }
 
 /// Persisted totals, in `TOTAL_SHARDS` keys so that concurrent commits of
@@ -208,22 +210,20 @@ pub(crate) fn apply(
     };
     // Everything is read and checked: from here on, only writes.
     let live = before.as_ref().filter(|m| m.expires_at_ms > now_ms);
-    let part = |tree: &TransactionalTree,
-                part: &Part,
-                old: Option<Sizes>|
-     -> Result<_, UnabortableTransactionError> {
-        match part {
-            Part::Keep if live.is_some() => Ok(old),
-            Part::Keep | Part::Clear => {
-                tree.remove(key)?;
-                Ok(None)
+    let part =
+        |tree: &Noted<'_>, part: &Part, old: Option<Sizes>| -> Result<_, UnabortableTransactionError> {
+            match part {
+                Part::Keep if live.is_some() => Ok(old),
+                Part::Keep | Part::Clear => {
+                    tree.remove(key)?;
+                    Ok(None)
+                }
+                Part::Set { bytes, raw_len } => {
+                    tree.insert(key, bytes.as_slice())?;
+                    Ok(Some(Sizes { raw: *raw_len, stored: bytes.len() as u64 }))
+                }
             }
-            Part::Set { bytes, raw_len } => {
-                tree.insert(key, bytes.as_slice())?;
-                Ok(Some(Sizes { raw: *raw_len, stored: bytes.len() as u64 }))
-            }
-        }
-    };
+        };
     let dialogue = part(t.dialogue, &update.dialogue, live.and_then(|m| m.dialogue))?;
     let cache = part(t.cache, &update.cache, live.and_then(|m| m.cache))?;
     if let Some(old) = &before {
@@ -242,7 +242,7 @@ pub(crate) fn apply(
         t.expiry.insert(expiry_key(expires_at_ms, key), &[][..])?;
         Some(after)
     };
-    t.totals.insert(&shard, encode(&moved(totals, before.as_ref(), after.as_ref())))?;
+    t.totals.insert(shard, encode(&moved(totals, before.as_ref(), after.as_ref())))?;
     Ok(Ok((before, after)))
 }
 
@@ -273,6 +273,6 @@ pub(crate) fn expire(
     t.meta.remove(key)?;
     t.dialogue.remove(key)?;
     t.cache.remove(key)?;
-    t.totals.insert(&shard, encode(&moved(totals, Some(&meta), None)))?;
+    t.totals.insert(shard, encode(&moved(totals, Some(&meta), None)))?;
     Ok(Ok(Some(meta)))
 }

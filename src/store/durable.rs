@@ -38,6 +38,8 @@ struct Queue {
     retired: Vec<(u64, Vec<u64>)>,
     /// The largest outbox seq a transaction of that epoch wrote.
     outbox: Vec<(u64, u64)>,
+    /// A new generation's files, taken before the next sync.
+    replace: Option<Files>,
     stop: bool,
 }
 
@@ -48,14 +50,47 @@ pub(crate) struct Syncer {
 
 /// What the thread needs to sync sled's files.
 pub(crate) struct Files {
-    pub db: sled::Db,
-    pub dir: PathBuf,
-    pub log_dir: PathBuf,
+    db: sled::Db,
+    /// The directory of sled's files (the data directory, or a generation's).
+    dir: PathBuf,
+    log_dir: PathBuf,
     /// sled's log file, opened once.
-    pub db_file: File,
-    /// Entries of the data directory and of `blobs/` already synced.
-    pub known: HashSet<OsString>,
-    pub known_blobs: HashSet<OsString>,
+    db_file: File,
+    /// Entries of `dir` and of `blobs/` already synced.
+    known: HashSet<OsString>,
+    known_blobs: HashSet<OsString>,
+}
+
+impl Files {
+    pub(crate) fn open(db: sled::Db, dir: &Path, log_dir: &Path) -> Result<Files, StoreError> {
+        let path = dir.join("db");
+        Ok(Files {
+            db_file: File::open(&path).map_err(|e| log::io_error(&path, e))?,
+            db,
+            dir: dir.to_owned(),
+            log_dir: log_dir.to_owned(),
+            known: HashSet::new(),
+            known_blobs: HashSet::new(),
+        })
+    }
+
+    /// `fdatasync` of sled's log file, `fsync` of the files and directory
+    /// entries that appeared since the last call (sled's own flush comes
+    /// first, by the caller). Returns the extra syncs made.
+    pub(crate) fn sync_all_now(&mut self) -> std::io::Result<u64> {
+        let step = |what: &'static str| {
+            move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"))
+        };
+        self.db_file.sync_data().map_err(step("fdatasync of db"))?;
+        let mut extra =
+            sync_new_entries(&self.dir, &mut self.known, &["db", log::DIR_NAME, "ids", "ids.tmp"])
+                .map_err(step("new files of the data directory"))?;
+        let blobs = self.dir.join("blobs");
+        if blobs.is_dir() {
+            extra += sync_new_entries(&blobs, &mut self.known_blobs, &[]).map_err(step("new blob files"))?;
+        }
+        Ok(extra)
+    }
 }
 
 impl Syncer {
@@ -107,6 +142,12 @@ impl Syncer {
         rx.recv().unwrap_or(Err(StoreError::Closed))
     }
 
+    /// Syncs `files` from now on (a rewrite's new generation). Called by the
+    /// writer right after `sync_now`, so no sync is under way.
+    pub(crate) fn replace(&self, files: Files) {
+        lock(&self.queue.0).replace = Some(files);
+    }
+
     pub(crate) fn stop(&mut self) {
         lock(&self.queue.0).stop = true;
         self.queue.1.notify_one();
@@ -126,6 +167,9 @@ fn run(mut files: Files, shared: Arc<Shared>, queue: Arc<(Mutex<Queue>, Condvar)
             }
             if q.asked == q.done {
                 return;
+            }
+            if let Some(next) = q.replace.take() {
+                files = next;
             }
             q.asked
         };
@@ -174,16 +218,8 @@ fn sync_files(files: &mut Files, shared: &Shared) -> std::io::Result<()> {
         return Err(e);
     }
     // Each step names itself in the error: the operator reads which one failed.
-    let step =
-        |what: &'static str| move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"));
-    files.db.flush().map_err(|e| step("sled's flush")(std::io::Error::other(e)))?;
-    files.db_file.sync_data().map_err(step("fdatasync of db"))?;
-    let mut extra = sync_new_entries(&files.dir, &mut files.known, &["db", log::DIR_NAME, "ids", "ids.tmp"])
-        .map_err(step("new files of the data directory"))?;
-    let blobs = files.dir.join("blobs");
-    if blobs.is_dir() {
-        extra += sync_new_entries(&blobs, &mut files.known_blobs, &[]).map_err(step("new blob files"))?;
-    }
+    files.db.flush().map_err(|e| std::io::Error::other(format!("sled's flush: {e}")))?;
+    let extra = files.sync_all_now()?;
     shared.stats.other_syncs.fetch_add(extra, Ordering::Relaxed);
     Ok(())
 }

@@ -26,6 +26,7 @@
 mod contexts;
 mod dedup;
 mod durable;
+mod generation;
 mod ids;
 mod log;
 mod records;
@@ -205,6 +206,8 @@ pub(crate) struct Stats {
     expired_dead: AtomicU64,
     expired_failed: AtomicU64,
     expired_history: AtomicU64,
+    /// Online rewrites of sled's files that completed.
+    rewrites: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -220,6 +223,7 @@ pub struct StoreStats {
     pub expired_dead: u64,
     pub expired_failed: u64,
     pub expired_history: u64,
+    pub rewrites: u64,
 }
 
 /// A message in the log that no committed turn has answered yet.
@@ -258,6 +262,8 @@ pub(crate) struct Memory {
 
 pub(crate) struct Shared {
     memory: Mutex<Memory>,
+    /// sled's files and trees; replaced by the writer when it rewrites them.
+    gen: RwLock<Arc<generation::Gen>>,
     sink: RwLock<Option<Arc<Sink>>>,
     /// Set once the store has failed; the reason.
     failed: Mutex<Option<Arc<str>>>,
@@ -315,6 +321,23 @@ pub(crate) struct Trees {
 }
 
 impl Trees {
+    /// Every tree: the nine the writer's transaction writes, in its order,
+    /// then `meta`.
+    fn all(&self) -> [&sled::Tree; 10] {
+        [
+            &self.dedup,
+            &self.turns,
+            &self.history,
+            &self.outbox,
+            &self.ctx_meta,
+            &self.ctx_dialogue,
+            &self.ctx_cache,
+            &self.ctx_expiry,
+            &self.ctx_totals,
+            &self.meta,
+        ]
+    }
+
     fn open(db: &sled::Db) -> Result<Trees, StoreError> {
         Ok(Trees {
             dedup: db.open_tree("dedup")?,
@@ -339,16 +362,27 @@ const ID_FLOOR: &[u8] = b"id_floor";
 pub struct Options {
     /// The most memory sled's page cache may hold (`store.cache_mb`).
     pub cache_bytes: u64,
+    /// sled's file is rewritten online once it has grown this much past
+    /// its size after the last rewrite, and by half that size
+    /// (`store.rewrite_after_mb`); 0: never.
+    pub rewrite_after_bytes: u64,
 }
 
-/// `store.cache_mb`'s default: the working set of a busy salon chain's
-/// store (history, dedup marks, the contexts of the day) fits, and the
-/// daemon stays well inside a small VM it shares with the AI worker.
-pub const DEFAULT_CACHE_MB: u64 = 64;
+/// `store.cache_mb`'s default. sled counts its cache at about a third of
+/// what it takes in memory (sled alone, 700,000 dedup marks: 122 MB of RSS
+/// at 32 MiB, 60 MB at 8), and while a rewrite runs there are two caches;
+/// but in the daemon's soak 8 MiB ended with more RSS than 32 (more pages
+/// read back in), so 32 it is.
+pub const DEFAULT_CACHE_MB: u64 = 32;
+
+/// `store.rewrite_after_mb`'s default: a rewrite about every 80 s at 400
+/// turns/s (sled writes about 2 KB per turn it never reclaims), and a data
+/// directory that stays within its live size + half + 64 MB.
+pub const DEFAULT_REWRITE_AFTER_MB: u64 = 64;
 
 impl Default for Options {
     fn default() -> Self {
-        Options { cache_bytes: DEFAULT_CACHE_MB << 20 }
+        Options { cache_bytes: DEFAULT_CACHE_MB << 20, rewrite_after_bytes: DEFAULT_REWRITE_AFTER_MB << 20 }
     }
 }
 
@@ -358,7 +392,7 @@ fn open_db(dir: &Path, options: Options) -> Result<sled::Db, StoreError> {
     // and really syncs. That thread is also where sled cleans segments, but
     // with it on (once a second) the soak grew just as fast (1.6-1.9 KB per
     // message at 400/s either way), so it would only cost CPU. Space comes
-    // back with `turnstile compact`.
+    // back by rewriting the trees (generation.rs) or `turnstile compact`.
     let config = sled::Config::new().path(dir).flush_every_ms(None).cache_capacity(options.cache_bytes);
     config.open().map_err(|e| match e {
         sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
@@ -392,9 +426,8 @@ pub struct Store {
 }
 
 struct Inner {
+    /// The data directory.
     dir: PathBuf,
-    db: sled::Db,
-    trees: Trees,
     shared: Arc<Shared>,
     tx: mpsc::Sender<writer::Op>,
     ids: Arc<ids::Ids>,
@@ -413,6 +446,11 @@ impl Store {
     /// about (naming the file or key).
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         recover::open(dir, Options::default())
+    }
+
+    /// Whether `dir` holds a store (sled's files, in it or in a generation).
+    pub fn exists(dir: &Path) -> bool {
+        generation::exists(dir)
     }
 
     /// `open`, with the config's store settings.
@@ -604,6 +642,13 @@ impl Store {
         }
     }
 
+    /// Rewrites sled's files into a fresh generation now, as the writer
+    /// does by itself once they have grown by `Options::rewrite_after_bytes`;
+    /// resolves with the new generation's number once it is current.
+    pub async fn rewrite_now(&self) -> Result<u64, StoreError> {
+        self.call(|reply| writer::Op::Rewrite { reply }).await
+    }
+
     /// Resolves once everything written before the call is durable.
     pub async fn sync(&self) -> Result<(), StoreError> {
         self.call(|reply| writer::Op::Sync { reply }).await
@@ -614,7 +659,7 @@ impl Store {
     pub async fn close(self) -> Result<(), StoreError> {
         let synced = self.call(|reply| writer::Op::Close { reply }).await;
         let threads = std::mem::take(&mut *lock(&self.inner.threads));
-        let dir = self.inner.dir.clone();
+        let db_dir = self.gen().dir.clone();
         drop(self);
         // Real sleeps on a blocking thread: tokio's paused test clock must
         // not turn this wait into a spin.
@@ -622,7 +667,7 @@ impl Store {
             for t in threads {
                 let _ = t.join();
             }
-            durable::wait_unlocked(&dir.join("db"));
+            durable::wait_unlocked(&db_dir.join("db"));
         })
         .await;
         synced
@@ -671,7 +716,7 @@ impl Store {
         if let Some(open) = self.open_claims().into_iter().find(|t| t.turn_id == turn_id) {
             return Ok(Some(open));
         }
-        match self.inner.trees.turns.get(turn_id.as_bytes())? {
+        match self.gen().trees.turns.get(turn_id.as_bytes())? {
             Some(v) => Ok(Some(decode("turns", turn_id.as_bytes(), &v)?)),
             None => Ok(None),
         }
@@ -680,9 +725,14 @@ impl Store {
     /// All recorded turns: open ones (to re-run) and dead ones (to list).
     pub fn turns(&self) -> Result<Vec<TurnRecord>, StoreError> {
         let mut all = self.open_claims();
-        all.extend(decode_all::<TurnRecord>(&self.inner.trees.turns, "turns")?);
+        all.extend(decode_all::<TurnRecord>(&self.gen().trees.turns, "turns")?);
         all.sort_by(|a, b| a.turn_id.cmp(&b.turn_id));
         Ok(all)
+    }
+
+    /// The sled generation in use now (a rewrite replaces it).
+    fn gen(&self) -> Arc<generation::Gen> {
+        self.inner.shared.gen.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn open_claims(&self) -> Vec<TurnRecord> {
@@ -700,7 +750,8 @@ impl Store {
     /// has none or it expired by `now_ms`, swept or not. Counts a cache hit
     /// or miss.
     pub fn context(&self, conv: &Conv, now_ms: u64) -> Result<Option<StoredContext>, StoreError> {
-        let t = &self.inner.trees;
+        let gen = self.gen();
+        let t = &gen.trees;
         let key = conv_prefix(conv);
         let found = match t.ctx_meta.get(&key)? {
             Some(v) => {
@@ -737,7 +788,7 @@ impl Store {
     /// Committed turns of a phone (all companies), oldest first.
     pub fn history(&self, phone: &str) -> Result<Vec<TurnSummary>, StoreError> {
         let mut out: Vec<TurnSummary> = self
-            .inner
+            .gen()
             .trees
             .history
             .scan_prefix(phone_prefix(phone))
@@ -765,6 +816,7 @@ impl Store {
             expired_dead: s.expired_dead.load(Ordering::Relaxed),
             expired_failed: s.expired_failed.load(Ordering::Relaxed),
             expired_history: s.expired_history.load(Ordering::Relaxed),
+            rewrites: s.rewrites.load(Ordering::Relaxed),
         }
     }
 

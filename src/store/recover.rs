@@ -13,6 +13,7 @@ use std::sync::{mpsc, Arc, Mutex, RwLock};
 
 use super::dedup::{self, IdSet};
 use super::durable::{self, Files, Syncer};
+use super::generation::{self, Gen};
 use super::log::{self, Entry, Head};
 use super::records::decode_all;
 use super::writer::Writer;
@@ -36,7 +37,10 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
     std::fs::create_dir_all(dir).map_err(|e| log::io_error(dir, e))?;
     let log_dir = dir.join(log::DIR_NAME);
     std::fs::create_dir_all(&log_dir).map_err(|e| log::io_error(&log_dir, e))?;
-    let db = open_db(dir, options)?;
+    let lock = lock_dir(dir)?;
+    let (gen_no, db_dir) = generation::current(dir)?;
+    generation::remove_stale(dir, gen_no)?;
+    let db = open_db(&db_dir, options)?;
     let trees = Trees::open(&db)?;
     let id_floor = match trees.meta.get(ID_FLOOR)? {
         None => 0,
@@ -49,26 +53,16 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
     // sled's counter only matters for a store it numbered (the first
     // layout); from here on ids come from `ids`.
     let ids = Arc::new(super::ids::Ids::open(dir, id_floor.max(db.generate_id()? + id_floor))?);
-    migrate_first_layout(dir, &db, &trees, &ids)?;
+    migrate_first_layout(dir, &db_dir, &db, &trees, &ids)?;
 
     // Whatever sled recovered (possibly from the page cache after a kill)
     // is made durable before the log is trimmed on its word.
-    let mut files = Files {
-        db_file: std::fs::File::open(dir.join("db")).map_err(|e| log::io_error(dir, e))?,
-        db: db.clone(),
-        dir: dir.to_owned(),
-        log_dir: log_dir.clone(),
-        known: HashSet::new(),
-        known_blobs: HashSet::new(),
-    };
+    let mut files = Files::open(db.clone(), &db_dir, &log_dir)?;
     db.flush()?;
-    files.db_file.sync_data().map_err(|e| log::io_error(&dir.join("db"), e))?;
-    durable::sync_new_entries(dir, &mut files.known, &["db", log::DIR_NAME, "ids", "ids.tmp"])
-        .map_err(|e| log::io_error(dir, e))?;
-    let blobs = dir.join("blobs");
-    if blobs.is_dir() {
-        durable::sync_new_entries(&blobs, &mut files.known_blobs, &[])
-            .map_err(|e| log::io_error(&blobs, e))?;
+    files.sync_all_now().map_err(|e| log::io_error(&db_dir, e))?;
+    if gen_no > 0 {
+        // The data directory's own entries (the log, `ids`, `trees`).
+        durable::sync_new_entries(dir, &mut HashSet::new(), &[]).map_err(|e| log::io_error(dir, e))?;
     }
 
     let context_stats = contexts::ContextStats::default();
@@ -122,8 +116,10 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
     let mut memory = memory;
     memory.head = head_no;
 
+    let gen = Arc::new(Gen { no: gen_no, dir: db_dir.clone(), db, trees: trees.clone() });
     let shared = Arc::new(Shared {
         memory: Mutex::new(memory),
+        gen: RwLock::new(gen.clone()),
         sink: RwLock::new(None),
         failed: Mutex::new(None),
         trouble: Mutex::new(None),
@@ -158,6 +154,13 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
         last_sync: std::time::Instant::now(),
         exporting: 0,
         deferred: Default::default(),
+        data_dir: dir.to_owned(),
+        options,
+        rewrite: None,
+        rewrite_base: generation::file_len(&db_dir),
+        next_rewrite_check: std::time::Instant::now(),
+        rewrite_waiters: Vec::new(),
+        _lock: lock,
     };
     let thread = std::thread::Builder::new()
         .name("turnstile-store".into())
@@ -166,8 +169,6 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
     Ok(Store {
         inner: Arc::new(Inner {
             dir: dir.to_owned(),
-            db,
-            trees,
             shared,
             tx,
             ids,
@@ -177,6 +178,27 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
         }),
     })
 }
+
+/// Takes the data directory's lock file for as long as the store is open
+/// (the writer thread holds it): a second daemon, a backup or a restore is
+/// refused while one runs, before it touches anything.
+pub(super) fn lock_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
+    use fs2::FileExt;
+    let path = dir.join(LOCK);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| log::io_error(&path, e))?;
+    match file.try_lock_exclusive() {
+        Ok(()) => Ok(file),
+        Err(_) => Err(StoreError::Held { dir: dir.display().to_string() }),
+    }
+}
+
+/// The data directory's lock file.
+pub(super) const LOCK: &str = "lock";
 
 /// Reads every segment: pending messages, open claims, live counts. A torn
 /// tail of the newest segment is cut off; damage anywhere else is an error.
@@ -269,6 +291,7 @@ fn replay(log_dir: &Path, retired: &IdSet) -> Result<(Memory, Vec<dedup::IdHash>
 /// be repeated after a crash without harm.
 fn migrate_first_layout(
     dir: &Path,
+    db_dir: &Path,
     db: &sled::Db,
     trees: &Trees,
     ids: &super::ids::Ids,
@@ -310,7 +333,9 @@ fn migrate_first_layout(
     }
     trees.dedup.apply_batch(batch)?;
     db.flush()?;
-    std::fs::File::open(dir.join("db")).and_then(|f| f.sync_data()).map_err(|e| log::io_error(dir, e))?;
+    std::fs::File::open(db_dir.join("db"))
+        .and_then(|f| f.sync_data())
+        .map_err(|e| log::io_error(db_dir, e))?;
     for name in ["inbox", "seen", "seen_at"] {
         db.drop_tree(name)?;
     }

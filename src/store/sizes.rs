@@ -26,7 +26,8 @@ pub(super) type Counted = Option<(Instant, Vec<TreeSize>)>;
 impl Store {
     /// Walks every tree. Blocking: run it off the async runtime.
     pub fn tree_sizes(&self) -> Result<Vec<TreeSize>, StoreError> {
-        let db = &self.inner.db;
+        let gen = self.gen();
+        let db = &gen.db;
         let mut out = Vec::new();
         for name in db.tree_names() {
             if name.as_ref() == super::snapshot::DEFAULT_TREE {
@@ -66,6 +67,6 @@ impl Store {
         for no in super::log::segments(&log_dir).map_err(|e| super::log::io_error(&log_dir, e))? {
             log += std::fs::metadata(super::log::segment_path(&log_dir, no)).map(|m| m.len()).unwrap_or(0);
         }
-        Ok((self.inner.db.size_on_disk()?, log))
+        Ok((self.gen().db.size_on_disk()?, log))
     }
 }

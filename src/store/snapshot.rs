@@ -44,7 +44,8 @@ impl Store {
         for t in &cut.claims {
             visit("turns", t.turn_id.as_bytes(), &encode(t))?;
         }
-        let db = &self.inner.db;
+        let gen = self.gen();
+        let db = &gen.db;
         let mut names: Vec<sled::IVec> =
             db.tree_names().into_iter().filter(|n| n.as_ref() != DEFAULT_TREE).collect();
         names.sort();
@@ -62,7 +63,7 @@ impl Store {
     /// Opens the store in `dir` and closes it again: fails with
     /// `StoreError::Held` while another process (a running daemon) has it.
     pub fn probe(dir: &Path) -> Result<(), StoreError> {
-        open_db(dir, super::Options::default()).map(drop)
+        super::recover::lock_dir(dir).map(drop)
     }
 
     /// Builds a new store in `dir` (which must not hold one) from exported
@@ -88,20 +89,7 @@ impl Store {
             .map_err(StoreError::from)?;
         db.flush().map_err(StoreError::from)?;
         drop(db);
-        sync_tree(dir).map_err(|e| log::io_error(dir, e))?;
+        super::generation::sync_all_under(dir).map_err(|e| log::io_error(dir, e))?;
         Ok(())
     }
-}
-
-/// fsyncs every file under `dir` and every directory, bottom up.
-fn sync_tree(dir: &Path) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_type()?.is_dir() {
-            sync_tree(&entry.path())?;
-        } else {
-            std::fs::File::open(entry.path())?.sync_all()?;
-        }
-    }
-    log::sync_dir(dir)
 }

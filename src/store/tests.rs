@@ -1,6 +1,7 @@
 //! The store's own suite: what the rest of the daemon relies on, checked
 //! against the store API alone, so another engine would have to pass it too.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Mutex as StdMutex;
 
 use super::*;
@@ -278,7 +279,7 @@ async fn retired_ids_are_forgotten_after_the_window_and_pending_ones_never() {
 async fn a_corrupt_record_is_an_error_for_that_key() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = open(dir.path());
-    store.inner.trees.turns.insert("t-bad", &b"\xff\xff\xff"[..]).unwrap();
+    store.gen().trees.turns.insert("t-bad", &b"\xff\xff\xff"[..]).unwrap();
     match store.turn("t-bad") {
         Err(StoreError::Corrupt { tree: "turns", key, .. }) => assert_eq!(key, "t-bad"),
         other => panic!("expected a corrupt-record error, got {other:?}"),
@@ -290,7 +291,7 @@ async fn a_damaged_id_floor_or_dedup_record_refuses_to_open_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     {
         let (store, _) = open(dir.path());
-        store.inner.trees.meta.insert(ID_FLOOR, &b"\x01\x02"[..]).unwrap();
+        store.gen().trees.meta.insert(ID_FLOOR, &b"\x01\x02"[..]).unwrap();
         store.close().await.unwrap();
     }
     match Store::open(dir.path()) {
@@ -424,7 +425,7 @@ async fn a_first_layout_store_is_moved_into_the_log_and_dedup_records() {
     assert_eq!(ids(&store.take_recovered().unwrap().inbox), ["p1"]);
     assert_eq!(again(&store, "done1", "700000001").await, Inserted::Duplicate);
     assert_eq!(again(&store, "p1", "700000001").await, Inserted::Duplicate);
-    let names = store.inner.db.tree_names();
+    let names = store.gen().db.tree_names();
     assert!(!names.iter().any(|n| n.as_ref() == b"inbox" || n.as_ref() == b"seen"), "old trees dropped");
     store.close().await.unwrap();
     let (store, _) = open(dir.path());
@@ -514,7 +515,7 @@ async fn a_corrupt_context_is_an_error_for_that_conversation_only() {
     store.update_context(&conv("700000001"), set(b"fine", None), 0).await.unwrap();
     store.update_context(&conv("700000002"), set(b"fine", None), 0).await.unwrap();
     let key = records::conv_prefix(&conv("700000002"));
-    store.inner.trees.ctx_meta.insert(key, &b"\xff\xff\xff\xff"[..]).unwrap();
+    store.gen().trees.ctx_meta.insert(key, &b"\xff\xff\xff\xff"[..]).unwrap();
     assert!(matches!(
         store.context(&conv("700000002"), 1),
         Err(StoreError::Corrupt { tree: "ctx_meta", .. })
@@ -653,4 +654,150 @@ async fn tree_sizes_count_live_records_and_their_bytes() {
         .unwrap();
     assert_eq!(store.tree_sizes_recent().unwrap(), recent);
     assert_eq!(size(&store.tree_sizes().unwrap(), "ctx_dialogue").0, 2);
+}
+
+/// Every record, as an export sees it.
+fn records(store: &Store) -> BTreeMap<(String, Vec<u8>), Vec<u8>> {
+    let mut all = BTreeMap::new();
+    store
+        .export(|tree, key, value| -> Result<(), StoreError> {
+            all.insert((tree.to_owned(), key.to_vec()), value.to_vec());
+            Ok(())
+        })
+        .unwrap();
+    all
+}
+
+fn dialogue_of(store: &Store, phone: &str) -> Vec<u8> {
+    store.context(&conv(phone), unix_ms()).unwrap().and_then(|c| c.dialogue).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewrite_under_writes_keeps_every_record_and_leaves_the_old_files_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    let phone = |i: usize| format!("7{i:08}");
+    // 2,000 contexts, the first 100 of them rewritten 20 times over.
+    for round in 0..21u8 {
+        let mut tasks = tokio::task::JoinSet::new();
+        let n = if round == 0 { 2000 } else { 100 };
+        for chunk in 0..20 {
+            let store = store.clone();
+            tasks.spawn(async move {
+                for i in (chunk..n).step_by(20) {
+                    let body = vec![round; 1000];
+                    store.update_context(&conv(&phone(i)), set(&body, None), unix_ms()).await.unwrap();
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+    }
+    let m = insert(&store, "m1", &phone(0)).await;
+    let t = turn_of(&store, vec![m]);
+    store.commit(commit_of(&t, keep(), vec![], 20, unix_ms())).await.unwrap();
+
+    // Writes go on while the rewrite copies: the first 100 contexts are
+    // rewritten over and over, each conversation's last write noted.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = tokio::spawn({
+        let (store, stop) = (store.clone(), stop.clone());
+        async move {
+            let mut last = std::collections::HashMap::new();
+            let mut round = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                round += 1;
+                for i in 0..100 {
+                    let body = format!("round {round} of {i}").into_bytes();
+                    store.update_context(&conv(&phone(i)), set(&body, None), unix_ms()).await.unwrap();
+                    last.insert(i, body);
+                }
+                let m = insert(&store, &format!("w{round}"), &phone(1)).await;
+                let t = turn_of(&store, vec![m]);
+                store.commit(commit_of(&t, keep(), vec![], 20, unix_ms())).await.unwrap();
+            }
+            (round, last)
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(store.rewrite_now().await.unwrap(), 1);
+    stop.store(true, Ordering::SeqCst);
+    let (rounds, last) = writes.await.unwrap();
+    assert!(rounds >= 2, "writes went on during the rewrite ({rounds} rounds)");
+    assert_eq!(store.stats().rewrites, 1);
+
+    // Every write is there: the last one of the busy conversations, the
+    // churned ones' last round, the history of every committed turn.
+    for (i, body) in &last {
+        assert_eq!(&dialogue_of(&store, &phone(*i)), body, "conversation {i}");
+    }
+    for i in [100, 1234, 1999] {
+        assert_eq!(dialogue_of(&store, &phone(i)), vec![0u8; 1000], "conversation {i}");
+    }
+    assert_eq!(store.history(&phone(1)).unwrap().len(), (rounds as usize).min(20));
+    assert_eq!(store.context_stats().contexts, 2000);
+    let before_close = tokio::task::block_in_place(|| records(&store));
+
+    // The old files are gone; the new generation is all there is. (How much
+    // smaller it is depends on sled's page layout: the soak measures it.)
+    let data = dir.path();
+    assert!(!data.join("db").exists() && !data.join("conf").exists(), "sled's old files were left behind");
+    assert_eq!(std::fs::read_to_string(data.join("trees")).unwrap().trim(), "trees.1");
+    assert!(generation::file_len(&data.join("trees.1")) > 0);
+
+    store.close().await.unwrap();
+    let (store, _) = open(data);
+    assert_eq!(
+        tokio::task::block_in_place(|| records(&store)),
+        before_close,
+        "a reopen sees the same records"
+    );
+    assert_eq!(store.history(&phone(1)).unwrap().len(), (rounds as usize).min(20));
+    // And the next rewrite takes over from there.
+    assert_eq!(store.rewrite_now().await.unwrap(), 2);
+    assert!(!data.join("trees.1").exists());
+    assert_eq!(tokio::task::block_in_place(|| records(&store)), before_close);
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_interrupted_rewrite_leaves_nothing_the_next_open_keeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (store, _) = open(data);
+    store.update_context(&conv("700000001"), set(b"kept", None), unix_ms()).await.unwrap();
+    assert_eq!(store.rewrite_now().await.unwrap(), 1);
+    store.close().await.unwrap();
+    // A rewrite that died before its switch: a half-written generation and
+    // pointer, and (from an older switch) sled files in the data directory.
+    std::fs::create_dir_all(data.join("trees.2")).unwrap();
+    std::fs::write(data.join("trees.2/db"), b"half a copy").unwrap();
+    std::fs::write(data.join("trees.tmp"), b"trees.2\n").unwrap();
+    std::fs::write(data.join("conf"), b"stale").unwrap();
+    let (store, _) = open(data);
+    assert_eq!(dialogue_of(&store, "700000001"), b"kept");
+    for stale in ["trees.2", "trees.tmp", "conf"] {
+        assert!(!data.join(stale).exists(), "{stale} was left behind");
+    }
+    store.close().await.unwrap();
+    // A pointer naming a generation that is not there is named, not guessed at.
+    std::fs::write(data.join("trees"), b"trees.9\n").unwrap();
+    match Store::open(data) {
+        Err(StoreError::Corrupt { reason, .. }) => assert!(reason.contains("trees.9"), "{reason}"),
+        other => panic!("opened with a pointer to nothing: {:?}", other.err()),
+    }
+}
+
+#[tokio::test]
+async fn a_second_open_of_a_held_directory_is_refused_before_touching_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    assert_eq!(store.rewrite_now().await.unwrap(), 1);
+    std::fs::create_dir_all(dir.path().join("trees.5")).unwrap();
+    assert!(matches!(Store::open(dir.path()), Err(StoreError::Held { .. })));
+    assert!(matches!(Store::probe(dir.path()), Err(StoreError::Held { .. })));
+    // Nothing was cleaned up under the running store.
+    assert!(dir.path().join("trees.5").exists());
+    store.close().await.unwrap();
 }

@@ -23,6 +23,7 @@ use sled::Transactional;
 use super::contexts::{self, TxResult};
 use super::dedup::{self, IdHash, IdSet};
 use super::durable::Syncer;
+use super::generation::{self, Noted, Rewrite};
 use super::log::{self, Head};
 use super::records::{conv_prefix, encode, seq_key};
 use super::{
@@ -68,6 +69,11 @@ pub(crate) enum Op {
         cut: mpsc::Sender<Cut>,
     },
     EndExport,
+    /// Rewrite sled's files now, whatever their size; answered with the new
+    /// generation's number once it is current.
+    Rewrite {
+        reply: Reply<u64>,
+    },
     Close {
         reply: Reply<()>,
     },
@@ -137,6 +143,18 @@ pub(crate) struct Writer {
     /// `deferred` meanwhile, so the trees an export reads do not move.
     pub exporting: usize,
     pub deferred: Deferred,
+    /// The data directory (sled's files are in a generation of it).
+    pub data_dir: std::path::PathBuf,
+    pub options: super::Options,
+    /// A rewrite of sled's files in progress (generation.rs).
+    pub rewrite: Option<Rewrite>,
+    /// sled's file size after the last rewrite (or at open).
+    pub rewrite_base: u64,
+    pub next_rewrite_check: Instant,
+    /// Waiting for a rewrite asked for (`Op::Rewrite`).
+    pub rewrite_waiters: Vec<Reply<u64>>,
+    /// The data directory's lock, held as long as this thread runs.
+    pub _lock: std::fs::File,
 }
 
 /// What a retention sweep removes: dead turns' keys, outbox seqs, history
@@ -166,8 +184,11 @@ struct Prepared {
 impl Writer {
     pub(crate) fn run(mut self) {
         loop {
-            let first = if self.dirty {
-                let wait = SYNC_EVERY.saturating_sub(self.last_sync.elapsed());
+            let first = if self.dirty || self.rewrite.is_some() {
+                let wait = match self.dirty {
+                    true => SYNC_EVERY.saturating_sub(self.last_sync.elapsed()),
+                    false => generation::REWRITE_TICK,
+                };
                 match self.rx.recv_timeout(wait) {
                     Ok(op) => Some(op),
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -187,13 +208,16 @@ impl Writer {
                 }
             }
             if let Some(close) = self.handle(group) {
+                self.abandon_rewrite("the store closes");
                 let result = self.syncer.sync_now(&self.shared);
                 self.syncer.stop();
                 let _ = close.send(result);
                 return;
             }
+            self.tend_rewrite();
         }
         // Every handle is gone: a last sync, then stop.
+        self.abandon_rewrite("the store closes");
         let _ = self.syncer.sync_now(&self.shared);
         self.syncer.stop();
     }
@@ -209,6 +233,7 @@ impl Writer {
                 Op::Sync { reply } => syncs.push(reply),
                 Op::Export { cut } => exports.push(cut),
                 Op::EndExport => ended += 1,
+                Op::Rewrite { reply } => self.rewrite_waiters.push(reply),
                 Op::Close { reply } => close = Some(reply),
             }
         }
@@ -265,7 +290,7 @@ impl Writer {
         close
     }
 
-    fn failed(&self) -> Option<Arc<str>> {
+    pub(super) fn failed(&self) -> Option<Arc<str>> {
         lock(&self.shared.failed).clone()
     }
 
@@ -478,19 +503,18 @@ impl Writer {
             prepared.push(self.prepare(write, now));
             replies.push((durable, reply));
         }
-        let trees = [
-            &self.trees.dedup,
-            &self.trees.turns,
-            &self.trees.history,
-            &self.trees.outbox,
-            &self.trees.ctx_meta,
-            &self.trees.ctx_dialogue,
-            &self.trees.ctx_cache,
-            &self.trees.ctx_expiry,
-            &self.trees.ctx_totals,
-        ];
-        let applied = trees[..].transaction(|views: &Vec<TransactionalTree>| {
-            let v = Views::of(views);
+        let all = self.trees.all();
+        // A rewrite in progress copies again every key written meanwhile.
+        let noting = self.rewrite.is_some();
+        let noted = std::cell::RefCell::new(Vec::new());
+        let applied = all[..9].transaction(|views: &Vec<TransactionalTree>| {
+            noted.borrow_mut().clear();
+            let views: Vec<Noted<'_>> = views
+                .iter()
+                .enumerate()
+                .map(|(no, tree)| Noted { tree, no: no as u8, noted: noting.then_some(&noted) })
+                .collect();
+            let v = Views::of(&views);
             let mut outcomes = Vec::with_capacity(prepared.len());
             for p in &prepared {
                 outcomes.push(apply(&v, p)?);
@@ -507,6 +531,9 @@ impl Writer {
                 return waiters;
             }
         };
+        if let Some(rewrite) = self.rewrite.as_mut() {
+            rewrite.touched.extend(noted.into_inner());
+        }
         let epoch = self.shared.applied_epoch.fetch_add(1, Ordering::AcqRel) + 1;
         self.dirty = true;
         let mut retired_segs = Vec::new();
@@ -777,15 +804,15 @@ fn refuse(op: Op, error: impl Fn() -> StoreError) {
 
 /// The transaction's trees by name.
 struct Views<'a> {
-    dedup: &'a TransactionalTree,
-    turns: &'a TransactionalTree,
-    history: &'a TransactionalTree,
-    outbox: &'a TransactionalTree,
+    dedup: &'a Noted<'a>,
+    turns: &'a Noted<'a>,
+    history: &'a Noted<'a>,
+    outbox: &'a Noted<'a>,
     ctx: contexts::Trees<'a>,
 }
 
 impl<'a> Views<'a> {
-    fn of(v: &'a [TransactionalTree]) -> Views<'a> {
+    fn of(v: &'a [Noted<'a>]) -> Views<'a> {
         Views {
             dedup: &v[0],
             turns: &v[1],
@@ -817,7 +844,7 @@ fn apply(v: &Views<'_>, p: &Prepared) -> TxResult<Outcome> {
             };
             remember(v)?;
             for item in &c.outbox {
-                v.outbox.insert(&item.seq.to_be_bytes(), encode(item))?;
+                v.outbox.insert(item.seq.to_be_bytes(), encode(item))?;
             }
             v.turns.remove(c.turn.turn_id.as_bytes())?;
             for old in &p.history.0 {
@@ -837,7 +864,7 @@ fn apply(v: &Views<'_>, p: &Prepared) -> TxResult<Outcome> {
                 v.turns.remove(k)?;
             }
             for seq in failed {
-                v.outbox.remove(&seq.to_be_bytes())?;
+                v.outbox.remove(seq.to_be_bytes())?;
             }
             for k in history {
                 v.history.remove(k)?;
@@ -858,11 +885,11 @@ fn apply(v: &Views<'_>, p: &Prepared) -> TxResult<Outcome> {
                 .map(|(before, after)| Outcome::Context(before, after)))
         }
         TreeWrite::OutboxSent(seq) => {
-            v.outbox.remove(&seq.to_be_bytes())?;
+            v.outbox.remove(seq.to_be_bytes())?;
             Ok(Ok(Outcome::Done))
         }
         TreeWrite::OutboxUpdate(item) => {
-            v.outbox.insert(&item.seq.to_be_bytes(), encode(item.as_ref()))?;
+            v.outbox.insert(item.seq.to_be_bytes(), encode(item.as_ref()))?;
             Ok(Ok(Outcome::Done))
         }
         TreeWrite::ExpireDedup { .. } => {

@@ -19,6 +19,7 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("GET", "/metrics"),
     ("GET", "/api/outbox"),
     ("POST", "/api/backup"),
+    ("POST", "/api/store/rewrite"),
     ("GET", "/api/batches"),
     ("GET", "/api/conversations/79001234567"),
     ("GET", "/api/dead"),

@@ -91,6 +91,24 @@ async fn every_acknowledged_write_survives_a_power_cut() {
         }));
     }
 
+    // Online rewrites of the store's files back to back, so that cuts land
+    // before, during and after their switches.
+    let rewriter = tokio::spawn({
+        let (client, admin, stop) = (client.clone(), admin.clone(), stop.clone());
+        async move {
+            let mut done = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Refused while the daemon is stopped for a cut: tried again.
+                let sent = client.post(format!("{admin}/api/store/rewrite")).send().await;
+                if sent.is_ok_and(|r| r.status() == 200) {
+                    done += 1;
+                }
+                sleep(Duration::from_millis(20)).await;
+            }
+            done
+        }
+    });
+
     // The cuts: at random moments, copy the image with the daemon stopped
     // (nothing can be answered meanwhile), and note what had been answered.
     let mut rng = Rng(0xc0ff_ee00);
@@ -116,6 +134,8 @@ async fn every_acknowledged_write_survives_a_power_cut() {
     for s in senders {
         s.await.unwrap();
     }
+    let rewrites = rewriter.await.unwrap();
+    assert!(rewrites > 0, "no online rewrite of the store's files ran during the cuts");
     drop(daemon);
     let acked: usize = told.lock().unwrap().values().map(|t| t.acked.len()).sum();
     assert!(acked > 200 && handler.calls().len() > 50, "too little load: {acked} acked");
@@ -155,7 +175,7 @@ async fn every_acknowledged_write_survives_a_power_cut() {
         let _ = std::fs::remove_file(copy);
     }
     eprintln!(
-        "power cut: {cuts} cuts, {checked_messages} acknowledged messages checked across them, {} turns run",
+        "power cut: {cuts} cuts, {checked_messages} acknowledged messages checked across them, {} turns run, {rewrites} online rewrites",
         handler.calls().len()
     );
 }
