@@ -6,13 +6,14 @@
 //! that starts while the disk is full waits in place. Once the space is
 //! back, webhooks are accepted again within 15 s with no manual action, and
 //! every acknowledged message is in exactly one committed turn, in the order
-//! its phone sent it.
+//! its phone sent it. And a rewrite of the store's files on a disk without
+//! room for the copy is abandoned without harm.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::time::{sleep, Instant};
 
 use crate::helpers::*;
@@ -172,4 +173,84 @@ async fn a_full_disk_is_refused_then_healed_without_an_operator_and_nothing_is_l
         "disk full: {acked_before} acknowledged before, {total} in all; exits {exits:?}; accepting again {:.1} s after space came back",
         healed_in.as_secs_f64()
     );
+}
+
+/// A rewrite of the store's files needs room for a copy. On a disk without
+/// it the rewrite is abandoned — its half-written copy deleted, the old
+/// files still in use, webhooks still accepted — and once there is room
+/// again the next one goes through with every record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewrite_without_room_is_abandoned_and_the_store_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = loop_fs_or_skip(dir.path(), 64, "the rewrite-on-a-full-disk test") else { return };
+    let handler = TestHandler::start(Duration::from_millis(1)).await;
+    let ports = Ports::free();
+    let (base, admin) = (ports.base(), ports.admin_base());
+    let data = fs.mount.join("data");
+    let mut env = binary_env(ports, &data, Some(&handler.url));
+    env.push(("TURNSTILE_BATCHING_DEBOUNCE_MS", "100".into()));
+    env.push(("TURNSTILE_TURNS_HISTORY_LIMIT", "1000".into()));
+    let _daemon = Spawned(spawn_binary(&env, &dir.path().join("daemon.log")));
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    wait_ready(&client, &admin).await;
+
+    // A few MB of contexts (of 1,500 phones, hard to compress), and
+    // messages of 20 phones committed into turns.
+    let phones: Vec<String> = (0..20).map(|p| format!("7900300{p:04}")).collect();
+    let mut rng = Rng(7);
+    for i in 0..1500u64 {
+        let noise: String = (0..300).map(|_| format!("{:x}", rng.below(1 << 40))).collect();
+        let url = format!("{admin}/api/contexts/default/7900400{i:04}");
+        let cache = json!({"n": i, "staff": noise});
+        assert_eq!(client.put(url).json(&json!({"cache": cache})).send().await.unwrap().status(), 200);
+    }
+    for (i, phone) in phones.iter().cycle().take(600).enumerate() {
+        let body = json!({"id": format!("m{i}"), "from": phone, "message": format!("text {i}")});
+        assert_eq!(post_batched(&client, &base, &body).await.unwrap().status(), 200);
+    }
+    wait_until("every message committed", Duration::from_secs(30), || {
+        handler.calls().iter().flat_map(|c| c.ids.clone()).collect::<std::collections::HashSet<_>>().len()
+            >= 600
+    })
+    .await;
+
+    // All the room but 1 MiB taken: not enough for a copy of the store.
+    let ballast = fs.mount.join("ballast");
+    fill(&ballast);
+    let full = std::fs::metadata(&ballast).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&ballast).unwrap().set_len(full - (1 << 20)).unwrap();
+    let r = client.post(format!("{admin}/api/store/rewrite")).send().await.unwrap();
+    let (status, answer) = (r.status().as_u16(), r.json::<Value>().await.unwrap());
+    assert_eq!(status, 500, "a rewrite without room: {answer}");
+    assert!(answer["error"].as_str().unwrap().contains("abandoned"), "{answer}");
+    let leftovers: Vec<String> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("trees"))
+        .collect();
+    assert!(leftovers.is_empty(), "the abandoned copy was left behind: {leftovers:?}");
+    // The store goes on, on its old files.
+    let (status, ready) = status_json(client.get(format!("{admin}/readyz"))).await;
+    assert_eq!(status, 200, "{ready}");
+    let body = json!({"id": "after", "from": phones[0], "message": "after"});
+    assert_eq!(post_batched(&client, &base, &body).await.unwrap().status(), 200);
+
+    // Room again: the next rewrite goes through and keeps every record.
+    std::fs::remove_file(&ballast).unwrap();
+    let r = client.post(format!("{admin}/api/store/rewrite")).send().await.unwrap();
+    let (status, answer) = (r.status().as_u16(), r.json::<Value>().await.unwrap());
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["generation"], 1);
+    wait_until("the last message committed", Duration::from_secs(10), || {
+        handler.calls().iter().any(|c| c.ids.iter().any(|id| id == "after"))
+    })
+    .await;
+    let turns = committed_turns(&client, &admin, &phones).await;
+    let committed: usize = turns.values().map(|t| ids_in_turns(t).len()).sum();
+    assert_eq!(committed, 601, "every message in a committed turn");
+    for i in [0u64, 777, 1499] {
+        let url = format!("{admin}/api/contexts/default/7900400{i:04}");
+        let (_, ctx) = status_json(client.get(url)).await;
+        assert_eq!(ctx["cache"]["n"], json!(i), "context {i}");
+    }
 }
