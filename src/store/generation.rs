@@ -26,9 +26,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use sled::transaction::{TransactionalTree, UnabortableTransactionError};
-
 use std::time::{Duration, Instant};
+
+use sled::transaction::{TransactionalTree, UnabortableTransactionError};
 
 use super::writer::Writer;
 use super::{log, StoreError, Trees};
@@ -143,15 +143,9 @@ pub(super) fn switch(data: &Path, next: &Gen) -> Result<(), SwitchError> {
     next.db.flush().map_err(|e| SwitchError::Before(e.into()))?;
     sync_all_under(&next.dir).map_err(|e| SwitchError::Before(log::io_error(&next.dir, e)))?;
     log::sync_dir(data).map_err(|e| SwitchError::Before(log::io_error(data, e)))?;
-    let tmp = data.join(format!("{POINTER}.tmp"));
     let name = format!("{PREFIX}{}\n", next.no);
-    let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, name.as_bytes())?;
-        f.sync_all()
-    })();
-    written.map_err(|e| SwitchError::Before(log::io_error(&tmp, e)))?;
-    std::fs::rename(&tmp, data.join(POINTER)).map_err(|e| SwitchError::Before(log::io_error(&tmp, e)))?;
+    log::replace_file(data, POINTER, name.as_bytes())
+        .map_err(|e| SwitchError::Before(log::io_error(&data.join(POINTER), e)))?;
     log::sync_dir(data).map_err(|e| SwitchError::After(log::io_error(data, e)))
 }
 
@@ -190,7 +184,7 @@ pub(super) fn file_len(dir: &Path) -> u64 {
     std::fs::metadata(dir.join("db")).map(|m| m.len()).unwrap_or(0)
 }
 
-/// The keys written since a rewrite began: (tree number in `Trees::written`, key).
+/// The keys written since a rewrite began: (tree number in `Trees::all`, key).
 pub(super) type Touched = HashSet<(u8, sled::IVec)>;
 
 /// Copies every record of `from` into `to` (fresh), in batches. Stops
@@ -371,7 +365,7 @@ impl Writer {
         let db = super::open_db(&dir, self.options)?;
         let trees = Trees::open(&db)?;
         let next = Arc::new(Gen { no, dir, db, trees });
-        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cancel = Arc::new(AtomicBool::new(false));
         let (from, to, stop) = (current.trees.clone(), next.trees.clone(), cancel.clone());
         let copier =
             spawn_copier(move || copy_all(&from, &to, &stop)).map_err(|e| log::io_error(&next.dir, e))?;
@@ -452,9 +446,20 @@ impl Writer {
         );
     }
 
-    /// Stops a rewrite in progress and deletes what it wrote; the current
-    /// generation stays.
+    /// Gives up a rewrite that failed: what it wrote goes, the current
+    /// generation stays, and the next try waits `REWRITE_BACKOFF`.
     pub(super) fn abandon_rewrite(&mut self, reason: &str) {
+        if self.rewrite.is_none() {
+            return;
+        }
+        tracing::warn!(reason, "abandoned a rewrite of the store's files; trying again later");
+        self.next_rewrite_check = Instant::now() + REWRITE_BACKOFF;
+        self.cancel_rewrite(reason);
+    }
+
+    /// Stops a rewrite in progress (the store closes, or it failed), deletes
+    /// what it wrote and tells whoever asked for it why.
+    pub(super) fn cancel_rewrite(&mut self, reason: &str) {
         let Some(rewrite) = self.rewrite.take() else { return };
         rewrite.cancel.store(true, Ordering::Relaxed);
         if let Some(copier) = rewrite.copier {
@@ -464,10 +469,6 @@ impl Writer {
         drop(rewrite.next);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             tracing::warn!(path = %dir.display(), error = %e, "could not delete an abandoned store rewrite");
-        }
-        if reason != "the store closes" {
-            tracing::warn!(reason, "abandoned a rewrite of the store's files; trying again later");
-            self.next_rewrite_check = Instant::now() + REWRITE_BACKOFF;
         }
         for reply in self.rewrite_waiters.drain(..) {
             let _ =

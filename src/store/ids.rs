@@ -7,13 +7,11 @@
 //! (sled's own generator is not used: it is safe only while every id is
 //! followed by a sled sync, and messages never touch sled.)
 
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use super::log::{io_error, sync_dir};
+use super::log::{io_error, replace_file, sync_dir};
 use super::{lock, StoreError};
 
 /// Ids reserved per write of the mark.
@@ -72,15 +70,9 @@ impl Ids {
     /// Writes `mark` to a temp file, syncs it, renames it over `ids` and
     /// syncs the directory: the old mark or the new one, never neither.
     fn reserve(&self, mark: u64) -> Result<(), StoreError> {
-        let tmp = self.dir.join(format!("{FILE}.tmp"));
-        let write = || -> std::io::Result<()> {
-            let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-            f.write_all(&encode(mark))?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, self.dir.join(FILE))?;
-            sync_dir(&self.dir)
-        };
-        write().map_err(|e| io_error(&tmp, e))?;
+        replace_file(&self.dir, FILE, &encode(mark))
+            .and_then(|()| sync_dir(&self.dir))
+            .map_err(|e| io_error(&self.dir.join(FILE), e))?;
         self.reserved.store(mark, Ordering::Release);
         Ok(())
     }

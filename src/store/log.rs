@@ -15,7 +15,7 @@
 //! a crash and is cut off on open; anywhere else it is corruption.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -208,6 +208,16 @@ impl Head {
 pub(crate) fn truncate(path: &Path, len: u64) -> Result<(), StoreError> {
     let f = OpenOptions::new().write(true).open(path).map_err(|e| io_error(path, e))?;
     f.set_len(len).and_then(|_| f.sync_all()).map_err(|e| io_error(path, e))
+}
+
+/// Replaces `dir/name` with `bytes` whole: written to `name.tmp`, synced,
+/// renamed over it. The caller syncs `dir` to make the rename durable.
+pub(crate) fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))
 }
 
 /// fsync of a directory: makes the creation, rename or removal of its

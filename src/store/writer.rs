@@ -208,7 +208,7 @@ impl Writer {
                 }
             }
             if let Some(close) = self.handle(group) {
-                self.abandon_rewrite("the store closes");
+                self.cancel_rewrite("the store closes");
                 let result = self.syncer.sync_now(&self.shared);
                 self.syncer.stop();
                 let _ = close.send(result);
@@ -217,7 +217,7 @@ impl Writer {
             self.tend_rewrite();
         }
         // Every handle is gone: a last sync, then stop.
-        self.abandon_rewrite("the store closes");
+        self.cancel_rewrite("the store closes");
         let _ = self.syncer.sync_now(&self.shared);
         self.syncer.stop();
     }
