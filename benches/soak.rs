@@ -50,6 +50,11 @@ fn trees(metrics: &str) -> String {
     out.iter().map(|(n, b)| format!("{n} {:.1}M", *b as f64 / 1048576.0)).collect::<Vec<_>>().join(", ")
 }
 
+/// A gauge's value in a scrape.
+fn gauge(metrics: &str, name: &str) -> f64 {
+    metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+}
+
 fn mb(bytes: u64) -> f64 {
     bytes as f64 / 1048576.0
 }
@@ -80,7 +85,9 @@ fn main() {
             idle.rss_kb as f64 / 1024.0,
             mb(idle.disk)
         );
-        println!("  {:>6} {:>9} {:>8} {:>9} {:>8} {:>8}  trees", "t", "acked", "RSS MB", "data MB", "B/msg", "p99 ms");
+        println!("  {:>6} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8}  trees",
+            "t", "acked", "RSS MB", "heap MB", "data MB", "B/msg", "p99 ms"
+        );
 
         let rec = Arc::new(Recorder::default());
         let started = Instant::now();
@@ -108,10 +115,11 @@ fn main() {
                         (s.disk as f64 - last.disk as f64) / (s.acked.saturating_sub(last.acked).max(1)) as f64;
                     let metrics = scrape(&client, ports.admin).await;
                     println!(
-                        "  {:>5.0}s {:>9} {:>8.1} {:>9.1} {:>8.0} {:>8.2}  {}{}",
+                        "  {:>5.0}s {:>9} {:>8.1} {:>8.1} {:>9.1} {:>8.0} {:>8.2}  {}{}",
                         s.at.as_secs_f64(),
                         s.acked,
                         s.rss_kb as f64 / 1024.0,
+                        gauge(&metrics, "turnstile_heap_bytes") / 1048576.0,
                         mb(s.disk),
                         per_message,
                         s.p99_ms,

@@ -61,13 +61,16 @@ struct Pending {
     deadline: Instant,
 }
 
-/// What `GET /api/batches` shows of one pending batch.
+/// What `GET /api/batches` and the console show of one pending batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingView<K> {
     pub key: K,
     pub seqs: Vec<u64>,
     pub first_at: Instant,
     pub deadline: Instant,
+    /// The rule that cuts it at `deadline` unless more messages come:
+    /// `Quiet` or `MaxWait` (a full batch is never pending).
+    pub rule: CutReason,
 }
 
 pub struct Batcher<K> {
@@ -125,30 +128,42 @@ impl<K: Clone + Eq + Hash + Ord> Batcher<K> {
             if deadline > now {
                 break;
             }
-            let p = &self.pending[&key];
-            let reason = if p.first_at + self.rules.max_wait <= p.last_at + self.rules.debounce {
-                CutReason::MaxWait
-            } else {
-                CutReason::Quiet
-            };
+            let reason = self.rule(&self.pending[&key]);
             cuts.extend(self.take(&key, reason));
         }
         cuts
     }
 
+    /// Which rule fires at a batch's deadline.
+    fn rule(&self, p: &Pending) -> CutReason {
+        if p.first_at + self.rules.max_wait <= p.last_at + self.rules.debounce {
+            CutReason::MaxWait
+        } else {
+            CutReason::Quiet
+        }
+    }
+
+    fn view(&self, key: &K) -> PendingView<K> {
+        let p = &self.pending[key];
+        PendingView {
+            key: key.clone(),
+            seqs: p.seqs.clone(),
+            first_at: p.first_at,
+            deadline: p.deadline,
+            rule: self.rule(p),
+        }
+    }
+
+    /// Every pending batch, the next to be cut first.
     pub fn pending(&self) -> Vec<PendingView<K>> {
-        let mut v: Vec<_> = self
-            .pending
-            .iter()
-            .map(|(k, p)| PendingView {
-                key: k.clone(),
-                seqs: p.seqs.clone(),
-                first_at: p.first_at,
-                deadline: p.deadline,
-            })
-            .collect();
-        v.sort_by(|a, b| a.deadline.cmp(&b.deadline).then(a.key.cmp(&b.key)));
-        v
+        self.page(0, usize::MAX)
+    }
+
+    /// `limit` pending batches from the `offset`-th in cut order: work
+    /// proportional to the page, not to everything pending (the console
+    /// asks for one page every second).
+    pub fn page(&self, offset: usize, limit: usize) -> Vec<PendingView<K>> {
+        self.deadlines.iter().skip(offset).take(limit).map(|(_, key)| self.view(key)).collect()
     }
 
     /// Pending batches and messages.
@@ -260,5 +275,34 @@ mod tests {
         assert_eq!(b.len(), (1, 1));
         assert_eq!(b.cut_now(&"c").unwrap().reason, CutReason::Immediate);
         assert!(b.cut_now(&"c").is_none());
+    }
+
+    #[test]
+    fn a_page_is_in_cut_order_and_names_the_rule_that_will_fire() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(rules());
+        // "long" has typed every 8 s for 56 s: max wait (60 s) comes before quiet.
+        for i in 0..8u32 {
+            b.push("long", i as u64, t0 + 8 * S * i);
+        }
+        b.push("late", 10, t0 + 51 * S);
+        b.push("early", 11, t0 + 40 * S);
+        let page = b.page(0, 10);
+        let keys: Vec<_> = page.iter().map(|p| p.key).collect();
+        assert_eq!(keys, vec!["early", "long", "late"], "next cut first");
+        assert_eq!(page[0].rule, CutReason::Quiet);
+        assert_eq!(page[0].deadline, t0 + 50 * S);
+        assert_eq!(page[1].rule, CutReason::MaxWait);
+        assert_eq!(page[1].deadline, t0 + 60 * S);
+        assert_eq!(page[1].first_at, t0);
+        assert_eq!(page[1].seqs.len(), 8);
+        assert_eq!(b.page(1, 1).iter().map(|p| p.key).collect::<Vec<_>>(), vec!["long"]);
+        assert!(b.page(3, 10).is_empty());
+        // The rule shown is the one that cuts it.
+        let cuts = b.due(t0 + 61 * S);
+        assert_eq!(
+            cuts.iter().map(|c| (c.key, c.reason)).collect::<Vec<_>>(),
+            vec![("early", CutReason::Quiet), ("long", CutReason::MaxWait), ("late", CutReason::Quiet)]
+        );
     }
 }

@@ -17,7 +17,9 @@ pub mod context; // the per-conversation memory (dialogue + cache), compressed
 pub mod sweep; // background removal of expired dedup marks and contexts
 pub mod outbox; // durable delivery of replies: in order per phone, retried, sent once
 pub mod gateway; // one send to WhatsApp: log, http, WAHA or Meta; typing; splitting
+pub mod feed; // what the operator console shows live: running and recent turns, rate samples
 pub mod metrics; // Prometheus text: counters, histograms, gauges read at scrape
+pub mod heap; // live heap bytes: the global allocator with a counter
 pub mod ops; // systemd: READY, STOPPING, watchdog pings
 pub mod backup; // backup files: write, verify, offline backup and restore
 pub mod server; // wiring: open the store, serve, recover, shut down in order

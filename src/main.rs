@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 use turnstile::{backup, Config, Listeners};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: turnstile::heap::Counting<mimalloc::MiMalloc> = turnstile::heap::Counting(mimalloc::MiMalloc);
 
 #[derive(Parser)]
 #[command(

@@ -148,6 +148,11 @@ pub fn inc(counter: &AtomicU64) {
 }
 
 impl Metrics {
+    /// Webhook requests answered so far, whatever their status.
+    pub fn webhooks_total(&self) -> u64 {
+        self.webhooks.lock().expect("metrics lock").values().sum()
+    }
+
     pub fn webhook(&self, endpoint: &str, status: u16) {
         let mut w = self.webhooks.lock().expect("metrics lock");
         *w.entry((endpoint.to_owned(), status)).or_default() += 1;
@@ -355,6 +360,12 @@ impl Metrics {
         for (kind, n) in ["dead_turns", "outbox_failed", "history"].iter().zip(g.expired) {
             let _ = writeln!(out, "turnstile_expired_total{{kind=\"{kind}\"}} {n}");
         }
+        gauge(
+            &mut out,
+            "turnstile_heap_bytes",
+            "Bytes the daemon's allocations hold now; the rest of its RSS is kept by the allocator or mapped files.",
+            crate::heap::live_bytes() as f64,
+        );
         gauge(&mut out, "turnstile_log_segments", "Message-log segment files.", g.log_segments as f64);
         counter(
             &mut out,

@@ -217,6 +217,7 @@ pub async fn run_on(
         fatal: fatal.clone(),
         draining: stopping.shutdown.clone(),
         metrics: shared.metrics.clone(),
+        feed: shared.feed.clone(),
         admin_token: config.server.admin_token.clone(),
         webhook_token: config.ingest.webhook_token.clone(),
         generic_webhooks: config.ingest.generic_webhooks,
@@ -261,7 +262,17 @@ pub async fn run_on(
     let mut driver = spawn_driver(driver);
     let outbox = Outbox::new(&config, store.clone(), gateway, store.outbox_ready(), shared.metrics.clone());
     let mut outbox = tokio::spawn(outbox.run(stopping.shutdown.clone()));
+    let totals = {
+        let (metrics, store) = (shared.metrics.clone(), store.clone());
+        move || crate::feed::Totals { webhooks: metrics.webhooks_total(), syncs: store.syncs() }
+    };
     let background = [
+        tokio::spawn(crate::feed::sampler(
+            shared.feed.clone(),
+            totals,
+            shared.clock.clone(),
+            stopping.shutdown.clone(),
+        )),
         tokio::spawn(sweep::dedup(
             store.clone(),
             shared.clock.clone(),

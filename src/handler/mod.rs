@@ -145,6 +145,15 @@ impl Handler {
         }
     }
 
+    /// `handler.kind` as configured: "echo", "http" or "openai".
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            Kind::Echo => "echo",
+            Kind::Http { .. } => "http",
+            Kind::OpenAi(_) => "openai",
+        }
+    }
+
     /// One attempt at answering the turn. An answer over the size limits is
     /// a failed attempt like any other: nothing of it reaches the store.
     pub async fn call(&self, req: &TurnRequest) -> Result<TurnAnswer, HandlerError> {

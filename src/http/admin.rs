@@ -35,7 +35,9 @@ pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/api/dead/{turn_id}/retry", post(retry_dead))
         .route("/api/contexts/{company_id}/{phone}", get(get_context).put(put_context).delete(delete_context))
         .route("/api/contexts/{company_id}/{phone}/invalidate", post(invalidate_context))
+        .merge(super::console::api_routes())
         .route_layer(middleware::from_fn_with_state(state, require_token))
+        .merge(super::console::page_routes())
 }
 
 /// Replies waiting for the gateway, the ones given up, and the ones parked by the reply cap.

@@ -12,6 +12,7 @@
 //! common.
 
 mod admin;
+mod console;
 mod contexts;
 mod error;
 pub mod serve;
@@ -56,6 +57,8 @@ pub struct AppState {
     /// Cancelled on shutdown: webhooks answer 503 so the gateway retries later.
     pub draining: CancellationToken,
     pub metrics: Arc<Metrics>,
+    /// What the console shows of running and recent turns.
+    pub feed: Arc<crate::feed::Feed>,
     /// Empty: the admin routes are open (loopback only, enforced by config).
     pub admin_token: String,
     /// Empty: the generic webhooks take unauthenticated input (allowed by config).

@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::store::{Announce, Recovered, Store, TurnRecord};
 
 use super::gate::Gate;
-use super::{DriverInbox, Event, Outcome, RetryOutcome, Runner, Shared, Snapshot, Work};
+use super::{DriverInbox, Event, Outcome, RetryOutcome, Runner, Shared, Snapshot, View, Work, WAITING_SHOWN};
 
 /// Backoff of a conversation whose work failed in the store: doubling from
 /// this, up to `RETRY_MAX`.
@@ -161,6 +161,9 @@ impl Driver {
             Event::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());
             }
+            Event::View { offset, limit, reply } => {
+                let _ = reply.send(self.view(offset, limit));
+            }
             Event::Context { conv, job } => self.gate.offer(conv, Work::Context(job)),
         }
     }
@@ -194,6 +197,7 @@ impl Driver {
             seqs: cut.seqs,
             reason: cut.reason,
             deadline: cut.deadline,
+            cut_at: now,
             max_messages: self.max_messages,
         };
         self.gate.offer(cut.key, work);
@@ -242,6 +246,30 @@ impl Driver {
             // re-runs on the next start; the caller hears "shutting down".
             let _ = tx.send(Event::Reopened { turn_id, result, reply });
         });
+    }
+
+    fn view(&self, offset: usize, limit: usize) -> View {
+        let describe = |work: &Work| match work {
+            Work::Fresh { seqs, .. } => (seqs.len(), "batch"),
+            Work::Resume(turn) => (turn.messages.len(), "turn"),
+            Work::Context(_) => (0, "context write"),
+        };
+        View {
+            now: now(),
+            collecting: self.batcher.len(),
+            page: self.batcher.page(offset, limit),
+            waiting: self
+                .gate
+                .waiting()
+                .take(WAITING_SHOWN)
+                .map(|(conv, work)| {
+                    let (messages, what) = describe(work);
+                    (conv.clone(), messages, what)
+                })
+                .collect(),
+            waiting_total: self.gate.waiting().count(),
+            running: self.gate.in_flight(),
+        }
     }
 
     fn snapshot(&self) -> Snapshot {

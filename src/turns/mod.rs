@@ -27,12 +27,13 @@ use std::sync::Arc;
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 
-/// What every task of one daemon shares: its clock, its metrics, and the
-/// two stages of stopping.
+/// What every task of one daemon shares: its clock, its metrics, the
+/// console's feed, and the two stages of stopping.
 #[derive(Clone, Default)]
 pub struct Shared {
     pub clock: Clock,
     pub metrics: Arc<Metrics>,
+    pub feed: Arc<crate::feed::Feed>,
     pub stopping: Stopping,
 }
 
@@ -52,7 +53,8 @@ pub struct DriverInbox {
 #[derive(Debug)]
 pub enum Work {
     /// A batch just cut: its messages are still only in the inbox.
-    Fresh { seqs: Vec<u64>, reason: CutReason, deadline: Instant, max_messages: usize },
+    /// `cut_at`: when the driver cut it (the console's cut lag and queue wait).
+    Fresh { seqs: Vec<u64>, reason: CutReason, deadline: Instant, cut_at: Instant, max_messages: usize },
     /// A turn already recorded on disk: recovered after a restart, or a dead
     /// turn being retried. It keeps its turn_id and messages.
     Resume(Box<TurnRecord>),
@@ -93,10 +95,11 @@ impl Work {
     /// a context write (its caller waits on a channel) cannot be replayed.
     fn replay(&self) -> Option<Work> {
         match self {
-            Work::Fresh { seqs, reason, deadline, max_messages } => Some(Work::Fresh {
+            Work::Fresh { seqs, reason, deadline, cut_at, max_messages } => Some(Work::Fresh {
                 seqs: seqs.clone(),
                 reason: *reason,
                 deadline: *deadline,
+                cut_at: *cut_at,
                 max_messages: *max_messages,
             }),
             Work::Resume(turn) => Some(Work::Resume(turn.clone())),
@@ -167,6 +170,12 @@ pub(crate) enum Event {
     Snapshot {
         reply: oneshot::Sender<Snapshot>,
     },
+    /// One page of the console's pending list, and counts.
+    View {
+        offset: usize,
+        limit: usize,
+        reply: oneshot::Sender<View>,
+    },
     /// A context write from the API.
     Context {
         conv: Conv,
@@ -192,6 +201,25 @@ pub struct Snapshot {
     pub waiting: Vec<(Conv, Vec<u64>)>,
     pub running: Vec<Conv>,
 }
+
+/// What the console shows of the driver's memory: one page of the pending
+/// batches in cut order (built from the page alone, however many are
+/// pending), the work waiting behind running turns, and the counts.
+#[derive(Debug, Clone)]
+pub struct View {
+    pub now: Instant,
+    /// Batches collecting messages, and the messages in them.
+    pub collecting: (usize, usize),
+    pub page: Vec<crate::batcher::PendingView<Conv>>,
+    /// Work queued behind a running turn or a free slot: the first
+    /// `WAITING_SHOWN` (conversation, messages, what), and how many in all.
+    pub waiting: Vec<(Conv, usize, &'static str)>,
+    pub waiting_total: usize,
+    pub running: usize,
+}
+
+/// Waiting work listed in a `View` (the rest is counted).
+pub const WAITING_SHOWN: usize = 100;
 
 /// How other tasks talk to the driver. Cheap to clone.
 #[derive(Clone)]
@@ -224,6 +252,12 @@ impl DriverHandle {
             return ContextOutcome::Failed("shutting down".into());
         }
         rx.await.unwrap_or(ContextOutcome::Failed("shutting down".into()))
+    }
+
+    pub async fn view(&self, offset: usize, limit: usize) -> Option<View> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Event::View { offset, limit, reply }).ok()?;
+        rx.await.ok()
     }
 
     pub async fn snapshot(&self) -> Option<Snapshot> {

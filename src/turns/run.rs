@@ -20,9 +20,10 @@ use crate::batcher::CutReason;
 use crate::clock::{backoff, Clock};
 use crate::config::Config;
 use crate::context::{self, Encoded};
+use crate::feed::Finished;
 use crate::gateway::{self, Gateway};
 use crate::handler::{Handler, TurnAnswer, TurnRequest};
-use crate::message::{mask, Conv};
+use crate::message::{mask, mask_always, Conv};
 use crate::store::{
     Commit, ContextUpdate, DeadInfo, OutboxItem, Part, Store, StoreError, TurnRecord, TurnSummary,
 };
@@ -53,6 +54,7 @@ pub struct Runner {
     clock: Clock,
     stopping: Stopping,
     metrics: Arc<Metrics>,
+    shared: Shared,
 }
 
 impl Runner {
@@ -76,6 +78,7 @@ impl Runner {
             clock: shared.clock.clone(),
             stopping: shared.stopping.clone(),
             metrics: shared.metrics.clone(),
+            shared: shared.clone(),
         }
     }
 
@@ -83,18 +86,21 @@ impl Runner {
     pub async fn run(&self, conv: Conv, work: Work) -> Outcome {
         // Only a batch cut by its timers has a deadline worth measuring from.
         let mut due: Option<Instant> = None;
+        let mut waited = Waited::default();
         let turn = match work {
-            Work::Fresh { seqs, reason, deadline, max_messages } => {
+            Work::Fresh { seqs, reason, deadline, cut_at, max_messages } => {
                 if matches!(reason, CutReason::Quiet | CutReason::MaxWait) {
                     due = Some(Instant::from_std(deadline));
+                    waited.cut_lag = Some(cut_at.saturating_duration_since(deadline));
                 }
+                waited.queue = Some(std::time::Instant::now().saturating_duration_since(cut_at));
                 match self.record(conv.clone(), &seqs, reason).await {
                     Ok(Some(turn)) => turn,
                     Ok(None) => return Outcome::Done,
                     Err(e) => {
                         // Nothing was recorded: the same batch is tried again.
                         warn!(conv = %conv.masked(), error = %e, "could not record a turn; it is retried after a backoff");
-                        let work = Work::Fresh { seqs, reason, deadline, max_messages };
+                        let work = Work::Fresh { seqs, reason, deadline, cut_at, max_messages };
                         return Outcome::Failed { work, error: e.to_string() };
                     }
                 }
@@ -103,7 +109,12 @@ impl Runner {
             Work::Context(job) => return self.apply_context(&conv, job).await,
         };
         let span = info_span!("turn", turn_id = %turn.turn_id, phone = %mask(&turn.conv.phone), company = %turn.conv.company_id);
-        self.drive(turn, due).instrument(span).await
+        let turn_id = turn.turn_id.clone();
+        let outcome = self.drive(turn, due, waited).instrument(span).await;
+        if matches!(outcome, Outcome::Failed { .. } | Outcome::Abandoned) {
+            self.shared.feed.left(&turn_id);
+        }
+        outcome
     }
 
     /// Claims the batch's messages under a new turn id, durably, before any
@@ -139,7 +150,7 @@ impl Runner {
         Outcome::Failed { work: Work::Resume(Box::new(turn)), error: format!("{what}: {e}") }
     }
 
-    async fn drive(&self, mut turn: TurnRecord, due: Option<Instant>) -> Outcome {
+    async fn drive(&self, mut turn: TurnRecord, due: Option<Instant>, waited: Waited) -> Outcome {
         let started = Instant::now();
         let started_at_ms = self.clock.now_ms();
         info!(messages = turn.messages.len(), reason = %turn.cut_reason, attempts_before = turn.attempts, "turn started");
@@ -160,6 +171,13 @@ impl Runner {
             turn.attempts += 1;
             this_run += 1;
             let call = Instant::now();
+            self.shared.feed.attempt(
+                &turn.turn_id,
+                &turn.conv,
+                started_at_ms,
+                turn.attempts,
+                self.handler.kind_name(),
+            );
             if let Some(due) = due.filter(|_| this_run == 1) {
                 self.metrics.deadline_to_handler.observe_duration(call.saturating_duration_since(due));
             }
@@ -179,7 +197,8 @@ impl Runner {
                         "handler answered"
                     );
                     self.typing(&turn.conv, &last_id, false);
-                    return self.commit(turn, answer, started_at_ms, started).await;
+                    let timing = Timing { waited, handler: call.elapsed(), started };
+                    return self.commit(turn, answer, started_at_ms, timing).await;
                 }
                 Err(e) if this_run >= self.max_attempts => {
                     self.typing(&turn.conv, &last_id, false);
@@ -188,6 +207,8 @@ impl Runner {
                     return match self.store.park_dead(&turn).await {
                         Ok(()) => {
                             inc(&self.metrics.turns_dead);
+                            let timing = Timing { waited, handler: call.elapsed(), started };
+                            self.shared.feed.finished(self.finished(&turn, &timing, Duration::ZERO, None));
                             Outcome::Parked
                         }
                         Err(e) => {
@@ -219,8 +240,9 @@ impl Runner {
         turn: TurnRecord,
         answer: TurnAnswer,
         started_at_ms: u64,
-        started: Instant,
+        timing: Timing,
     ) -> Outcome {
+        let started = timing.started;
         let committing = Instant::now();
         let now_ms = self.clock.now_ms();
         let dialogue = answer.context.map(|raw| context::encode_json(raw.get().to_owned()));
@@ -263,6 +285,12 @@ impl Runner {
                 }
                 inc(&self.metrics.turns_committed);
                 self.metrics.commit_latency.observe_duration(committing.elapsed());
+                self.shared.feed.finished(self.finished(
+                    &kept,
+                    &timing,
+                    committing.elapsed(),
+                    answer.reply.clone(),
+                ));
                 self.metrics.turn_duration.observe_duration(started.elapsed());
                 // The reply's text stays out of the log (it can carry what a
                 // client typed); the history and the API have it.
@@ -278,6 +306,32 @@ impl Runner {
                 Outcome::Done
             }
             Err(e) => Self::failed(kept, "the commit", e),
+        }
+    }
+
+    /// What the console keeps of a turn that ended.
+    fn finished(&self, turn: &TurnRecord, t: &Timing, commit: Duration, reply: Option<String>) -> Finished {
+        let ms = |d: Duration| d.as_millis() as u64;
+        Finished {
+            seq: 0,
+            turn_id: turn.turn_id.clone(),
+            company_id: turn.conv.company_id.clone(),
+            phone: turn.conv.phone.clone(),
+            masked: mask_always(&turn.conv.phone),
+            outcome: if turn.dead.is_some() { "dead" } else { "committed" },
+            cut_reason: turn.cut_reason.clone(),
+            messages: turn.messages.len(),
+            attempts: turn.attempts,
+            finished_at_ms: self.clock.now_ms(),
+            cut_lag_ms: t.waited.cut_lag.map(ms),
+            queue_wait_ms: t.waited.queue.map(ms),
+            handler_ms: ms(t.handler),
+            commit_ms: ms(commit),
+            turn_ms: ms(t.started.elapsed()),
+            reply_chars: reply.as_deref().map(|r| r.chars().count()),
+            error: turn.dead.as_ref().map(|d| d.error.clone()),
+            texts: turn.messages.iter().map(|m| m.text.clone()).collect(),
+            reply,
         }
     }
 
@@ -370,6 +424,23 @@ impl Runner {
         let _ = job.reply.send(outcome);
         Outcome::Done
     }
+}
+
+/// How long a fresh batch waited before its turn started.
+#[derive(Default)]
+struct Waited {
+    /// Deadline → cut, for a batch its timers cut.
+    cut_lag: Option<Duration>,
+    /// Cut → turn start.
+    queue: Option<Duration>,
+}
+
+/// A turn's timings, for the console.
+struct Timing {
+    waited: Waited,
+    /// The answering (or last failing) handler call.
+    handler: Duration,
+    started: Instant,
 }
 
 /// `Set` for an encoded part, `otherwise` when there is none.

@@ -28,7 +28,14 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("PUT", "/api/contexts/default/79001234567"),
     ("DELETE", "/api/contexts/default/79001234567"),
     ("POST", "/api/contexts/default/79001234567/invalidate"),
+    ("GET", "/api/events"),
+    ("GET", "/api/console/turns/t000000000001"),
+    ("GET", "/api/batches/default/79001234567"),
 ];
+
+/// Admin pages served without the token: they hold no data, and read it
+/// through the routes above.
+pub const ADMIN_PAGES: &[&str] = &["/ui"];
 
 /// Every webhook route, with a method it answers to.
 pub const WEBHOOK_ROUTES: &[(&str, &str)] = &[
@@ -57,7 +64,13 @@ pub async fn call(
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
-    status_json(request).await
+    let r = request.send().await.unwrap();
+    let status = r.status().as_u16();
+    // An event stream never ends: that it opened is the answer.
+    if r.headers().get("content-type").is_some_and(|v| v == "text/event-stream") {
+        return (status, json!({"stream": "open"}));
+    }
+    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 #[tokio::test(start_paused = true)]
@@ -71,6 +84,13 @@ async fn the_public_listener_serves_webhooks_and_health_only() {
         assert_eq!(call(&d.client, &d.base, method, path, None).await, no_such_endpoint(), "{method} {path}");
         let (status, body) = call(&d.client, &d.admin, method, path, None).await;
         assert_ne!((status, body.clone()), no_such_endpoint(), "{method} {path} on the admin listener");
+    }
+    for path in ADMIN_PAGES {
+        let page = |base: &str| d.client.get(format!("{base}{path}")).send();
+        assert_eq!(page(&d.base).await.unwrap().status(), 404, "{path} on the public listener");
+        let served = page(&d.admin).await.unwrap();
+        assert_eq!(served.status(), 200, "{path} on the admin listener");
+        assert!(served.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
     }
     for (method, path) in WEBHOOK_ROUTES {
         assert_eq!(

@@ -9,6 +9,7 @@ mod batching;
 mod contexts;
 mod disk_full;
 mod chaos;
+mod console;
 mod crash;
 mod exposure;
 mod faults;
