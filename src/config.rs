@@ -111,6 +111,62 @@ pub struct BatchingConfig {
     pub max_messages: usize,
     /// A batch becomes a turn at the latest this long after its first message.
     pub max_wait_ms: u64,
+    /// `fixed`: cut `debounce_ms` after the last message. `adaptive`: cut on
+    /// what presence, the conversation's rhythm and the last message's shape
+    /// say (the `adaptive_*`, `paused_grace_ms` and `typing_ttl_ms` keys).
+    pub policy: CutPolicy,
+    /// Adaptive: the quiet window never goes below this…
+    pub adaptive_min_quiet_ms: u64,
+    /// …nor above this.
+    pub adaptive_max_quiet_ms: u64,
+    /// Adaptive: the gap assumed before a conversation has shown its own.
+    pub adaptive_prior_gap_ms: u64,
+    /// Adaptive: the quiet window is this many hundredths of the mean gap.
+    pub adaptive_gap_factor_pct: u32,
+    /// Adaptive: a complete-looking last message keeps this share (%) of the window.
+    pub adaptive_complete_pct: u32,
+    /// Adaptive: the fewest characters a message needs to look complete.
+    pub adaptive_complete_min_chars: usize,
+    /// Adaptive: never cut sooner than this after the last message.
+    pub adaptive_floor_ms: u64,
+    /// Adaptive: cut this long after the client stopped typing.
+    pub paused_grace_ms: u64,
+    /// Adaptive: a typing indicator not refreshed for this long counts as gone.
+    pub typing_ttl_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CutPolicy {
+    Fixed,
+    Adaptive,
+}
+
+impl BatchingConfig {
+    /// The batcher's rules from these keys.
+    pub fn rules(&self) -> crate::batcher::Rules {
+        use crate::batcher::{Adaptive, Policy};
+        let ms = std::time::Duration::from_millis;
+        crate::batcher::Rules {
+            debounce: ms(self.debounce_ms),
+            max_messages: self.max_messages,
+            max_wait: ms(self.max_wait_ms),
+            policy: match self.policy {
+                CutPolicy::Fixed => Policy::Fixed,
+                CutPolicy::Adaptive => Policy::Adaptive(Adaptive {
+                    min_quiet: ms(self.adaptive_min_quiet_ms),
+                    max_quiet: ms(self.adaptive_max_quiet_ms),
+                    prior_gap: ms(self.adaptive_prior_gap_ms),
+                    gap_factor_pct: self.adaptive_gap_factor_pct,
+                    complete_pct: self.adaptive_complete_pct,
+                    complete_min_chars: self.adaptive_complete_min_chars,
+                    floor: ms(self.adaptive_floor_ms),
+                    paused_grace: ms(self.paused_grace_ms),
+                    typing_ttl: ms(self.typing_ttl_ms),
+                }),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

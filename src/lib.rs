@@ -22,6 +22,7 @@ pub mod metrics; // Prometheus text: counters, histograms, gauges read at scrape
 pub mod heap; // live heap bytes: the global allocator with a counter
 pub mod ops; // systemd: READY, STOPPING, watchdog pings
 pub mod backup; // backup files: write, verify, offline backup and restore
+pub mod replay; // `turnstile replay`: traces through the batcher on simulated time; synthetic traces
 pub mod server; // wiring: open the store, serve, recover, shut down in order
 
 pub use config::Config;

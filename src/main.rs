@@ -59,6 +59,31 @@ enum Command {
         #[arg(long)]
         data: PathBuf,
     },
+    /// Replay a trace (JSON lines; .gz inflated) through the batcher and a
+    /// cut policy on simulated time; prints the waits and split requests as JSON.
+    Replay {
+        trace: PathBuf,
+        /// The policy to replay (default: the config's `batching.policy`).
+        #[arg(long, value_enum)]
+        policy: Option<PolicyArg>,
+        /// A config file whose `[batching]` keys set the rules.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Write a synthetic trace for `replay` (see the distributions' flags).
+    GenTrace {
+        /// Where to write it (`.gz` deflates); standard output without it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        params: turnstile::replay::generate::Params,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PolicyArg {
+    Fixed,
+    Adaptive,
 }
 
 fn main() -> ExitCode {
@@ -88,6 +113,8 @@ fn main() -> ExitCode {
             }
             Err(e) => report(Err(e), ""),
         },
+        Command::Replay { trace, policy, config } => replay(&trace, policy, config),
+        Command::GenTrace { out, params } => gen_trace(out, &params),
         Command::Compact { data } => {
             let runtime =
                 tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
@@ -104,6 +131,66 @@ fn main() -> ExitCode {
                 }
                 Err(e) => report(Err(e), ""),
             }
+        }
+    }
+}
+
+fn replay(trace: &std::path::Path, policy: Option<PolicyArg>, config: Option<PathBuf>) -> ExitCode {
+    // Only the file's keys count here: the replay is about the file, not the host.
+    let mut config = match Config::load(config.as_deref(), std::iter::empty()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("turnstile: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match policy {
+        Some(PolicyArg::Fixed) => config.batching.policy = turnstile::config::CutPolicy::Fixed,
+        Some(PolicyArg::Adaptive) => config.batching.policy = turnstile::config::CutPolicy::Adaptive,
+        None => {}
+    }
+    match turnstile::replay::read(trace) {
+        Ok(events) => {
+            let report = turnstile::replay::run(&events, config.batching.rules());
+            println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("turnstile: {}: {e}", trace.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn gen_trace(out: Option<PathBuf>, params: &turnstile::replay::generate::Params) -> ExitCode {
+    use std::io::Write;
+    let events = turnstile::replay::generate::generate(params);
+    let mut text = String::new();
+    for e in &events {
+        text.push_str(&serde_json::to_string(e).expect("JSON"));
+        text.push('\n');
+    }
+    let written = match &out {
+        None => std::io::stdout().write_all(text.as_bytes()),
+        Some(path) if path.extension().is_some_and(|e| e == "gz") => {
+            std::fs::File::create(path).and_then(|f| {
+                let mut gz = flate2::write::GzEncoder::new(f, flate2::Compression::best());
+                gz.write_all(text.as_bytes())?;
+                gz.finish().map(drop)
+            })
+        }
+        Some(path) => std::fs::write(path, text),
+    };
+    match written {
+        Ok(()) => {
+            if let Some(path) = out {
+                eprintln!("{} events written to {}", events.len(), path.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("turnstile: writing the trace: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -118,6 +118,39 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// What a gateway says a client is doing in a chat. Never a message: it
+/// is not stored, and it only moves a pending batch's cut (adaptive policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// Typing or recording a voice note.
+    Typing,
+    /// Stopped: paused, or online / offline / available after typing.
+    Paused,
+}
+
+/// What the cut policy reads of a message's text: its length and its last
+/// character, closing quotes and brackets aside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Shape {
+    pub chars: usize,
+    pub last: Option<char>,
+}
+
+impl Shape {
+    pub fn of(text: &str) -> Shape {
+        let trimmed =
+            text.trim_end_matches(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | ')' | '»' | '”'));
+        Shape { chars: trimmed.chars().count(), last: trimmed.chars().last() }
+    }
+
+    /// Reads as a finished request: long enough, and ending in sentence
+    /// punctuation (Latin, Cyrillic, Greek, Arabic, CJK, Devanagari alike).
+    pub fn complete(&self, min_chars: usize) -> bool {
+        self.chars >= min_chars
+            && matches!(self.last, Some('.' | '?' | '!' | '…' | '؟' | '。' | '？' | '！' | '।' | ';'))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,5 +167,22 @@ mod tests {
     fn phones_are_masked_in_the_middle() {
         assert_eq!(super::mask("79001234567"), "7900*****67");
         assert_eq!(super::mask("123456"), "******");
+    }
+
+    #[test]
+    fn a_complete_looking_message_in_any_script() {
+        for text in [
+            "Можно записаться на завтра?",
+            "Can I book a haircut tomorrow.",
+            "¿Hay hueco mañana para mí?",
+            "明天下午可以预约剪发吗？",
+            "هل يمكنني الحجز غدا؟ ",
+            "Запишите меня, пожалуйста!)",
+        ] {
+            assert!(Shape::of(text).complete(12), "{text}");
+        }
+        for text in ["Привет!", "можно", "записаться на стрижку", "", "ok?"] {
+            assert!(!Shape::of(text).complete(12), "{text}");
+        }
     }
 }

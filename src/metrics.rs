@@ -64,6 +64,8 @@ const SIZE: &[f64] = &[1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 20.0, 50.0];
 /// What the pipeline counts as it goes.
 pub struct Metrics {
     webhooks: Mutex<BTreeMap<(String, u16), u64>>,
+    /// Cut batches by the signal that decided the cut (`CutReason::ALL` order).
+    pub cuts: [AtomicU64; 8],
     pub batch_size: Histogram,
     pub idle_at_cut: Histogram,
     pub debounce_lag: Histogram,
@@ -88,6 +90,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             webhooks: Mutex::default(),
+            cuts: Default::default(),
             batch_size: Histogram::new(SIZE),
             idle_at_cut: Histogram::new(IDLE),
             debounce_lag: Histogram::new(LAG),
@@ -213,6 +216,13 @@ impl Metrics {
             "Reply pieces parked by the reply cap, never sent (GET /api/outbox).",
             g.outbox_rate_limited as f64,
         );
+        let _ = writeln!(
+            out,
+            "# HELP turnstile_cuts_total Batches cut, by the signal that decided the cut.\n# TYPE turnstile_cuts_total counter"
+        );
+        for (reason, n) in crate::batcher::CutReason::ALL.iter().zip(&self.cuts) {
+            let _ = writeln!(out, "turnstile_cuts_total{{reason=\"{}\"}} {}", reason.as_str(), load(n));
+        }
         self.batch_size.render(&mut out, "turnstile_batch_size", "Messages per cut batch.");
         self.idle_at_cut.render(
             &mut out,

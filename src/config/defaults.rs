@@ -172,6 +172,16 @@ impl Default for BatchingConfig {
             debounce_ms: default_debounce_ms(),
             max_messages: default_max_messages(),
             max_wait_ms: default_max_wait_ms(),
+            policy: CutPolicy::Fixed,
+            adaptive_min_quiet_ms: 2_000,
+            adaptive_max_quiet_ms: 20_000,
+            adaptive_prior_gap_ms: 3_000,
+            adaptive_gap_factor_pct: 300,
+            adaptive_complete_pct: 50,
+            adaptive_complete_min_chars: 15,
+            adaptive_floor_ms: 1_000,
+            paused_grace_ms: 2_500,
+            typing_ttl_ms: 12_000,
         }
     }
 }

@@ -49,6 +49,28 @@ impl Config {
         if self.batching.max_messages == 0 {
             return bad("batching.max_messages", "must be at least 1");
         }
+        let b = &self.batching;
+        if b.adaptive_min_quiet_ms == 0 || b.adaptive_min_quiet_ms > b.adaptive_max_quiet_ms {
+            return bad(
+                "batching.adaptive_min_quiet_ms",
+                "must be at least 1 and at most adaptive_max_quiet_ms",
+            );
+        }
+        if b.adaptive_floor_ms > b.adaptive_min_quiet_ms {
+            return bad("batching.adaptive_floor_ms", "must be at most adaptive_min_quiet_ms");
+        }
+        if b.adaptive_gap_factor_pct < 100 {
+            return bad(
+                "batching.adaptive_gap_factor_pct",
+                "must be at least 100 (a window shorter than the gap splits every burst)",
+            );
+        }
+        if b.adaptive_complete_pct == 0 || b.adaptive_complete_pct > 100 {
+            return bad("batching.adaptive_complete_pct", "must be from 1 to 100");
+        }
+        if b.typing_ttl_ms == 0 {
+            return bad("batching.typing_ttl_ms", "must be at least 1");
+        }
         if self.batching.max_wait_ms == 0 {
             return bad("batching.max_wait_ms", "must be at least 1");
         }

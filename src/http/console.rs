@@ -288,10 +288,16 @@ fn turn_json(t: &Finished) -> Value {
 }
 
 fn rule_name(rule: crate::batcher::CutReason) -> &'static str {
+    use crate::batcher::CutReason::*;
     match rule {
-        crate::batcher::CutReason::MaxWait => "max wait",
-        crate::batcher::CutReason::Full => "max messages",
-        _ => "quiet window",
+        Quiet => "quiet window",
+        MaxWait => "max wait",
+        Full => "max messages",
+        Immediate => "immediate",
+        Rhythm => "learned rhythm",
+        Complete => "looks complete",
+        Paused => "stopped typing",
+        TypingStale => "typing went quiet",
     }
 }
 

@@ -21,7 +21,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::{accepting, bearer, read_json_body, ApiError, AppState};
-use crate::ingest::{self, signature, Accepted};
+use crate::ingest::{self, signature, Accepted, Inbound};
 use crate::message::unix_ms;
 
 pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
@@ -152,9 +152,14 @@ async fn waha_webhook(
             return Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong X-Webhook-Hmac"));
         }
     }
-    match ingest::waha::parse(&body, &s.waha.sessions, &s.default_company_id, unix_ms())? {
-        Some(message) => Ok(accepted_json(s.ingest.accept(message, false).await?)),
-        None => Ok(Json(json!({ "status": "ignored" }))),
+    match ingest::waha::parse_event(&body, &s.waha.sessions, &s.default_company_id, unix_ms())? {
+        Inbound::Message(message) => Ok(accepted_json(s.ingest.accept(message, false).await?)),
+        Inbound::Presence { conv, presence } => {
+            // Not stored, not synced: a lost presence only costs a little latency.
+            s.driver.presence(conv, presence);
+            Ok(Json(json!({ "status": "presence" })))
+        }
+        Inbound::Ignored => Ok(Json(json!({ "status": "ignored" }))),
     }
 }
 

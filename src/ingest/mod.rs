@@ -18,6 +18,19 @@ use serde_json::Value;
 use crate::message::{unix_ms, Conv, NewMessage};
 use crate::store::{Inserted, Store, StoreError};
 
+/// What one gateway event carries.
+#[derive(Debug, PartialEq)]
+pub enum Inbound {
+    Message(crate::message::NewMessage),
+    /// A client's presence in a chat: handed to the driver, never stored.
+    Presence {
+        conv: crate::message::Conv,
+        presence: crate::message::Presence,
+    },
+    /// Nothing for us (acks, our own messages, groups, other events).
+    Ignored,
+}
+
 /// Longest accepted message id; WhatsApp's are well under 100 bytes.
 const MAX_ID_BYTES: usize = 256;
 

@@ -4,13 +4,63 @@
 //! An event is `{"event", "session", "payload"}`; only `message` events from
 //! a client's own chat become messages. Our own outgoing messages (`fromMe`),
 //! groups and status broadcasts are acknowledged and ignored.
+//! `presence.update` (`payload.presences[].lastKnownPresence`: typing,
+//! recording, paused, online, offline) becomes a presence event for the
+//! chat's conversation, never a message.
 
 use std::collections::HashMap;
 
 use serde_json::Value;
 
-use super::{normalize_phone, IngestError};
-use crate::message::{Conv, NewMessage};
+use super::{normalize_phone, Inbound, IngestError};
+use crate::message::{Conv, NewMessage, Presence};
+
+/// What an event carries: a client message, a client's presence, or nothing for us.
+pub fn parse_event(
+    body: &[u8],
+    sessions: &HashMap<String, String>,
+    default_company_id: &str,
+    received_at_ms: u64,
+) -> Result<Inbound, IngestError> {
+    let root: Value = serde_json::from_slice(body).map_err(|e| IngestError::Malformed(e.to_string()))?;
+    let invalid = |m: &str| IngestError::Invalid(m.to_owned());
+    let event = root["event"].as_str().ok_or_else(|| invalid("`event` must be a string"))?;
+    let company = || {
+        root["session"]
+            .as_str()
+            .and_then(|s| sessions.get(s))
+            .map(String::as_str)
+            .unwrap_or(default_company_id)
+    };
+    match event {
+        "message" => Ok(match parse(body, sessions, default_company_id, received_at_ms)? {
+            Some(m) => Inbound::Message(m),
+            None => Inbound::Ignored,
+        }),
+        "presence.update" => {
+            let p = &root["payload"];
+            let chat = p["id"].as_str().ok_or_else(|| invalid("`payload.id` is required"))?;
+            if !(chat.ends_with("@c.us") || chat.ends_with("@s.whatsapp.net")) {
+                return Ok(Inbound::Ignored);
+            }
+            let phone =
+                normalize_phone(chat).map_err(|e| IngestError::Invalid(format!("`payload.id`: {e}")))?;
+            let presences =
+                p["presences"].as_array().ok_or_else(|| invalid("`payload.presences` must be an array"))?;
+            // The chat's own participant; the last one listed if several.
+            let Some(state) = presences.iter().rev().find_map(|x| x["lastKnownPresence"].as_str()) else {
+                return Ok(Inbound::Ignored);
+            };
+            let presence = match state {
+                "typing" | "recording" => Presence::Typing,
+                "paused" | "online" | "offline" => Presence::Paused,
+                other => return Err(IngestError::Invalid(format!("unknown lastKnownPresence {other:?}"))),
+            };
+            Ok(Inbound::Presence { conv: Conv { phone, company_id: company().to_owned() }, presence })
+        }
+        _ => Ok(Inbound::Ignored),
+    }
+}
 
 /// The message an event carries, or `None` for events that are not client messages.
 pub fn parse(
@@ -97,6 +147,37 @@ mod tests {
         let ack =
             serde_json::to_vec(&serde_json::json!({"event": "message.ack", "payload": {"id": "m"}})).unwrap();
         assert_eq!(parse(&ack, &sessions, "d", 1).unwrap(), None);
+    }
+
+    #[test]
+    fn presence_updates_become_presence_never_messages() {
+        let sessions = HashMap::from([("salon".to_owned(), "962302".to_owned())]);
+        let update = |state: &str| {
+            serde_json::to_vec(&serde_json::json!({"event": "presence.update", "session": "salon", "payload": {
+                "id": "79001234567@c.us",
+                "presences": [{"participant": "79001234567@c.us", "lastKnownPresence": state, "lastSeen": null}]}}))
+            .unwrap()
+        };
+        let conv = Conv { phone: "79001234567".into(), company_id: "962302".into() };
+        for (state, presence) in [
+            ("typing", Presence::Typing),
+            ("recording", Presence::Typing),
+            ("paused", Presence::Paused),
+            ("online", Presence::Paused),
+            ("offline", Presence::Paused),
+        ] {
+            assert_eq!(
+                parse_event(&update(state), &sessions, "d", 1).unwrap(),
+                Inbound::Presence { conv: conv.clone(), presence },
+                "{state}"
+            );
+            assert_eq!(parse(&update(state), &sessions, "d", 1).unwrap(), None, "not a message");
+        }
+        assert!(matches!(parse_event(&update("dancing"), &sessions, "d", 1), Err(IngestError::Invalid(_))));
+        let group = serde_json::to_vec(&serde_json::json!({"event": "presence.update", "payload": {
+            "id": "120363025246125486@g.us", "presences": [{"lastKnownPresence": "typing"}]}}))
+        .unwrap();
+        assert_eq!(parse_event(&group, &sessions, "d", 1).unwrap(), Inbound::Ignored);
     }
 
     #[test]

@@ -96,6 +96,8 @@ pub struct Announce {
     pub seq: u64,
     /// Passed through from `accept`.
     pub immediate: bool,
+    /// Its text's shape, for the cut policy.
+    pub shape: crate::message::Shape,
 }
 
 /// Where announcements go, a group at a time; returns false once nobody listens.

@@ -416,9 +416,12 @@ impl Writer {
             .iter()
             .flat_map(|(_, out, immediate)| {
                 out.iter().filter_map(move |i| match i {
-                    Inserted::New(m) => {
-                        Some(Announce { conv: m.conv.clone(), seq: m.seq, immediate: *immediate })
-                    }
+                    Inserted::New(m) => Some(Announce {
+                        conv: m.conv.clone(),
+                        seq: m.seq,
+                        immediate: *immediate,
+                        shape: crate::message::Shape::of(&m.text),
+                    }),
                     Inserted::Duplicate => None,
                 })
             })

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::batcher::{Batcher, Cut, CutReason, Rules};
+use crate::batcher::{Batcher, Cut, Policy};
 use crate::config::Config;
 use crate::message::{unix_ms, Conv};
 use crate::metrics::Metrics;
@@ -59,11 +59,7 @@ impl Driver {
         shared: &Shared,
     ) -> Driver {
         let DriverInbox { rx, tx } = inbox;
-        let rules = Rules {
-            debounce: Duration::from_millis(config.batching.debounce_ms),
-            max_messages: config.batching.max_messages,
-            max_wait: Duration::from_millis(config.batching.max_wait_ms),
-        };
+        let rules = config.batching.rules();
         let mut driver = Driver {
             batcher: Batcher::new(rules),
             gate: Gate::new(config.turns.max_concurrent),
@@ -86,7 +82,8 @@ impl Driver {
         for m in recovery.inbox {
             let age = Duration::from_millis(now_ms.saturating_sub(m.received_at_ms));
             let at = now.checked_sub(age).unwrap_or(now);
-            if let Some(cut) = driver.batcher.push(m.conv, m.seq, at) {
+            let complete = driver.complete(&crate::message::Shape::of(&m.text));
+            if let Some(cut) = driver.batcher.push_message(m.conv, m.seq, at, complete) {
                 driver.offer(cut);
             }
         }
@@ -133,8 +130,9 @@ impl Driver {
         match event {
             Event::Ingested(stored) => {
                 let now = now();
-                for Announce { conv, seq, immediate } in stored {
-                    if let Some(cut) = self.batcher.push(conv.clone(), seq, now) {
+                for Announce { conv, seq, immediate, shape } in stored {
+                    let complete = self.complete(&shape);
+                    if let Some(cut) = self.batcher.push_message(conv.clone(), seq, now, complete) {
                         self.offer(cut);
                     } else if immediate {
                         if let Some(cut) = self.batcher.cut_now(&conv) {
@@ -165,6 +163,7 @@ impl Driver {
                 let _ = reply.send(self.view(offset, limit));
             }
             Event::Context { conv, job } => self.gate.offer(conv, Work::Context(job)),
+            Event::Presence { conv, presence } => self.batcher.presence(&conv, presence, now()),
         }
     }
 
@@ -187,9 +186,12 @@ impl Driver {
         let now = now();
         let lag = now.saturating_duration_since(cut.deadline);
         self.metrics.batch_size.observe(cut.seqs.len() as f64);
+        if let Some(i) = crate::batcher::CutReason::ALL.iter().position(|r| *r == cut.reason) {
+            crate::metrics::inc(&self.metrics.cuts[i]);
+        }
         self.metrics.idle_at_cut.observe_duration(now.saturating_duration_since(cut.last_at));
         // Only a deadline that timers kept has a lag; a full batch is cut on arrival.
-        if matches!(cut.reason, CutReason::Quiet | CutReason::MaxWait) {
+        if cut.reason.timed() {
             self.metrics.debounce_lag.observe_duration(lag);
         }
         debug!(conv = %cut.key.masked(), messages = cut.seqs.len(), reason = cut.reason.as_str(), lag_ms = lag.as_millis() as u64, "batch cut");
@@ -201,6 +203,14 @@ impl Driver {
             max_messages: self.max_messages,
         };
         self.gate.offer(cut.key, work);
+    }
+
+    /// Whether the adaptive policy takes a message of this shape as complete.
+    fn complete(&self, shape: &crate::message::Shape) -> bool {
+        match self.batcher.rules().policy {
+            Policy::Adaptive(a) => shape.complete(a.complete_min_chars),
+            Policy::Fixed => false,
+        }
     }
 
     fn start_ready(&mut self) {

@@ -176,6 +176,11 @@ pub(crate) enum Event {
         limit: usize,
         reply: oneshot::Sender<View>,
     },
+    /// A client's presence, from a gateway.
+    Presence {
+        conv: Conv,
+        presence: crate::message::Presence,
+    },
     /// A context write from the API.
     Context {
         conv: Conv,
@@ -252,6 +257,11 @@ impl DriverHandle {
             return ContextOutcome::Failed("shutting down".into());
         }
         rx.await.unwrap_or(ContextOutcome::Failed("shutting down".into()))
+    }
+
+    /// A client's presence: moves its pending batch's cut (adaptive policy only).
+    pub fn presence(&self, conv: Conv, presence: crate::message::Presence) {
+        let _ = self.tx.send(Event::Presence { conv, presence });
     }
 
     pub async fn view(&self, offset: usize, limit: usize) -> Option<View> {

@@ -89,7 +89,7 @@ impl Runner {
         let mut waited = Waited::default();
         let turn = match work {
             Work::Fresh { seqs, reason, deadline, cut_at, max_messages } => {
-                if matches!(reason, CutReason::Quiet | CutReason::MaxWait) {
+                if reason.timed() {
                     due = Some(Instant::from_std(deadline));
                     waited.cut_lag = Some(cut_at.saturating_duration_since(deadline));
                 }

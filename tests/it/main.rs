@@ -11,6 +11,7 @@ mod disk_full;
 mod chaos;
 mod console;
 mod crash;
+mod cutting;
 mod exposure;
 mod faults;
 mod gateways;
