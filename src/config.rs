@@ -46,6 +46,7 @@ pub struct Config {
     pub context: ContextConfig,
     pub meta: MetaConfig,
     pub waha: WahaConfig,
+    pub evolution: EvolutionConfig,
     pub gateway: GatewayConfig,
     pub openai: OpenAiConfig,
     pub log: LogConfig,
@@ -183,6 +184,18 @@ pub struct TurnsConfig {
     pub history_days: u64,
     /// Dead turns (and their messages) older than this are removed.
     pub dead_retention_days: u64,
+    /// A message that comes while its conversation's turn runs: `queue` it
+    /// for the next turn, or `restart` the turn (its handler call abandoned
+    /// and its answer discarded) with every message, if the handler has not
+    /// answered yet.
+    pub on_new_message: OnNewMessage,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNewMessage {
+    Queue,
+    Restart,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +250,28 @@ impl WahaConfig {
     }
 }
 
+/// The Evolution API webhook: served when any key here is set (`enabled`);
+/// `/webhook/evolution` answers 404 otherwise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvolutionConfig {
+    /// The instance's API key: every event must carry it (Evolution puts it
+    /// in the body's `apikey`; an `apikey` header counts too).
+    pub api_key: String,
+    /// Evolution instance name -> company_id (unlisted instances: ingest.default_company_id).
+    pub instances: HashMap<String, String>,
+    /// Take events without a key even with a real gateway or handler
+    /// (warned about at every start).
+    pub allow_unauthenticated: bool,
+}
+
+impl EvolutionConfig {
+    /// Whether `/webhook/evolution` is served: the section is configured.
+    pub fn enabled(&self) -> bool {
+        *self != EvolutionConfig::default()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GatewayKind {
@@ -244,21 +279,23 @@ pub enum GatewayKind {
     Http,
     Waha,
     Meta,
+    Evolution,
 }
 
 /// Where replies go.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
-    /// `log` (keep replies in the history only), `http`, `waha` or `meta`.
+    /// `log` (keep replies in the history only), `http`, `waha`, `meta` or `evolution`.
     pub kind: GatewayKind,
-    /// http: the endpoint; waha: the WAHA base URL; meta: the Graph API base with version.
+    /// http: the endpoint; waha, evolution: the base URL; meta: the Graph API base with version.
     pub url: String,
-    /// waha: sent as X-Api-Key when set.
+    /// waha: sent as X-Api-Key when set; evolution: sent as `apikey`.
     pub api_key: String,
     /// meta: the Bearer access token.
     pub access_token: String,
-    /// waha: session for companies not listed in [waha] sessions.
+    /// waha: session for companies not listed in [waha] sessions; evolution:
+    /// the instance for companies not listed in [evolution] instances.
     pub session: String,
     /// meta: phone_number_id for companies not listed in [meta] companies.
     pub phone_number_id: String,

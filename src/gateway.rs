@@ -6,6 +6,7 @@
 //! - `http`: POST `{phone, text, turn_id, part, parts}` to a URL
 //! - `waha`: POST `{url}/api/sendText` with `{session, chatId, text}`
 //! - `meta`: POST `{url}/{phone_number_id}/messages`, Bearer token, type text
+//! - `evolution`: POST `{url}/message/sendText/{instance}` with `{number, text}`, `apikey` header
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -46,8 +47,9 @@ pub struct Gateway {
     access_token: String,
     timeout: Duration,
     typing: bool,
-    /// company_id -> WAHA session / Meta phone_number_id (the inbound maps, reversed).
+    /// company_id -> WAHA session / Meta phone_number_id / Evolution instance (the inbound maps, reversed).
     sessions: HashMap<String, String>,
+    instances: HashMap<String, String>,
     numbers: HashMap<String, String>,
     default_session: String,
     default_number: String,
@@ -65,6 +67,7 @@ impl Gateway {
             timeout: Duration::from_millis(c.gateway.timeout_ms),
             typing: c.gateway.typing,
             sessions: reverse(&c.waha.sessions),
+            instances: reverse(&c.evolution.instances),
             numbers: reverse(&c.meta.companies),
             default_session: c.gateway.session.clone(),
             default_number: c.gateway.phone_number_id.clone(),
@@ -96,6 +99,13 @@ impl Gateway {
                 "chatId": format!("{}@c.us", d.conv.phone),
                 "text": d.text,
             })),
+            GatewayKind::Evolution => {
+                let instance = self.instances.get(&d.conv.company_id).unwrap_or(&self.default_session);
+                self.client
+                    .post(format!("{}/message/sendText/{instance}", self.url))
+                    .header("apikey", &self.api_key)
+                    .json(&json!({ "number": d.conv.phone, "text": d.text }))
+            }
             GatewayKind::Meta => self.meta(&d.conv.company_id)?.json(&json!({
                 "messaging_product": "whatsapp",
                 "recipient_type": "individual",

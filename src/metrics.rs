@@ -66,6 +66,8 @@ pub struct Metrics {
     webhooks: Mutex<BTreeMap<(String, u16), u64>>,
     /// Cut batches by the signal that decided the cut (`CutReason::ALL` order).
     pub cuts: [AtomicU64; 8],
+    /// Turns abandoned for a re-run with later messages (`turns.on_new_message`).
+    pub turn_restarts: AtomicU64,
     pub batch_size: Histogram,
     pub idle_at_cut: Histogram,
     pub debounce_lag: Histogram,
@@ -91,6 +93,7 @@ impl Default for Metrics {
         Metrics {
             webhooks: Mutex::default(),
             cuts: Default::default(),
+            turn_restarts: AtomicU64::new(0),
             batch_size: Histogram::new(SIZE),
             idle_at_cut: Histogram::new(IDLE),
             debounce_lag: Histogram::new(LAG),
@@ -388,6 +391,12 @@ impl Metrics {
             "turnstile_store_ok",
             "1 while the store takes writes; 0 while message-log writes fail, or once it failed (the daemon then exits for a restart).",
             g.store_ok as u8 as f64,
+        );
+        counter(
+            &mut out,
+            "turnstile_turn_restarts_total",
+            "Turns abandoned before their handler answered, re-run with the messages that came meanwhile.",
+            load(&self.turn_restarts),
         );
         counter(
             &mut out,

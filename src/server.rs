@@ -223,6 +223,7 @@ pub async fn run_on(
         generic_webhooks: config.ingest.generic_webhooks,
         meta: config.meta.clone(),
         waha: config.waha.clone(),
+        evolution: config.evolution.clone(),
         max_body_bytes: config.ingest.max_body_bytes,
         context_max_bytes: config.context.max_bytes,
         default_company_id: config.ingest.default_company_id.clone(),

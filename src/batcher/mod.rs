@@ -272,6 +272,20 @@ impl<K: Clone + Eq + Hash + Ord> Batcher<K> {
         track.last_cut = None;
     }
 
+    /// Adds the messages of a restarted turn to the conversation's pending
+    /// batch, leaving its timing as it is; false if it has none (or they
+    /// would overfill it).
+    pub fn put_back(&mut self, key: &K, seqs: &[u64]) -> bool {
+        let max = self.rules.max_messages;
+        match self.pending.get_mut(key) {
+            Some(p) if p.seqs.len() + seqs.len() <= max => {
+                p.seqs.extend_from_slice(seqs);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Cuts a conversation's batch now, whatever its deadline.
     pub fn cut_now(&mut self, key: &K) -> Option<Cut<K>> {
         self.take(key, CutReason::Immediate)

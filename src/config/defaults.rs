@@ -193,6 +193,7 @@ impl Default for TurnsConfig {
             shutdown_grace_ms: default_shutdown_grace_ms(),
             history_days: default_retention_days(),
             dead_retention_days: default_retention_days(),
+            on_new_message: OnNewMessage::Queue,
         }
     }
 }

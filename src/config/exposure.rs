@@ -81,6 +81,7 @@ impl Config {
             (GatewayKind::Http, _) => Some("gateway.kind = \"http\""),
             (GatewayKind::Waha, _) => Some("gateway.kind = \"waha\""),
             (GatewayKind::Meta, _) => Some("gateway.kind = \"meta\""),
+            (GatewayKind::Evolution, _) => Some("gateway.kind = \"evolution\""),
             (GatewayKind::Log, HandlerKind::Http) => Some("handler.kind = \"http\""),
             (GatewayKind::Log, HandlerKind::OpenAi) => Some("handler.kind = \"openai\""),
             (GatewayKind::Log, HandlerKind::Echo) => None,
@@ -116,6 +117,14 @@ impl Config {
                 allowed: self.waha.allow_unauthenticated,
             });
         }
+        if self.evolution.enabled() && self.evolution.api_key.is_empty() {
+            open.push(Unauthenticated {
+                path: "/webhook/evolution",
+                key: "evolution.api_key",
+                instead: "evolution.allow_unauthenticated = true",
+                allowed: self.evolution.allow_unauthenticated,
+            });
+        }
         open
     }
 }
@@ -125,7 +134,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::config::{MetaConfig, WahaConfig};
+    use crate::config::{EvolutionConfig, MetaConfig, WahaConfig};
 
     /// A configuration whose replies leave the machine, and (given) a secret for each webhook.
     fn real(secrets: bool) -> Config {
@@ -136,6 +145,7 @@ mod tests {
             c.ingest.webhook_token = "a-webhook-token-of-16+".into();
             c.meta.app_secret = "meta-app-secret".into();
             c.waha.hmac_key = "waha-hmac-key".into();
+            c.evolution.api_key = "evolution-api-key".into();
         }
         c
     }
@@ -147,7 +157,7 @@ mod tests {
 
         // The generic webhooks, with each thing that can leave the machine.
         let mut gateways = Vec::new();
-        for kind in [GatewayKind::Http, GatewayKind::Waha, GatewayKind::Meta] {
+        for kind in [GatewayKind::Http, GatewayKind::Waha, GatewayKind::Meta, GatewayKind::Evolution] {
             let mut c = real(false);
             c.gateway.kind = kind;
             c.gateway.access_token = "EAAG".into();
@@ -178,6 +188,12 @@ mod tests {
         c.waha =
             WahaConfig { sessions: HashMap::from([("lotos".into(), "962302".into())]), ..Default::default() };
         assert!(refused(&c).contains("waha.hmac_key"), "{}", refused(&c));
+        let mut c = real(true);
+        c.evolution = EvolutionConfig {
+            instances: HashMap::from([("lotos".into(), "962302".into())]),
+            ..Default::default()
+        };
+        assert!(refused(&c).contains("evolution.api_key"), "{}", refused(&c));
 
         // A short token is refused whatever the rest.
         let mut c = Config::default();
@@ -203,12 +219,14 @@ mod tests {
         assert!(c.validate().is_ok());
         c.meta.allow_unauthenticated = true;
         c.waha.allow_unauthenticated = true;
+        c.evolution.allow_unauthenticated = true;
         assert!(c.validate().is_ok(), "allow_unauthenticated alone enables the section, allowed");
         assert!(c.unauthenticated_webhooks().iter().all(|w| w.allowed));
-        assert_eq!(c.unauthenticated_webhooks().len(), 2);
+        assert_eq!(c.unauthenticated_webhooks().len(), 3);
 
         // Unconfigured sections are not served, so need nothing.
         assert!(!Config::default().meta.enabled() && !Config::default().waha.enabled());
+        assert!(!Config::default().evolution.enabled());
         assert!(real(true).unauthenticated_webhooks().is_empty());
     }
 

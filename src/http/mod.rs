@@ -69,6 +69,8 @@ pub struct AppState {
     pub meta: MetaConfig,
     /// Served only when `enabled()`; `hmac_key` empty means unsigned events pass.
     pub waha: WahaConfig,
+    /// Served only when `enabled()`; `api_key` empty means events without a key pass.
+    pub evolution: crate::config::EvolutionConfig,
     pub max_body_bytes: usize,
     pub context_max_bytes: usize,
     pub default_company_id: String,

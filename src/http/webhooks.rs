@@ -37,6 +37,9 @@ pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
     if state.waha.enabled() {
         routes = routes.route("/webhook/waha", post(waha_webhook));
     }
+    if state.evolution.enabled() {
+        routes = routes.route("/webhook/evolution", post(evolution_webhook));
+    }
     // axum refuses a route layer over no routes.
     if !routes.has_routes() {
         return routes;
@@ -152,7 +155,38 @@ async fn waha_webhook(
             return Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong X-Webhook-Hmac"));
         }
     }
-    match ingest::waha::parse_event(&body, &s.waha.sessions, &s.default_company_id, unix_ms())? {
+    let inbound = ingest::waha::parse_event(&body, &s.waha.sessions, &s.default_company_id, unix_ms())?;
+    take(&s, inbound).await
+}
+
+/// One Evolution API event; its `apikey` is checked before anything else is read.
+async fn evolution_webhook(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let body = webhook_body(&s, &headers, body).await?;
+    let root = serde_json::from_slice::<Value>(&body);
+    if !s.evolution.api_key.is_empty() {
+        let header = headers.get("apikey").and_then(|v| v.to_str().ok());
+        let given = match &root {
+            Ok(v) => ingest::evolution::api_key(v, header),
+            Err(_) => header,
+        };
+        if !given.is_some_and(|k| signature::same(k.as_bytes(), s.evolution.api_key.as_bytes())) {
+            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong apikey"));
+        }
+    }
+    let root = root.map_err(|e| ingest::IngestError::Malformed(e.to_string()))?;
+    let inbound =
+        ingest::evolution::parse_event(&root, &s.evolution.instances, &s.default_company_id, unix_ms())?;
+    take(&s, inbound).await
+}
+
+/// A gateway event's answer: a message stored (or a duplicate), a presence
+/// handed to the driver, or nothing for us.
+async fn take(s: &AppState, inbound: Inbound) -> Result<Json<Value>, ApiError> {
+    match inbound {
         Inbound::Message(message) => Ok(accepted_json(s.ingest.accept(message, false).await?)),
         Inbound::Presence { conv, presence } => {
             // Not stored, not synced: a lost presence only costs a little latency.

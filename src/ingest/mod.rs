@@ -9,6 +9,7 @@
 //! about each new message before answering, so no message is ever stored
 //! without becoming a turn — even if this request's task is dropped.
 
+pub mod evolution;
 pub mod meta;
 pub mod signature;
 pub mod waha;

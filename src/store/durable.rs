@@ -266,7 +266,7 @@ pub(crate) fn sync_new_entries(
 
 /// Retired records are counted down; a segment with nothing live left, other
 /// than the one being written, is deleted.
-fn count_down(shared: &Shared, log_dir: &Path, segs: &[u64]) {
+pub(super) fn count_down(shared: &Shared, log_dir: &Path, segs: &[u64]) {
     if segs.is_empty() {
         return;
     }

@@ -546,15 +546,29 @@ impl Store {
 
     /// Records a turn before its handler is called; durable when it returns.
     pub async fn claim(&self, turn: &TurnRecord) -> Result<(), StoreError> {
+        self.claim_superseding(turn, Vec::new()).await
+    }
+
+    /// `claim`, for a turn restarted with more messages: the claims of the
+    /// turns it replaces (`supersedes`, abandoned before their handler
+    /// answered) leave memory once this one is on disk, so their log
+    /// records stop holding segments. (After a crash before the new turn
+    /// commits, the log's older claim wins the overlap: the old turn re-runs
+    /// and the later messages make a turn of their own.)
+    pub async fn claim_superseding(
+        &self,
+        turn: &TurnRecord,
+        supersedes: Vec<String>,
+    ) -> Result<(), StoreError> {
         let claim = claim_of(turn);
-        self.call(|reply| writer::Op::Claim { claim, reply: Some(reply) }).await
+        self.call(|reply| writer::Op::Claim { claim, supersedes, reply: Some(reply) }).await
     }
 
     /// Keeps a turn's attempt count across restarts; not waited for.
     pub fn note_attempts(&self, turn: &TurnRecord) {
         let in_log = lock(&self.inner.shared.memory).claims.contains_key(&turn.turn_id);
         let op = if in_log {
-            writer::Op::Claim { claim: claim_of(turn), reply: None }
+            writer::Op::Claim { claim: claim_of(turn), supersedes: Vec::new(), reply: None }
         } else {
             let (reply, _) = oneshot::channel();
             writer::Op::Trees {

@@ -50,9 +50,12 @@ pub(crate) enum Op {
     Probe {
         reply: Reply<()>,
     },
-    /// `reply: None`: an attempt count, not waited for.
+    /// `reply: None`: an attempt count, not waited for. `supersedes`: claims
+    /// of restarted turns this one replaces (dropped from memory once it is
+    /// written).
     Claim {
         claim: log::Claim,
+        supersedes: Vec<String>,
         reply: Option<Reply<()>>,
     },
     Trees {
@@ -311,6 +314,7 @@ impl Writer {
         let mut fresh: Vec<IdHash> = Vec::new();
         let mut stored: Vec<Message> = Vec::new();
         let mut claims: Vec<log::Claim> = Vec::new();
+        let mut superseded: Vec<String> = Vec::new();
         let mut answers: Vec<(Reply<Vec<Inserted>>, Vec<Inserted>, bool)> = Vec::new();
         let mut claim_replies: Vec<Reply<()>> = Vec::new();
         for op in ops {
@@ -350,10 +354,11 @@ impl Writer {
                     log::frame_probe(&mut buf);
                     claim_replies.push(reply);
                 }
-                Op::Claim { claim, reply } => {
+                Op::Claim { claim, supersedes, reply } => {
                     if self.claim_is_live(&claim) {
                         log::frame_claim(&claim, &mut buf);
                         claims.push(claim);
+                        superseded.extend(supersedes);
                     }
                     claim_replies.extend(reply);
                 }
@@ -409,6 +414,12 @@ impl Writer {
                 entry.segs.push(head);
             }
         }
+        // The replacing claims are synced: the replaced ones stop holding their segments.
+        let released: Vec<u64> = {
+            let mut memory = lock(&self.shared.memory);
+            superseded.iter().filter_map(|id| memory.claims.remove(id)).flat_map(|c| c.segs).collect()
+        };
+        super::durable::count_down(&self.shared, &self.log_dir, &released);
         // Announced before answered, the whole group at once: an "accepted"
         // message is always known to the pipeline, whatever happens to the
         // request afterwards.

@@ -3,7 +3,7 @@
 //! whatever the gate allows. There is no polling loop: with nothing pending
 //! it waits on its channel alone.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::batcher::{Batcher, Cut, Policy};
+use crate::batcher::{Batcher, Cut, CutReason, Policy};
 use crate::config::Config;
 use crate::message::{unix_ms, Conv};
 use crate::metrics::Metrics;
@@ -42,6 +42,14 @@ pub struct Driver {
     metrics: Arc<Metrics>,
     /// Dead turns being marked open again, so two retries cannot queue one twice.
     reopening: HashSet<String>,
+    /// `turns.on_new_message = "restart"`.
+    restart: bool,
+    /// Per running turn: cancelled to restart it (its task ignores it once
+    /// the handler has answered).
+    restarts: HashMap<Conv, CancellationToken>,
+    /// Restarted turns whose messages wait in a pending batch: the next cut
+    /// of the conversation replaces them.
+    superseded: HashMap<Conv, Vec<String>>,
 }
 
 impl Driver {
@@ -73,6 +81,9 @@ impl Driver {
             shutdown: shared.stopping.shutdown.clone(),
             metrics: shared.metrics.clone(),
             reopening: HashSet::new(),
+            restart: config.turns.on_new_message == crate::config::OnNewMessage::Restart,
+            restarts: HashMap::new(),
+            superseded: HashMap::new(),
         };
         for turn in recovery.open_turns {
             driver.gate.offer(turn.conv.clone(), Work::Resume(Box::new(turn)));
@@ -131,6 +142,12 @@ impl Driver {
             Event::Ingested(stored) => {
                 let now = now();
                 for Announce { conv, seq, immediate, shape } in stored {
+                    if let Some(turn) = self.restarts.get(&conv).filter(|_| self.restart) {
+                        if !turn.is_cancelled() {
+                            info!(conv = %conv.masked(), "a message came while the turn runs: restarting it with every message");
+                            turn.cancel();
+                        }
+                    }
                     let complete = self.complete(&shape);
                     if let Some(cut) = self.batcher.push_message(conv.clone(), seq, now, complete) {
                         self.offer(cut);
@@ -170,8 +187,30 @@ impl Driver {
     /// A turn task ended: free its conversation, or put failed work back at
     /// the front of the conversation's queue until its backoff is over.
     fn finished(&mut self, conv: Conv, outcome: Outcome) {
+        self.restarts.remove(&conv);
         match outcome {
             Outcome::Done | Outcome::Parked | Outcome::Abandoned => self.gate.finished(&conv),
+            Outcome::Restarted { seqs, turn_id } => {
+                self.gate.finished(&conv);
+                crate::metrics::inc(&self.metrics.turn_restarts);
+                // Back with the messages that came: into their pending batch
+                // (cut as usual, the client may still be writing), or to the
+                // front of the work that is already waiting.
+                if self.batcher.put_back(&conv, &seqs) {
+                    self.superseded.entry(conv).or_default().push(turn_id);
+                } else {
+                    let now = now();
+                    let work = Work::Fresh {
+                        seqs,
+                        reason: CutReason::Immediate,
+                        deadline: now,
+                        cut_at: now,
+                        max_messages: self.max_messages,
+                        supersedes: vec![turn_id],
+                    };
+                    self.gate.offer(conv, work);
+                }
+            }
             Outcome::Failed { work, error } => {
                 let failures = self.gate.failures(&conv) + 1;
                 let wait = crate::clock::backoff(RETRY_FIRST, RETRY_MAX, failures);
@@ -196,6 +235,7 @@ impl Driver {
         }
         debug!(conv = %cut.key.masked(), messages = cut.seqs.len(), reason = cut.reason.as_str(), lag_ms = lag.as_millis() as u64, "batch cut");
         let work = Work::Fresh {
+            supersedes: self.superseded.remove(&cut.key).unwrap_or_default(),
             seqs: cut.seqs,
             reason: cut.reason,
             deadline: cut.deadline,
@@ -217,9 +257,16 @@ impl Driver {
         while let Some((conv, work)) = self.gate.start_next() {
             let runner = self.runner.clone();
             let report = Report { tx: self.tx.clone(), conv: Some(conv.clone()), replay: work.replay() };
+            // Only a turn cut from fresh messages restarts: a resumed one
+            // (recovered, or a dead turn retried) may have a record of its
+            // own in the store that only its own commit removes.
+            let restart = CancellationToken::new();
+            if matches!(work, Work::Fresh { .. }) {
+                self.restarts.insert(conv.clone(), restart.clone());
+            }
             self.tracker.spawn_on(
                 async move {
-                    let outcome = runner.run(conv, work).await;
+                    let outcome = runner.run(conv, work, restart).await;
                     report.send(outcome);
                 },
                 &self.turns_on,

@@ -54,7 +54,15 @@ pub struct DriverInbox {
 pub enum Work {
     /// A batch just cut: its messages are still only in the inbox.
     /// `cut_at`: when the driver cut it (the console's cut lag and queue wait).
-    Fresh { seqs: Vec<u64>, reason: CutReason, deadline: Instant, cut_at: Instant, max_messages: usize },
+    /// `supersedes`: turns restarted into this one (their claims go once it is claimed).
+    Fresh {
+        seqs: Vec<u64>,
+        reason: CutReason,
+        deadline: Instant,
+        cut_at: Instant,
+        max_messages: usize,
+        supersedes: Vec<String>,
+    },
     /// A turn already recorded on disk: recovered after a restart, or a dead
     /// turn being retried. It keeps its turn_id and messages.
     Resume(Box<TurnRecord>),
@@ -95,12 +103,13 @@ impl Work {
     /// a context write (its caller waits on a channel) cannot be replayed.
     fn replay(&self) -> Option<Work> {
         match self {
-            Work::Fresh { seqs, reason, deadline, cut_at, max_messages } => Some(Work::Fresh {
+            Work::Fresh { seqs, reason, deadline, cut_at, max_messages, supersedes } => Some(Work::Fresh {
                 seqs: seqs.clone(),
                 reason: *reason,
                 deadline: *deadline,
                 cut_at: *cut_at,
                 max_messages: *max_messages,
+                supersedes: supersedes.clone(),
             }),
             Work::Resume(turn) => Some(Work::Resume(turn.clone())),
             Work::Context(_) => None,
@@ -118,11 +127,13 @@ impl gate::Merge for Work {
 
     fn merge(&mut self, next: Work) -> Option<Work> {
         match (self, next) {
-            (Work::Fresh { seqs, max_messages, .. }, Work::Fresh { seqs: more, .. })
-                if seqs.len() + more.len() <= *max_messages =>
-            {
+            (
+                Work::Fresh { seqs, max_messages, supersedes, .. },
+                Work::Fresh { seqs: more, supersedes: replaced, .. },
+            ) if seqs.len() + more.len() <= *max_messages => {
                 seqs.extend(more);
                 seqs.sort_unstable();
+                supersedes.extend(replaced);
                 None
             }
             (_, next) => Some(next),
@@ -145,6 +156,9 @@ pub enum Outcome {
     Failed { work: Work, error: String },
     /// Cut short by shutdown; it stays open on disk for the next start.
     Abandoned,
+    /// Abandoned for a re-run with the messages that came meanwhile
+    /// (`turns.on_new_message = "restart"`): its messages, and the turn it was.
+    Restarted { seqs: Vec<u64>, turn_id: String },
 }
 
 /// Events the driver reacts to, besides its own timers.

@@ -83,24 +83,26 @@ impl Runner {
     }
 
     /// Runs one piece of work to its outcome; the driver acts on it.
-    pub async fn run(&self, conv: Conv, work: Work) -> Outcome {
+    /// `restart` cancelled: abandon the turn for a re-run, if its handler
+    /// has not answered yet.
+    pub async fn run(&self, conv: Conv, work: Work, restart: CancellationToken) -> Outcome {
         // Only a batch cut by its timers has a deadline worth measuring from.
         let mut due: Option<Instant> = None;
         let mut waited = Waited::default();
         let turn = match work {
-            Work::Fresh { seqs, reason, deadline, cut_at, max_messages } => {
+            Work::Fresh { seqs, reason, deadline, cut_at, max_messages, supersedes } => {
                 if reason.timed() {
                     due = Some(Instant::from_std(deadline));
                     waited.cut_lag = Some(cut_at.saturating_duration_since(deadline));
                 }
                 waited.queue = Some(std::time::Instant::now().saturating_duration_since(cut_at));
-                match self.record(conv.clone(), &seqs, reason).await {
+                match self.record(conv.clone(), &seqs, reason, supersedes.clone()).await {
                     Ok(Some(turn)) => turn,
                     Ok(None) => return Outcome::Done,
                     Err(e) => {
                         // Nothing was recorded: the same batch is tried again.
                         warn!(conv = %conv.masked(), error = %e, "could not record a turn; it is retried after a backoff");
-                        let work = Work::Fresh { seqs, reason, deadline, cut_at, max_messages };
+                        let work = Work::Fresh { seqs, reason, deadline, cut_at, max_messages, supersedes };
                         return Outcome::Failed { work, error: e.to_string() };
                     }
                 }
@@ -110,8 +112,8 @@ impl Runner {
         };
         let span = info_span!("turn", turn_id = %turn.turn_id, phone = %mask(&turn.conv.phone), company = %turn.conv.company_id);
         let turn_id = turn.turn_id.clone();
-        let outcome = self.drive(turn, due, waited).instrument(span).await;
-        if matches!(outcome, Outcome::Failed { .. } | Outcome::Abandoned) {
+        let outcome = self.drive(turn, due, waited, restart).instrument(span).await;
+        if matches!(outcome, Outcome::Failed { .. } | Outcome::Abandoned | Outcome::Restarted { .. }) {
             self.shared.feed.left(&turn_id);
         }
         outcome
@@ -124,6 +126,7 @@ impl Runner {
         conv: Conv,
         seqs: &[u64],
         reason: CutReason,
+        supersedes: Vec<String>,
     ) -> Result<Option<TurnRecord>, StoreError> {
         let messages = self.store.messages(&conv, seqs);
         if messages.is_empty() {
@@ -139,7 +142,7 @@ impl Runner {
             attempts: 0,
             dead: None,
         };
-        self.store.claim(&turn).await?;
+        self.store.claim_superseding(&turn, supersedes).await?;
         Ok(Some(turn))
     }
 
@@ -150,7 +153,20 @@ impl Runner {
         Outcome::Failed { work: Work::Resume(Box::new(turn)), error: format!("{what}: {e}") }
     }
 
-    async fn drive(&self, mut turn: TurnRecord, due: Option<Instant>, waited: Waited) -> Outcome {
+    async fn drive(
+        &self,
+        mut turn: TurnRecord,
+        due: Option<Instant>,
+        waited: Waited,
+        restart: CancellationToken,
+    ) -> Outcome {
+        let restarted = |turn: &TurnRecord| {
+            info!("restarted: the handler's answer, if it still comes, is discarded");
+            Outcome::Restarted {
+                seqs: turn.messages.iter().map(|m| m.seq).collect(),
+                turn_id: turn.turn_id.clone(),
+            }
+        };
         let started = Instant::now();
         let started_at_ms = self.clock.now_ms();
         info!(messages = turn.messages.len(), reason = %turn.cut_reason, attempts_before = turn.attempts, "turn started");
@@ -182,10 +198,16 @@ impl Runner {
                 self.metrics.deadline_to_handler.observe_duration(call.saturating_duration_since(due));
             }
             let answer = tokio::select! {
+                // An answer that is there wins over a restart asked at the same moment.
+                biased;
                 answer = self.handler.call(&request) => answer,
                 _ = self.stopping.abort.cancelled() => {
                     warn!("grace period over: handler call abandoned, the turn re-runs on the next start");
                     return Outcome::Abandoned;
+                }
+                _ = restart.cancelled() => {
+                    self.typing(&turn.conv, &last_id, false);
+                    return restarted(&turn);
                 }
             };
             self.metrics.handler_latency.observe_duration(call.elapsed());
@@ -228,6 +250,10 @@ impl Runner {
                         _ = self.stopping.shutdown.cancelled() => {
                             info!("shutting down: turn left open, it re-runs on the next start");
                             return Outcome::Abandoned;
+                        }
+                        _ = restart.cancelled() => {
+                            self.typing(&turn.conv, &last_id, false);
+                            return restarted(&turn);
                         }
                     }
                 }

@@ -1,16 +1,17 @@
 //! The adaptive cut policy end to end, on tokio's paused clock: WAHA's
 //! presence holds a batch while the client types and releases it once they
 //! stop; presence alone is never a message or a turn; without presence a
-//! conversation's own rhythm sets its window. (The fixed policy's tests are
-//! `batching.rs`, unchanged.)
+//! conversation's own rhythm sets its window. And the restart policy: late
+//! messages restart a turn whose handler has not answered, one reply in the
+//! end. (The fixed policy's tests are `batching.rs`, unchanged.)
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::helpers::{config, Daemon};
-use turnstile::config::CutPolicy;
+use crate::helpers::{config, config_with, http_gateway, wait_until, Daemon, FakeServer, TestHandler};
+use turnstile::config::{CutPolicy, OnNewMessage};
 
 const PHONE: &str = "79001234567";
 
@@ -183,4 +184,92 @@ fn on_the_shipped_corpus_adaptive_answers_sooner_and_splits_no_more_requests() {
     assert_eq!(adaptive["thoughts"].as_u64().unwrap(), thoughts);
     assert!(adaptive["split_thoughts"].as_u64().unwrap() <= split + thoughts / 100, "{adaptive}\n{fixed}");
     assert_eq!(adaptive["messages"], fixed["messages"], "every message in a turn");
+}
+
+#[tokio::test(start_paused = true)]
+async fn late_messages_restart_a_slow_turn_and_one_reply_answers_them_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let handler = TestHandler::start(Duration::from_secs(30)).await;
+    let gateway = FakeServer::start(|_| json!({"ok": true})).await;
+    let mut c = config_with(dir.path(), &handler);
+    http_gateway(&mut c, &gateway);
+    c.turns.on_new_message = OnNewMessage::Restart;
+    c.batching.debounce_ms = 2_000;
+    let d = Daemon::start(c).await;
+
+    d.send("r1", PHONE, "Привет").await;
+    wait(3.0).await; // cut at 2 s: the turn runs, its handler takes 30 s
+    assert_eq!(handler.calls().len(), 1);
+    d.send("r2", PHONE, "можно на стрижку").await; // restarts it
+    wait(4.0).await; // cut again with both: a second call
+    d.send("r3", PHONE, "завтра?").await; // restarts that one too
+    wait_until("the reply", Duration::from_secs(120), || !gateway.delivered("/send").is_empty()).await;
+    wait(60.0).await;
+
+    let calls = handler.calls();
+    let inputs: Vec<Vec<String>> = calls.iter().map(|c| c.ids.clone()).collect();
+    assert_eq!(
+        inputs,
+        [vec!["r1"], vec!["r1", "r2"], vec!["r1", "r2", "r3"]],
+        "each restart sees every message"
+    );
+    let turn_ids: std::collections::HashSet<&str> = calls.iter().map(|c| c.turn_id.as_str()).collect();
+    assert_eq!(
+        turn_ids.len(),
+        3,
+        "a restarted turn runs under a new id: the handler never sees one id with other input"
+    );
+    let sent = gateway.delivered("/send");
+    assert_eq!(sent.len(), 1, "one reply for the burst: {sent:?}");
+    assert_eq!(sent[0].body["turn_id"], calls[2].turn_id);
+    let t = turns(&d).await;
+    assert_eq!(t.len(), 1, "{t:?}");
+    let ids: Vec<&str> =
+        t[0]["messages"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["r1", "r2", "r3"], "every message, once");
+    let (_, conv) = d.get(&format!("/api/conversations/{PHONE}")).await;
+    assert_eq!(conv["open_turns"], json!([]), "the restarted turns left nothing open");
+    let metrics = d.client.get(format!("{}/metrics", d.admin)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("turnstile_turn_restarts_total 2\n"), "{metrics}");
+    d.stop().await;
+
+    // A restart leaves nothing to re-run: the next start finds no open turn.
+    let d = Daemon::start(config_with(dir.path(), &handler)).await;
+    wait(60.0).await;
+    assert_eq!(handler.calls().len(), 3, "nothing re-ran");
+    assert_eq!(turns(&d).await.len(), 1);
+    d.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_turn_whose_handler_answered_is_not_restarted_by_a_late_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let handler = TestHandler::start(Duration::from_secs(5)).await;
+    let gateway = FakeServer::start(|_| json!({"ok": true})).await;
+    let mut c = config_with(dir.path(), &handler);
+    http_gateway(&mut c, &gateway);
+    c.turns.on_new_message = OnNewMessage::Restart;
+    c.batching.debounce_ms = 1_000;
+    let (d, faults) = Daemon::start_with_faults(c).await;
+    // The handler answers at 6 s, but the commit fails: the answered turn
+    // stays in its conversation's slot (retried first, same id) while a
+    // message comes. It must not be restarted: it queues.
+    faults.set_commits_failing(true);
+    d.send("a1", PHONE, "Привет").await;
+    wait(6.3).await;
+    d.send("a2", PHONE, "и ещё вопрос").await;
+    faults.set_commits_failing(false);
+    wait_until("two replies", Duration::from_secs(120), || gateway.delivered("/send").len() >= 2).await;
+    wait(30.0).await;
+    let calls = handler.calls();
+    let inputs: Vec<Vec<String>> = calls.iter().map(|c| c.ids.clone()).collect();
+    assert_eq!(inputs.last().unwrap(), &vec!["a2".to_owned()], "a2 in a turn of its own: {inputs:?}");
+    assert!(inputs[..inputs.len() - 1].iter().all(|i| i == &vec!["a1".to_owned()]), "{inputs:?}");
+    let first_ids: std::collections::HashSet<&str> =
+        calls[..calls.len() - 1].iter().map(|c| c.turn_id.as_str()).collect();
+    assert_eq!(first_ids.len(), 1, "the answered turn kept its id: {first_ids:?}");
+    assert_eq!(gateway.delivered("/send").len(), 2, "one reply per turn");
+    let metrics = d.client.get(format!("{}/metrics", d.admin)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("turnstile_turn_restarts_total 0\n"), "{metrics}");
+    d.stop().await;
 }

@@ -44,6 +44,7 @@ pub const WEBHOOK_ROUTES: &[(&str, &str)] = &[
     ("GET", "/webhook/meta"),
     ("POST", "/webhook/meta"),
     ("POST", "/webhook/waha"),
+    ("POST", "/webhook/evolution"),
 ];
 
 /// What a listener answers for a path it does not serve.
@@ -79,6 +80,7 @@ async fn the_public_listener_serves_webhooks_and_health_only() {
     let mut c = config(dir.path());
     c.meta.verify_token = "meta-verify-token".into();
     c.waha.hmac_key = "waha-hmac-key".into();
+    c.evolution.api_key = "evolution-api-key".into();
     let d = Daemon::start(c).await;
     for (method, path) in ADMIN_ROUTES {
         assert_eq!(call(&d.client, &d.base, method, path, None).await, no_such_endpoint(), "{method} {path}");
@@ -262,6 +264,7 @@ async fn the_deployed_binary_serves_nothing_admin_publicly_and_every_webhook_wan
         ("TURNSTILE_META_VERIFY_TOKEN", "meta-verify-token".into()),
         ("TURNSTILE_META_APP_SECRET", META_SECRET.into()),
         ("TURNSTILE_WAHA_HMAC_KEY", WAHA_KEY.into()),
+        ("TURNSTILE_EVOLUTION_API_KEY", "evolution-api-key-0001".into()),
         ("TURNSTILE_BATCHING_DEBOUNCE_MS", "200".into()),
     ]);
     let mut child = Spawned(spawn_binary(&env, &dir.path().join("daemon.log")));
@@ -280,6 +283,11 @@ async fn the_deployed_binary_serves_nothing_admin_publicly_and_every_webhook_wan
     let generic =
         serde_json::to_vec(&json!({"id": "g1", "from": "79001234567", "message": "Привет"})).unwrap();
     let (meta, waha) = (meta_delivery("wamid.M1"), waha_event("w1"));
+    let evolution =
+        serde_json::to_vec(&json!({"event": "messages.upsert", "instance": "x", "apikey": "wrong",
+        "data": {"key": {"remoteJid": "79001234567@s.whatsapp.net", "fromMe": false, "id": "E1"},
+                 "message": {"conversation": "Привет"}}}))
+        .unwrap();
     let refused: Vec<(&str, &[u8], Headers)> = vec![
         ("/webhook/whatsapp/batched", &generic, vec![]),
         (
@@ -298,6 +306,8 @@ async fn the_deployed_binary_serves_nothing_admin_publicly_and_every_webhook_wan
         ),
         ("/webhook/waha", &waha, vec![]),
         ("/webhook/waha", &waha, vec![("x-webhook-hmac", sign_hex("not-the-key", &waha, true))]),
+        ("/webhook/evolution", &evolution, vec![]),
+        ("/webhook/evolution", &evolution, vec![("apikey", "not-the-key".into())]),
     ];
     for (path, body, headers) in &refused {
         let (status, answer) = post_raw(&client, &public, path, body, headers).await;

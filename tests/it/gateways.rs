@@ -376,3 +376,63 @@ async fn the_openai_handler_sends_prompt_history_and_text_and_keeps_the_history(
     assert_eq!(conv["turns"][2]["reply"], "ответ 3");
     d.stop().await;
 }
+
+fn evolution_upsert(jid: &str, from_me: bool, id: &str, message: Value, apikey: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({"event": "messages.upsert", "instance": "lotos", "apikey": apikey,
+        "server_url": "http://127.0.0.1:8099", "date_time": "2026-11-24T10:00:00.000Z",
+        "data": {"key": {"remoteJid": jid, "fromMe": from_me, "id": id}, "pushName": "Анна",
+                 "message": message, "messageType": "conversation", "messageTimestamp": 1763800000}}))
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn evolution_api_events_in_and_replies_out_through_send_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let evolution = FakeServer::start(|_| json!({"key": {"id": "OUT1"}, "status": "PENDING"})).await;
+    let mut c = config(dir.path());
+    c.gateway.kind = GatewayKind::Evolution;
+    c.gateway.url = evolution.base.clone();
+    c.gateway.api_key = "evolution-instance-key".into();
+    c.evolution.api_key = "evolution-instance-key".into();
+    c.evolution.instances = HashMap::from([("lotos".into(), "962302".into())]);
+    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
+    c.batching.debounce_ms = 1_000;
+    let d = Daemon::start(c).await;
+    let jid = "79001234567@s.whatsapp.net";
+    let key = "evolution-instance-key";
+
+    // Without the key, or with a wrong one: refused, nothing stored.
+    let text = evolution_upsert(jid, false, "EV1", json!({"conversation": "Привет"}), "wrong-key");
+    assert_eq!(post_raw(&d, "/webhook/evolution", &text, &[]).await.0, 401);
+    let text = evolution_upsert(jid, false, "EV1", json!({"conversation": "Привет"}), key);
+    let answer = post_raw(&d, "/webhook/evolution", &text, &[]).await;
+    assert_eq!(answer, (200, json!({"status": "accepted"})));
+    assert_eq!(post_raw(&d, "/webhook/evolution", &text, &[]).await.1["status"], "duplicate");
+    let caption =
+        evolution_upsert(jid, false, "EV2", json!({"imageMessage": {"caption": "вот такую стрижку"}}), key);
+    assert_eq!(post_raw(&d, "/webhook/evolution", &caption, &[]).await.1["status"], "accepted");
+    let mine = evolution_upsert(jid, true, "EV3", json!({"conversation": "Записали вас"}), key);
+    assert_eq!(post_raw(&d, "/webhook/evolution", &mine, &[]).await.1["status"], "ignored");
+    let group =
+        evolution_upsert("120363025246125486@g.us", false, "EV4", json!({"conversation": "всем"}), key);
+    assert_eq!(post_raw(&d, "/webhook/evolution", &group, &[]).await.1["status"], "ignored");
+
+    // One turn of the two client messages; the reply leaves through sendText.
+    wait_until("the reply", 10 * S, || !evolution.delivered("/message/sendText/lotos").is_empty()).await;
+    sleep(S).await;
+    let sent = evolution.delivered("/message/sendText/lotos");
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(
+        sent[0].body,
+        json!({"number": "79001234567", "text": "received: Привет\n[image] вот такую стрижку"})
+    );
+    assert_eq!(sent[0].headers["apikey"], key);
+    let (_, conv) = d.get("/api/conversations/79001234567").await;
+    let turns = conv["turns"].as_array().unwrap();
+    assert_eq!(turns.len(), 1);
+    assert_eq!(turns[0]["company_id"], "962302");
+    let ids: Vec<&str> =
+        turns[0]["messages"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["EV1", "EV2"], "fromMe and group messages never reach a turn");
+    d.stop().await;
+}

@@ -1,0 +1,225 @@
+//! Evolution API webhook events, normalised into the same messages the
+//! generic webhook makes.
+//!
+//! An event is `{"event", "instance", "data", "apikey", …}`; the event name
+//! comes dotted (`messages.upsert`) or, with per-event webhooks, upper case
+//! (`MESSAGES_UPSERT`). `messages.upsert` from a client's own chat is a
+//! message: `conversation` or `extendedTextMessage.text`, or a medium
+//! (image, video, document, audio) with its caption. Our own messages
+//! (`key.fromMe`), groups, broadcasts and other events are acknowledged and
+//! ignored. `presence.update` (`data.presences{jid: {lastKnownPresence}}`:
+//! composing, recording, paused, available, unavailable) is a presence
+//! event, never a message.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use super::{normalize_phone, Inbound, IngestError};
+use crate::message::{Conv, NewMessage, Presence};
+
+/// The event's name in one spelling: `messages.upsert`.
+fn event_name(raw: &str) -> String {
+    raw.to_ascii_lowercase().replace('_', ".")
+}
+
+/// A personal chat's jid, or `None` for groups, broadcasts and hidden ids.
+fn personal(jid: &str) -> Option<&str> {
+    (jid.ends_with("@s.whatsapp.net") || jid.ends_with("@c.us")).then_some(jid)
+}
+
+/// The `apikey` the event carries (the body's field; the header's otherwise).
+pub fn api_key<'a>(body: &'a Value, header: Option<&'a str>) -> Option<&'a str> {
+    body["apikey"].as_str().or(header)
+}
+
+pub fn parse_event(
+    root: &Value,
+    instances: &HashMap<String, String>,
+    default_company_id: &str,
+    received_at_ms: u64,
+) -> Result<Inbound, IngestError> {
+    let invalid = |m: &str| IngestError::Invalid(m.to_owned());
+    let event = event_name(root["event"].as_str().ok_or_else(|| invalid("`event` must be a string"))?);
+    let company_id = root["instance"]
+        .as_str()
+        .and_then(|i| instances.get(i))
+        .map(String::as_str)
+        .unwrap_or(default_company_id)
+        .to_owned();
+    let data = &root["data"];
+    match event.as_str() {
+        "messages.upsert" => {
+            if !data.is_object() {
+                return Err(invalid("`data` must be an object"));
+            }
+            let key = &data["key"];
+            if key["fromMe"].as_bool() == Some(true) {
+                return Ok(Inbound::Ignored);
+            }
+            let jid = key["remoteJid"].as_str().ok_or_else(|| invalid("`data.key.remoteJid` is required"))?;
+            let Some(jid) = personal(jid) else { return Ok(Inbound::Ignored) };
+            let id = key["id"]
+                .as_str()
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| invalid("`data.key.id` is required"))?;
+            let phone = normalize_phone(jid)
+                .map_err(|e| IngestError::Invalid(format!("`data.key.remoteJid`: {e}")))?;
+            let Some((kind, text)) = content(&data["message"]) else { return Ok(Inbound::Ignored) };
+            let timestamp = match &data["messageTimestamp"] {
+                Value::Number(n) => n.as_i64(),
+                Value::String(s) => s.parse().ok(),
+                _ => None,
+            };
+            Ok(Inbound::Message(NewMessage {
+                id: id.to_owned(),
+                conv: Conv { phone, company_id },
+                kind: kind.to_owned(),
+                text,
+                timestamp,
+                received_at_ms,
+            }))
+        }
+        "presence.update" => {
+            let chat = data["id"].as_str().ok_or_else(|| invalid("`data.id` is required"))?;
+            let Some(chat) = personal(chat) else { return Ok(Inbound::Ignored) };
+            let phone = normalize_phone(chat).map_err(|e| IngestError::Invalid(format!("`data.id`: {e}")))?;
+            let presences =
+                data["presences"].as_object().ok_or_else(|| invalid("`data.presences` must be an object"))?;
+            let entry = presences.get(chat).or_else(|| presences.values().next());
+            let Some(state) = entry.and_then(|p| p["lastKnownPresence"].as_str()) else {
+                return Ok(Inbound::Ignored);
+            };
+            let presence = match state {
+                "composing" | "recording" => Presence::Typing,
+                "paused" | "available" | "unavailable" => Presence::Paused,
+                other => return Err(IngestError::Invalid(format!("unknown lastKnownPresence {other:?}"))),
+            };
+            Ok(Inbound::Presence { conv: Conv { phone, company_id }, presence })
+        }
+        _ => Ok(Inbound::Ignored),
+    }
+}
+
+/// (kind, text) of a message's content; `None` when there is nothing to answer.
+fn content(m: &Value) -> Option<(&'static str, String)> {
+    let text = |v: &Value| v.as_str().map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned);
+    if let Some(t) = text(&m["conversation"]).or_else(|| text(&m["extendedTextMessage"]["text"])) {
+        return Some(("text", t));
+    }
+    for (field, label) in [
+        ("imageMessage", "[image]"),
+        ("videoMessage", "[video]"),
+        ("documentMessage", "[document]"),
+        ("audioMessage", "[audio]"),
+    ] {
+        if m[field].is_object() {
+            let caption = text(&m[field]["caption"]);
+            return Some(("media", caption.map_or(label.to_owned(), |c| format!("{label} {c}"))));
+        }
+    }
+    // A document sent with a caption is wrapped once more.
+    let wrapped = &m["documentWithCaptionMessage"]["message"];
+    if wrapped.is_object() {
+        return content(wrapped);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn upsert(key: Value, message: Value) -> Value {
+        json!({"event": "messages.upsert", "instance": "lotos", "apikey": "k",
+               "data": {"key": key, "pushName": "Анна", "message": message, "messageTimestamp": 1763800000}})
+    }
+
+    fn key(jid: &str, from_me: bool, id: &str) -> Value {
+        json!({"remoteJid": jid, "fromMe": from_me, "id": id})
+    }
+
+    #[test]
+    fn texts_and_captions_become_messages_and_the_rest_is_ignored() {
+        let instances = HashMap::from([("lotos".to_owned(), "962302".to_owned())]);
+        let parse = |v: &Value| parse_event(v, &instances, "d", 1).unwrap();
+        let jid = "79001234567@s.whatsapp.net";
+        let Inbound::Message(m) = parse(&upsert(key(jid, false, "E1"), json!({"conversation": "Привет"})))
+        else {
+            panic!("a message")
+        };
+        assert_eq!(
+            (m.id.as_str(), m.conv.phone.as_str(), m.conv.company_id.as_str()),
+            ("E1", "79001234567", "962302")
+        );
+        assert_eq!((m.text.as_str(), m.kind.as_str(), m.timestamp), ("Привет", "text", Some(1763800000)));
+        let extended =
+            upsert(key(jid, false, "E2"), json!({"extendedTextMessage": {"text": "можно на завтра?"}}));
+        assert!(matches!(parse(&extended), Inbound::Message(m) if m.text == "можно на завтра?"));
+        let photo = upsert(
+            key(jid, false, "E3"),
+            json!({"imageMessage": {"caption": "вот такую", "mimetype": "image/jpeg"}}),
+        );
+        assert!(
+            matches!(parse(&photo), Inbound::Message(m) if m.text == "[image] вот такую" && m.kind == "media")
+        );
+        let voice = upsert(key(jid, false, "E4"), json!({"audioMessage": {"seconds": 4}}));
+        assert!(matches!(parse(&voice), Inbound::Message(m) if m.text == "[audio]"));
+        let doc = upsert(
+            key(jid, false, "E5"),
+            json!({"documentWithCaptionMessage": {"message": {"documentMessage": {"caption": "прайс"}}}}),
+        );
+        assert!(matches!(parse(&doc), Inbound::Message(m) if m.text == "[document] прайс"));
+        // Upper-case event names, as per-event webhooks send them.
+        let mut upper = upsert(key(jid, false, "E6"), json!({"conversation": "да"}));
+        upper["event"] = json!("MESSAGES_UPSERT");
+        assert!(matches!(parse(&upper), Inbound::Message(_)));
+
+        let mine = upsert(key(jid, true, "E7"), json!({"conversation": "Записали вас"}));
+        assert_eq!(parse(&mine), Inbound::Ignored);
+        let group =
+            upsert(key("120363025246125486@g.us", false, "E8"), json!({"conversation": "всем привет"}));
+        assert_eq!(parse(&group), Inbound::Ignored);
+        let sticker = upsert(key(jid, false, "E9"), json!({"stickerMessage": {}}));
+        assert_eq!(parse(&sticker), Inbound::Ignored);
+        let update = json!({"event": "messages.update", "instance": "lotos", "data": {"status": "READ"}});
+        assert_eq!(parse(&update), Inbound::Ignored);
+    }
+
+    #[test]
+    fn presence_updates_and_bad_events() {
+        let instances = HashMap::new();
+        let jid = "79001234567@s.whatsapp.net";
+        let presence = |state: &str| {
+            json!({"event": "presence.update", "instance": "x",
+                   "data": {"id": jid, "presences": {jid: {"lastKnownPresence": state, "lastSeen": null}}}})
+        };
+        let conv = Conv { phone: "79001234567".into(), company_id: "d".into() };
+        for (state, p) in [
+            ("composing", Presence::Typing),
+            ("recording", Presence::Typing),
+            ("paused", Presence::Paused),
+            ("available", Presence::Paused),
+            ("unavailable", Presence::Paused),
+        ] {
+            assert_eq!(
+                parse_event(&presence(state), &instances, "d", 1).unwrap(),
+                Inbound::Presence { conv: conv.clone(), presence: p },
+                "{state}"
+            );
+        }
+        assert!(matches!(
+            parse_event(&presence("dancing"), &instances, "d", 1),
+            Err(IngestError::Invalid(_))
+        ));
+        let no_id = upsert(json!({"remoteJid": jid}), json!({"conversation": "x"}));
+        assert!(matches!(parse_event(&no_id, &instances, "d", 1), Err(IngestError::Invalid(_))));
+        assert!(matches!(
+            parse_event(&json!({"data": {}}), &instances, "d", 1),
+            Err(IngestError::Invalid(_))
+        ));
+        assert_eq!(api_key(&json!({"apikey": "a"}), Some("b")), Some("a"));
+        assert_eq!(api_key(&json!({}), Some("b")), Some("b"));
+    }
+}
