@@ -32,6 +32,9 @@ pub fn spawn<V: AsRef<std::ffi::OsStr>>(data: &Path, ports: Ports, env: &[(&str,
         .env("TURNSTILE_SERVER_ADMIN_LISTEN", format!("127.0.0.1:{}", ports.admin))
         .env("TURNSTILE_SERVER_DATA_DIR", data)
         .env("TURNSTILE_LOG_FILTER", "warn")
+        // The benches time batches by `batching.debounce_ms`; a bench's own
+        // TURNSTILE_BATCHING_POLICY (in `env`) wins.
+        .env("TURNSTILE_BATCHING_POLICY", "fixed")
         .envs(env.iter().map(|(k, v)| (k, v.as_ref())))
         // The allocator's own settings pass through, to try them.
         .envs(std::env::vars().filter(|(k, _)| k.starts_with("MIMALLOC_")))

@@ -30,6 +30,10 @@ pub struct Rules {
 
 pub use crate::message::Presence;
 
+/// Gaps shorter than this are a gateway delivering a backlog, not typing:
+/// not learned.
+const MIN_LEARNED_GAP: Duration = Duration::from_millis(300);
+
 /// Conversations whose rhythm is forgotten after this long without a message.
 const RHYTHM_IDLE: Duration = Duration::from_secs(24 * 3600);
 
@@ -138,6 +142,8 @@ pub struct Batcher<K> {
     tracks: HashMap<K, Track>,
     /// Forget idle rhythms once this many are kept.
     sweep_tracks_at: usize,
+    /// A rhythm was learned since `take_learned` last said so.
+    learned: bool,
 }
 
 impl Track {
@@ -159,7 +165,38 @@ impl<K: Clone + Eq + Hash + Ord> Batcher<K> {
             deadlines: BTreeSet::new(),
             tracks: HashMap::new(),
             sweep_tracks_at: 10_000,
+            learned: false,
         }
+    }
+
+    /// A rhythm learned before a restart, with when the conversation last wrote.
+    pub fn seed(&mut self, key: K, mean_gap_ms: f64, samples: u32, last_msg: Instant) {
+        if samples == 0 || !matches!(self.rules.policy, Policy::Adaptive(_)) {
+            return;
+        }
+        let track = self.tracks.entry(key).or_insert_with(|| Track::new(last_msg));
+        track.rhythm = Rhythm { mean_gap_ms, samples };
+        track.last_msg = track.last_msg.max(last_msg);
+    }
+
+    /// Says again that there is something to save (the last save failed).
+    pub fn unsaved(&mut self) {
+        self.learned = true;
+    }
+
+    /// The learned rhythms (mean gap in ms, samples, last message), if any
+    /// was learned since the last call.
+    pub fn take_learned(&mut self) -> Option<Vec<(K, f64, u32, Instant)>> {
+        if !std::mem::take(&mut self.learned) {
+            return None;
+        }
+        Some(
+            self.tracks
+                .iter()
+                .filter(|(_, t)| t.rhythm.samples > 0)
+                .map(|(k, t)| (k.clone(), t.rhythm.mean_gap_ms, t.rhythm.samples, t.last_msg))
+                .collect(),
+        )
     }
 
     pub fn rules(&self) -> &Rules {
@@ -265,8 +302,9 @@ impl<K: Clone + Eq + Hash + Ord> Batcher<K> {
             }
             (None, None) => None,
         };
-        if let Some(gap) = gap {
+        if let Some(gap) = gap.filter(|g| *g >= MIN_LEARNED_GAP) {
             track.rhythm.learn(gap);
+            self.learned = true;
         }
         track.last_msg = track.last_msg.max(at);
         track.last_cut = None;

@@ -172,7 +172,7 @@ impl Default for BatchingConfig {
             debounce_ms: default_debounce_ms(),
             max_messages: default_max_messages(),
             max_wait_ms: default_max_wait_ms(),
-            policy: CutPolicy::Fixed,
+            policy: CutPolicy::Adaptive,
             adaptive_min_quiet_ms: 2_000,
             adaptive_max_quiet_ms: 20_000,
             adaptive_prior_gap_ms: 3_000,

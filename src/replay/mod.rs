@@ -205,7 +205,7 @@ mod tests {
             msg("a", 16_000, "завтра?", 1),
             msg("b", 1_000, "Здравствуйте, можно записаться на маникюр?", 1),
         ];
-        let r = run(&trace, BatchingConfig::default().rules());
+        let r = run(&trace, BatchingConfig { policy: CutPolicy::Fixed, ..BatchingConfig::default() }.rules());
         assert_eq!(r["policy"], "fixed");
         assert_eq!((r["turns"].as_u64(), r["messages"].as_u64()), (Some(3), Some(4)));
         assert_eq!((r["split_thoughts"].as_u64(), r["thoughts"].as_u64()), (Some(1), Some(2)));

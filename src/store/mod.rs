@@ -31,6 +31,7 @@ mod ids;
 mod log;
 mod records;
 mod recover;
+mod rhythms;
 mod sizes;
 mod snapshot;
 #[cfg(test)]
@@ -261,6 +262,8 @@ pub(crate) struct Memory {
     segments: BTreeMap<u64, Segment>,
     head: u64,
 }
+
+pub use rhythms::SavedRhythm;
 
 pub(crate) struct Shared {
     memory: Mutex<Memory>,
@@ -712,6 +715,16 @@ impl Store {
     /// Every pending message (accepted, not answered by a committed turn), by arrival.
     pub fn pending(&self) -> Vec<Message> {
         lock(&self.inner.shared.memory).pending.values().map(|p| p.message.clone()).collect()
+    }
+
+    /// The rhythms the adaptive policy saved (see `rhythms.rs`).
+    pub fn rhythms(&self) -> Vec<SavedRhythm> {
+        rhythms::load(&self.inner.dir)
+    }
+
+    /// Replaces the saved rhythms; blocking (a file write and two syncs).
+    pub fn save_rhythms(&self, saved: &[SavedRhythm]) -> Result<(), StoreError> {
+        rhythms::save(&self.inner.dir, saved).map_err(|e| log::io_error(&self.inner.dir, e))
     }
 
     /// A fresh, never reused turn id.

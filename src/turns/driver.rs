@@ -26,6 +26,9 @@ use super::{DriverInbox, Event, Outcome, RetryOutcome, Runner, Shared, Snapshot,
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// The adaptive policy's learned rhythms are saved this often (and at the stop).
+const RHYTHMS_EVERY: Duration = Duration::from_secs(60);
+
 pub struct Driver {
     batcher: Batcher<Conv>,
     gate: Gate<Conv, Work>,
@@ -85,6 +88,17 @@ impl Driver {
             restarts: HashMap::new(),
             superseded: HashMap::new(),
         };
+        // What the adaptive policy learned before the restart (a day's worth).
+        if matches!(driver.batcher.rules().policy, Policy::Adaptive(_)) {
+            let (now, now_ms) = (now(), unix_ms());
+            for r in driver.store.rhythms() {
+                let age = Duration::from_millis(now_ms.saturating_sub(r.last_ms));
+                if age < Duration::from_secs(24 * 3600) {
+                    let last = now.checked_sub(age).unwrap_or(now);
+                    driver.batcher.seed(r.conv, r.mean_gap_ms as f64, r.samples, last);
+                }
+            }
+        }
         for turn in recovery.open_turns {
             driver.gate.offer(turn.conv.clone(), Work::Resume(Box::new(turn)));
         }
@@ -102,6 +116,8 @@ impl Driver {
     }
 
     pub async fn run(mut self) {
+        let mut save = tokio::time::interval(RHYTHMS_EVERY);
+        save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let now = now();
             for cut in self.batcher.due(now) {
@@ -125,8 +141,10 @@ impl Driver {
                     None => break,
                 },
                 _ = sleep => {}
+                _ = save.tick() => self.save_rhythms().await,
             }
         }
+        self.save_rhythms().await;
         let (batches, messages) = self.batcher.len();
         info!(
             in_flight = self.gate.in_flight(),
@@ -243,6 +261,29 @@ impl Driver {
             max_messages: self.max_messages,
         };
         self.gate.offer(cut.key, work);
+    }
+
+    /// Writes what the adaptive policy learned, if anything, off this thread.
+    async fn save_rhythms(&mut self) {
+        let Some(learned) = self.batcher.take_learned() else { return };
+        let (now, now_ms) = (now(), unix_ms());
+        let saved: Vec<crate::store::SavedRhythm> = learned
+            .into_iter()
+            .map(|(conv, mean, samples, last)| crate::store::SavedRhythm {
+                conv,
+                mean_gap_ms: mean.round() as u32,
+                samples,
+                last_ms: now_ms.saturating_sub(now.saturating_duration_since(last).as_millis() as u64),
+            })
+            .collect();
+        let store = self.store.clone();
+        let error = match tokio::task::spawn_blocking(move || store.save_rhythms(&saved)).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        warn!(error, "could not save the learned rhythms; tried again in a minute");
+        self.batcher.unsaved();
     }
 
     /// Whether the adaptive policy takes a message of this shape as complete.

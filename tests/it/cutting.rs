@@ -172,7 +172,7 @@ async fn without_presence_a_slow_typist_gets_a_longer_window_once_it_has_shown_i
 fn on_the_shipped_corpus_adaptive_answers_sooner_and_splits_no_more_requests() {
     let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/corpus/trace.jsonl.gz");
     let events = turnstile::replay::read(&corpus).unwrap();
-    let mut c = turnstile::config::BatchingConfig::default();
+    let mut c = turnstile::config::BatchingConfig { policy: CutPolicy::Fixed, ..Default::default() };
     let fixed = turnstile::replay::run(&events, c.rules());
     c.policy = CutPolicy::Adaptive;
     let adaptive = turnstile::replay::run(&events, c.rules());
@@ -184,6 +184,39 @@ fn on_the_shipped_corpus_adaptive_answers_sooner_and_splits_no_more_requests() {
     assert_eq!(adaptive["thoughts"].as_u64().unwrap(), thoughts);
     assert!(adaptive["split_thoughts"].as_u64().unwrap() <= split + thoughts / 100, "{adaptive}\n{fixed}");
     assert_eq!(adaptive["messages"], fixed["messages"], "every message in a turn");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_learned_rhythm_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let adaptive = || {
+        let mut c = config(dir.path());
+        c.batching.policy = CutPolicy::Adaptive;
+        c
+    };
+    let d = Daemon::start(adaptive()).await;
+    // A slow typist: 8 s between lines, learned as they write.
+    for (i, text) in ["Добрый день", "хочу записаться", "на окрашивание"].iter().enumerate()
+    {
+        d.send(&format!("b{i}"), PHONE, text).await;
+        wait(8.0).await;
+    }
+    wait(30.0).await;
+    assert_eq!(turns(&d).await.len(), 1);
+    d.stop().await;
+    assert!(dir.path().join("rhythms").exists(), "saved at the stop");
+
+    let d = Daemon::start(adaptive()).await;
+    // 12 s between two lines: past the prior window (9 s), within the learned one.
+    d.send("c1", PHONE, "и ещё").await;
+    wait(12.0).await;
+    d.send("c2", PHONE, "можно в субботу").await;
+    wait(40.0).await;
+    let t = turns(&d).await;
+    assert_eq!(t.len(), 2, "{t:?}");
+    let last = t.iter().find(|t| t["messages"][0]["id"] == "c1").expect("the turn after the restart");
+    assert_eq!(last["messages"].as_array().unwrap().len(), 2, "one batch: the rhythm came back");
+    d.stop().await;
 }
 
 #[tokio::test(start_paused = true)]

@@ -40,6 +40,9 @@ pub fn config(dir: &Path) -> Config {
     // would be closed under the client's feet. The limits have their own test.
     c.server.header_timeout_ms = 24 * 3_600_000;
     c.server.body_timeout_ms = 24 * 3_600_000;
+    // The tests of the pipeline's mechanics time their batches by the fixed
+    // window (`batching.debounce_ms`); the adaptive policy has its own.
+    c.batching.policy = turnstile::config::CutPolicy::Fixed;
     c
 }
 
@@ -491,6 +494,8 @@ pub fn binary_env(ports: Ports, data: &Path, handler_url: Option<&str>) -> Vec<(
         ("TURNSTILE_SERVER_LISTEN", format!("127.0.0.1:{}", ports.public)),
         ("TURNSTILE_SERVER_ADMIN_LISTEN", format!("127.0.0.1:{}", ports.admin)),
         ("TURNSTILE_SERVER_DATA_DIR", data.display().to_string()),
+        // Batches timed by `batching.debounce_ms`, as the tests set it.
+        ("TURNSTILE_BATCHING_POLICY", "fixed".into()),
         // Long waits in some tests: keep pooled connections (the limits have their own test).
         ("TURNSTILE_SERVER_HEADER_TIMEOUT_MS", "600000".into()),
     ];
