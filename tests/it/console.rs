@@ -258,7 +258,15 @@ async fn the_console_shows_batches_counting_down_turns_with_timings_and_retries_
         "two failed attempts and the retry"
     );
 
-    // The pending batches are still there, for the picture.
+    // For the picture: the charts have two points (a sample every 5 s) and
+    // the pending batches are still there.
+    browser
+        .wait_for(
+            "two chart points",
+            Duration::from_secs(20),
+            "return samples.length >= 2 && document.querySelector('#chart-webhooks polyline') !== null",
+        )
+        .await;
     browser.wait_for("the pending batches", Duration::from_secs(5), PENDING_ROWS).await;
     let shot = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/console.png");
     browser.screenshot(&shot).await;
