@@ -333,6 +333,12 @@ pub struct OpenAiConfig {
     pub api_key_env: String,
     /// Past turns (a user and an assistant message each) sent with every request.
     pub history_turns: usize,
+    /// The context's cache part (company, services, staff, schedule), when
+    /// there is one, goes in a second system message: this text, then the
+    /// cache's JSON...
+    pub cache_prompt: String,
+    /// ...cut at this many characters (0: the cache is never sent).
+    pub cache_max_chars: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

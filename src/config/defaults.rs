@@ -132,6 +132,9 @@ impl Default for OpenAiConfig {
             system_prompt_file: String::new(),
             api_key_env: "OPENAI_API_KEY".to_owned(),
             history_turns: 20,
+            cache_prompt: "The salon's current data (company, services, staff, schedule), as JSON:"
+                .to_owned(),
+            cache_max_chars: 24_000,
         }
     }
 }

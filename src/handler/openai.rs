@@ -3,9 +3,11 @@
 //!
 //! The dialogue context keeps the conversation as `{"history": [{"role",
 //! "content"}, ...]}` (other fields the dialogue holds are kept as they are).
-//! Each request sends the system prompt, the last `history_turns` turns and
-//! the turn's combined text; the answer's text is the reply, and the history
-//! grows by the user's text and the answer.
+//! Each request sends the system prompt, the context's cache part (the
+//! salon's data) as a second system message when there is one — cut at
+//! `cache_max_chars` — the last `history_turns` turns and the turn's combined
+//! text; the answer's text is the reply, and the history grows by the user's
+//! text and the answer.
 
 use std::time::Duration;
 
@@ -21,6 +23,8 @@ pub struct OpenAi {
     system_prompt: String,
     api_key: Option<String>,
     history_messages: usize,
+    cache_prompt: String,
+    cache_max_chars: usize,
     timeout: Duration,
 }
 
@@ -44,8 +48,20 @@ impl OpenAi {
             system_prompt: system_prompt.trim().to_owned(),
             api_key,
             history_messages: c.history_turns * 2,
+            cache_prompt: c.cache_prompt.trim().to_owned(),
+            cache_max_chars: c.cache_max_chars,
             timeout,
         }
+    }
+
+    /// The cache's system message: the prompt, then its JSON, cut at the budget.
+    fn cache_message(&self, json: &str) -> String {
+        let total = json.chars().count();
+        if total <= self.cache_max_chars {
+            return format!("{}\n{json}", self.cache_prompt);
+        }
+        let cut: String = json.chars().take(self.cache_max_chars).collect();
+        format!("{}\n{cut}\n[cut at {} of {total} characters]", self.cache_prompt, self.cache_max_chars)
     }
 
     pub async fn call(&self, req: &TurnRequest, max_answer: usize) -> Result<TurnAnswer, HandlerError> {
@@ -66,6 +82,9 @@ impl OpenAi {
         let mut messages = Vec::with_capacity(history.len() + 2);
         if !self.system_prompt.is_empty() {
             messages.push(json!({"role": "system", "content": self.system_prompt}));
+        }
+        if let Some(cache) = req.cache.as_ref().filter(|_| self.cache_max_chars > 0) {
+            messages.push(json!({"role": "system", "content": self.cache_message(cache.get())}));
         }
         messages.extend(history.iter().cloned());
         messages.push(json!({"role": "user", "content": req.text}));

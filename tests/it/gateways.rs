@@ -436,3 +436,60 @@ async fn evolution_api_events_in_and_replies_out_through_send_text() {
     assert_eq!(ids, ["EV1", "EV2"], "fromMe and group messages never reach a turn");
     d.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_openai_handler_gives_the_model_the_salons_data_within_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let llm = FakeServer::start(|_| {
+        json!({"id": "chatcmpl-2", "object": "chat.completion", "model": "test-model",
+               "choices": [{"index": 0, "message": {"role": "assistant", "content": "Есть окно в 11:00"}, "finish_reason": "stop"}]})
+    })
+    .await;
+    let mut c = config(dir.path());
+    c.handler.kind = HandlerKind::OpenAi;
+    c.openai.base_url = format!("{}/v1", llm.base);
+    c.openai.model = "test-model".into();
+    c.openai.system_prompt = "Ты администратор салона.".into();
+    c.openai.api_key_env = "TURNSTILE_TEST_NO_SUCH_KEY".into();
+    c.openai.cache_prompt = "Данные салона:".into();
+    c.openai.cache_max_chars = 200;
+    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
+    let d = Daemon::start(c).await;
+    // The booking side puts the salon's data in the cache.
+    let cache = json!({"company": "Лотос", "staff": [{"name": "Анна"}], "slots": ["11:00"]});
+    let put = json!({"dialogue": {"history": [{"role": "user", "content": "Привет"}, {"role": "assistant", "content": "Здравствуйте!"}]},
+                     "cache": cache});
+    assert_eq!(d.put("/api/contexts/962302/79001234567", &put).await.0, 200);
+    say(&d, "c1", "79001234567", "Можно завтра?").await;
+    wait_until("the request", 10 * S, || llm.seen().len() == 1).await;
+    let messages = llm.seen()[0].body["messages"].clone();
+    let cache_text = cache.to_string();
+    assert_eq!(
+        messages,
+        json!([{"role": "system", "content": "Ты администратор салона."},
+               {"role": "system", "content": format!("Данные салона:\n{cache_text}")},
+               {"role": "user", "content": "Привет"}, {"role": "assistant", "content": "Здравствуйте!"},
+               {"role": "user", "content": "Можно завтра?"}])
+    );
+    assert!(cache_text.chars().count() <= 200, "within the budget: sent whole");
+    d.stop().await;
+
+    // Over the budget: cut, and said so.
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.handler.kind = HandlerKind::OpenAi;
+    c.openai.base_url = format!("{}/v1", llm.base);
+    c.openai.api_key_env = "TURNSTILE_TEST_NO_SUCH_KEY".into();
+    c.openai.cache_prompt = "Данные салона:".into();
+    c.openai.cache_max_chars = 20;
+    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
+    let d = Daemon::start(c).await;
+    assert_eq!(d.put("/api/contexts/962302/79001234567", &json!({"cache": cache})).await.0, 200);
+    say(&d, "c2", "79001234567", "Можно завтра?").await;
+    wait_until("the request", 10 * S, || llm.seen().len() == 2).await;
+    let sent = llm.seen()[1].body["messages"][1]["content"].as_str().unwrap().to_owned();
+    let cut: String = cache_text.chars().take(20).collect();
+    let total = cache_text.chars().count();
+    assert_eq!(sent, format!("Данные салона:\n{cut}\n[cut at 20 of {total} characters]"));
+    d.stop().await;
+}
