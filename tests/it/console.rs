@@ -17,11 +17,20 @@ use crate::helpers::{
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
-/// One browser session through chromedriver.
+/// One browser session through chromedriver. Its profile directory is its
+/// own, so a test that fails before `quit` still ends exactly the browser
+/// it started (by that directory) and nothing else.
 struct Browser {
     http: reqwest::Client,
     session: String,
+    profile: tempfile::TempDir,
     _driver: Spawned,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pkill").args(["-KILL", "-f"]).arg(self.profile.path()).status();
+    }
 }
 
 impl Browser {
@@ -54,15 +63,17 @@ impl Browser {
             assert!(started.elapsed() < Duration::from_secs(20), "chromedriver did not come up");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let profile = tempfile::tempdir().unwrap();
         let caps = json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {
             "binary": "/usr/bin/chromium",
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1400,1250", "--lang=en-GB"],
+                     "--window-size=1400,1250", "--lang=en-GB",
+                     format!("--user-data-dir={}", profile.path().display())],
         }}}});
         let answer: Value =
             http.post(format!("{root}/session")).json(&caps).send().await.unwrap().json().await.unwrap();
         let id = answer["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {answer}"));
-        Some(Browser { http, session: format!("{root}/session/{id}"), _driver: driver })
+        Some(Browser { http, session: format!("{root}/session/{id}"), profile, _driver: driver })
     }
 
     async fn command(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
@@ -134,6 +145,7 @@ impl Browser {
     async fn quit(self) {
         let _ = self.http.delete(&self.session).send().await;
     }
+    // (Dropped without `quit`, e.g. on a failed assertion: see `Drop`.)
 }
 
 /// "27 s" → 27.
