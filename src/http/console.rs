@@ -18,7 +18,6 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -33,7 +32,7 @@ use http_body::Frame;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::{accepting, ApiError, AppState};
+use super::{serving, ApiError, AppState};
 use crate::feed::{Feed, Finished};
 use crate::message::{mask_always, unix_ms, Conv};
 use crate::turns::View;
@@ -393,16 +392,8 @@ fn state_json(s: &AppState, view: &View, offset: usize, limit: usize) -> Value {
 
 /// ready, recovering, stopping, restarting or failed: what `/readyz` would say.
 fn status(s: &AppState) -> &'static str {
-    if s.store.failure().is_some() {
-        "failed"
-    } else if s.fatal.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
-        "restarting"
-    } else if s.draining.is_cancelled() {
-        "stopping"
-    } else if !s.ready.load(Ordering::Acquire) {
-        "recovering"
-    } else {
-        debug_assert!(accepting(s).is_ok());
-        "ready"
+    match serving(s) {
+        Ok(()) => "ready",
+        Err((state, _)) => state,
     }
 }

@@ -154,20 +154,26 @@ async fn healthz() -> Response {
     Json(json!({ "status": "ok" })).into_response()
 }
 
-/// 503 while recovering, after a fatal fault, or shutting down: a webhook
-/// refused so is retried by the gateway, never lost.
-pub(super) fn accepting(s: &AppState) -> Result<(), ApiError> {
+/// Whether the daemon takes webhooks now: `Ok`, or the state it is in
+/// ("failed", "restarting", "stopping", "recovering") and why.
+pub(super) fn serving(s: &AppState) -> Result<(), (&'static str, String)> {
     if let Some(reason) = s.store.failure() {
-        Err(ApiError::unavailable(format!("store failed, restarting: {reason}")))
+        Err(("failed", format!("store failed, restarting: {reason}")))
     } else if let Some(reason) = s.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-        Err(ApiError::unavailable(format!("restarting: {reason}")))
+        Err(("restarting", format!("restarting: {reason}")))
     } else if s.draining.is_cancelled() {
-        Err(ApiError::unavailable("shutting down; retry later"))
+        Err(("stopping", "shutting down; retry later".to_owned()))
     } else if !s.ready.load(Ordering::Acquire) {
-        Err(ApiError::unavailable("recovering from disk; retry shortly"))
+        Err(("recovering", "recovering from disk; retry shortly".to_owned()))
     } else {
         Ok(())
     }
+}
+
+/// 503 while recovering, after a fatal fault, or shutting down: a webhook
+/// refused so is retried by the gateway, never lost.
+pub(super) fn accepting(s: &AppState) -> Result<(), ApiError> {
+    serving(s).map_err(|(_, reason)| ApiError::unavailable(reason))
 }
 
 /// Ready: recovered, not stopping, the store sound and its log writable
