@@ -47,8 +47,8 @@ pub struct Driver {
     reopening: HashSet<String>,
     /// `turns.on_new_message = "restart"`.
     restart: bool,
-    /// Per running turn: cancelled to restart it (its task ignores it once
-    /// the handler has answered).
+    /// Per running fresh turn, with the restart policy only: cancelled to
+    /// restart it (its task ignores it once the handler has answered).
     restarts: HashMap<Conv, CancellationToken>,
     /// Restarted turns whose messages wait in a pending batch: the next cut
     /// of the conversation replaces them.
@@ -160,7 +160,7 @@ impl Driver {
             Event::Ingested(stored) => {
                 let now = now();
                 for Announce { conv, seq, immediate, shape } in stored {
-                    if let Some(turn) = self.restarts.get(&conv).filter(|_| self.restart) {
+                    if let Some(turn) = self.restarts.get(&conv) {
                         if !turn.is_cancelled() {
                             info!(conv = %conv.masked(), "a message came while the turn runs: restarting it with every message");
                             turn.cancel();
@@ -302,7 +302,7 @@ impl Driver {
             // (recovered, or a dead turn retried) may have a record of its
             // own in the store that only its own commit removes.
             let restart = CancellationToken::new();
-            if matches!(work, Work::Fresh { .. }) {
+            if self.restart && matches!(work, Work::Fresh { .. }) {
                 self.restarts.insert(conv.clone(), restart.clone());
             }
             self.tracker.spawn_on(
