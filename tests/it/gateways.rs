@@ -325,6 +325,18 @@ async fn a_restart_between_commit_and_send_still_delivers_and_a_sent_reply_is_no
     d.stop().await;
 }
 
+/// The openai handler against `llm` (a stand-in server), its key in `key_env`.
+fn openai_config(dir: &std::path::Path, llm: &FakeServer, key_env: &str) -> turnstile::Config {
+    let mut c = config(dir);
+    c.handler.kind = HandlerKind::OpenAi;
+    c.openai.base_url = format!("{}/v1", llm.base);
+    c.openai.model = "test-model".into();
+    c.openai.system_prompt = "Ты администратор салона.".into();
+    c.openai.api_key_env = key_env.into();
+    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
+    c
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_openai_handler_sends_prompt_history_and_text_and_keeps_the_history() {
     let dir = tempfile::tempdir().unwrap();
@@ -337,14 +349,8 @@ async fn the_openai_handler_sends_prompt_history_and_text_and_keeps_the_history(
     })
     .await;
     std::env::set_var("TURNSTILE_TEST_LLM_KEY", "sk-test");
-    let mut c = config(dir.path());
-    c.handler.kind = HandlerKind::OpenAi;
-    c.openai.base_url = format!("{}/v1", llm.base);
-    c.openai.model = "test-model".into();
-    c.openai.system_prompt = "Ты администратор салона.".into();
-    c.openai.api_key_env = "TURNSTILE_TEST_LLM_KEY".into();
+    let mut c = openai_config(dir.path(), &llm, "TURNSTILE_TEST_LLM_KEY");
     c.openai.history_turns = 1;
-    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
     let d = Daemon::start(c).await;
     for (i, text) in ["Привет", "Хочу на стрижку", "Завтра можно?"].iter().enumerate()
     {
@@ -445,15 +451,9 @@ async fn the_openai_handler_gives_the_model_the_salons_data_within_its_budget() 
                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Есть окно в 11:00"}, "finish_reason": "stop"}]})
     })
     .await;
-    let mut c = config(dir.path());
-    c.handler.kind = HandlerKind::OpenAi;
-    c.openai.base_url = format!("{}/v1", llm.base);
-    c.openai.model = "test-model".into();
-    c.openai.system_prompt = "Ты администратор салона.".into();
-    c.openai.api_key_env = "TURNSTILE_TEST_NO_SUCH_KEY".into();
+    let mut c = openai_config(dir.path(), &llm, "TURNSTILE_TEST_NO_SUCH_KEY");
     c.openai.cache_prompt = "Данные салона:".into();
     c.openai.cache_max_chars = 200;
-    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
     let d = Daemon::start(c).await;
     // The booking side puts the salon's data in the cache.
     let cache = json!({"company": "Лотос", "staff": [{"name": "Анна"}], "slots": ["11:00"]});
@@ -476,13 +476,9 @@ async fn the_openai_handler_gives_the_model_the_salons_data_within_its_budget() 
 
     // Over the budget: cut, and said so.
     let dir = tempfile::tempdir().unwrap();
-    let mut c = config(dir.path());
-    c.handler.kind = HandlerKind::OpenAi;
-    c.openai.base_url = format!("{}/v1", llm.base);
-    c.openai.api_key_env = "TURNSTILE_TEST_NO_SUCH_KEY".into();
+    let mut c = openai_config(dir.path(), &llm, "TURNSTILE_TEST_NO_SUCH_KEY");
     c.openai.cache_prompt = "Данные салона:".into();
     c.openai.cache_max_chars = 20;
-    c.ingest.webhook_token = WEBHOOK_TOKEN.into();
     let d = Daemon::start(c).await;
     assert_eq!(d.put("/api/contexts/962302/79001234567", &json!({"cache": cache})).await.0, 200);
     say(&d, "c2", "79001234567", "Можно завтра?").await;
