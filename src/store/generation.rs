@@ -367,8 +367,15 @@ impl Writer {
         let next = Arc::new(Gen { no, dir, db, trees });
         let cancel = Arc::new(AtomicBool::new(false));
         let (from, to, stop) = (current.trees.clone(), next.trees.clone(), cancel.clone());
-        let copier =
-            spawn_copier(move || copy_all(&from, &to, &stop)).map_err(|e| log::io_error(&next.dir, e))?;
+        #[cfg(test)]
+        let held = next.dir.clone();
+        let copier = spawn_copier(move || {
+            let copied = copy_all(&from, &to, &stop);
+            #[cfg(test)]
+            hold::wait(&held, &stop);
+            copied
+        })
+        .map_err(|e| log::io_error(&next.dir, e))?;
         tracing::info!(
             size_bytes = len,
             since_last_bytes = len - self.rewrite_base.min(len),
@@ -473,6 +480,34 @@ impl Writer {
         for reply in self.rewrite_waiters.drain(..) {
             let _ =
                 reply.send(Err(StoreError::Write(Arc::from(format!("the rewrite was abandoned: {reason}")))));
+        }
+    }
+}
+
+/// Tests hold a rewrite of one directory after its first copy, so that
+/// writes land while it runs (and must be copied again), however fast the
+/// machine copies.
+#[cfg(test)]
+pub(super) mod hold {
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    static HELD: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    /// Holds the rewrite into `dir` (a generation's directory) until
+    /// `release`.
+    pub fn hold(dir: &Path) {
+        HELD.lock().unwrap().push(dir.to_path_buf());
+    }
+
+    pub fn release(dir: &Path) {
+        HELD.lock().unwrap().retain(|d| d != dir);
+    }
+
+    pub(super) fn wait(dir: &Path, cancel: &AtomicBool) {
+        while HELD.lock().unwrap().iter().any(|d| d == dir) && !cancel.load(Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
     }
 }

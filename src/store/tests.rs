@@ -699,10 +699,13 @@ async fn a_rewrite_under_writes_keeps_every_record_and_leaves_the_old_files_behi
     store.commit(commit_of(&t, keep(), vec![], 20, unix_ms())).await.unwrap();
 
     // Writes go on while the rewrite copies: the first 100 contexts are
-    // rewritten over and over, each conversation's last write noted.
+    // rewritten over and over, each conversation's last write noted. The
+    // rewrite is held after its first copy until two rounds of writes have
+    // landed, so those must reach the new files by the copies again.
     let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let writes = tokio::spawn({
-        let (store, stop) = (store.clone(), stop.clone());
+        let (store, stop, done) = (store.clone(), stop.clone(), done.clone());
         async move {
             let mut last = std::collections::HashMap::new();
             let mut round = 0u32;
@@ -716,15 +719,29 @@ async fn a_rewrite_under_writes_keeps_every_record_and_leaves_the_old_files_behi
                 let m = insert(&store, &format!("w{round}"), &phone(1)).await;
                 let t = turn_of(&store, vec![m]);
                 store.commit(commit_of(&t, keep(), vec![], 20, unix_ms())).await.unwrap();
+                done.store(round, Ordering::SeqCst);
             }
             (round, last)
         }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    assert_eq!(store.rewrite_now().await.unwrap(), 1);
+    let next_dir = generation::dir_of(dir.path(), 1);
+    generation::hold::hold(&next_dir);
+    let rewrite = tokio::spawn({
+        let store = store.clone();
+        async move { store.rewrite_now().await }
+    });
+    while !next_dir.exists() {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let started = done.load(Ordering::SeqCst);
+    while done.load(Ordering::SeqCst) < started + 2 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(store.stats().rewrites, 0, "the rewrite is held");
+    generation::hold::release(&next_dir);
+    assert_eq!(rewrite.await.unwrap().unwrap(), 1);
     stop.store(true, Ordering::SeqCst);
     let (rounds, last) = writes.await.unwrap();
-    assert!(rounds >= 2, "writes went on during the rewrite ({rounds} rounds)");
     assert_eq!(store.stats().rewrites, 1);
 
     // Every write is there: the last one of the busy conversations, the
