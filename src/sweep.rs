@@ -1,5 +1,5 @@
-//! Background sweeps: message ids past the dedup window and expired
-//! contexts leave the disk. Each runs in bounded chunks through the store's
+//! Background sweeps: dedup marks move from sled into the archive files,
+//! message ids past the dedup window and expired contexts leave the disk. Each runs in bounded chunks through the store's
 //! writer, so a large sweep never makes one long group.
 
 use std::future::Future;
@@ -11,16 +11,28 @@ use tracing::{error, info, warn};
 use crate::clock::Clock;
 use crate::store::Store;
 
-/// How often expired message ids are forgotten.
-const DEDUP_SWEEP_EVERY: Duration = Duration::from_secs(3600);
+/// How often the dedup marks are archived and expired ones forgotten:
+/// sled holds about this long of marks (see store/archive.rs).
+const DEDUP_SWEEP_EVERY: Duration = Duration::from_secs(60);
 
-/// Forgets message ids retired more than `dedup_days` ago, once an hour.
+/// Every minute: moves the dedup marks retired since into the archive,
+/// then forgets message ids retired more than `dedup_days` ago.
 pub async fn dedup(store: Store, clock: Clock, dedup_days: u64, token: CancellationToken) {
     let keep_ms = dedup_days * 24 * 3600 * 1000;
     every(DEDUP_SWEEP_EVERY, token, || {
         let store = store.clone();
         let cutoff = clock.now_ms().saturating_sub(keep_ms);
         async move {
+            loop {
+                match store.archive_dedup().await {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(error = %e, "archiving dedup marks failed; they stay in the store until the next try");
+                        break;
+                    }
+                }
+            }
             let mut forgotten = 0;
             loop {
                 match store.expire_dedup(cutoff).await {

@@ -1,8 +1,9 @@
 //! Which message ids were accepted: a set of 128-bit hashes in memory, for
 //! the ids in the log (not yet answered) and those retired by a turn within
-//! `ingest.dedup_days`. The retired ones are also in sled, one record per
-//! retiring turn (`dedup` tree: retired time ‖ unique id → the hashes), so
-//! the set is rebuilt from disk on open and expired by a range scan.
+//! `ingest.dedup_days`. The retired ones are also on disk: in sled, one
+//! record per retiring turn (`dedup` tree: retired time ‖ unique id → the
+//! hashes), until the minute's sweep moves them into the archive files
+//! (`archive.rs`); the set is rebuilt from both on open.
 //!
 //! Hash, not id: 16 bytes per message whatever the id's length. Two ids are
 //! taken for one only if their SHA-256 agrees in the first 128 bits; among a

@@ -94,11 +94,16 @@ pub(crate) fn segment_path(dir: &Path, no: u64) -> PathBuf {
 
 /// Segment numbers in `dir`, oldest first. Other files are left alone.
 pub(crate) fn segments(dir: &Path) -> io::Result<Vec<u64>> {
+    numbered(dir, ".seg")
+}
+
+/// The numbers of the files in `dir` named `<hex number><suffix>`, sorted.
+pub(crate) fn numbered(dir: &Path, suffix: &str) -> io::Result<Vec<u64>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let name = entry?.file_name();
         let name = name.to_string_lossy();
-        if let Some(no) = name.strip_suffix(".seg").and_then(|h| u64::from_str_radix(h, 16).ok()) {
+        if let Some(no) = name.strip_suffix(suffix).and_then(|h| u64::from_str_radix(h, 16).ok()) {
             out.push(no);
         }
     }

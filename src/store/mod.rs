@@ -16,13 +16,16 @@
 //! directly.
 //!
 //! Memory here (pending messages, open claims, the dedup set, segment
-//! counts) is rebuilt from the log and sled on every open (`recover.rs`).
+//! counts) is rebuilt from the log, sled and the dedup archive on every
+//! open (`recover.rs`).
 //!
-//! Trees: `dedup` (retired time ‖ id → hashes of the ids a turn answered),
+//! Trees: `dedup` (retired time ‖ id → hashes of the ids a turn answered,
+//! until they move into the archive files in `dedup/`: `archive.rs`),
 //! `turns` (dead turns, and turns re-opened from dead), `history`, `outbox`,
 //! `ctx_meta`, `ctx_dialogue`, `ctx_cache`, `ctx_expiry`, `ctx_totals`
 //! (contexts, see `contexts.rs`), `meta` (the id floor of a restored store).
 
+mod archive;
 mod contexts;
 mod dedup;
 mod durable;
@@ -645,11 +648,20 @@ impl Store {
     }
 
     /// Forgets message ids retired before `cutoff_ms` (a bounded chunk per
-    /// call); returns how many dedup records went.
+    /// call); returns how many dedup records and archive files went.
     pub async fn expire_dedup(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
         match self.trees(writer::TreeWrite::ExpireDedup { cutoff_ms }, false).await? {
             writer::Outcome::Count(n) => Ok(n),
             other => unreachable!("a dedup sweep answered {other:?}"),
+        }
+    }
+
+    /// Moves a chunk of the `dedup` tree's records into the archive files
+    /// (archive.rs); returns how many records went (0: none were left).
+    pub async fn archive_dedup(&self) -> Result<usize, StoreError> {
+        match self.trees(writer::TreeWrite::ArchiveDedup, false).await? {
+            writer::Outcome::Count(n) => Ok(n),
+            other => unreachable!("a dedup archive answered {other:?}"),
         }
     }
 
@@ -855,10 +867,10 @@ impl Store {
         s.log_syncs + s.tree_syncs + s.other_syncs
     }
 
-    /// Bytes the store occupies on disk (sled and the log).
+    /// Bytes the store occupies on disk (sled, the log, the dedup archive).
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        let (db, log) = self.file_sizes()?;
-        Ok(db + log)
+        let (db, log, archive) = self.file_sizes()?;
+        Ok(db + log + archive)
     }
 }
 

@@ -86,6 +86,7 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
         })?;
         seen.extend(hashes);
     }
+    let archive = super::archive::Archive::open(dir, &mut seen)?;
     let (memory, replayed_ids) = replay(&log_dir, &seen)?;
     seen.extend(replayed_ids);
 
@@ -160,6 +161,7 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
         rewrite_base: generation::file_len(&db_dir),
         next_rewrite_check: std::time::Instant::now(),
         rewrite_waiters: Vec::new(),
+        archive,
         _lock: lock,
     };
     let thread = std::thread::Builder::new()

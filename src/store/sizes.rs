@@ -42,6 +42,8 @@ impl Store {
             }
             out.push(TreeSize { tree: String::from_utf8_lossy(&name).into_owned(), records, bytes });
         }
+        let (marks, _) = super::archive::size(&self.inner.dir)?;
+        out.push(TreeSize { tree: "dedup_archive".into(), records: marks, bytes: marks * 16 });
         out.sort_by(|a, b| a.tree.cmp(&b.tree));
         Ok(out)
     }
@@ -60,13 +62,15 @@ impl Store {
         Ok(sizes)
     }
 
-    /// Bytes of sled's files (`db`, blobs) and of the message log's segments.
-    pub fn file_sizes(&self) -> Result<(u64, u64), StoreError> {
+    /// Bytes of sled's files (`db`, blobs), of the message log's segments
+    /// and of the dedup archive's files.
+    pub fn file_sizes(&self) -> Result<(u64, u64, u64), StoreError> {
         let log_dir = self.inner.dir.join(super::log::DIR_NAME);
         let mut log = 0;
         for no in super::log::segments(&log_dir).map_err(|e| super::log::io_error(&log_dir, e))? {
             log += std::fs::metadata(super::log::segment_path(&log_dir, no)).map(|m| m.len()).unwrap_or(0);
         }
-        Ok((self.gen().db.size_on_disk()?, log))
+        let (_, archive) = super::archive::size(&self.inner.dir)?;
+        Ok((self.gen().db.size_on_disk()?, log, archive))
     }
 }

@@ -10,8 +10,15 @@
 
 use std::path::Path;
 
+use super::archive::{self, Archive};
+use super::dedup;
 use super::records::{encode, seq_key};
 use super::{log, open_db, writer, Store, StoreError, ID_FLOOR, META};
+
+/// An import puts the marks retired within this long of each other, up to
+/// this many, into one archive chunk.
+const IMPORT_CHUNK_MS: u64 = 60 * 1000;
+const IMPORT_CHUNK_MARKS: usize = 1 << 16;
 
 /// sled's own default tree; turnstile keeps nothing there.
 pub(super) const DEFAULT_TREE: &[u8] = b"__sled__default";
@@ -52,6 +59,15 @@ impl Store {
         for name in names {
             let tree = db.open_tree(&name).map_err(StoreError::from)?;
             let name = String::from_utf8_lossy(&name).into_owned();
+            if name == "dedup" {
+                // The archived marks first, a record per chunk, in the
+                // format of the tree's own records (time ‖ a unique tail).
+                for (i, chunk) in archive::read_all(&self.inner.dir)?.into_iter().enumerate() {
+                    let mut key = chunk.newest_ms.to_be_bytes().to_vec();
+                    key.extend_from_slice(&(u64::MAX - i as u64).to_be_bytes());
+                    visit(&name, &key, &dedup::pack(&chunk.hashes))?;
+                }
+            }
             for kv in tree.iter() {
                 let (k, v) = kv.map_err(StoreError::from)?;
                 visit(&name, &k, &v)?;
@@ -79,10 +95,41 @@ impl Store {
     {
         std::fs::create_dir_all(dir).map_err(|e| log::io_error(dir, e))?;
         let db = open_db(dir, super::Options::default())?;
+        // Dedup marks go straight into the archive, an hour's worth of
+        // records to a chunk; the rest into sled's trees.
+        let mut archive = Archive::unsynced(dir)?;
+        let mut marks: (u64, u64, Vec<dedup::IdHash>) = (0, 0, Vec::new());
+        let flush = |archive: &mut Archive, marks: &mut (u64, u64, Vec<dedup::IdHash>)| {
+            let hashes = std::mem::take(&mut marks.2);
+            archive.append(marks.1, &hashes).map_err(|e| log::io_error(dir, e))
+        };
         for record in records {
             let (tree, key, value) = record?;
+            if tree == "dedup" {
+                let (Some(at), Some(hashes)) = (key.get(..8), dedup::unpack(&value)) else {
+                    return Err(StoreError::Corrupt {
+                        tree: "dedup",
+                        key: format!("{key:?}"),
+                        reason: format!("{} bytes is not a list of 16-byte hashes", value.len()),
+                    }
+                    .into());
+                };
+                let at = u64::from_be_bytes(at.try_into().expect("8 bytes"));
+                if !marks.2.is_empty()
+                    && (at >= marks.0 + IMPORT_CHUNK_MS || marks.2.len() >= IMPORT_CHUNK_MARKS)
+                {
+                    flush(&mut archive, &mut marks)?;
+                }
+                if marks.2.is_empty() {
+                    marks.0 = at;
+                }
+                marks.1 = marks.1.max(at);
+                marks.2.extend(hashes);
+                continue;
+            }
             db.open_tree(tree.as_bytes()).and_then(|t| t.insert(key, value)).map_err(StoreError::from)?;
         }
+        flush(&mut archive, &mut marks)?;
         // Fresh sled counters start at zero: lift them above every restored id.
         db.open_tree(META)
             .and_then(|t| t.insert(ID_FLOOR, &next_id.to_be_bytes()[..]))

@@ -59,6 +59,11 @@ fn turn_of(store: &Store, messages: Vec<Message>) -> TurnRecord {
 
 const HOUR: u64 = 3_600_000;
 
+/// A tree's (records, bytes) in a count of `tree_sizes`.
+fn size(sizes: &[super::TreeSize], tree: &str) -> (u64, u64) {
+    sizes.iter().find(|t| t.tree == tree).map(|t| (t.records, t.bytes)).unwrap_or((0, 0))
+}
+
 fn keep() -> ContextUpdate {
     ContextUpdate { dialogue: Part::Keep, cache: Part::Keep, slide: true, ttl_ms: HOUR }
 }
@@ -273,6 +278,52 @@ async fn retired_ids_are_forgotten_after_the_window_and_pending_ones_never() {
     assert!(matches!(again(&store, "old", "700000001").await, Inserted::New(_)));
     assert_eq!(store.expire_dedup(unix_ms() + 1).await.unwrap(), 0, "a pending id is never forgotten");
     assert_eq!(again(&store, "old", "700000001").await, Inserted::Duplicate);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archived_marks_are_remembered_across_a_restart_a_backup_and_expire_a_file_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path());
+    for i in 0..3 {
+        let m = insert(&store, &format!("a{i}"), "700000001").await;
+        let t = turn_of(&store, vec![m]);
+        store.commit(commit_of(&t, keep(), vec![], 10, 0)).await.unwrap();
+    }
+    assert_eq!(store.gen().trees.dedup.len(), 3, "a commit writes its mark into sled");
+    assert_eq!(store.archive_dedup().await.unwrap(), 3);
+    assert_eq!(store.archive_dedup().await.unwrap(), 0, "nothing left to move");
+    assert!(store.gen().trees.dedup.is_empty(), "the marks left sled");
+    assert_eq!(size(&store.tree_sizes().unwrap(), "dedup_archive"), (3, 48));
+    assert_eq!(again(&store, "a1", "700000001").await, Inserted::Duplicate);
+    store.close().await.unwrap();
+
+    // A restart reads them back from the files.
+    let (store, _) = open(dir.path());
+    assert_eq!(again(&store, "a0", "700000001").await, Inserted::Duplicate);
+    // An export carries them; an import files them in an archive of its own.
+    let exported = tokio::task::block_in_place(|| records(&store));
+    let marks: Vec<&Vec<u8>> =
+        exported.iter().filter(|((tree, _), _)| tree == "dedup").map(|(_, v)| v).collect();
+    assert_eq!(marks.len(), 1, "one chunk, one record");
+    assert_eq!(marks[0].len(), 48);
+    store.close().await.unwrap();
+    let restored = dir.path().join("restored");
+    let all = exported.into_iter().map(|((tree, k), v)| Ok::<_, StoreError>((tree, k, v)));
+    Store::import_into(&restored, 1 << 20, all).unwrap();
+    let (store, _) = open(&restored);
+    assert!(store.gen().trees.dedup.is_empty());
+    for i in 0..3 {
+        assert_eq!(again(&store, &format!("a{i}"), "700000001").await, Inserted::Duplicate, "a{i}");
+    }
+    // Past the window the whole file goes, and the ids are new again.
+    assert_eq!(store.expire_dedup(unix_ms() + 1).await.unwrap(), 1);
+    assert_eq!(std::fs::read_dir(restored.join("dedup")).unwrap().count(), 0);
+    assert!(matches!(again(&store, "a2", "700000001").await, Inserted::New(_)));
+    store.close().await.unwrap();
+    let (store, _) = open(&restored);
+    assert_eq!(again(&store, "a2", "700000001").await, Inserted::Duplicate, "now pending");
+    assert!(matches!(again(&store, "a0", "700000001").await, Inserted::New(_)), "forgotten for good");
+    store.close().await.unwrap();
 }
 
 #[tokio::test]
@@ -634,9 +685,6 @@ async fn an_export_is_one_cut_ingest_goes_on_and_commits_wait_for_its_end() {
 async fn tree_sizes_count_live_records_and_their_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = open(dir.path());
-    let size = |sizes: &[super::TreeSize], tree: &str| {
-        sizes.iter().find(|t| t.tree == tree).map(|t| (t.records, t.bytes)).unwrap_or((0, 0))
-    };
     let before = store.tree_sizes().unwrap();
     assert_eq!(size(&before, "ctx_dialogue"), (0, 0));
     let dialogue = vec![7u8; 1000];

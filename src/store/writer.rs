@@ -39,6 +39,9 @@ pub(crate) const SYNC_EVERY: Duration = Duration::from_millis(20);
 const MAX_GROUP: usize = 4096;
 /// Most records one sweep call removes, so a sweep never makes a long group.
 const SWEEP_CHUNK: usize = 500;
+/// How many `dedup` records one archive step moves: one chunk, one sync,
+/// and a transaction short enough not to hold up the acknowledgements.
+const ARCHIVE_CHUNK: usize = 4096;
 
 pub(crate) enum Op {
     Accept {
@@ -113,6 +116,8 @@ pub(crate) enum TreeWrite {
     ExpireDedup {
         cutoff_ms: u64,
     },
+    /// Moves the `dedup` tree's records into the archive (archive.rs).
+    ArchiveDedup,
     ExpireContexts {
         now_ms: u64,
     },
@@ -156,6 +161,8 @@ pub(crate) struct Writer {
     pub next_rewrite_check: Instant,
     /// Waiting for a rewrite asked for (`Op::Rewrite`).
     pub rewrite_waiters: Vec<Reply<u64>>,
+    /// Dedup marks moved out of sled (archive.rs).
+    pub archive: super::archive::Archive,
     /// The data directory's lock, held as long as this thread runs.
     pub _lock: std::fs::File,
 }
@@ -174,8 +181,10 @@ struct Prepared {
     dedup_record: Option<(Vec<u8>, Vec<u8>)>,
     /// Commit: history keys to drop (over the limit) and the new key.
     history: (Vec<sled::IVec>, Vec<u8>),
-    /// Dedup sweep: the records to remove.
+    /// Dedup sweep or archive: the records to remove.
     expired: Vec<(sled::IVec, Vec<IdHash>)>,
+    /// Dedup sweep: the archive files to delete, and their marks.
+    expired_files: Vec<(u64, Vec<IdHash>)>,
     /// Context sweep: the index entries due.
     due: Vec<sled::IVec>,
     /// Retention: what to remove.
@@ -582,6 +591,7 @@ impl Writer {
             dedup_record: None,
             history: (Vec::new(), Vec::new()),
             expired: Vec::new(),
+            expired_files: Vec::new(),
             due: Vec::new(),
             expiring: Default::default(),
             error: None,
@@ -619,26 +629,30 @@ impl Writer {
                     .map(|s| s.created_ms)
                     .min();
                 let cutoff = oldest.map_or(*cutoff_ms, |o| o.min(*cutoff_ms));
-                for kv in self.trees.dedup.range(..cutoff.to_be_bytes().to_vec()).take(SWEEP_CHUNK) {
-                    match kv {
-                        Ok((k, v)) => match dedup::unpack(&v) {
-                            Some(hashes) => p.expired.push((k, hashes)),
-                            None => {
-                                p.error = Some(StoreError::Corrupt {
-                                    tree: "dedup",
-                                    key: format!("{k:?}"),
-                                    reason: format!("{} bytes is not a list of 16-byte hashes", v.len()),
-                                });
-                                break;
-                            }
-                        },
+                match self.dedup_records(..cutoff.to_be_bytes().to_vec(), SWEEP_CHUNK) {
+                    Ok(expired) => p.expired = expired,
+                    Err(e) => p.error = Some(e),
+                }
+                match self.archive.expiring(cutoff) {
+                    Ok(files) => p.expired_files = files,
+                    Err(e) => p.error = Some(e),
+                }
+            }
+            TreeWrite::ArchiveDedup => match self.dedup_records(.., ARCHIVE_CHUNK) {
+                // The chunk is durable before the records leave sled.
+                Ok(records) if !records.is_empty() => {
+                    let newest = records.iter().map(|(k, _)| record_time(k)).max().unwrap_or(now_ms);
+                    let hashes: Vec<IdHash> = records.iter().flat_map(|(_, h)| h.iter().copied()).collect();
+                    match self.archive.append(newest, &hashes) {
+                        Ok(()) => p.expired = records,
                         Err(e) => {
-                            p.error = fail(e);
-                            break;
+                            p.error = Some(log::io_error(&self.data_dir.join(super::archive::DIR_NAME), e))
                         }
                     }
                 }
-            }
+                Ok(_) => {}
+                Err(e) => p.error = Some(e),
+            },
             TreeWrite::ExpireContexts { now_ms } => {
                 for kv in self.trees.ctx_expiry.range(..(now_ms + 1).to_be_bytes().to_vec()).take(SWEEP_CHUNK)
                 {
@@ -770,14 +784,39 @@ impl Writer {
                 }
             }
             (TreeWrite::ExpireDedup { .. }, _) => {
-                for (_, hashes) in &p.expired {
+                let sled = p.expired.iter().map(|(_, h)| h);
+                for hashes in sled.chain(p.expired_files.iter().map(|(_, h)| h)) {
                     for h in hashes {
                         self.seen.remove(h);
                     }
                 }
+                self.archive.remove(&p.expired_files.iter().map(|(no, _)| *no).collect::<Vec<_>>());
             }
             _ => {}
         }
+    }
+
+    /// The first `limit` `dedup` records in `range`, with their hashes.
+    fn dedup_records(
+        &self,
+        range: impl std::ops::RangeBounds<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Vec<(sled::IVec, Vec<IdHash>)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.trees.dedup.range(range).take(limit) {
+            let (k, v) = kv?;
+            match dedup::unpack(&v) {
+                Some(hashes) => out.push((k, hashes)),
+                None => {
+                    return Err(StoreError::Corrupt {
+                        tree: "dedup",
+                        key: format!("{k:?}"),
+                        reason: format!("{} bytes is not a list of 16-byte hashes", v.len()),
+                    })
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn retire(&mut self, turn_id: &str, retire: &[(u64, IdHash)], segs: &mut Vec<u64>) {
@@ -791,6 +830,11 @@ impl Writer {
             segs.extend(claim.segs);
         }
     }
+}
+
+/// When a `dedup` record's marks were retired: its key's first 8 bytes.
+fn record_time(key: &[u8]) -> u64 {
+    key.get(..8).map_or(0, |b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
 }
 
 /// The same error again, for a transaction closure that may run twice.
@@ -906,11 +950,11 @@ fn apply(v: &Views<'_>, p: &Prepared) -> TxResult<Outcome> {
             v.outbox.insert(item.seq.to_be_bytes(), encode(item.as_ref()))?;
             Ok(Ok(Outcome::Done))
         }
-        TreeWrite::ExpireDedup { .. } => {
+        TreeWrite::ExpireDedup { .. } | TreeWrite::ArchiveDedup => {
             for (k, _) in &p.expired {
                 v.dedup.remove(k)?;
             }
-            Ok(Ok(Outcome::Count(p.expired.len())))
+            Ok(Ok(Outcome::Count(p.expired.len() + p.expired_files.len())))
         }
         TreeWrite::ExpireContexts { now_ms } => {
             let (mut swept, mut gone) = (Swept::default(), Vec::new());

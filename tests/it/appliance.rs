@@ -127,6 +127,35 @@ async fn metrics_parse_and_move_under_a_small_load() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn dedup_marks_move_out_of_the_trees_within_a_minute_and_a_restart_still_knows_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(config(dir.path())).await;
+    for (i, text) in BURST.iter().enumerate() {
+        d.send(&format!("a{i}"), "79001234567", text).await;
+    }
+    sleep(11 * S).await;
+    assert_eq!(d.get("/api/conversations/79001234567").await.1["turns"].as_array().unwrap().len(), 1);
+    sleep(61 * S).await;
+    let after = scrape(&d).await;
+    let records = |tree| metric(&after, "turnstile_tree_records", &[("tree", tree)]);
+    assert_eq!((records("dedup"), records("dedup_archive")), (0.0, BURST.len() as f64));
+    assert_eq!(
+        metric(&after, "turnstile_store_file_bytes", &[("part", "dedup_archive")]),
+        (16 + 16 * BURST.len()) as f64,
+        "one chunk: its header and a hash per message"
+    );
+    d.stop().await;
+
+    let d = Daemon::start(config(dir.path())).await;
+    for i in 0..BURST.len() {
+        let (status, body) = d.send(&format!("a{i}"), "79001234567", "again").await;
+        assert_eq!((status, body["status"].as_str()), (200, Some("duplicate")), "a{i}");
+    }
+    assert_eq!(d.send("a9", "79001234567", "new").await.1["status"], "accepted");
+    d.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_admin_token_guards_the_api_and_metrics_but_not_webhooks() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(dir.path());

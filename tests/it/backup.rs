@@ -21,19 +21,25 @@ fn cli(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// Every record of a stopped store, except the id bookkeeping in `meta`.
+/// Every record of a stopped store, except the id bookkeeping in `meta`;
+/// the dedup marks as one sorted list of hashes (a restore or a compaction
+/// files them into chunks of its own: which ids, not which chunk, counts).
 async fn records(dir: &Path) -> Records {
     let store = Store::open(dir).unwrap();
-    let mut all = Vec::new();
+    let (mut all, mut marks) = (Vec::new(), Vec::new());
     store
         .export(|tree, k, v| {
-            if tree != "meta" {
-                all.push((tree.to_owned(), k.to_vec(), v.to_vec()));
+            match tree {
+                "meta" => {}
+                "dedup" => marks.extend(v.chunks(16).map(<[u8]>::to_vec)),
+                _ => all.push((tree.to_owned(), k.to_vec(), v.to_vec())),
             }
             Ok::<(), turnstile::store::StoreError>(())
         })
         .unwrap();
     store.close().await.unwrap();
+    marks.sort();
+    all.push(("dedup".into(), b"marks".to_vec(), marks.concat()));
     all
 }
 
