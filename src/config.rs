@@ -393,6 +393,9 @@ pub struct StoreConfig {
     /// The store's files are rewritten online once they have grown this
     /// many MiB (and by half their size) since the last rewrite; 0: never.
     pub rewrite_after_mb: u64,
+    /// How often, in seconds, the dedup marks of committed turns move from
+    /// the embedded store into the dedup archive's files.
+    pub archive_every_s: u64,
 }
 
 impl StoreConfig {

@@ -278,6 +278,7 @@ pub async fn run_on(
             store.clone(),
             shared.clock.clone(),
             config.ingest.dedup_days,
+            std::time::Duration::from_secs(config.store.archive_every_s),
             stopping.shutdown.clone(),
         )),
         tokio::spawn(sweep::retention(

@@ -11,15 +11,12 @@ use tracing::{error, info, warn};
 use crate::clock::Clock;
 use crate::store::Store;
 
-/// How often the dedup marks are archived and expired ones forgotten:
-/// sled holds about this long of marks (see store/archive.rs).
-const DEDUP_SWEEP_EVERY: Duration = Duration::from_secs(60);
-
-/// Every minute: moves the dedup marks retired since into the archive,
-/// then forgets message ids retired more than `dedup_days` ago.
-pub async fn dedup(store: Store, clock: Clock, dedup_days: u64, token: CancellationToken) {
+/// Every `period` (`store.archive_every_s`: sled holds about this long of
+/// marks, see store/archive.rs): moves the dedup marks retired since into
+/// the archive, then forgets message ids retired more than `dedup_days` ago.
+pub async fn dedup(store: Store, clock: Clock, dedup_days: u64, period: Duration, token: CancellationToken) {
     let keep_ms = dedup_days * 24 * 3600 * 1000;
-    every(DEDUP_SWEEP_EVERY, token, || {
+    every(period, token, || {
         let store = store.clone();
         let cutoff = clock.now_ms().saturating_sub(keep_ms);
         async move {
@@ -102,11 +99,14 @@ async fn every<F: Future<Output = ()>>(
     }
 }
 
+/// How often retention runs.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
 /// Removes, once an hour, what retention lets go: dead turns, given-up
 /// reply pieces, old history (in chunks).
 pub async fn retention(store: Store, clock: Clock, rules: RetentionDays, token: CancellationToken) {
     let day = 24 * 3600 * 1000;
-    every(DEDUP_SWEEP_EVERY, token, || {
+    every(RETENTION_EVERY, token, || {
         let store = store.clone();
         let now = clock.now_ms();
         let rules = crate::store::Retention {

@@ -227,6 +227,7 @@ impl Default for StoreConfig {
         StoreConfig {
             cache_mb: crate::store::DEFAULT_CACHE_MB,
             rewrite_after_mb: crate::store::DEFAULT_REWRITE_AFTER_MB,
+            archive_every_s: 60,
         }
     }
 }

@@ -140,6 +140,9 @@ impl Config {
         if !(8..=65536).contains(&self.store.cache_mb) {
             return bad("store.cache_mb", "must be between 8 and 65536 (MiB)");
         }
+        if !(1..=3600).contains(&self.store.archive_every_s) {
+            return bad("store.archive_every_s", "must be between 1 and 3600 (seconds)");
+        }
         if self.store.rewrite_after_mb > 1_048_576 {
             return bad("store.rewrite_after_mb", "must be 0 (never) to 1048576 (MiB)");
         }

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::time::{sleep, Instant};
-use turnstile::message::Conv;
-use turnstile::store::Store;
+use turnstile::message::{Conv, NewMessage};
+use turnstile::store::{Inserted, Store};
 
 use crate::helpers::*;
 use crate::loopfs::{loop_fs_or_skip, LoopFs};
@@ -48,6 +48,9 @@ async fn every_acknowledged_write_survives_a_power_cut() {
         ("TURNSTILE_BATCHING_DEBOUNCE_MS", "150".into()),
         ("TURNSTILE_BATCHING_MAX_WAIT_MS", "600".into()),
         ("TURNSTILE_TURNS_HISTORY_LIMIT", "10000".into()),
+        // Dedup marks move into the archive every second, so cuts land
+        // around those moves too.
+        ("TURNSTILE_STORE_ARCHIVE_EVERY_S", "1".into()),
     ]);
     let daemon = Spawned(spawn_binary(&env, &dir.path().join("daemon.log")));
     let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
@@ -141,23 +144,57 @@ async fn every_acknowledged_write_survives_a_power_cut() {
     assert!(acked > 200 && handler.calls().len() > 50, "too little load: {acked} acked");
 
     // Each copy, as the next boot would find it.
-    let mut checked_messages = 0;
+    let (mut checked_messages, mut archived) = (0, 0);
     for (n, (copy, snapshot)) in taken.iter().enumerate() {
         let mnt = dir.path().join(format!("cut-{n}"));
         let mounted = LoopFs::attach(copy, &mnt).unwrap_or_else(|e| panic!("cut {n} does not mount: {e}"));
         let store = Store::open(&mnt.join("data"))
             .unwrap_or_else(|e| panic!("cut {n}: the store does not open: {e}"));
         let recovered = store.take_recovered().unwrap();
-        let mut kept: HashSet<String> = recovered.inbox.iter().map(|m| m.id.clone()).collect();
-        kept.extend(recovered.open_turns.iter().flat_map(|t| t.messages.iter().map(|m| m.id.clone())));
-        kept.extend(store.turns().unwrap().iter().flat_map(|t| t.messages.iter().map(|m| m.id.clone())));
+        let sizes = tokio::task::block_in_place(|| store.tree_sizes()).unwrap();
+        archived = sizes.iter().find(|t| t.tree == "dedup_archive").map_or(0, |t| t.records);
+        // Still to answer: pending, in an open turn, or dead.
+        let mut open: HashSet<String> = recovered.inbox.iter().map(|m| m.id.clone()).collect();
+        open.extend(recovered.open_turns.iter().flat_map(|t| t.messages.iter().map(|m| m.id.clone())));
+        open.extend(store.turns().unwrap().iter().flat_map(|t| t.messages.iter().map(|m| m.id.clone())));
+        let mut kept = open.clone();
         for (phone, t) in snapshot {
             for h in store.history(phone).unwrap() {
+                // A committed turn's messages are retired for good: one of
+                // them to answer again would be a second reply.
+                let twice: Vec<&String> =
+                    h.messages.iter().map(|m| &m.id).filter(|id| open.contains(*id)).collect();
+                assert!(twice.is_empty(), "cut {n}: answered and yet to answer again: {twice:?}");
                 kept.extend(h.messages.iter().map(|m| m.id.clone()));
             }
             let missing: Vec<&String> = t.acked.iter().filter(|id| !kept.contains(*id)).collect();
             assert!(missing.is_empty(), "cut {n}: acknowledged messages missing: {missing:?}");
             checked_messages += t.acked.len();
+            // And each is still known: a redelivery is a duplicate, whether
+            // its mark is in the log, the trees or the archive.
+            store.set_sink(Some(Arc::new(|_| true)));
+            let again: Vec<NewMessage> = t
+                .acked
+                .iter()
+                .map(|id| NewMessage {
+                    id: id.clone(),
+                    conv: Conv { phone: phone.clone(), company_id: "default".into() },
+                    kind: "text".into(),
+                    text: "again".into(),
+                    timestamp: None,
+                    received_at_ms: 0,
+                })
+                .collect();
+            let forgotten: Vec<&String> = store
+                .accept(again, false)
+                .await
+                .unwrap()
+                .iter()
+                .zip(&t.acked)
+                .filter(|(inserted, _)| !matches!(inserted, Inserted::Duplicate))
+                .map(|(_, id)| id)
+                .collect();
+            assert!(forgotten.is_empty(), "cut {n}: acknowledged ids taken for new ones: {forgotten:?}");
             if let Some(expected) = &t.cache {
                 let conv = Conv { phone: phone.clone(), company_id: "default".into() };
                 let stored = store.context(&conv, turnstile::message::unix_ms()).unwrap();
@@ -174,8 +211,9 @@ async fn every_acknowledged_write_survives_a_power_cut() {
         drop(mounted);
         let _ = std::fs::remove_file(copy);
     }
+    assert!(archived > 0, "no dedup mark had moved into the archive by the last cut");
     eprintln!(
-        "power cut: {cuts} cuts, {checked_messages} acknowledged messages checked across them, {} turns run, {rewrites} online rewrites",
+        "power cut: {cuts} cuts, {checked_messages} acknowledged messages checked across them, {} turns run, {rewrites} online rewrites, {archived} dedup marks archived at the last cut",
         handler.calls().len()
     );
 }
