@@ -78,6 +78,7 @@ pub struct Metrics {
     /// Handler answer to commit on disk (context encode, transaction, fsync).
     pub commit_latency: Histogram,
     pub handler_retries: AtomicU64,
+    pub handler_errors: AtomicU64,
     pub turns_committed: AtomicU64,
     pub turns_dead: AtomicU64,
     pub replies_sent: AtomicU64,
@@ -102,6 +103,7 @@ impl Default for Metrics {
             deadline_to_handler: Histogram::new(LAG),
             commit_latency: Histogram::new(LAG),
             handler_retries: AtomicU64::new(0),
+            handler_errors: AtomicU64::new(0),
             turns_committed: AtomicU64::new(0),
             turns_dead: AtomicU64::new(0),
             replies_sent: AtomicU64::new(0),
@@ -147,6 +149,14 @@ pub struct Gauges {
     pub trees: Vec<crate::store::TreeSize>,
     /// Online rewrites of the trees' files that completed.
     pub store_rewrites: u64,
+    /// Age of the oldest batch still collecting messages, seconds.
+    pub oldest_pending_batch_s: f64,
+    /// `batching.max_wait_ms`, in seconds.
+    pub batch_max_wait_s: f64,
+    /// Age of the oldest reply piece not yet delivered (nor given up), seconds.
+    pub oldest_outbox_s: f64,
+    /// Since the store's last successful sync, seconds.
+    pub last_sync_age_s: f64,
 }
 
 pub fn inc(counter: &AtomicU64) {
@@ -251,6 +261,12 @@ impl Metrics {
             "Handler attempts that failed and were retried.",
             load(&self.handler_retries),
         );
+        counter(
+            &mut out,
+            "turnstile_handler_errors_total",
+            "Handler attempts that failed (an error or a timeout), retried or not.",
+            load(&self.handler_errors),
+        );
         counter(&mut out, "turnstile_turns_committed_total", "Turns committed.", load(&self.turns_committed));
         counter(&mut out, "turnstile_turns_dead_total", "Turns parked as dead.", load(&self.turns_dead));
         counter(
@@ -288,6 +304,30 @@ impl Metrics {
             "turnstile_context_invalidations_total",
             "Caches dropped by invalidation.",
             g.context_invalidations,
+        );
+        gauge(
+            &mut out,
+            "turnstile_oldest_pending_batch_seconds",
+            "Age of the oldest batch still collecting messages (0: none).",
+            g.oldest_pending_batch_s,
+        );
+        gauge(
+            &mut out,
+            "turnstile_batch_max_wait_seconds",
+            "batching.max_wait_ms: no batch should collect longer.",
+            g.batch_max_wait_s,
+        );
+        gauge(
+            &mut out,
+            "turnstile_oldest_outbox_seconds",
+            "Age of the oldest reply piece not yet delivered nor given up (0: none).",
+            g.oldest_outbox_s,
+        );
+        gauge(
+            &mut out,
+            "turnstile_store_last_sync_age_seconds",
+            "Since the store's last successful sync (of the message log or the trees); grows while idle.",
+            g.last_sync_age_s,
         );
         gauge(&mut out, "turnstile_contexts", "Contexts stored.", g.contexts as f64);
         gauge(

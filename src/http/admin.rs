@@ -226,12 +226,19 @@ async fn rewrite_store(State(s): State<Arc<AppState>>) -> Result<Json<Value>, Ap
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     let mut g = Gauges { ready: accepting(&s).is_ok(), ..Gauges::default() };
     if let Some(snap) = s.driver.snapshot().await {
+        let oldest = snap.collecting.iter().map(|c| snap.now.saturating_duration_since(c.2)).max();
+        g.oldest_pending_batch_s = oldest.unwrap_or_default().as_secs_f64();
         g.pending_batches = snap.collecting.len() + snap.waiting.len();
         g.pending_messages = snap.collecting.iter().map(|c| c.1.len()).sum::<usize>()
             + snap.waiting.iter().map(|w| w.1.len()).sum::<usize>();
         g.turns_in_flight = snap.running.len();
     }
+    g.batch_max_wait_s = s.batch_max_wait_ms as f64 / 1000.0;
     let items = s.store.outbox();
+    let now_ms = crate::message::unix_ms();
+    let oldest = items.iter().filter(|i| !i.failed).map(|i| i.created_at_ms).min();
+    g.oldest_outbox_s = oldest.map_or(0, |at| now_ms.saturating_sub(at)) as f64 / 1000.0;
+    g.last_sync_age_s = now_ms.saturating_sub(s.store.last_sync_ms()) as f64 / 1000.0;
     let count = |state| items.iter().filter(|i| outbox::state(i) == state).count();
     (g.outbox_depth, g.outbox_failed, g.outbox_rate_limited) =
         (count("pending"), count("failed"), count("rate_limited"));

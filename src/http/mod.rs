@@ -74,6 +74,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub context_max_bytes: usize,
     pub default_company_id: String,
+    /// `batching.max_wait_ms`, for the metrics.
+    pub batch_max_wait_ms: u64,
 }
 
 /// The public listener: webhooks, `/healthz`, `/readyz`.

@@ -182,7 +182,7 @@ fn run(mut files: Files, shared: Arc<Shared>, queue: Arc<(Mutex<Queue>, Condvar)
         q.waiters = rest;
         match result {
             Ok(()) => {
-                shared.stats.tree_syncs.fetch_add(1, Ordering::Relaxed);
+                shared.stats.synced(&shared.stats.tree_syncs);
                 q.synced_epoch = q.synced_epoch.max(epoch);
                 let (retired, later): (Vec<_>, Vec<_>) =
                     std::mem::take(&mut q.retired).into_iter().partition(|r| r.0 <= epoch);

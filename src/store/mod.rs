@@ -214,6 +214,15 @@ pub(crate) struct Stats {
     expired_history: AtomicU64,
     /// Online rewrites of sled's files that completed.
     rewrites: AtomicU64,
+    /// When a sync (of the log or of sled's files) last succeeded, Unix ms.
+    last_sync_ms: AtomicU64,
+}
+
+impl Stats {
+    pub(crate) fn synced(&self, counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.last_sync_ms.fetch_max(crate::message::unix_ms(), Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -865,6 +874,12 @@ impl Store {
     pub fn syncs(&self) -> u64 {
         let s = self.stats();
         s.log_syncs + s.tree_syncs + s.other_syncs
+    }
+
+    /// When a sync of the log or of sled's files last succeeded (Unix ms;
+    /// the open's own sync counts). An idle store does not sync.
+    pub fn last_sync_ms(&self) -> u64 {
+        self.inner.shared.stats.last_sync_ms.load(Ordering::Relaxed)
     }
 
     /// Bytes the store occupies on disk (sled, the log, the dedup archive).

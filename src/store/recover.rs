@@ -136,6 +136,8 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
         ),
         dead: std::sync::atomic::AtomicU64::new(dead_turns as u64),
     });
+    // The open synced everything (above).
+    shared.stats.last_sync_ms.store(crate::message::unix_ms(), Ordering::Relaxed);
     // Outbox items on disk at open are durable (synced above).
     let top = trees.outbox.last()?.map(|(k, _)| u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8])));
     shared.durable_outbox.store(top.unwrap_or(0), Ordering::Release);

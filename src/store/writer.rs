@@ -382,7 +382,7 @@ impl Writer {
             }
             match self.head.append(&buf, self.shared.faults.log_write()) {
                 Ok(()) => {
-                    self.shared.stats.log_syncs.fetch_add(1, Ordering::Relaxed);
+                    self.shared.stats.synced(&self.shared.stats.log_syncs);
                     *lock(&self.shared.trouble) = None;
                 }
                 Err(failed) => {

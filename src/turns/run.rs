@@ -223,6 +223,7 @@ impl Runner {
                     return self.commit(turn, answer, started_at_ms, timing).await;
                 }
                 Err(e) if this_run >= self.max_attempts => {
+                    inc(&self.metrics.handler_errors);
                     self.typing(&turn.conv, &last_id, false);
                     error!(attempts = this_run, error = %e, "handler failed on every attempt; turn parked as dead");
                     turn.dead = Some(DeadInfo { error: e.to_string(), died_at_ms: self.clock.now_ms() });
@@ -240,6 +241,7 @@ impl Runner {
                     };
                 }
                 Err(e) => {
+                    inc(&self.metrics.handler_errors);
                     inc(&self.metrics.handler_retries);
                     let wait = backoff(self.backoff, self.backoff_max, this_run);
                     warn!(attempt = this_run, error = %e, retry_in_ms = wait.as_millis() as u64, "handler failed");

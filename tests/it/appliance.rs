@@ -94,11 +94,16 @@ async fn metrics_parse_and_move_under_a_small_load() {
     }
     d.send("b0", "79007654321", "Здравствуйте").await;
     d.post("/webhook/whatsapp/batched", &json!({"id": "bad"})).await;
+    sleep(2 * S).await;
     let pending = scrape(&d).await;
     assert_eq!(metric(&pending, "turnstile_pending_batches", &[]), 2.0);
     assert_eq!(metric(&pending, "turnstile_pending_messages", &[]), 6.0);
+    let oldest = metric(&pending, "turnstile_oldest_pending_batch_seconds", &[]);
+    assert!((2.0..2.5).contains(&oldest), "the first batch has collected for 2 s: {oldest}");
+    assert_eq!(metric(&pending, "turnstile_batch_max_wait_seconds", &[]), 60.0);
+    assert!(metric(&pending, "turnstile_store_last_sync_age_seconds", &[]) < 60.0, "the acks were synced");
 
-    sleep(11 * S).await;
+    sleep(9 * S).await;
     let after = scrape(&d).await;
     let webhooks = |status| {
         metric(
@@ -114,6 +119,12 @@ async fn metrics_parse_and_move_under_a_small_load() {
     assert_eq!(metric(&after, "turnstile_turn_duration_seconds", &[]), 2.0);
     assert_eq!(metric(&after, "turnstile_handler_latency_seconds", &[]), 2.0);
     assert_eq!(metric(&after, "turnstile_pending_batches", &[]), 0.0);
+    assert_eq!(metric(&after, "turnstile_oldest_pending_batch_seconds", &[]), 0.0);
+    assert_eq!(
+        metric(&after, "turnstile_oldest_outbox_seconds", &[]),
+        0.0,
+        "the log gateway took the replies"
+    );
     assert_eq!(metric(&after, "turnstile_turns_in_flight", &[]), 0.0);
     assert_eq!(metric(&after, "turnstile_contexts", &[]), 2.0, "echo keeps a counter per conversation");
     assert_eq!(

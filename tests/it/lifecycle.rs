@@ -74,6 +74,14 @@ async fn a_failing_handler_parks_the_turn_dead_without_blocking_the_phone_and_re
     assert_eq!(dead[0]["attempts"], 3);
     assert!(dead[0]["error"].as_str().unwrap().contains("502"), "{}", dead[0]);
     let turn_id = dead[0]["turn_id"].as_str().unwrap().to_owned();
+    let metrics = d.client.get(d.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let value =
+        |name: &str| metrics.lines().find_map(|l| l.strip_prefix(&format!("{name} "))?.parse::<f64>().ok());
+    assert_eq!(
+        (value("turnstile_handler_errors_total"), value("turnstile_handler_retries_total")),
+        (Some(3.0), Some(2.0)),
+        "three failed attempts, two of them retried"
+    );
 
     // The phone is not blocked: its next batch runs.
     handler.fail_with(None);

@@ -24,3 +24,4 @@ mod reply_cap;
 mod systemd;
 mod lifecycle;
 mod limits;
+mod monitoring;
