@@ -24,4 +24,5 @@ mod reply_cap;
 mod systemd;
 mod lifecycle;
 mod limits;
+mod litellm;
 mod monitoring;

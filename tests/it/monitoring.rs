@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -125,15 +125,8 @@ fn promtool_checks_the_alert_rules_and_their_tests_pass() {
 
 /// A Prometheus server of our own; killed (by its pid) when dropped.
 struct Prometheus {
-    child: Child,
+    _child: Spawned,
     url: String,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Prometheus {
@@ -155,7 +148,7 @@ impl Prometheus {
             .stderr(log)
             .spawn()
             .unwrap();
-        Prometheus { child, url: format!("http://127.0.0.1:{port}") }
+        Prometheus { _child: Spawned(child), url: format!("http://127.0.0.1:{port}") }
     }
 
     /// The value of an instant query's first sample, if there is one.
