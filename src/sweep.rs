@@ -1,6 +1,7 @@
 //! Background sweeps: dedup marks move from sled into the archive files,
-//! message ids past the dedup window and expired contexts leave the disk. Each runs in bounded chunks through the store's
-//! writer, so a large sweep never makes one long group.
+//! message ids past the dedup window and expired contexts leave the disk.
+//! Each runs in bounded chunks through the store's writer, so a large
+//! sweep never makes one long group.
 
 use std::future::Future;
 use std::time::Duration;

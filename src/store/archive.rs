@@ -116,21 +116,18 @@ fn read_file(path: &Path) -> Result<(Vec<Chunk>, u64, u64), StoreError> {
 /// Every chunk of every file, oldest file first (for an export; a torn
 /// tail is left out, its marks are still in sled).
 pub(crate) fn read_all(data_dir: &Path) -> Result<Vec<Chunk>, StoreError> {
-    let dir = data_dir.join(DIR_NAME);
     let mut out = Vec::new();
-    for no in file_nos(&dir).map_err(|e| io_error(&dir, e))? {
-        out.extend(read_file(&file_path(&dir, no))?.0);
+    for path in files(data_dir)? {
+        out.extend(read_file(&path)?.0);
     }
     Ok(out)
 }
 
-/// Marks and bytes of the files (for the per-tree sizes): walks the chunk
+/// How many marks the files hold (for the per-tree sizes): walks the chunk
 /// headers only, so a week of marks costs a read per chunk, not the marks.
-pub(crate) fn size(data_dir: &Path) -> Result<(u64, u64), StoreError> {
-    let dir = data_dir.join(DIR_NAME);
-    let (mut marks, mut bytes) = (0, 0);
-    for no in file_nos(&dir).map_err(|e| io_error(&dir, e))? {
-        let path = file_path(&dir, no);
+pub(crate) fn marks(data_dir: &Path) -> Result<u64, StoreError> {
+    let mut marks = 0;
+    for path in files(data_dir)? {
         let counted = File::open(&path).and_then(|f| {
             let len = f.metadata()?.len();
             let (mut at, mut header) = (0u64, [0u8; 4]);
@@ -144,16 +141,26 @@ pub(crate) fn size(data_dir: &Path) -> Result<(u64, u64), StoreError> {
                 marks += count;
                 at = end;
             }
-            Ok(len)
+            Ok(())
         });
-        match counted {
-            Ok(len) => bytes += len,
-            // Expired and deleted since the listing.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error(&path, e)),
+        // A file expired and deleted since the listing counts as empty.
+        if let Err(e) = counted.or_else(|e| if e.kind() == io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+        {
+            return Err(io_error(&path, e));
         }
     }
-    Ok((marks, bytes))
+    Ok(marks)
+}
+
+/// Bytes of the files on disk.
+pub(crate) fn bytes(data_dir: &Path) -> Result<u64, StoreError> {
+    Ok(files(data_dir)?.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum())
+}
+
+/// The archive's files, oldest first.
+fn files(data_dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    let dir = data_dir.join(DIR_NAME);
+    Ok(file_nos(&dir).map_err(|e| io_error(&dir, e))?.into_iter().map(|no| file_path(&dir, no)).collect())
 }
 
 impl Archive {
@@ -291,7 +298,7 @@ impl Archive {
 mod tests {
     use super::*;
 
-    fn marks(range: std::ops::Range<u128>) -> Vec<IdHash> {
+    fn hashes_of(range: std::ops::Range<u128>) -> Vec<IdHash> {
         range.map(|i| i * 0x1_0000_0001).collect()
     }
 
@@ -299,50 +306,50 @@ mod tests {
     fn chunks_come_back_files_roll_by_the_hour_and_expire_whole() {
         let dir = tempfile::tempdir().unwrap();
         let mut a = Archive::open(dir.path(), &mut IdSet::default()).unwrap();
-        a.append(1_000, &marks(0..3)).unwrap();
-        a.append(2_000, &marks(3..5)).unwrap();
-        a.append(1_000 + FILE_SPAN_MS, &marks(5..6)).unwrap();
+        a.append(1_000, &hashes_of(0..3)).unwrap();
+        a.append(2_000, &hashes_of(3..5)).unwrap();
+        a.append(1_000 + FILE_SPAN_MS, &hashes_of(5..6)).unwrap();
         assert_eq!(file_nos(&dir.path().join(DIR_NAME)).unwrap(), [1, 2]);
         assert_eq!(
             read_all(dir.path()).unwrap(),
             vec![
-                Chunk { newest_ms: 1_000, hashes: marks(0..3) },
-                Chunk { newest_ms: 2_000, hashes: marks(3..5) },
-                Chunk { newest_ms: 1_000 + FILE_SPAN_MS, hashes: marks(5..6) },
+                Chunk { newest_ms: 1_000, hashes: hashes_of(0..3) },
+                Chunk { newest_ms: 2_000, hashes: hashes_of(3..5) },
+                Chunk { newest_ms: 1_000 + FILE_SPAN_MS, hashes: hashes_of(5..6) },
             ]
         );
-        assert_eq!(size(dir.path()).unwrap(), (6, 3 * 16 + 6 * 16));
+        assert_eq!((marks(dir.path()).unwrap(), bytes(dir.path()).unwrap()), (6, 3 * 16 + 6 * 16));
 
         let mut seen = IdSet::default();
         let mut a = Archive::open(dir.path(), &mut seen).unwrap();
         assert_eq!(seen.len(), 6);
         assert!(a.expiring(2_000).unwrap().is_empty(), "the first file's newest mark is at 2,000");
         let gone = a.expiring(2_001).unwrap();
-        assert_eq!(gone, vec![(1, marks(0..5))]);
+        assert_eq!(gone, vec![(1, hashes_of(0..5))]);
         a.remove(&[1]);
-        a.append(2 * FILE_SPAN_MS, &marks(6..7)).unwrap();
+        a.append(2 * FILE_SPAN_MS, &hashes_of(6..7)).unwrap();
         let mut seen = IdSet::default();
         Archive::open(dir.path(), &mut seen).unwrap();
-        assert_eq!(seen, marks(5..7).into_iter().collect());
+        assert_eq!(seen, hashes_of(5..7).into_iter().collect());
     }
 
     #[test]
     fn a_torn_tail_of_the_newest_file_is_cut_off_and_damage_elsewhere_refuses_the_open() {
         let dir = tempfile::tempdir().unwrap();
         let mut a = Archive::open(dir.path(), &mut IdSet::default()).unwrap();
-        a.append(1_000, &marks(0..2)).unwrap();
-        a.append(1_000 + FILE_SPAN_MS, &marks(2..4)).unwrap();
+        a.append(1_000, &hashes_of(0..2)).unwrap();
+        a.append(1_000 + FILE_SPAN_MS, &hashes_of(2..4)).unwrap();
         let newest = file_path(&dir.path().join(DIR_NAME), 2);
         let whole = std::fs::metadata(&newest).unwrap().len();
         // Half a chunk after the last whole one: a crash in an append.
         let mut torn = std::fs::read(&newest).unwrap();
-        torn.extend_from_slice(&frame(9_999_999, &marks(4..8))[..40]);
+        torn.extend_from_slice(&frame(9_999_999, &hashes_of(4..8))[..40]);
         std::fs::write(&newest, &torn).unwrap();
         let mut seen = IdSet::default();
         let mut a = Archive::open(dir.path(), &mut seen).unwrap();
         assert_eq!(seen.len(), 4);
         assert_eq!(std::fs::metadata(&newest).unwrap().len(), whole, "cut back to its whole chunks");
-        a.append(2_000 + FILE_SPAN_MS, &marks(4..5)).unwrap();
+        a.append(2_000 + FILE_SPAN_MS, &hashes_of(4..5)).unwrap();
         assert_eq!(read_all(dir.path()).unwrap().len(), 3);
 
         let oldest = file_path(&dir.path().join(DIR_NAME), 1);
@@ -359,16 +366,16 @@ mod tests {
     fn a_failed_append_leaves_nothing_the_next_one_or_an_open_keeps() {
         let dir = tempfile::tempdir().unwrap();
         let mut a = Archive::open(dir.path(), &mut IdSet::default()).unwrap();
-        a.append(1_000, &marks(0..2)).unwrap();
+        a.append(1_000, &hashes_of(0..2)).unwrap();
         // As if a write had reached the file in part and then failed.
         let path = file_path(&dir.path().join(DIR_NAME), 1);
         let len = std::fs::metadata(&path).unwrap().len();
         OpenOptions::new().write(true).open(&path).unwrap().write_all_at(&[0xAB; 300], len).unwrap();
         a.torn = true;
-        a.append(2_000, &marks(2..3)).unwrap();
+        a.append(2_000, &hashes_of(2..3)).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), len + 16 + 16, "the leftover bytes were cut");
         let mut seen = IdSet::default();
         Archive::open(dir.path(), &mut seen).unwrap();
-        assert_eq!(seen, marks(0..3).into_iter().collect());
+        assert_eq!(seen, hashes_of(0..3).into_iter().collect());
     }
 }

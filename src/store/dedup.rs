@@ -34,6 +34,15 @@ pub(crate) fn unpack(bytes: &[u8]) -> Option<Vec<IdHash>> {
     Some(bytes.chunks_exact(16).map(|c| u128::from_be_bytes(c.try_into().expect("16 bytes"))).collect())
 }
 
+/// A `dedup` record's hashes, or the error that names it as damaged.
+pub(crate) fn unpack_record(key: &[u8], value: &[u8]) -> Result<Vec<IdHash>, super::StoreError> {
+    unpack(value).ok_or_else(|| super::StoreError::Corrupt {
+        tree: "dedup",
+        key: format!("{key:?}"),
+        reason: format!("{} bytes is not a list of 16-byte hashes", value.len()),
+    })
+}
+
 /// The hashes are already uniform: hashing them again is wasted work.
 #[derive(Default)]
 pub(crate) struct Passthrough(u64);

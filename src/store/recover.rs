@@ -79,12 +79,7 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
     let mut seen = IdSet::default();
     for kv in trees.dedup.iter() {
         let (k, v) = kv?;
-        let hashes = dedup::unpack(&v).ok_or_else(|| StoreError::Corrupt {
-            tree: "dedup",
-            key: format!("{k:?}"),
-            reason: format!("{} bytes is not a list of 16-byte hashes", v.len()),
-        })?;
-        seen.extend(hashes);
+        seen.extend(dedup::unpack_record(&k, &v)?);
     }
     let archive = super::archive::Archive::open(dir, &mut seen)?;
     let (memory, replayed_ids) = replay(&log_dir, &seen)?;

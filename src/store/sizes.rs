@@ -42,7 +42,7 @@ impl Store {
             }
             out.push(TreeSize { tree: String::from_utf8_lossy(&name).into_owned(), records, bytes });
         }
-        let (marks, _) = super::archive::size(&self.inner.dir)?;
+        let marks = super::archive::marks(&self.inner.dir)?;
         out.push(TreeSize { tree: "dedup_archive".into(), records: marks, bytes: marks * 16 });
         out.sort_by(|a, b| a.tree.cmp(&b.tree));
         Ok(out)
@@ -70,7 +70,6 @@ impl Store {
         for no in super::log::segments(&log_dir).map_err(|e| super::log::io_error(&log_dir, e))? {
             log += std::fs::metadata(super::log::segment_path(&log_dir, no)).map(|m| m.len()).unwrap_or(0);
         }
-        let (_, archive) = super::archive::size(&self.inner.dir)?;
-        Ok((self.gen().db.size_on_disk()?, log, archive))
+        Ok((self.gen().db.size_on_disk()?, log, super::archive::bytes(&self.inner.dir)?))
     }
 }

@@ -20,6 +20,21 @@ use super::{log, open_db, writer, Store, StoreError, ID_FLOOR, META};
 const IMPORT_CHUNK_MS: u64 = 60 * 1000;
 const IMPORT_CHUNK_MARKS: usize = 1 << 16;
 
+/// The marks an import gathers for one archive chunk.
+#[derive(Default)]
+struct ImportChunk {
+    first_ms: u64,
+    newest_ms: u64,
+    hashes: Vec<dedup::IdHash>,
+}
+
+impl ImportChunk {
+    fn write_to(&mut self, archive: &mut Archive, dir: &Path) -> Result<(), StoreError> {
+        let hashes = std::mem::take(&mut self.hashes);
+        archive.append(self.newest_ms, &hashes).map_err(|e| log::io_error(dir, e))
+    }
+}
+
 /// sled's own default tree; turnstile keeps nothing there.
 pub(super) const DEFAULT_TREE: &[u8] = b"__sled__default";
 
@@ -98,38 +113,31 @@ impl Store {
         // Dedup marks go straight into the archive, an hour's worth of
         // records to a chunk; the rest into sled's trees.
         let mut archive = Archive::unsynced(dir)?;
-        let mut marks: (u64, u64, Vec<dedup::IdHash>) = (0, 0, Vec::new());
-        let flush = |archive: &mut Archive, marks: &mut (u64, u64, Vec<dedup::IdHash>)| {
-            let hashes = std::mem::take(&mut marks.2);
-            archive.append(marks.1, &hashes).map_err(|e| log::io_error(dir, e))
-        };
+        let mut chunk = ImportChunk::default();
         for record in records {
             let (tree, key, value) = record?;
             if tree == "dedup" {
-                let (Some(at), Some(hashes)) = (key.get(..8), dedup::unpack(&value)) else {
-                    return Err(StoreError::Corrupt {
-                        tree: "dedup",
-                        key: format!("{key:?}"),
-                        reason: format!("{} bytes is not a list of 16-byte hashes", value.len()),
-                    }
-                    .into());
+                let hashes = dedup::unpack_record(&key, &value)?;
+                let Some(at) = key.get(..8) else {
+                    let reason = format!("a {}-byte key has no retirement time", key.len());
+                    return Err(StoreError::Corrupt { tree: "dedup", key: format!("{key:?}"), reason }.into());
                 };
                 let at = u64::from_be_bytes(at.try_into().expect("8 bytes"));
-                if !marks.2.is_empty()
-                    && (at >= marks.0 + IMPORT_CHUNK_MS || marks.2.len() >= IMPORT_CHUNK_MARKS)
+                if !chunk.hashes.is_empty()
+                    && (at >= chunk.first_ms + IMPORT_CHUNK_MS || chunk.hashes.len() >= IMPORT_CHUNK_MARKS)
                 {
-                    flush(&mut archive, &mut marks)?;
+                    chunk.write_to(&mut archive, dir)?;
                 }
-                if marks.2.is_empty() {
-                    marks.0 = at;
+                if chunk.hashes.is_empty() {
+                    chunk.first_ms = at;
                 }
-                marks.1 = marks.1.max(at);
-                marks.2.extend(hashes);
+                chunk.newest_ms = chunk.newest_ms.max(at);
+                chunk.hashes.extend(hashes);
                 continue;
             }
             db.open_tree(tree.as_bytes()).and_then(|t| t.insert(key, value)).map_err(StoreError::from)?;
         }
-        flush(&mut archive, &mut marks)?;
+        chunk.write_to(&mut archive, dir)?;
         // Fresh sled counters start at zero: lift them above every restored id.
         db.open_tree(META)
             .and_then(|t| t.insert(ID_FLOOR, &next_id.to_be_bytes()[..]))

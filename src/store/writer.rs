@@ -641,7 +641,7 @@ impl Writer {
             TreeWrite::ArchiveDedup => match self.dedup_records(.., ARCHIVE_CHUNK) {
                 // The chunk is durable before the records leave sled.
                 Ok(records) if !records.is_empty() => {
-                    let newest = records.iter().map(|(k, _)| record_time(k)).max().unwrap_or(now_ms);
+                    let newest = records.iter().map(|(k, _)| record_time(k)).max().expect("not empty");
                     let hashes: Vec<IdHash> = records.iter().flat_map(|(_, h)| h.iter().copied()).collect();
                     match self.archive.append(newest, &hashes) {
                         Ok(()) => p.expired = records,
@@ -805,16 +805,8 @@ impl Writer {
         let mut out = Vec::new();
         for kv in self.trees.dedup.range(range).take(limit) {
             let (k, v) = kv?;
-            match dedup::unpack(&v) {
-                Some(hashes) => out.push((k, hashes)),
-                None => {
-                    return Err(StoreError::Corrupt {
-                        tree: "dedup",
-                        key: format!("{k:?}"),
-                        reason: format!("{} bytes is not a list of 16-byte hashes", v.len()),
-                    })
-                }
-            }
+            let hashes = dedup::unpack_record(&k, &v)?;
+            out.push((k, hashes));
         }
         Ok(out)
     }
