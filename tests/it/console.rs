@@ -12,7 +12,8 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    binary_env, post_batched, spawn_binary, wait_ready, Ports, Spawned, TestHandler, WEBHOOK_TOKEN,
+    binary_env, free_port, post_batched, skip_outside_ci, spawn_binary, wait_ready, Ports, Spawned,
+    TestHandler, WEBHOOK_TOKEN,
 };
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -42,13 +43,9 @@ impl Browser {
             .find(|p| p.exists());
         let Some(driver) = found else {
             let why = "chromedriver is not installed (Debian: apt-get install chromium chromium-driver)";
-            if std::env::var_os("CI").is_some() {
-                panic!("{test} must run in CI but cannot: {why}");
-            }
-            eprintln!("SKIPPED {test}: {why}");
-            return None;
+            return skip_outside_ci(test, why);
         };
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = free_port();
         let child = std::process::Command::new(driver)
             .arg(format!("--port={port}"))
             .stdout(std::process::Stdio::null())

@@ -412,6 +412,21 @@ pub fn spawn_binary(env: &[(&str, String)], log: &Path) -> std::process::Child {
         .expect("start the turnstile binary")
 }
 
+/// For a test that needs what this machine lacks (root, a browser, a
+/// server): in CI a failure; elsewhere it says so loudly and skips.
+pub fn skip_outside_ci<T>(test: &str, why: &str) -> Option<T> {
+    if std::env::var_os("CI").is_some() {
+        panic!("{test} must run in CI but cannot: {why}");
+    }
+    eprintln!("\n*** {test} SKIPPED: {why} ***\n");
+    None
+}
+
+/// A port the OS picks for a server the test starts (free when returned).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// A spawned binary that is SIGKILLed if the test ends with it still
 /// running: a failed assertion leaves no daemon behind.
 pub struct Spawned(pub std::process::Child);

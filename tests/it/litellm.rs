@@ -25,11 +25,7 @@ fn litellm_or_skip() -> Option<PathBuf> {
     if path.exists() {
         return Some(path);
     }
-    if std::env::var_os("CI").is_some() {
-        panic!("the LiteLLM test must run in CI but {} is missing (.ci/run installs it)", path.display());
-    }
-    eprintln!("\n*** the LiteLLM test SKIPPED: {} is missing (see .ci/run) ***\n", path.display());
-    None
+    skip_outside_ci("the LiteLLM test", &format!("{} is missing (.ci/run installs it)", path.display()))
 }
 
 /// A LiteLLM proxy of our own on a free port; killed (by its pid) when dropped.
@@ -82,10 +78,10 @@ recorder = Recorder()
 "#,
         )
         .unwrap();
-        let port = Ports::free().base().rsplit(':').next().unwrap().to_owned();
+        let port = free_port();
         let seen = dir.join("seen.jsonl");
         let child = Command::new(binary)
-            .args(["--config", "config.yaml", "--host", "127.0.0.1", "--port", &port])
+            .args(["--config", "config.yaml", "--host", "127.0.0.1", "--port", &port.to_string()])
             .current_dir(dir)
             .env("RECORDER_FILE", &seen)
             .env("LITELLM_TELEMETRY", "False")

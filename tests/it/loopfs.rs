@@ -102,10 +102,6 @@ fn wait_all_stopped(pid: u32) {
 pub fn loop_fs_or_skip(dir: &Path, mib: u64, test: &str) -> Option<LoopFs> {
     match LoopFs::create(dir, mib) {
         Ok(fs) => Some(fs),
-        Err(why) if std::env::var_os("CI").is_some() => panic!("{test} must run in CI but cannot: {why}"),
-        Err(why) => {
-            eprintln!("\n*** {test} SKIPPED: needs root and a loop device ({why}) ***\n");
-            None
-        }
+        Err(why) => crate::helpers::skip_outside_ci(test, &format!("needs root and a loop device ({why})")),
     }
 }

@@ -26,14 +26,7 @@ fn tool_or_skip(name: &str, test: &str) -> Option<PathBuf> {
     if path.exists() {
         return Some(path);
     }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "{test} must run in CI but {} is missing (.ci/run installs Debian's prometheus)",
-            path.display()
-        );
-    }
-    eprintln!("\n*** {test} SKIPPED: {} is missing (apt-get install prometheus) ***\n", path.display());
-    None
+    skip_outside_ci(test, &format!("{} is missing (.ci/run installs Debian's prometheus)", path.display()))
 }
 
 /// Every `turnstile_*` name in `text`.
@@ -131,7 +124,7 @@ struct Prometheus {
 
 impl Prometheus {
     fn start(binary: &Path, dir: &Path, target: &str) -> Prometheus {
-        let port = Ports::free().base().rsplit(':').next().unwrap().to_owned();
+        let port = free_port();
         let config = dir.join("prometheus.yml");
         let scrape = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: turnstile\n    authorization:\n      type: Bearer\n      credentials: {ADMIN_TOKEN}\n    static_configs:\n      - targets: [\"{target}\"]\n",
