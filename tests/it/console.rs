@@ -199,8 +199,13 @@ async fn the_console_shows_batches_counting_down_turns_with_timings_and_retries_
     let page = browser.script("return document.body.innerText").await;
     assert!(!page.as_str().unwrap().contains("79001234501"), "no full phone until asked");
     assert!(!page.as_str().unwrap().contains("стрижку"), "no text until asked");
+    // The rows stay the same elements while their batches do not change
+    // (the page patches rows, it does not re-render them under the pointer).
+    browser.script("window.held = document.querySelector(\"#pending tbody tr[data-phone='79001234502']\"); return true").await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let second = browser.script(PENDING_ROWS).await;
+    let kept = browser.script("return window.held.isConnected").await;
+    assert_eq!(kept, json!(true), "an unchanged pending row was re-rendered by the state events");
     for (a, b) in first.as_array().unwrap().iter().zip(second.as_array().unwrap()) {
         let (before, after) = (seconds(&a[1]), seconds(&b[1]));
         assert!((20..=30).contains(&before), "{a}");
@@ -248,6 +253,19 @@ async fn the_console_shows_batches_counting_down_turns_with_timings_and_retries_
     let turn_id = turn_id.as_str().unwrap().to_owned();
     let dead_row = browser.script("return document.querySelector('#dead tbody tr').innerText").await;
     assert!(dead_row.as_str().unwrap().contains("500"), "the last error is shown: {dead_row}");
+    // Another turn dies while the operator is about to click: the first
+    // row's button stays the very element under the pointer.
+    browser.script("window.button = document.querySelector('#dead button.retry'); return true").await;
+    send_now(&client, &base, "d2", "79001234506", "И ещё одна отмена").await;
+    browser
+        .wait_for(
+            "a second dead turn",
+            Duration::from_secs(15),
+            "return document.querySelectorAll('#dead button.retry').length === 2",
+        )
+        .await;
+    let kept = browser.script("return window.button.isConnected").await;
+    assert_eq!(kept, json!(true), "the dead list re-rendered a row that did not change");
     handler.fail_with(None);
     browser.click(&format!("#dead button.retry[data-turn='{turn_id}']")).await;
     let outcome = browser
@@ -256,7 +274,7 @@ async fn the_console_shows_batches_counting_down_turns_with_timings_and_retries_
             Duration::from_secs(15),
             &format!(
                 "const r = document.querySelector(\"#recent tbody tr[data-turn='{turn_id}'] .outcome.committed\");
-                return r && !document.querySelector('#dead button.retry') ? r.textContent : null"
+                return r && !document.querySelector(\"#dead button.retry[data-turn='{turn_id}']\") ? r.textContent : null"
             ),
         )
         .await;
