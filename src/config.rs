@@ -113,16 +113,22 @@ pub struct BatchingConfig {
     /// A batch becomes a turn at the latest this long after its first message.
     pub max_wait_ms: u64,
     /// `fixed`: cut `debounce_ms` after the last message. `adaptive`: cut on
-    /// what presence, the conversation's rhythm and the last message's shape
+    /// what presence, the learned windows and the last message's shape
     /// say (the `adaptive_*`, `paused_grace_ms` and `typing_ttl_ms` keys).
     pub policy: CutPolicy,
-    /// Adaptive: the quiet window never goes below this…
+    /// Adaptive: a learned window never goes below this…
     pub adaptive_min_quiet_ms: u64,
-    /// …nor above this.
+    /// …nor above this; pauses longer than this are not learned.
     pub adaptive_max_quiet_ms: u64,
-    /// Adaptive: the gap assumed before a conversation has shown its own.
+    /// Adaptive, without presence: the gap between two messages of one
+    /// request assumed before any is seen.
     pub adaptive_prior_gap_ms: u64,
-    /// Adaptive: the quiet window is this many hundredths of the mean gap.
+    /// Adaptive, with presence: the silence before typing resumes within
+    /// one request assumed before any is seen.
+    pub adaptive_prior_resume_ms: u64,
+    /// Adaptive: the quantile (%) of the learned pauses a window covers.
+    pub adaptive_quantile_pct: u32,
+    /// Adaptive: a window is this many hundredths of that quantile.
     pub adaptive_gap_factor_pct: u32,
     /// Adaptive: a complete-looking last message keeps this share (%) of the window.
     pub adaptive_complete_pct: u32,
@@ -130,10 +136,15 @@ pub struct BatchingConfig {
     pub adaptive_complete_min_chars: usize,
     /// Adaptive: never cut sooner than this after the last message.
     pub adaptive_floor_ms: u64,
-    /// Adaptive: cut this long after the client stopped typing.
+    /// Adaptive, with presence: never cut sooner than this after the
+    /// client went silent (a message, or `paused`).
     pub paused_grace_ms: u64,
     /// Adaptive: a typing indicator not refreshed for this long counts as gone.
     pub typing_ttl_ms: u64,
+    /// Set on load when the file or environment gives `debounce_ms` but no
+    /// `policy`: an install tuned for the fixed window keeps it (said at start).
+    #[serde(skip)]
+    pub kept_fixed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +155,37 @@ pub enum CutPolicy {
 }
 
 impl BatchingConfig {
+    /// The rule in effect and its knobs, for the start log and `/api/batches`.
+    pub fn effective(&self, on_new_message: OnNewMessage) -> serde_json::Value {
+        let on_new = match on_new_message {
+            OnNewMessage::Queue => "queue",
+            OnNewMessage::Restart => "restart",
+        };
+        let mut v = match self.policy {
+            CutPolicy::Fixed => serde_json::json!({
+                "policy": "fixed",
+                "debounce_ms": self.debounce_ms,
+            }),
+            CutPolicy::Adaptive => {
+                let prior = crate::batcher::Batcher::<u8>::new(self.rules()).windows(&0);
+                serde_json::json!({
+                    "policy": "adaptive",
+                    "quantile_pct": self.adaptive_quantile_pct,
+                    "windows_ms": [self.adaptive_min_quiet_ms, self.adaptive_max_quiet_ms],
+                    "prior_gap_window_ms": prior.gap.as_millis() as u64,
+                    "prior_resume_window_ms": prior.resume.as_millis() as u64,
+                    "paused_grace_ms": self.paused_grace_ms,
+                    "typing_ttl_ms": self.typing_ttl_ms,
+                })
+            }
+        };
+        v["max_messages"] = self.max_messages.into();
+        v["max_wait_ms"] = self.max_wait_ms.into();
+        v["on_new_message"] = on_new.into();
+        v["kept_fixed"] = self.kept_fixed.into();
+        v
+    }
+
     /// The batcher's rules from these keys.
     pub fn rules(&self) -> crate::batcher::Rules {
         use crate::batcher::{Adaptive, Policy};
@@ -158,6 +200,8 @@ impl BatchingConfig {
                     min_quiet: ms(self.adaptive_min_quiet_ms),
                     max_quiet: ms(self.adaptive_max_quiet_ms),
                     prior_gap: ms(self.adaptive_prior_gap_ms),
+                    prior_resume: ms(self.adaptive_prior_resume_ms),
+                    quantile_pct: self.adaptive_quantile_pct,
                     gap_factor_pct: self.adaptive_gap_factor_pct,
                     complete_pct: self.adaptive_complete_pct,
                     complete_min_chars: self.adaptive_complete_min_chars,
@@ -423,9 +467,26 @@ impl Config {
             None => toml::Table::new(),
         };
         env::apply(&mut table, env)?;
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-            ConfigError::Invalid { key: e.path().to_string(), message: e.into_inner().to_string() }
-        })?;
+        // An install that tuned the fixed window before the adaptive policy
+        // was the default keeps it — and the queue it ran with.
+        let batching = table.get("batching").and_then(|b| b.as_table());
+        let kept_fixed = batching.is_some_and(|b| b.contains_key("debounce_ms") && !b.contains_key("policy"));
+        if kept_fixed {
+            let section = |name: &str, t: &toml::Table| -> Option<toml::Table> {
+                t.get(name).and_then(|v| v.as_table()).cloned()
+            };
+            let mut b = section("batching", &table).unwrap_or_default();
+            b.insert("policy".into(), "fixed".into());
+            table.insert("batching".into(), b.into());
+            let mut turns = section("turns", &table).unwrap_or_default();
+            turns.entry("on_new_message").or_insert_with(|| "queue".into());
+            table.insert("turns".into(), turns.into());
+        }
+        let mut config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                ConfigError::Invalid { key: e.path().to_string(), message: e.into_inner().to_string() }
+            })?;
+        config.batching.kept_fixed = kept_fixed;
         config.validate()?;
         Ok(config)
     }
@@ -437,6 +498,28 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_debounce_set_without_a_policy_keeps_the_fixed_window_it_was_tuned_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        std::fs::write(&path, "[batching]\ndebounce_ms = 15000\n").unwrap();
+        let c = Config::load(Some(&path), Vec::new()).unwrap();
+        assert_eq!((c.batching.policy, c.turns.on_new_message), (CutPolicy::Fixed, OnNewMessage::Queue));
+        assert!(c.batching.kept_fixed);
+        assert_eq!(c.batching.effective(c.turns.on_new_message)["policy"], "fixed");
+        let c = Config::load(None, env(&[("TURNSTILE_BATCHING_DEBOUNCE_MS", "15000")])).unwrap();
+        assert_eq!(c.batching.policy, CutPolicy::Fixed, "from the environment too");
+        std::fs::write(&path, "[batching]\ndebounce_ms = 15000\n[turns]\non_new_message = \"restart\"\n")
+            .unwrap();
+        let c = Config::load(Some(&path), Vec::new()).unwrap();
+        assert_eq!((c.batching.policy, c.turns.on_new_message), (CutPolicy::Fixed, OnNewMessage::Restart));
+        std::fs::write(&path, "[batching]\ndebounce_ms = 15000\npolicy = \"adaptive\"\n").unwrap();
+        let c = Config::load(Some(&path), Vec::new()).unwrap();
+        assert_eq!((c.batching.policy, c.batching.kept_fixed), (CutPolicy::Adaptive, false));
+        let c = Config::load(None, Vec::new()).unwrap();
+        assert_eq!((c.batching.policy, c.turns.on_new_message), (CutPolicy::Adaptive, OnNewMessage::Restart));
     }
 
     #[test]

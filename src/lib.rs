@@ -11,7 +11,7 @@ pub mod message; // what a message and a conversation (company, phone) are
 pub mod ingest; // webhook payloads (generic, Meta, WAHA) -> messages on disk -> batcher
 pub mod store; // the only module that names sled: inbox, dedup, turns, contexts
 pub mod batcher; // sans-IO debounce: when a phone's pending messages become a turn
-pub mod turns; // the turn gate, the driver task and the life of one turn
+pub mod turns; // the turn gate, the schedule (batcher + gate + restarts), the driver task, one turn
 pub mod handler; // who answers a turn: echo or an HTTP service, with retries
 pub mod context; // the per-conversation memory (dialogue + cache), compressed
 pub mod sweep; // background removal of expired dedup marks and contexts
@@ -22,7 +22,7 @@ pub mod metrics; // Prometheus text: counters, histograms, gauges read at scrape
 pub mod heap; // live heap bytes: the global allocator with a counter
 pub mod ops; // systemd: READY, STOPPING, watchdog pings
 pub mod backup; // backup files: write, verify, offline backup and restore
-pub mod replay; // `turnstile replay`: traces through the batcher on simulated time; synthetic traces
+pub mod replay; // `turnstile replay`: traces through the daemon's schedule on simulated time; synthetic traces
 pub mod server; // wiring: open the store, serve, recover, shut down in order
 
 pub use config::Config;

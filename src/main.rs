@@ -66,9 +66,20 @@ enum Command {
         /// The policy to replay (default: the config's `batching.policy`).
         #[arg(long, value_enum)]
         policy: Option<PolicyArg>,
-        /// A config file whose `[batching]` keys set the rules.
+        /// A config file whose `[batching]` keys set the rules (and
+        /// `[turns] on_new_message`).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// What to do with a message that comes while its turn's handler
+        /// runs (default: the config's `turns.on_new_message`).
+        #[arg(long, value_enum)]
+        on_new_message: Option<OnNewArg>,
+        /// How long the handler takes: ms, or a range drawn from uniformly.
+        #[arg(long, default_value = "5000-35000")]
+        handler_ms: turnstile::replay::Latency,
+        /// Seeds the handler's latencies.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// Write a synthetic trace for `replay` (see the distributions' flags).
     GenTrace {
@@ -84,6 +95,12 @@ enum Command {
 enum PolicyArg {
     Fixed,
     Adaptive,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OnNewArg {
+    Queue,
+    Restart,
 }
 
 fn main() -> ExitCode {
@@ -113,7 +130,9 @@ fn main() -> ExitCode {
             }
             Err(e) => report(Err(e), ""),
         },
-        Command::Replay { trace, policy, config } => replay(&trace, policy, config),
+        Command::Replay { trace, policy, config, on_new_message, handler_ms, seed } => {
+            replay(&trace, policy, config, on_new_message, handler_ms, seed)
+        }
         Command::GenTrace { out, params } => gen_trace(out, &params),
         Command::Compact { data } => {
             let runtime =
@@ -135,7 +154,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn replay(trace: &std::path::Path, policy: Option<PolicyArg>, config: Option<PathBuf>) -> ExitCode {
+fn replay(
+    trace: &std::path::Path,
+    policy: Option<PolicyArg>,
+    config: Option<PathBuf>,
+    on_new: Option<OnNewArg>,
+    handler: turnstile::replay::Latency,
+    seed: u64,
+) -> ExitCode {
     // Only the file's keys count here: the replay is about the file, not the host.
     let mut config = match Config::load(config.as_deref(), std::iter::empty()) {
         Ok(c) => c,
@@ -151,7 +177,13 @@ fn replay(trace: &std::path::Path, policy: Option<PolicyArg>, config: Option<Pat
     }
     match turnstile::replay::read(trace) {
         Ok(events) => {
-            let report = turnstile::replay::run(&events, config.batching.rules());
+            let restart = match on_new {
+                Some(OnNewArg::Restart) => true,
+                Some(OnNewArg::Queue) => false,
+                None => config.turns.on_new_message == turnstile::config::OnNewMessage::Restart,
+            };
+            let setup = turnstile::replay::Setup { rules: config.batching.rules(), restart, handler, seed };
+            let report = turnstile::replay::run(&events, &setup);
             println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));
             ExitCode::SUCCESS
         }

@@ -218,6 +218,7 @@ pub async fn run_on(
         draining: stopping.shutdown.clone(),
         metrics: shared.metrics.clone(),
         feed: shared.feed.clone(),
+        cutting: config.batching.effective(config.turns.on_new_message),
         admin_token: config.server.admin_token.clone(),
         webhook_token: config.ingest.webhook_token.clone(),
         generic_webhooks: config.ingest.generic_webhooks,
@@ -233,6 +234,10 @@ pub async fn run_on(
     let http_stop = http::serve::Stop::default();
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     info!(listen = %addr(&listeners.public), admin_listen = %addr(&listeners.admin), "serving");
+    info!(cutting = %config.batching.effective(config.turns.on_new_message), "how batches are cut");
+    if config.batching.kept_fixed {
+        warn!("batching.debounce_ms is set and batching.policy is not: keeping the fixed window (and turns.on_new_message = \"queue\" unless set), as before the adaptive default; set batching.policy to choose");
+    }
     let limits = http::serve::Limits {
         header_timeout: Duration::from_millis(config.server.header_timeout_ms),
         max_connections: config.server.max_connections,

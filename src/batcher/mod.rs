@@ -5,20 +5,22 @@
 //! A batch is cut when it holds `max_messages`, when `max_wait` has passed
 //! since its first message, or when its policy (`policy.rs`) says the client
 //! is done: `debounce` after the last message (fixed), or what presence,
-//! the conversation's rhythm and the last message's shape say (adaptive).
+//! the learned windows and the last message's shape say (adaptive).
 //! The batcher holds only sequence numbers and timings: it is rebuilt from
-//! the store's inbox on start, which is why it can live in memory. (The
-//! rhythms it learns start afresh then: the prior until a conversation
-//! writes again.)
+//! the store's pending messages on start, which is why it can live in
+//! memory. (What it learns of the clients' pauses is a cache the driver
+//! saves and seeds it with: `learn.rs`.)
 
+pub mod learn;
 pub mod policy;
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
+use learn::{Recent, Spread};
 pub use policy::{Adaptive, Policy};
-use policy::{Rhythm, Signals};
+use policy::{Signals, Windows};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rules {
@@ -34,7 +36,11 @@ pub use crate::message::Presence;
 /// not learned.
 const MIN_LEARNED_GAP: Duration = Duration::from_millis(300);
 
-/// Conversations whose rhythm is forgotten after this long without a message.
+/// A typing that follows a silence by less than this is the same burst
+/// arriving out of order: not learned as a resume.
+const MIN_LEARNED_RESUME: Duration = Duration::from_millis(50);
+
+/// Conversations whose learned silences are forgotten after this long without a message.
 const RHYTHM_IDLE: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +77,11 @@ impl CutReason {
         }
     }
 
+    /// The reason `as_str` names.
+    pub fn from_name(name: &str) -> Option<CutReason> {
+        CutReason::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+
     /// Every reason, for the metrics.
     pub const ALL: [CutReason; 8] = [
         CutReason::Quiet,
@@ -101,6 +112,17 @@ pub struct Cut<K> {
     pub last_at: Instant,
 }
 
+/// Where a restarted turn's messages went (`Batcher::put_back`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum PutBack<K> {
+    /// Into the pending batch, ahead of its messages.
+    Merged,
+    /// Together they were more than a batch holds: the first ones, cut now.
+    Full(Cut<K>),
+    /// The conversation has no pending batch.
+    NoBatch,
+}
+
 #[derive(Debug)]
 struct Pending {
     seqs: Vec<u64>,
@@ -113,12 +135,62 @@ struct Pending {
 /// What the adaptive policy remembers of a conversation between batches.
 #[derive(Debug, Clone, Copy)]
 struct Track {
-    rhythm: Rhythm,
+    /// Its latest gaps between two messages of one request…
+    gaps: Recent,
+    /// …and silences before typing resumed within one.
+    resumes: Recent,
     last_msg: Instant,
-    /// When its last batch was cut by a timer, and the window it had.
-    last_cut: Option<(Instant, Duration)>,
+    /// Its last batch cut by a timer, until the silence before it is learned.
+    last_cut: Option<LastCut>,
     /// Its gateway has sent presence for it.
     presence: bool,
+    /// It is typing since its last message and `paused`, since.
+    typing: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LastCut {
+    /// The batch's last message, and since when the client was silent.
+    last_msg: Instant,
+    quiet_since: Instant,
+    /// When the silence counts as the end of the request: `max_quiet` on.
+    closes_at: Instant,
+    /// How the silence before the cut ends is still to be learned: by the
+    /// next message or typing (it went on), or the answer (it never did).
+    gap_open: bool,
+    resume_open: bool,
+}
+
+/// The two kinds of silence learned (`learn.rs`).
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Gap,
+    Resume,
+}
+
+/// What the adaptive policy learned, to save it and to seed a batcher
+/// after a restart: the population's spreads, and each conversation's
+/// latest pauses (ms) with when it last wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Learned<K> {
+    pub gaps: Vec<f32>,
+    pub resumes: Vec<f32>,
+    pub convs: Vec<LearnedConv<K>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LearnedConv<K> {
+    pub key: K,
+    pub gaps: Vec<u32>,
+    pub resumes: Vec<u32>,
+    pub last_msg: Instant,
+}
+
+/// The population's pauses, for the adaptive policy.
+#[derive(Debug)]
+struct Population {
+    gaps: Spread,
+    resumes: Spread,
 }
 
 /// What `GET /api/batches` and the console show of one pending batch.
@@ -138,45 +210,65 @@ pub struct Batcher<K> {
     pending: HashMap<K, Pending>,
     /// Deadlines in order, so the next one and the due ones are found without a scan.
     deadlines: BTreeSet<(Instant, K)>,
-    /// Adaptive only: each conversation's rhythm, forgotten after a day idle.
+    /// Adaptive only: each conversation's pauses, forgotten after a day idle…
     tracks: HashMap<K, Track>,
+    /// …and the population's.
+    population: Option<Population>,
+    /// The silences after cuts still open, by when they close.
+    open: BTreeSet<(Instant, K)>,
     /// Forget idle rhythms once this many are kept.
     sweep_tracks_at: usize,
-    /// A rhythm was learned since `take_learned` last said so.
+    /// A pause was learned since `take_learned` last said so.
     learned: bool,
 }
 
 impl Track {
     fn new(at: Instant) -> Track {
         Track {
-            rhythm: Rhythm { mean_gap_ms: 0.0, samples: 0 },
+            gaps: Recent::default(),
+            resumes: Recent::default(),
             last_msg: at,
             last_cut: None,
             presence: false,
+            typing: None,
         }
     }
 }
 
 impl<K: Clone + Eq + Hash + Ord> Batcher<K> {
     pub fn new(rules: Rules) -> Self {
+        let population = match rules.policy {
+            Policy::Adaptive(a) => {
+                Some(Population { gaps: Spread::new(a.prior_gap), resumes: Spread::new(a.prior_resume) })
+            }
+            Policy::Fixed => None,
+        };
         Batcher {
             rules,
             pending: HashMap::new(),
             deadlines: BTreeSet::new(),
             tracks: HashMap::new(),
+            population,
+            open: BTreeSet::new(),
             sweep_tracks_at: 10_000,
             learned: false,
         }
     }
 
-    /// A rhythm learned before a restart, with when the conversation last wrote.
-    pub fn seed(&mut self, key: K, mean_gap_ms: f64, samples: u32, last_msg: Instant) {
-        if samples == 0 || !matches!(self.rules.policy, Policy::Adaptive(_)) {
-            return;
+    /// What was learned before a restart (nothing under the fixed policy).
+    pub fn seed(&mut self, learned: Learned<K>) {
+        let Some(pop) = self.population.as_mut() else { return };
+        if let (Some(gaps), Some(resumes)) =
+            (Spread::from_counts(&learned.gaps), Spread::from_counts(&learned.resumes))
+        {
+            *pop = Population { gaps, resumes };
         }
-        let track = self.tracks.entry(key).or_insert_with(|| Track::new(last_msg));
-        track.rhythm = Rhythm { mean_gap_ms, samples };
-        track.last_msg = track.last_msg.max(last_msg);
+        for c in learned.convs {
+            let track = self.tracks.entry(c.key).or_insert_with(|| Track::new(c.last_msg));
+            track.gaps = Recent::from_ms(&c.gaps);
+            track.resumes = Recent::from_ms(&c.resumes);
+            track.last_msg = track.last_msg.max(c.last_msg);
+        }
     }
 
     /// Says again that there is something to save (the last save failed).
@@ -184,19 +276,42 @@ impl<K: Clone + Eq + Hash + Ord> Batcher<K> {
         self.learned = true;
     }
 
-    /// The learned rhythms (mean gap in ms, samples, last message), if any
-    /// was learned since the last call.
-    pub fn take_learned(&mut self) -> Option<Vec<(K, f64, u32, Instant)>> {
+    /// What was learned, if anything was since the last call.
+    pub fn take_learned(&mut self) -> Option<Learned<K>> {
         if !std::mem::take(&mut self.learned) {
             return None;
         }
-        Some(
-            self.tracks
+        let pop = self.population.as_ref()?;
+        Some(Learned {
+            gaps: pop.gaps.counts().to_vec(),
+            resumes: pop.resumes.counts().to_vec(),
+            convs: self
+                .tracks
                 .iter()
-                .filter(|(_, t)| t.rhythm.samples > 0)
-                .map(|(k, t)| (k.clone(), t.rhythm.mean_gap_ms, t.rhythm.samples, t.last_msg))
+                .filter(|(_, t)| !t.gaps.is_empty() || !t.resumes.is_empty())
+                .map(|(k, t)| LearnedConv {
+                    key: k.clone(),
+                    gaps: t.gaps.to_ms(),
+                    resumes: t.resumes.to_ms(),
+                    last_msg: t.last_msg,
+                })
                 .collect(),
-        )
+        })
+    }
+
+    /// The adaptive policy's windows for `key` now (the prior's under `fixed`,
+    /// which never reads them).
+    pub fn windows(&self, key: &K) -> Windows {
+        let (Policy::Adaptive(a), Some(pop)) = (self.rules.policy, self.population.as_ref()) else {
+            return Windows { gap: self.rules.debounce, resume: self.rules.debounce };
+        };
+        let q = a.quantile_pct as f32 / 100.0;
+        let none = Recent::default();
+        let track = self.tracks.get(key);
+        Windows {
+            gap: a.window(pop.gaps.window(track.map_or(&none, |t| &t.gaps), q)),
+            resume: a.window(pop.resumes.window(track.map_or(&none, |t| &t.resumes), q)),
+        }
     }
 
     pub fn rules(&self) -> &Rules {
@@ -250,12 +365,28 @@ impl<K: Clone + Eq + Hash + Ord> Batcher<K> {
 
     /// A presence event. Only the adaptive policy listens, and only while
     /// the conversation has a batch pending: presence alone is never a turn.
+    /// Typing after a silence teaches how long this client pauses within a
+    /// request — also right after a cut, when it shows the cut came early.
     pub fn presence(&mut self, key: &K, presence: Presence, at: Instant) {
-        if !matches!(self.rules.policy, Policy::Adaptive(_)) {
-            return;
-        }
+        let Policy::Adaptive(a) = self.rules.policy else { return };
         let track = self.tracks.entry(key.clone()).or_insert_with(|| Track::new(at));
         track.presence = true;
+        if at >= track.last_msg {
+            track.typing = (presence == Presence::Typing).then_some(at);
+        }
+        let resumed = match (self.pending.get(key), presence) {
+            (Some(p), Presence::Typing) if p.signals.typing.is_none() && at >= p.signals.last_at => {
+                Some(at.saturating_duration_since(p.signals.quiet_since()))
+            }
+            (None, Presence::Typing) => track.last_cut.as_mut().filter(|c| c.resume_open).map(|c| {
+                c.resume_open = false;
+                at.saturating_duration_since(c.quiet_since)
+            }),
+            _ => None,
+        };
+        if let Some(silence) = resumed.filter(|s| *s >= MIN_LEARNED_RESUME) {
+            self.note(key, Kind::Resume, (silence <= a.max_quiet).then_some(silence));
+        }
         let Some(p) = self.pending.get_mut(key) else { return };
         p.signals.presence = true;
         if at < p.signals.last_at {
@@ -272,56 +403,134 @@ impl<K: Clone + Eq + Hash + Ord> Batcher<K> {
         self.schedule(key.clone());
     }
 
+    /// The silences after cuts that nobody went on from within `max_quiet`
+    /// ended the request: learned as such.
+    fn close_silences(&mut self, now: Instant) {
+        while let Some((at, key)) = self.open.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.open.pop_first();
+            let Some(track) = self.tracks.get_mut(&key) else { continue };
+            // Only if that silence is still the open one (no message since).
+            let Some(cut) = track.last_cut.filter(|c| c.closes_at == at) else { continue };
+            track.last_cut = None;
+            if cut.gap_open {
+                self.note(&key, Kind::Gap, None);
+            }
+            if cut.resume_open {
+                self.note(&key, Kind::Resume, None);
+            }
+        }
+    }
+
+    /// Learns how one silence of `key` ended.
+    fn note(&mut self, key: &K, kind: Kind, ended: learn::Ended) {
+        let (Some(track), Some(pop)) = (self.tracks.get_mut(key), self.population.as_mut()) else { return };
+        match kind {
+            Kind::Gap => {
+                track.gaps.learn(ended);
+                pop.gaps.learn(ended);
+            }
+            Kind::Resume => {
+                track.resumes.learn(ended);
+                pop.resumes.learn(ended);
+            }
+        }
+        self.learned = true;
+    }
+
     /// Moves a pending batch's deadline to what its policy says now.
     fn schedule(&mut self, key: K) {
+        let windows = self.windows(&key);
         let p = self.pending.get_mut(&key).expect("a pending batch");
-        let rhythm = self.tracks.get(&key).map(|t| &t.rhythm);
         let (deadline, reason) = policy::deadline(
             &self.rules.policy,
             self.rules.debounce,
             self.rules.max_wait,
             &p.signals,
-            rhythm,
+            windows,
         );
         self.deadlines.remove(&(p.deadline, key.clone()));
         (p.deadline, p.reason) = (deadline, reason);
         self.deadlines.insert((deadline, key));
     }
 
-    /// Learns the gap before a message: within a batch, or after a cut the
-    /// client did not wait out (it came back within one more window).
+    /// Learns how the silence before a message ended: within a batch, or
+    /// after a cut (it came too early, whether the turn was answered or not:
+    /// a reply does not tell whether the client had finished).
+    /// With presence, a message nobody was seen typing ends a resume too.
     fn learn(&mut self, key: &K, at: Instant, a: &Adaptive) {
-        let pending_last = self.pending.get(key).map(|p| p.signals.last_at);
         let track = self.tracks.entry(key.clone()).or_insert_with(|| Track::new(at));
-        let gap = match (pending_last, track.last_cut) {
-            (Some(last), _) => at.checked_duration_since(last).filter(|g| *g <= a.max_quiet),
-            (None, Some((cut_at, window))) => {
-                let since_last = at.saturating_duration_since(track.last_msg);
-                let since_cut = at.saturating_duration_since(cut_at);
-                a.is_continuation(since_last, since_cut, window).then_some(since_last)
-            }
-            (None, None) => None,
+        let presence = track.presence;
+        let (gap, resume) = match (self.pending.get(key), track.last_cut.take()) {
+            (Some(p), _) => (
+                Some(at.saturating_duration_since(p.signals.last_at)),
+                p.signals.typing.is_none().then(|| at.saturating_duration_since(p.signals.quiet_since())),
+            ),
+            (None, Some(cut)) => (
+                cut.gap_open.then(|| at.saturating_duration_since(cut.last_msg)),
+                cut.resume_open.then(|| at.saturating_duration_since(cut.quiet_since)),
+            ),
+            (None, None) => (None, None),
         };
-        if let Some(gap) = gap.filter(|g| *g >= MIN_LEARNED_GAP) {
-            track.rhythm.learn(gap);
-            self.learned = true;
-        }
         track.last_msg = track.last_msg.max(at);
-        track.last_cut = None;
+        track.typing = None;
+        let ended = |d: Duration| (d <= a.max_quiet).then_some(d);
+        if let Some(gap) = gap.filter(|g| *g >= MIN_LEARNED_GAP) {
+            self.note(key, Kind::Gap, ended(gap));
+        }
+        if let Some(resume) = resume.filter(|r| presence && *r >= MIN_LEARNED_RESUME) {
+            self.note(key, Kind::Resume, ended(resume));
+        }
     }
 
-    /// Adds the messages of a restarted turn to the conversation's pending
-    /// batch, leaving its timing as it is; false if it has none (or they
-    /// would overfill it).
-    pub fn put_back(&mut self, key: &K, seqs: &[u64]) -> bool {
+    /// Puts the messages of a restarted turn (older than anything pending)
+    /// in front of the conversation's pending batch, leaving its timing as it
+    /// is. If together they overfill it, the first `max_messages` are cut at
+    /// once (the restarted turn's first) and the rest stay pending. With no
+    /// pending batch but a client typing (the turn was restarted for it),
+    /// they become a pending batch again, held while the typing lasts.
+    pub fn put_back(&mut self, key: &K, seqs: &[u64]) -> PutBack<K> {
         let max = self.rules.max_messages;
-        match self.pending.get_mut(key) {
-            Some(p) if p.seqs.len() + seqs.len() <= max => {
-                p.seqs.extend_from_slice(seqs);
-                true
-            }
-            _ => false,
+        let Some(p) = self.pending.get_mut(key) else {
+            let Some(track) = self.tracks.get(key).filter(|t| t.typing.is_some()) else {
+                return PutBack::NoBatch;
+            };
+            // Held from the typing on (its max wait too: the client is
+            // writing the rest of the request now).
+            let since = track.typing.unwrap_or(track.last_msg);
+            let signals = Signals {
+                first_at: since,
+                last_at: track.last_msg,
+                complete: false,
+                typing: track.typing,
+                paused: None,
+                presence: true,
+            };
+            let pending =
+                Pending { seqs: seqs.to_vec(), signals, deadline: track.last_msg, reason: CutReason::Quiet };
+            self.pending.insert(key.clone(), pending);
+            self.deadlines.insert((track.last_msg, key.clone()));
+            self.schedule(key.clone());
+            return PutBack::Merged;
+        };
+        let mut all = seqs.to_vec();
+        all.append(&mut p.seqs);
+        all.sort_unstable();
+        if all.len() <= max {
+            p.seqs = all;
+            return PutBack::Merged;
         }
+        p.seqs = all.split_off(max);
+        let last_at = p.signals.last_at;
+        PutBack::Full(Cut {
+            key: key.clone(),
+            seqs: all,
+            reason: CutReason::Full,
+            deadline: last_at,
+            last_at,
+        })
     }
 
     /// Cuts a conversation's batch now, whatever its deadline.
@@ -344,6 +553,7 @@ impl<K: Clone + Eq + Hash + Ord> Batcher<K> {
             let reason = self.pending[&key].reason;
             cuts.extend(self.take(&key, reason));
         }
+        self.close_silences(now);
         if self.tracks.len() >= self.sweep_tracks_at {
             self.tracks.retain(|_, t| now.saturating_duration_since(t.last_msg) < RHYTHM_IDLE);
             self.sweep_tracks_at = (self.tracks.len() * 2).max(10_000);
@@ -388,10 +598,19 @@ impl<K: Clone + Eq + Hash + Ord> Batcher<K> {
         self.deadlines.remove(&(p.deadline, key.clone()));
         p.seqs.sort_unstable();
         let last_at = p.signals.last_at;
-        if let Some(track) = self.tracks.get_mut(key) {
+        if let (Some(track), Policy::Adaptive(a)) = (self.tracks.get_mut(key), self.rules.policy) {
             // Only a window the timers closed can be shown too short.
-            track.last_cut =
-                reason.timed().then(|| (p.deadline, p.deadline.saturating_duration_since(last_at)));
+            let quiet_since = p.signals.quiet_since();
+            track.last_cut = reason.timed().then(|| LastCut {
+                last_msg: last_at,
+                quiet_since,
+                closes_at: quiet_since + a.max_quiet,
+                gap_open: true,
+                resume_open: track.presence,
+            });
+            if reason.timed() {
+                self.open.insert((quiet_since + a.max_quiet, key.clone()));
+            }
         }
         Some(Cut { key: key.clone(), seqs: p.seqs, reason, deadline: p.deadline, last_at })
     }
@@ -529,23 +748,96 @@ mod tests {
     }
 
     #[test]
-    fn a_client_who_came_back_right_after_a_cut_teaches_a_longer_window() {
+    fn a_paused_between_fragments_is_not_the_end_of_the_request() {
         let t0 = Instant::now();
         let mut b = Batcher::new(adaptive());
-        b.push("p", 1, t0);
-        // The prior window (9 s) passes: cut.
-        let first = b.due(t0 + 9 * S);
-        assert_eq!((first.len(), first[0].reason), (1, CutReason::Rhythm));
-        // The client was not done: 12 s after its message, 3 s after the cut.
-        b.push("p", 2, t0 + 12 * S);
-        let page = b.page(0, 1);
-        assert_eq!(page[0].deadline, t0 + 12 * S + 20 * S, "12 s learned: 36 s, kept at max_quiet");
-        // A client who comes back much later taught nothing: a new conversation burst.
-        let mut other = Batcher::new(adaptive());
-        other.push("q", 1, t0);
-        other.due(t0 + 9 * S);
-        other.push("q", 2, t0 + 60 * S);
-        assert_eq!(other.page(0, 1)[0].deadline, t0 + 69 * S, "still the prior");
+        let resume = b.windows(&"p").resume;
+        assert!(resume >= 7 * S, "the prior resume window: {resume:?}");
+        b.presence(&"p", Presence::Typing, t0);
+        b.push("p", 1, t0 + S);
+        b.presence(&"p", Presence::Typing, t0 + 2 * S);
+        b.presence(&"p", Presence::Paused, t0 + 3 * S);
+        // Typing again 3 s after the paused: still the same request.
+        assert!(b.due(t0 + 6 * S).is_empty());
+        b.presence(&"p", Presence::Typing, t0 + 6 * S);
+        b.push("p", 2, t0 + 9 * S);
+        b.presence(&"p", Presence::Typing, t0 + 9 * S + Duration::from_millis(100));
+        b.presence(&"p", Presence::Paused, t0 + 10 * S);
+        assert_eq!(b.page(0, 1)[0].rule, CutReason::Paused);
+        let quiet_since = t0 + 10 * S;
+        let window = b.windows(&"p").resume;
+        assert!(b.due(quiet_since + window - Duration::from_millis(1)).is_empty());
+        let cut = b.due(quiet_since + window);
+        assert_eq!(cut.len(), 1);
+        assert_eq!(cut[0].seqs, vec![1, 2], "one turn for the whole request");
+    }
+
+    #[test]
+    fn typing_soon_after_cuts_teaches_a_longer_window_and_silences_that_end_a_shorter_one() {
+        let t0 = Instant::now();
+        let prior = Batcher::<u32>::new(adaptive()).windows(&0).resume;
+        // 300 conversations each stop for 12 s mid-request and are cut first.
+        let mut slow = Batcher::new(adaptive());
+        for c in 0..300u32 {
+            let at = t0 + Duration::from_secs(100 * c as u64);
+            slow.presence(&c, Presence::Typing, at);
+            slow.push(c, c as u64, at + S);
+            slow.due(at + S + prior);
+            slow.presence(&c, Presence::Typing, at + 13 * S);
+        }
+        let learned = slow.windows(&10_000).resume;
+        assert!(learned >= 12 * S, "{learned:?}: a new conversation gets the population's longer window");
+        // 300 conversations write one line each and never go on.
+        let mut done = Batcher::new(adaptive());
+        for c in 0..300u32 {
+            let at = t0 + Duration::from_secs(100 * c as u64);
+            done.presence(&c, Presence::Typing, at);
+            done.push(c, c as u64, at + S);
+            done.due(at + 50 * S);
+        }
+        let learned = done.windows(&10_000).resume;
+        assert!(learned < prior && learned <= 2 * S, "{learned:?}: most silences ended their requests");
+        let Policy::Adaptive(a) = adaptive().policy else { unreachable!() };
+        let at = t0 + Duration::from_secs(100_000);
+        done.push(1, 1, at);
+        assert_eq!(done.page(0, 1)[0].deadline, at + a.paused_grace, "the grace still holds");
+    }
+
+    #[test]
+    fn a_restarted_turn_goes_in_front_of_the_pending_batch_or_is_cut_with_its_first_messages() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(Rules { max_messages: 3, ..rules() });
+        assert_eq!(b.put_back(&"p", &[1]), PutBack::NoBatch);
+        b.push("p", 5, t0);
+        assert_eq!(b.put_back(&"p", &[1, 2]), PutBack::Merged);
+        assert_eq!(b.page(0, 1)[0].seqs, vec![1, 2, 5]);
+        assert_eq!(b.page(0, 1)[0].deadline, t0 + 10 * S, "its timing unchanged");
+        let mut b = Batcher::new(Rules { max_messages: 3, ..rules() });
+        b.push("p", 5, t0);
+        b.push("p", 6, t0 + S);
+        let PutBack::Full(cut) = b.put_back(&"p", &[0, 1]) else {
+            panic!("four messages overfill a batch of three")
+        };
+        assert_eq!(cut.seqs, vec![0, 1, 5], "the restarted turn's first");
+        assert_eq!(b.page(0, 1)[0].seqs, vec![6]);
+    }
+
+    #[test]
+    fn a_turn_restarted_for_typing_waits_held_for_what_comes() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(adaptive());
+        b.presence(&"p", Presence::Typing, t0);
+        b.push("p", 1, t0 + S);
+        let cut = b.due(t0 + 60 * S);
+        assert_eq!(cut.len(), 1);
+        // The turn runs; the client types again: it comes back, held.
+        b.presence(&"p", Presence::Typing, t0 + 62 * S);
+        assert_eq!(b.put_back(&"p", &[1]), PutBack::Merged);
+        assert_eq!(b.page(0, 1)[0].rule, CutReason::TypingStale);
+        b.push("p", 2, t0 + 64 * S);
+        let Policy::Adaptive(a) = adaptive().policy else { unreachable!() };
+        let cut = b.due(t0 + 64 * S + a.max_quiet);
+        assert_eq!(cut[0].seqs, vec![1, 2]);
     }
 
     #[test]
@@ -559,13 +851,29 @@ mod tests {
         b.presence(&"p", Presence::Typing, t0);
         assert_eq!(b.next_deadline(), None, "presence alone is never a batch");
         b.push("p", 1, t0 + S);
-        // Presence was seen: nobody typing after the message means done after the grace.
+        // Presence was seen: nobody typing after the message means silent since it.
         assert_eq!(b.page(0, 1)[0].rule, CutReason::Paused);
         b.presence(&"p", Presence::Typing, t0 + 2 * S);
         assert_eq!(b.page(0, 1)[0].rule, CutReason::TypingStale);
         b.presence(&"p", Presence::Paused, t0 + 5 * S);
-        let cut = b.due(t0 + 10 * S);
+        let window = b.windows(&"p").resume;
+        let cut = b.due(t0 + 5 * S + window);
         assert_eq!(cut[0].reason, CutReason::Paused);
-        assert_eq!(cut[0].deadline, t0 + 5 * S + Duration::from_millis(2500));
+        assert_eq!(cut[0].deadline, t0 + 5 * S + window);
+    }
+
+    #[test]
+    fn what_was_learned_comes_back_in_a_new_batcher() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(adaptive());
+        for i in 0..4u64 {
+            b.push("p", i, t0 + 12 * S * i as u32);
+        }
+        let before = b.windows(&"p");
+        let learned = b.take_learned().expect("gaps were learned");
+        assert!(b.take_learned().is_none(), "nothing new since");
+        let mut again = Batcher::new(adaptive());
+        again.seed(learned);
+        assert_eq!(again.windows(&"p"), before);
     }
 }

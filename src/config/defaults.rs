@@ -178,13 +178,16 @@ impl Default for BatchingConfig {
             policy: CutPolicy::Adaptive,
             adaptive_min_quiet_ms: 2_000,
             adaptive_max_quiet_ms: 20_000,
-            adaptive_prior_gap_ms: 3_000,
-            adaptive_gap_factor_pct: 300,
+            adaptive_prior_gap_ms: 8_000,
+            adaptive_prior_resume_ms: 7_000,
+            adaptive_quantile_pct: 93,
+            adaptive_gap_factor_pct: 100,
             adaptive_complete_pct: 50,
             adaptive_complete_min_chars: 15,
             adaptive_floor_ms: 1_000,
             paused_grace_ms: 2_500,
             typing_ttl_ms: 12_000,
+            kept_fixed: false,
         }
     }
 }
@@ -196,7 +199,7 @@ impl Default for TurnsConfig {
             shutdown_grace_ms: default_shutdown_grace_ms(),
             history_days: default_retention_days(),
             dead_retention_days: default_retention_days(),
-            on_new_message: OnNewMessage::Queue,
+            on_new_message: OnNewMessage::Restart,
         }
     }
 }

@@ -65,6 +65,9 @@ impl Config {
                 "must be at least 100 (a window shorter than the gap splits every burst)",
             );
         }
+        if b.adaptive_quantile_pct == 0 || b.adaptive_quantile_pct > 100 {
+            return bad("batching.adaptive_quantile_pct", "must be from 1 to 100");
+        }
         if b.adaptive_complete_pct == 0 || b.adaptive_complete_pct > 100 {
             return bad("batching.adaptive_complete_pct", "must be from 1 to 100");
         }

@@ -68,15 +68,16 @@ async fn batches(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ApiError
     };
     let now_ms = unix_ms();
     let mut out = Vec::new();
-    for (conv, seqs, first_at, deadline) in &snap.collecting {
-        let messages = s.store.messages(conv, seqs);
+    for p in &snap.collecting {
+        let messages = s.store.messages(&p.key, &p.seqs);
         out.push(json!({
-            "company_id": conv.company_id,
-            "phone": conv.phone,
+            "company_id": p.key.company_id,
+            "phone": p.key.phone,
             "state": "collecting",
             "messages": messages.iter().map(message_json).collect::<Vec<_>>(),
-            "age_ms": ms(snap.now.saturating_duration_since(*first_at)),
-            "fires_in_ms": ms(deadline.saturating_duration_since(snap.now)),
+            "age_ms": ms(snap.now.saturating_duration_since(p.first_at)),
+            "fires_in_ms": ms(p.deadline.saturating_duration_since(snap.now)),
+            "rule": p.rule.as_str(),
         }));
     }
     for (conv, seqs) in &snap.waiting {
@@ -93,7 +94,7 @@ async fn batches(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ApiError
     }
     let running: Vec<Value> =
         snap.running.iter().map(|c| json!({ "company_id": c.company_id, "phone": c.phone })).collect();
-    Ok(Json(json!({ "batches": out, "running": running })))
+    Ok(Json(json!({ "batches": out, "running": running, "cutting": s.cutting })))
 }
 
 fn ms(d: Duration) -> u64 {
@@ -226,10 +227,10 @@ async fn rewrite_store(State(s): State<Arc<AppState>>) -> Result<Json<Value>, Ap
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     let mut g = Gauges { ready: accepting(&s).is_ok(), ..Gauges::default() };
     if let Some(snap) = s.driver.snapshot().await {
-        let oldest = snap.collecting.iter().map(|c| snap.now.saturating_duration_since(c.2)).max();
+        let oldest = snap.collecting.iter().map(|c| snap.now.saturating_duration_since(c.first_at)).max();
         g.oldest_pending_batch_s = oldest.unwrap_or_default().as_secs_f64();
         g.pending_batches = snap.collecting.len() + snap.waiting.len();
-        g.pending_messages = snap.collecting.iter().map(|c| c.1.len()).sum::<usize>()
+        g.pending_messages = snap.collecting.iter().map(|c| c.seqs.len()).sum::<usize>()
             + snap.waiting.iter().map(|w| w.1.len()).sum::<usize>();
         g.turns_in_flight = snap.running.len();
     }

@@ -97,8 +97,8 @@ async fn batch(
     let seqs: Vec<u64> = snap
         .collecting
         .iter()
-        .filter(|c| c.0 == conv)
-        .flat_map(|c| c.1.iter().copied())
+        .filter(|c| c.key == conv)
+        .flat_map(|c| c.seqs.iter().copied())
         .chain(snap.waiting.iter().filter(|w| w.0 == conv).flat_map(|w| w.1.iter().copied()))
         .collect();
     if seqs.is_empty() {
@@ -293,7 +293,7 @@ fn rule_name(rule: crate::batcher::CutReason) -> &'static str {
         MaxWait => "max wait",
         Full => "max messages",
         Immediate => "immediate",
-        Rhythm => "learned rhythm",
+        Rhythm => "learned gap window",
         Complete => "looks complete",
         Paused => "stopped typing",
         TypingStale => "typing went quiet",

@@ -59,6 +59,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// What the console shows of running and recent turns.
     pub feed: Arc<crate::feed::Feed>,
+    /// The cut policy in effect (`BatchingConfig::effective`), for `/api/batches`.
+    pub cutting: serde_json::Value,
     /// Empty: the admin routes are open (loopback only, enforced by config).
     pub admin_token: String,
     /// Empty: the generic webhooks take unauthenticated input (allowed by config).

@@ -23,6 +23,12 @@
 //!   the app reports paused with probability `paused_share`, 0.3–1.5 s
 //!   later (otherwise presence is silent).
 //!
+//! - variations for the corpus family (README "Cutting"): a paused after
+//!   every message with `paused_after_each`; instead of the gap model, the
+//!   next message's typing starting `resume_ms` after the previous message
+//!   (or its paused) and lasting `typing_ms`; the profile drawn per request
+//!   instead of per conversation with `mix_styles`.
+//!
 //! These are assumptions, not measurements; the replay's figures hold for
 //! traces like these, and a real trace (same format) can replace them.
 
@@ -71,6 +77,37 @@ pub struct Params {
     pub hesitate_share: f64,
     #[arg(long, default_value_t = 0.8)]
     pub paused_share: f64,
+    /// With presence: the app reports paused after each message before a
+    /// request's last too, with this probability (0.3–1.5 s after it).
+    #[arg(long, default_value_t = 0.0)]
+    pub paused_after_each: f64,
+    /// Instead of the gap model above: the next message's typing starts
+    /// this long (uniform, ms: `300-6000`) after the previous message or
+    /// its paused, and the message goes `--typing-ms` later.
+    #[arg(long)]
+    pub resume_ms: Option<Range>,
+    /// How long typing a message takes, with `--resume-ms` (uniform, ms).
+    #[arg(long, default_value = "1000-6000")]
+    pub typing_ms: Range,
+    /// Draw the typist profile per request instead of per conversation
+    /// (one client: a one-liner, then fragments, then slow lines).
+    #[arg(long)]
+    pub mix_styles: bool,
+}
+
+/// A uniform range of ms, `A-B`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub lo: u64,
+    pub hi: u64,
+}
+
+impl std::str::FromStr for Range {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Range, String> {
+        let l = s.parse::<super::Latency>()?;
+        Ok(Range { lo: l.min_ms, hi: l.max_ms })
+    }
 }
 
 /// splitmix64: small, seedable, good enough for a workload.
@@ -118,6 +155,17 @@ enum Profile {
     OneLiner,
 }
 
+fn draw_profile(rng: &mut Rng, p: &Params) -> Profile {
+    let roll = rng.unit();
+    if roll < p.one_liner_share {
+        Profile::OneLiner
+    } else if roll < p.one_liner_share + p.slow_share {
+        Profile::Slow
+    } else {
+        Profile::Fast
+    }
+}
+
 /// A trace with these parameters, in time order.
 pub fn generate(p: &Params) -> Vec<Event> {
     let mut rng = Rng(p.seed);
@@ -125,24 +173,22 @@ pub fn generate(p: &Params) -> Vec<Event> {
     for c in 0..p.conversations {
         let conv = format!("c{c:05}");
         let presence = rng.chance(p.presence_share);
-        let roll = rng.unit();
-        let profile = if roll < p.one_liner_share {
-            Profile::OneLiner
-        } else if roll < p.one_liner_share + p.slow_share {
-            Profile::Slow
-        } else {
-            Profile::Fast
-        };
+        let mut profile = draw_profile(&mut rng, p);
         let mut t = rng.range(0, p.span_ms);
         let mut emit = |at: u64, kind: Kind, text: &str, thought: Option<u64>| {
             out.push(Event { conv: conv.clone(), at_ms: at, kind, text: text.to_owned(), thought });
         };
         for thought in 0..rng.range(1, p.max_thoughts.max(1)) {
+            if p.mix_styles && thought > 0 {
+                profile = draw_profile(&mut rng, p);
+            }
             let n = if profile == Profile::OneLiner || rng.chance(p.single_share) {
                 1
             } else {
                 rng.range(2, p.max_messages.max(2))
             };
+            // When the previous message's paused came (`--resume-ms` counts from it).
+            let mut quiet_from = t;
             for i in 0..n {
                 let last = i + 1 == n;
                 let text = if profile == Profile::OneLiner || (last && rng.chance(p.complete_last_share)) {
@@ -152,22 +198,36 @@ pub fn generate(p: &Params) -> Vec<Event> {
                 } else {
                     FRAGMENTS[rng.range(0, FRAGMENTS.len() as u64 - 1) as usize]
                 };
-                // The gap before this message (none before a request's first).
-                let gap = if i == 0 {
-                    0
-                } else {
-                    match profile {
-                        Profile::Slow => rng.lognormal(p.slow_gap_ms, 0.35),
-                        _ => rng.lognormal(p.fast_gap_ms, 0.5),
+                // When the message goes, and when typing it started (if known yet).
+                let (sent, typing_from, gap) = match p.resume_ms {
+                    Some(resume) if i > 0 => {
+                        let start = quiet_from + rng.range(resume.lo, resume.hi);
+                        (start + rng.range(p.typing_ms.lo, p.typing_ms.hi), Some(start), 0)
+                    }
+                    _ => {
+                        // The gap before this message (none before a request's first).
+                        let gap = if i == 0 {
+                            0
+                        } else {
+                            match profile {
+                                Profile::Slow => rng.lognormal(p.slow_gap_ms, 0.35),
+                                _ => rng.lognormal(p.fast_gap_ms, 0.5),
+                            }
+                        };
+                        (t + gap.max(300), None, gap)
                     }
                 };
-                let sent = t + gap.max(300);
                 if presence {
                     // Typing starts after a pause for thought (within the gap)
                     // and is refreshed every 10 s until the message goes.
-                    let think = rng.lognormal(p.think_ms, 0.6).min(gap.saturating_sub(200));
-                    let start = if i == 0 { sent.saturating_sub(rng.range(1_000, 6_000)) } else { t + think };
-                    let mut at = start;
+                    let mut at = typing_from.unwrap_or_else(|| {
+                        let think = rng.lognormal(p.think_ms, 0.6).min(gap.saturating_sub(200));
+                        if i == 0 {
+                            sent.saturating_sub(rng.range(1_000, 6_000))
+                        } else {
+                            t + think
+                        }
+                    });
                     while at < sent {
                         emit(at, Kind::Typing, "", None);
                         if rng.chance(p.hesitate_share) && at + 5_000 < sent {
@@ -180,6 +240,11 @@ pub fn generate(p: &Params) -> Vec<Event> {
                 }
                 emit(sent, Kind::Message, text, Some(thought));
                 t = sent;
+                quiet_from = t;
+                if presence && !last && p.paused_after_each > 0.0 && rng.chance(p.paused_after_each) {
+                    quiet_from = t + rng.range(300, 1_500);
+                    emit(quiet_from, Kind::Paused, "", None);
+                }
             }
             if presence && rng.chance(p.paused_share) {
                 emit(t + rng.range(300, 1_500), Kind::Paused, "", None);

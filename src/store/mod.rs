@@ -275,7 +275,7 @@ pub(crate) struct Memory {
     head: u64,
 }
 
-pub use rhythms::SavedRhythm;
+pub use rhythms::{SavedLearning, SavedRhythm};
 
 pub(crate) struct Shared {
     memory: Mutex<Memory>,
@@ -738,13 +738,13 @@ impl Store {
         lock(&self.inner.shared.memory).pending.values().map(|p| p.message.clone()).collect()
     }
 
-    /// The rhythms the adaptive policy saved (see `rhythms.rs`).
-    pub fn rhythms(&self) -> Vec<SavedRhythm> {
+    /// What the adaptive policy saved (see `rhythms.rs`).
+    pub fn rhythms(&self) -> SavedLearning {
         rhythms::load(&self.inner.dir)
     }
 
     /// Replaces the saved rhythms; blocking (a file write and two syncs).
-    pub fn save_rhythms(&self, saved: &[SavedRhythm]) -> Result<(), StoreError> {
+    pub fn save_rhythms(&self, saved: &SavedLearning) -> Result<(), StoreError> {
         rhythms::save(&self.inner.dir, saved).map_err(|e| log::io_error(&self.inner.dir, e))
     }
 

@@ -12,27 +12,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::batcher::{Batcher, Cut, CutReason, Policy};
+use crate::batcher::{Cut, Learned, LearnedConv, Policy};
 use crate::config::Config;
 use crate::message::{unix_ms, Conv};
 use crate::metrics::Metrics;
 use crate::store::{Announce, Recovered, Store, TurnRecord};
 
-use super::gate::Gate;
+use super::schedule::{Ended, Schedule};
 use super::{DriverInbox, Event, Outcome, RetryOutcome, Runner, Shared, Snapshot, View, Work, WAITING_SHOWN};
-
-/// Backoff of a conversation whose work failed in the store: doubling from
-/// this, up to `RETRY_MAX`.
-const RETRY_FIRST: Duration = Duration::from_millis(500);
-const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// The adaptive policy's learned rhythms are saved this often (and at the stop).
 const RHYTHMS_EVERY: Duration = Duration::from_secs(60);
 
 pub struct Driver {
-    batcher: Batcher<Conv>,
-    gate: Gate<Conv, Work>,
-    max_messages: usize,
+    schedule: Schedule,
     store: Store,
     runner: Arc<Runner>,
     rx: mpsc::UnboundedReceiver<Event>,
@@ -45,14 +38,9 @@ pub struct Driver {
     metrics: Arc<Metrics>,
     /// Dead turns being marked open again, so two retries cannot queue one twice.
     reopening: HashSet<String>,
-    /// `turns.on_new_message = "restart"`.
-    restart: bool,
-    /// Per running fresh turn, with the restart policy only: cancelled to
-    /// restart it (its task ignores it once the handler has answered).
+    /// Per running turn: cancelled when the schedule restarts it (its task
+    /// ignores it once the handler has answered).
     restarts: HashMap<Conv, CancellationToken>,
-    /// Restarted turns whose messages wait in a pending batch: the next cut
-    /// of the conversation replaces them.
-    superseded: HashMap<Conv, Vec<String>>,
 }
 
 impl Driver {
@@ -71,10 +59,9 @@ impl Driver {
     ) -> Driver {
         let DriverInbox { rx, tx } = inbox;
         let rules = config.batching.rules();
+        let restart = config.turns.on_new_message == crate::config::OnNewMessage::Restart;
         let mut driver = Driver {
-            batcher: Batcher::new(rules),
-            gate: Gate::new(config.turns.max_concurrent),
-            max_messages: config.batching.max_messages,
+            schedule: Schedule::new(rules, config.turns.max_concurrent, restart),
             store,
             runner,
             rx,
@@ -84,23 +71,29 @@ impl Driver {
             shutdown: shared.stopping.shutdown.clone(),
             metrics: shared.metrics.clone(),
             reopening: HashSet::new(),
-            restart: config.turns.on_new_message == crate::config::OnNewMessage::Restart,
             restarts: HashMap::new(),
-            superseded: HashMap::new(),
         };
         // What the adaptive policy learned before the restart (a day's worth).
-        if matches!(driver.batcher.rules().policy, Policy::Adaptive(_)) {
+        if matches!(driver.schedule.batcher().rules().policy, Policy::Adaptive(_)) {
             let (now, now_ms) = (now(), unix_ms());
-            for r in driver.store.rhythms() {
-                let age = Duration::from_millis(now_ms.saturating_sub(r.last_ms));
-                if age < Duration::from_secs(24 * 3600) {
-                    let last = now.checked_sub(age).unwrap_or(now);
-                    driver.batcher.seed(r.conv, r.mean_gap_ms as f64, r.samples, last);
-                }
-            }
+            let saved = driver.store.rhythms();
+            let convs = saved
+                .convs
+                .into_iter()
+                .filter_map(|r| {
+                    let age = Duration::from_millis(now_ms.saturating_sub(r.last_ms));
+                    (age < Duration::from_secs(24 * 3600)).then(|| LearnedConv {
+                        key: r.conv,
+                        gaps: r.gaps,
+                        resumes: r.resumes,
+                        last_msg: now.checked_sub(age).unwrap_or(now),
+                    })
+                })
+                .collect();
+            driver.schedule.batcher_mut().seed(Learned { gaps: saved.gaps, resumes: saved.resumes, convs });
         }
         for turn in recovery.open_turns {
-            driver.gate.offer(turn.conv.clone(), Work::Resume(Box::new(turn)));
+            driver.schedule.queue(turn.conv.clone(), Work::Resume(Box::new(turn)));
         }
         let now = now();
         let now_ms = unix_ms();
@@ -108,10 +101,9 @@ impl Driver {
             let age = Duration::from_millis(now_ms.saturating_sub(m.received_at_ms));
             let at = now.checked_sub(age).unwrap_or(now);
             let complete = driver.complete(&crate::message::Shape::of(&m.text));
-            if let Some(cut) = driver.batcher.push_message(m.conv, m.seq, at, complete) {
-                driver.offer(cut);
-            }
+            driver.schedule.message(m.conv, m.seq, at, complete, false);
         }
+        driver.note_cuts();
         driver
     }
 
@@ -119,14 +111,10 @@ impl Driver {
         let mut save = tokio::time::interval(RHYTHMS_EVERY);
         save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let now = now();
-            for cut in self.batcher.due(now) {
-                self.offer(cut);
-            }
-            self.gate.wake(now);
+            self.schedule.tick(now());
+            self.note_cuts();
             self.start_ready();
-            let deadline =
-                [self.batcher.next_deadline(), self.gate.next_deadline()].into_iter().flatten().min();
+            let deadline = self.schedule.next_deadline();
             let sleep = async {
                 match deadline {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -145,9 +133,9 @@ impl Driver {
             }
         }
         self.save_rhythms().await;
-        let (batches, messages) = self.batcher.len();
+        let (batches, messages) = self.schedule.batcher().len();
         info!(
-            in_flight = self.gate.in_flight(),
+            in_flight = self.schedule.gate().in_flight(),
             batches, messages, "driver stopped; pending batches stay on disk"
         );
     }
@@ -160,19 +148,9 @@ impl Driver {
             Event::Ingested(stored) => {
                 let now = now();
                 for Announce { conv, seq, immediate, shape } in stored {
-                    if let Some(turn) = self.restarts.get(&conv) {
-                        if !turn.is_cancelled() {
-                            info!(conv = %conv.masked(), "a message came while the turn runs: restarting it with every message");
-                            turn.cancel();
-                        }
-                    }
                     let complete = self.complete(&shape);
-                    if let Some(cut) = self.batcher.push_message(conv.clone(), seq, now, complete) {
-                        self.offer(cut);
-                    } else if immediate {
-                        if let Some(cut) = self.batcher.cut_now(&conv) {
-                            self.offer(cut);
-                        }
+                    if let Some(conv) = self.schedule.message(conv, seq, now, complete, immediate) {
+                        self.restart(&conv, "a message came while the turn runs");
                     }
                 }
             }
@@ -183,7 +161,7 @@ impl Driver {
                 match result {
                     Ok(turn) => {
                         info!(turn_id = %turn.turn_id, conv = %turn.conv.masked(), "dead turn queued for retry");
-                        self.gate.offer(turn.conv.clone(), Work::Resume(turn));
+                        self.schedule.queue(turn.conv.clone(), Work::Resume(turn));
                         let _ = reply.send(RetryOutcome::Queued);
                     }
                     Err(outcome) => {
@@ -197,50 +175,53 @@ impl Driver {
             Event::View { offset, limit, reply } => {
                 let _ = reply.send(self.view(offset, limit));
             }
-            Event::Context { conv, job } => self.gate.offer(conv, Work::Context(job)),
-            Event::Presence { conv, presence } => self.batcher.presence(&conv, presence, now()),
-        }
-    }
-
-    /// A turn task ended: free its conversation, or put failed work back at
-    /// the front of the conversation's queue until its backoff is over.
-    fn finished(&mut self, conv: Conv, outcome: Outcome) {
-        self.restarts.remove(&conv);
-        match outcome {
-            Outcome::Done | Outcome::Parked | Outcome::Abandoned => self.gate.finished(&conv),
-            Outcome::Restarted { seqs, turn_id } => {
-                self.gate.finished(&conv);
-                crate::metrics::inc(&self.metrics.turn_restarts);
-                // Back with the messages that came: into their pending batch
-                // (cut as usual, the client may still be writing), or to the
-                // front of the work that is already waiting.
-                if self.batcher.put_back(&conv, &seqs) {
-                    self.superseded.entry(conv).or_default().push(turn_id);
-                } else {
-                    let now = now();
-                    let work = Work::Fresh {
-                        seqs,
-                        reason: CutReason::Immediate,
-                        deadline: now,
-                        cut_at: now,
-                        max_messages: self.max_messages,
-                        supersedes: vec![turn_id],
-                    };
-                    self.gate.offer(conv, work);
+            Event::Context { conv, job } => self.schedule.queue(conv, Work::Context(job)),
+            Event::Presence { conv, presence } => {
+                if let Some(conv) = self.schedule.presence(&conv, presence, now()) {
+                    self.restart(&conv, "the client is typing again while the turn runs");
                 }
             }
-            Outcome::Failed { work, error } => {
-                let failures = self.gate.failures(&conv) + 1;
-                let wait = crate::clock::backoff(RETRY_FIRST, RETRY_MAX, failures);
-                self.gate.failed(&conv, work, now() + wait);
-                crate::metrics::inc(&self.metrics.turn_store_failures);
-                warn!(conv = %conv.masked(), failures, retry_in_ms = wait.as_millis() as u64, error, "turn work failed in the store; its conversation waits and retries it first");
-            }
         }
     }
 
-    fn offer(&mut self, cut: Cut<Conv>) {
+    /// A turn task ended: free its conversation, put a restarted turn's
+    /// messages first in line, or put failed work back at the front of the
+    /// conversation's queue until its backoff is over.
+    fn finished(&mut self, conv: Conv, outcome: Outcome) {
+        self.restarts.remove(&conv);
+        let error = match &outcome {
+            Outcome::Failed { error, .. } => Some(error.clone()),
+            _ => None,
+        };
+        match self.schedule.finished(conv.clone(), outcome, now()) {
+            Ended::Freed => {}
+            Ended::Restarted => crate::metrics::inc(&self.metrics.turn_restarts),
+            Ended::Failed { failures, retry_in } => {
+                crate::metrics::inc(&self.metrics.turn_store_failures);
+                warn!(conv = %conv.masked(), failures, retry_in_ms = retry_in.as_millis() as u64, error, "turn work failed in the store; its conversation waits and retries it first");
+            }
+        }
+        self.note_cuts();
+    }
+
+    /// Abandons the running turn of `conv` for a re-run with what comes
+    /// (it ignores this once its handler has answered).
+    fn restart(&self, conv: &Conv, why: &str) {
+        if let Some(turn) = self.restarts.get(conv) {
+            info!(conv = %conv.masked(), why, "restarting the turn with every message");
+            turn.cancel();
+        }
+    }
+
+    /// Counts and logs the batches the schedule cut.
+    fn note_cuts(&mut self) {
         let now = now();
+        for cut in self.schedule.take_cuts() {
+            self.note_cut(&cut, now);
+        }
+    }
+
+    fn note_cut(&self, cut: &Cut<Conv>, now: Instant) {
         let lag = now.saturating_duration_since(cut.deadline);
         self.metrics.batch_size.observe(cut.seqs.len() as f64);
         if let Some(i) = crate::batcher::CutReason::ALL.iter().position(|r| *r == cut.reason) {
@@ -252,30 +233,27 @@ impl Driver {
             self.metrics.debounce_lag.observe_duration(lag);
         }
         debug!(conv = %cut.key.masked(), messages = cut.seqs.len(), reason = cut.reason.as_str(), lag_ms = lag.as_millis() as u64, "batch cut");
-        let work = Work::Fresh {
-            supersedes: self.superseded.remove(&cut.key).unwrap_or_default(),
-            seqs: cut.seqs,
-            reason: cut.reason,
-            deadline: cut.deadline,
-            cut_at: now,
-            max_messages: self.max_messages,
-        };
-        self.gate.offer(cut.key, work);
     }
 
     /// Writes what the adaptive policy learned, if anything, off this thread.
     async fn save_rhythms(&mut self) {
-        let Some(learned) = self.batcher.take_learned() else { return };
+        let Some(learned) = self.schedule.batcher_mut().take_learned() else { return };
         let (now, now_ms) = (now(), unix_ms());
-        let saved: Vec<crate::store::SavedRhythm> = learned
-            .into_iter()
-            .map(|(conv, mean, samples, last)| crate::store::SavedRhythm {
-                conv,
-                mean_gap_ms: mean.round() as u32,
-                samples,
-                last_ms: now_ms.saturating_sub(now.saturating_duration_since(last).as_millis() as u64),
-            })
-            .collect();
+        let saved = crate::store::SavedLearning {
+            gaps: learned.gaps,
+            resumes: learned.resumes,
+            convs: learned
+                .convs
+                .into_iter()
+                .map(|c| crate::store::SavedRhythm {
+                    conv: c.key,
+                    gaps: c.gaps,
+                    resumes: c.resumes,
+                    last_ms: now_ms
+                        .saturating_sub(now.saturating_duration_since(c.last_msg).as_millis() as u64),
+                })
+                .collect(),
+        };
         let store = self.store.clone();
         let error = match tokio::task::spawn_blocking(move || store.save_rhythms(&saved)).await {
             Ok(Ok(())) => return,
@@ -283,28 +261,23 @@ impl Driver {
             Err(e) => e.to_string(),
         };
         warn!(error, "could not save the learned rhythms; tried again in a minute");
-        self.batcher.unsaved();
+        self.schedule.batcher_mut().unsaved();
     }
 
     /// Whether the adaptive policy takes a message of this shape as complete.
     fn complete(&self, shape: &crate::message::Shape) -> bool {
-        match self.batcher.rules().policy {
+        match self.schedule.batcher().rules().policy {
             Policy::Adaptive(a) => shape.complete(a.complete_min_chars),
             Policy::Fixed => false,
         }
     }
 
     fn start_ready(&mut self) {
-        while let Some((conv, work)) = self.gate.start_next() {
+        while let Some((conv, work)) = self.schedule.start_next() {
             let runner = self.runner.clone();
             let report = Report { tx: self.tx.clone(), conv: Some(conv.clone()), replay: work.replay() };
-            // Only a turn cut from fresh messages restarts: a resumed one
-            // (recovered, or a dead turn retried) may have a record of its
-            // own in the store that only its own commit removes.
             let restart = CancellationToken::new();
-            if self.restart && matches!(work, Work::Fresh { .. }) {
-                self.restarts.insert(conv.clone(), restart.clone());
-            }
+            self.restarts.insert(conv.clone(), restart.clone());
             self.tracker.spawn_on(
                 async move {
                     let outcome = runner.run(conv, work, restart).await;
@@ -354,10 +327,11 @@ impl Driver {
         };
         View {
             now: now(),
-            collecting: self.batcher.len(),
-            page: self.batcher.page(offset, limit),
+            collecting: self.schedule.batcher().len(),
+            page: self.schedule.batcher().page(offset, limit),
             waiting: self
-                .gate
+                .schedule
+                .gate()
                 .waiting()
                 .take(WAITING_SHOWN)
                 .map(|(conv, work)| {
@@ -365,22 +339,18 @@ impl Driver {
                     (conv.clone(), messages, what)
                 })
                 .collect(),
-            waiting_total: self.gate.waiting().count(),
-            running: self.gate.in_flight(),
+            waiting_total: self.schedule.gate().waiting().count(),
+            running: self.schedule.gate().in_flight(),
         }
     }
 
     fn snapshot(&self) -> Snapshot {
         Snapshot {
             now: now(),
-            collecting: self
-                .batcher
-                .pending()
-                .into_iter()
-                .map(|p| (p.key, p.seqs, p.first_at, p.deadline))
-                .collect(),
+            collecting: self.schedule.batcher().pending(),
             waiting: self
-                .gate
+                .schedule
+                .gate()
                 .waiting()
                 .filter_map(|(conv, work)| {
                     let seqs = match work {
@@ -391,7 +361,7 @@ impl Driver {
                     Some((conv.clone(), seqs))
                 })
                 .collect(),
-            running: self.gate.running().cloned().collect(),
+            running: self.schedule.gate().running().cloned().collect(),
         }
     }
 }

@@ -21,6 +21,13 @@ pub trait Merge: Sized {
     /// Absorbs `next` and returns `None`, or gives it back if it cannot.
     fn merge(&mut self, next: Self) -> Option<Self>;
 
+    /// Moves the oldest part of `next` (work that follows this one in its
+    /// conversation) into this one, as much as fits; true if `next` is left
+    /// empty. Only for work put back in front (`Gate::put_front`).
+    fn fill_from(&mut self, _next: &mut Self) -> bool {
+        false
+    }
+
     /// Urgent work queues ahead of the conversation's waiting non-urgent work
     /// (but behind earlier urgent work, and never ahead of a running turn).
     fn urgent(&self) -> bool {
@@ -78,6 +85,33 @@ impl<K: Clone + Eq + Hash, W: Merge> Gate<K, W> {
         if was_empty && !self.running.contains(&key) && !self.backing_off(&key) {
             self.ready.push_back(key);
         }
+    }
+
+    /// Work that ran and must run again before anything else of its
+    /// conversation that is not urgent: it goes in front of the waiting
+    /// batches, takes from them what fits (`Merge::fill_from`, so the work
+    /// behind moves up in order), and the conversation becomes ready.
+    pub fn put_front(&mut self, key: K, work: W) {
+        let queue = self.waiting.entry(key.clone()).or_default();
+        let was_empty = queue.is_empty();
+        let mut at = queue.iter().take_while(|w| w.urgent()).count();
+        queue.insert(at, work);
+        while at + 1 < queue.len() && !queue[at + 1].urgent() {
+            let (head, rest) = queue.make_contiguous().split_at_mut(at + 1);
+            if head[at].fill_from(&mut rest[0]) {
+                queue.remove(at + 1);
+            } else {
+                at += 1;
+            }
+        }
+        if was_empty && !self.running.contains(&key) && !self.backing_off(&key) {
+            self.ready.push_back(key);
+        }
+    }
+
+    /// Whether `key` has waiting work that `pred` picks.
+    pub fn has_waiting(&self, key: &K, pred: impl Fn(&W) -> bool) -> bool {
+        self.waiting.get(key).is_some_and(|q| q.iter().any(pred))
     }
 
     /// The next work allowed to start, marking its conversation running.

@@ -8,6 +8,7 @@
 mod driver;
 pub mod gate;
 mod run;
+pub mod schedule;
 
 use std::time::Instant;
 
@@ -125,6 +126,25 @@ impl gate::Merge for Work {
         matches!(self, Work::Context(_))
     }
 
+    fn fill_from(&mut self, next: &mut Work) -> bool {
+        let (
+            Work::Fresh { seqs, max_messages, supersedes, .. },
+            Work::Fresh { seqs: more, supersedes: replaced, .. },
+        ) = (self, next)
+        else {
+            return false;
+        };
+        let take = max_messages.saturating_sub(seqs.len()).min(more.len());
+        if take > 0 {
+            seqs.extend(more.drain(..take));
+            // A replaced turn whose messages are now in both keeps being
+            // replaced by both: dropping its claim twice is harmless.
+            supersedes
+                .extend(replaced.iter().filter(|id| !supersedes.contains(id)).cloned().collect::<Vec<_>>());
+        }
+        more.is_empty()
+    }
+
     fn merge(&mut self, next: Work) -> Option<Work> {
         match (self, next) {
             (
@@ -157,8 +177,9 @@ pub enum Outcome {
     /// Cut short by shutdown; it stays open on disk for the next start.
     Abandoned,
     /// Abandoned for a re-run with the messages that came meanwhile
-    /// (`turns.on_new_message = "restart"`): its messages, and the turn it was.
-    Restarted { seqs: Vec<u64>, turn_id: String },
+    /// (`turns.on_new_message = "restart"`): its messages, the turn it was,
+    /// and why it had been cut.
+    Restarted { seqs: Vec<u64>, turn_id: String, reason: CutReason },
 }
 
 /// Events the driver reacts to, besides its own timers.
@@ -214,8 +235,8 @@ pub enum RetryOutcome {
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub now: Instant,
-    /// Collecting messages: (conversation, seqs, first message at, cut deadline).
-    pub collecting: Vec<(Conv, Vec<u64>, Instant, Instant)>,
+    /// Collecting messages, the next cut first, each with the rule that cuts it.
+    pub collecting: Vec<crate::batcher::PendingView<Conv>>,
     /// Cut, waiting for the conversation's running turn or a free slot.
     pub waiting: Vec<(Conv, Vec<u64>)>,
     pub running: Vec<Conv>,

@@ -165,6 +165,7 @@ impl Runner {
             Outcome::Restarted {
                 seqs: turn.messages.iter().map(|m| m.seq).collect(),
                 turn_id: turn.turn_id.clone(),
+                reason: CutReason::from_name(&turn.cut_reason).unwrap_or(CutReason::Immediate),
             }
         };
         let started = Instant::now();

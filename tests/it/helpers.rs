@@ -41,8 +41,10 @@ pub fn config(dir: &Path) -> Config {
     c.server.header_timeout_ms = 24 * 3_600_000;
     c.server.body_timeout_ms = 24 * 3_600_000;
     // The tests of the pipeline's mechanics time their batches by the fixed
-    // window (`batching.debounce_ms`); the adaptive policy has its own.
+    // window (`batching.debounce_ms`) and queue late messages; the adaptive
+    // policy and the restart policy have their own (`cutting.rs`).
     c.batching.policy = turnstile::config::CutPolicy::Fixed;
+    c.turns.on_new_message = turnstile::config::OnNewMessage::Queue;
     c
 }
 
@@ -511,6 +513,7 @@ pub fn binary_env(ports: Ports, data: &Path, handler_url: Option<&str>) -> Vec<(
         ("TURNSTILE_SERVER_DATA_DIR", data.display().to_string()),
         // Batches timed by `batching.debounce_ms`, as the tests set it.
         ("TURNSTILE_BATCHING_POLICY", "fixed".into()),
+        ("TURNSTILE_TURNS_ON_NEW_MESSAGE", "queue".into()),
         // Long waits in some tests: keep pooled connections (the limits have their own test).
         ("TURNSTILE_SERVER_HEADER_TIMEOUT_MS", "600000".into()),
     ];

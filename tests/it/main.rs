@@ -20,6 +20,7 @@ mod input;
 mod loopfs;
 mod powercut;
 mod retention;
+mod replay;
 mod reply_cap;
 mod systemd;
 mod lifecycle;
