@@ -209,6 +209,43 @@ mod tests {
             self.0.extend(next.0);
             None
         }
+        fn fill_from(&mut self, next: &mut B) -> bool {
+            let take = 3usize.saturating_sub(self.0.len()).min(next.0.len());
+            self.0.extend(next.0.drain(..take));
+            next.0.is_empty()
+        }
+    }
+
+    #[test]
+    fn work_put_back_in_front_takes_from_the_waiting_work_in_order() {
+        let mut g = Gate::new(8);
+        g.offer("p", B(vec![1]));
+        let (_, running) = g.start_next().unwrap();
+        g.offer("p", B(vec![2, 3, 4]));
+        g.offer("p", B(vec![5]));
+        g.finished(&"p");
+        // The running batch comes back (a restart): it goes first, and what
+        // waited moves up behind it, three at a time.
+        let (_, again) = g.start_next().unwrap();
+        assert_eq!(again, B(vec![2, 3, 4]));
+        g.put_front("p", running);
+        g.finished(&"p");
+        assert_eq!(g.start_next().unwrap().1, B(vec![1, 5]));
+        g.finished(&"p");
+        let mut g = Gate::new(8);
+        g.offer("p", B(vec![0]));
+        let (_, first) = g.start_next().unwrap();
+        g.offer("p", B(vec![1, 2, 3]));
+        g.offer("p", B(vec![4, 5]));
+        g.put_front("p", first);
+        g.finished(&"p");
+        let order: Vec<B> = std::iter::from_fn(|| {
+            let (k, w) = g.start_next()?;
+            g.finished(&k);
+            Some(w)
+        })
+        .collect();
+        assert_eq!(order, [B(vec![0, 1, 2]), B(vec![3, 4, 5])]);
     }
 
     #[test]
