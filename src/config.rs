@@ -101,6 +101,11 @@ pub struct IngestConfig {
     /// Take the generic webhooks without a token even with a real gateway or
     /// handler (warned about at every start).
     pub allow_unauthenticated: bool,
+    /// Gateway deliveries that passed their secret check but no parser took
+    /// are kept (answered 200) up to this many; past it they are answered 503.
+    pub quarantine_max: usize,
+    /// Held deliveries older than this are dropped.
+    pub quarantine_days: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -275,7 +280,7 @@ impl MetaConfig {
 
 /// The WAHA webhook: served when any key here is set (`enabled`);
 /// `/webhook/waha` answers 404 otherwise.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WahaConfig {
     /// HMAC key set on the WAHA webhook; when set, `X-Webhook-Hmac` is required.
@@ -285,6 +290,11 @@ pub struct WahaConfig {
     /// Take unsigned events even with a real gateway or handler (warned
     /// about at every start).
     pub allow_unauthenticated: bool,
+    /// Subscribe to a chat's presence through WAHA's API
+    /// (`POST /api/{session}/presence/{chat}/subscribe`) on its first message
+    /// — WAHA reports presence only for subscribed chats. Takes effect with
+    /// `gateway.kind = "waha"` (its URL and key) and the adaptive policy.
+    pub subscribe_presence: bool,
 }
 
 impl WahaConfig {
@@ -299,9 +309,16 @@ impl WahaConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvolutionConfig {
-    /// The instance's API key: every event must carry it (Evolution puts it
-    /// in the body's `apikey`; an `apikey` header counts too).
+    /// The instance's API key (its token): an event carrying it in the
+    /// body's `apikey` (Evolution puts it there only with
+    /// `AUTHENTICATION_EXPOSE_IN_FETCH_INSTANCES=true`) or an `apikey` header
+    /// (a per-instance webhook's `headers`) is authenticated.
     pub api_key: String,
+    /// A secret for the webhook's URL, for Evolution's global webhook (which
+    /// sends no headers): events to `/webhook/evolution/key/<url_secret>`
+    /// (and its per-event paths) are authenticated. At least 24 characters
+    /// of `A-Z a-z 0-9 - _`; compared in constant time, never logged.
+    pub url_secret: String,
     /// Evolution instance name -> company_id (unlisted instances: ingest.default_company_id).
     pub instances: HashMap<String, String>,
     /// Take events without a key even with a real gateway or handler

@@ -7,9 +7,16 @@
 //! - `waha`: POST `{url}/api/sendText` with `{session, chatId, text}`
 //! - `meta`: POST `{url}/{phone_number_id}/messages`, Bearer token, type text
 //! - `evolution`: POST `{url}/message/sendText/{instance}` with `{number, text}`, `apikey` header
+//!
+//! A conversation addressed by a LID (the client's number hidden) is sent
+//! to its full `…@lid` jid: Evolution and WAHA take it as is, while bare
+//! digits would be read as a phone number — someone else's, or nobody's.
+//! `PresenceSubscriptions` asks WAHA for a chat's presence on its first
+//! message (WAHA reports presence only for chats subscribed to).
 
-use std::collections::HashMap;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -96,7 +103,7 @@ impl Gateway {
             }
             GatewayKind::Waha => self.waha("sendText", &d.conv.company_id).json(&json!({
                 "session": self.session_for(&d.conv.company_id),
-                "chatId": format!("{}@c.us", d.conv.phone),
+                "chatId": d.conv.jid("c.us"),
                 "text": d.text,
             })),
             GatewayKind::Evolution => {
@@ -133,7 +140,7 @@ impl Gateway {
                 let action = if on { "startTyping" } else { "stopTyping" };
                 self.waha(action, &conv.company_id).json(&json!({
                     "session": self.session_for(&conv.company_id),
-                    "chatId": format!("{}@c.us", conv.phone),
+                    "chatId": conv.jid("c.us"),
                 }))
             }
             // Meta shows typing until the reply is sent (or 25 s pass).
@@ -151,6 +158,19 @@ impl Gateway {
         if let Err(e) = self.execute(request).await {
             tracing::debug!(conv = %conv.masked(), error = %e, "typing indicator not shown");
         }
+    }
+
+    /// WAHA: have the session report this chat's presence.
+    pub async fn subscribe_presence(&self, conv: &Conv) -> Result<(), GatewayError> {
+        let url = format!(
+            "{}/api/{}/presence/{}/subscribe",
+            self.url,
+            self.session_for(&conv.company_id),
+            conv.jid("c.us")
+        );
+        let r = self.client.post(url);
+        let r = if self.api_key.is_empty() { r } else { r.header("X-Api-Key", &self.api_key) };
+        self.execute(r).await
     }
 
     fn session_for(&self, company_id: &str) -> &str {
@@ -189,6 +209,81 @@ impl Gateway {
             GatewayError::Timeout(self.timeout)
         } else {
             GatewayError::Connect(e.to_string())
+        }
+    }
+}
+
+/// WAHA reports a chat's presence only once it was subscribed to, so the
+/// adaptive policy would see none: the first message of each chat (per WAHA
+/// session) subscribes it, best effort, at most `PER_SECOND` a second (the
+/// rest wait for their chat's next message); a session that (re)started
+/// forgets its chats, so they are subscribed again. Memory only: after a
+/// restart of turnstile, chats are subscribed again as they write.
+pub struct PresenceSubscriptions {
+    gateway: Gateway,
+    /// (session, chat) subscribed, or being subscribed.
+    done: Mutex<HashSet<(String, String)>>,
+    /// Tokens left and when they were last counted.
+    bucket: Mutex<(f64, Instant)>,
+}
+
+const PER_SECOND: f64 = 5.0;
+/// Chats remembered at most (then forgotten all at once: each subscribes again).
+const SUBSCRIBED_MAX: usize = 100_000;
+
+impl PresenceSubscriptions {
+    /// `None` unless WAHA is the gateway (its URL and key) and the config wants it.
+    pub fn from_config(c: &Config) -> Option<Arc<PresenceSubscriptions>> {
+        let wanted = c.waha.enabled()
+            && c.waha.subscribe_presence
+            && c.gateway.kind == GatewayKind::Waha
+            && c.batching.policy == crate::config::CutPolicy::Adaptive;
+        wanted.then(|| {
+            Arc::new(PresenceSubscriptions {
+                gateway: Gateway::from_config(c),
+                done: Mutex::new(HashSet::new()),
+                bucket: Mutex::new((PER_SECOND, Instant::now())),
+            })
+        })
+    }
+
+    /// A message of `conv` was stored: subscribe its chat if that is new.
+    pub fn message(self: &Arc<Self>, conv: &Conv) {
+        let key = (self.gateway.session_for(&conv.company_id).to_owned(), conv.jid("c.us"));
+        {
+            let mut done = self.done.lock().expect("subscriptions lock");
+            if done.contains(&key) || !self.take_token() {
+                return;
+            }
+            if done.len() >= SUBSCRIBED_MAX {
+                done.clear();
+            }
+            done.insert(key.clone());
+        }
+        let (me, conv) = (self.clone(), conv.clone());
+        tokio::spawn(async move {
+            if let Err(e) = me.gateway.subscribe_presence(&conv).await {
+                tracing::debug!(conv = %conv.masked(), error = %e, "presence not subscribed; tried again at the chat's next message");
+                me.done.lock().expect("subscriptions lock").remove(&key);
+            }
+        });
+    }
+
+    /// A WAHA session (re)started: its subscriptions are gone.
+    pub fn session_started(&self, session: &str) {
+        self.done.lock().expect("subscriptions lock").retain(|(s, _)| s != session);
+    }
+
+    fn take_token(&self) -> bool {
+        let mut b = self.bucket.lock().expect("subscriptions lock");
+        let now = Instant::now();
+        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * PER_SECOND).min(PER_SECOND);
+        b.1 = now;
+        if b.0 >= 1.0 {
+            b.0 -= 1.0;
+            true
+        } else {
+            false
         }
     }
 }

@@ -38,7 +38,11 @@ pub fn mask(phone: &str) -> String {
 }
 
 /// A phone masked whatever `log.mask_phones` says (the console's lists).
+/// A hidden number's LID keeps its `@lid`.
 pub fn mask_always(phone: &str) -> String {
+    if let Some(lid) = phone.strip_suffix(LID) {
+        return format!("{}{LID}", mask_always(lid));
+    }
     let n = phone.chars().count();
     if n <= 6 {
         return "*".repeat(n);
@@ -51,7 +55,9 @@ pub fn mask_always(phone: &str) -> String {
 /// with a single company (the usual appliance) that is simply per phone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Conv {
-    /// Digits only, e.g. "79001234567".
+    /// Digits only, e.g. "79001234567" — or, for a client whose number
+    /// WhatsApp hides, its LID with the suffix, "123456789012345@lid", never
+    /// the same string as any phone.
     pub phone: String,
     pub company_id: String,
 }
@@ -61,7 +67,24 @@ impl Conv {
     pub fn masked(&self) -> String {
         format!("{}/{}", self.company_id, mask(&self.phone))
     }
+
+    /// Addressed by a LID (the number is hidden): replies go to that jid.
+    pub fn is_lid(&self) -> bool {
+        self.phone.ends_with(LID)
+    }
+
+    /// The chat's jid for a gateway whose phone jids end in `@{domain}`.
+    pub fn jid(&self, domain: &str) -> String {
+        if self.is_lid() {
+            self.phone.clone()
+        } else {
+            format!("{}@{domain}", self.phone)
+        }
+    }
 }
+
+/// How a LID-addressed conversation's `phone` ends.
+pub const LID: &str = "@lid";
 
 impl std::fmt::Display for Conv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

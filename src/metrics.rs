@@ -63,7 +63,10 @@ const SIZE: &[f64] = &[1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 20.0, 50.0];
 
 /// What the pipeline counts as it goes.
 pub struct Metrics {
-    webhooks: Mutex<BTreeMap<(String, u16), u64>>,
+    /// (endpoint, status, reason) → requests.
+    webhooks: Mutex<BTreeMap<(String, u16, &'static str), u64>>,
+    /// Gateway → deliveries put in the quarantine.
+    quarantined: Mutex<BTreeMap<&'static str, u64>>,
     /// Cut batches by the signal that decided the cut (`CutReason::ALL` order).
     pub cuts: [AtomicU64; 8],
     /// Turns abandoned for a re-run with later messages (`turns.on_new_message`).
@@ -93,6 +96,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             webhooks: Mutex::default(),
+            quarantined: Mutex::default(),
             cuts: Default::default(),
             turn_restarts: AtomicU64::new(0),
             batch_size: Histogram::new(SIZE),
@@ -157,6 +161,8 @@ pub struct Gauges {
     pub oldest_outbox_s: f64,
     /// Since the store's last successful sync, seconds.
     pub last_sync_age_s: f64,
+    /// Gateway deliveries held in the quarantine.
+    pub quarantine_held: usize,
 }
 
 pub fn inc(counter: &AtomicU64) {
@@ -169,20 +175,50 @@ impl Metrics {
         self.webhooks.lock().expect("metrics lock").values().sum()
     }
 
-    pub fn webhook(&self, endpoint: &str, status: u16) {
+    /// One webhook answered; `refused` names why it was refused when it
+    /// matters (`secret`: its secret was missing or wrong), else the reason
+    /// is the status's class: `ok`, `input` (4xx), `unavailable` (503), `other`.
+    pub fn webhook(&self, endpoint: &str, status: u16, refused: Option<&'static str>) {
+        let reason = refused.unwrap_or(match status {
+            200..=299 => "ok",
+            503 => "unavailable",
+            400..=499 => "input",
+            _ => "other",
+        });
         let mut w = self.webhooks.lock().expect("metrics lock");
-        *w.entry((endpoint.to_owned(), status)).or_default() += 1;
+        *w.entry((endpoint.to_owned(), status, reason)).or_default() += 1;
+    }
+
+    /// Webhooks refused for `reason` since the start, all endpoints.
+    pub fn webhooks_refused(&self, reason: &str) -> u64 {
+        let w = self.webhooks.lock().expect("metrics lock");
+        w.iter().filter(|((_, _, r), _)| *r == reason).map(|(_, n)| n).sum()
+    }
+
+    /// A gateway delivery put in the quarantine.
+    pub fn quarantined(&self, gateway: &'static str) {
+        *self.quarantined.lock().expect("metrics lock").entry(gateway).or_default() += 1;
     }
 
     pub fn render(&self, g: &Gauges) -> String {
         let mut out = String::with_capacity(4096);
         let _ = writeln!(
             out,
-            "# HELP turnstile_webhooks_total Webhook requests by endpoint and answer status.\n# TYPE turnstile_webhooks_total counter"
+            "# HELP turnstile_webhooks_total Webhook requests by endpoint, answer status and reason (ok, secret: refused for a missing or wrong secret, input, unavailable, other).\n# TYPE turnstile_webhooks_total counter"
         );
-        for ((endpoint, status), n) in self.webhooks.lock().expect("metrics lock").iter() {
-            let _ =
-                writeln!(out, "turnstile_webhooks_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}");
+        for ((endpoint, status, reason), n) in self.webhooks.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "turnstile_webhooks_total{{endpoint=\"{endpoint}\",status=\"{status}\",reason=\"{reason}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP turnstile_quarantined_total Authenticated gateway deliveries no parser took, kept in the quarantine.\n# TYPE turnstile_quarantined_total counter"
+        );
+        for gateway in ["meta", "waha", "evolution"] {
+            let n = self.quarantined.lock().expect("metrics lock").get(gateway).copied().unwrap_or(0);
+            let _ = writeln!(out, "turnstile_quarantined_total{{gateway=\"{gateway}\"}} {n}");
         }
         let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
@@ -433,6 +469,12 @@ impl Metrics {
             "1 while the store takes writes; 0 while message-log writes fail, or once it failed (the daemon then exits for a restart).",
             g.store_ok as u8 as f64,
         );
+        gauge(
+            &mut out,
+            "turnstile_quarantine_held",
+            "Gateway deliveries held in the quarantine, waiting for a replay (or their expiry).",
+            g.quarantine_held as f64,
+        );
         counter(
             &mut out,
             "turnstile_turn_restarts_total",
@@ -459,17 +501,17 @@ mod tests {
         for v in [1.0, 2.0, 10.0, 100.0] {
             m.batch_size.observe(v);
         }
-        m.webhook("/webhook/whatsapp/batched", 200);
-        m.webhook("/webhook/whatsapp/batched", 200);
-        m.webhook("/webhook/whatsapp/batched", 422);
+        m.webhook("/webhook/whatsapp/batched", 200, None);
+        m.webhook("/webhook/whatsapp/batched", 200, None);
+        m.webhook("/webhook/whatsapp/batched", 422, None);
         let text = m.render(&Gauges::default());
         assert!(text.contains("turnstile_batch_size_bucket{le=\"1\"} 1\n"), "{text}");
         assert!(text.contains("turnstile_batch_size_bucket{le=\"10\"} 3\n"));
         assert!(text.contains("turnstile_batch_size_bucket{le=\"+Inf\"} 4\n"));
         assert!(text.contains("turnstile_batch_size_sum 113\n"));
         assert!(text
-            .contains("turnstile_webhooks_total{endpoint=\"/webhook/whatsapp/batched\",status=\"200\"} 2\n"));
+            .contains("turnstile_webhooks_total{endpoint=\"/webhook/whatsapp/batched\",status=\"200\",reason=\"ok\"} 2\n"));
         assert!(text
-            .contains("turnstile_webhooks_total{endpoint=\"/webhook/whatsapp/batched\",status=\"422\"} 1\n"));
+            .contains("turnstile_webhooks_total{endpoint=\"/webhook/whatsapp/batched\",status=\"422\",reason=\"input\"} 1\n"));
     }
 }

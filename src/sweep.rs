@@ -110,6 +110,7 @@ pub async fn retention(store: Store, clock: Clock, rules: RetentionDays, token: 
     every(RETENTION_EVERY, token, || {
         let store = store.clone();
         let now = clock.now_ms();
+        let rules_quarantine = rules.quarantine;
         let rules = crate::store::Retention {
             dead_before: now.saturating_sub(rules.dead * day),
             failed_before: now.saturating_sub(rules.failed * day),
@@ -134,6 +135,17 @@ pub async fn retention(store: Store, clock: Clock, rules: RetentionDays, token: 
                     }
                 }
             }
+            let quarantine_before = now.saturating_sub(rules_quarantine * day);
+            let q = store.clone();
+            match tokio::task::spawn_blocking(move || q.expire_quarantined(quarantine_before)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => info!(
+                    deliveries = n,
+                    "retention: quarantined deliveries past ingest.quarantine_days removed"
+                ),
+                Ok(Err(e)) => warn!(error = %e, "quarantine retention failed"),
+                Err(e) => warn!(error = %e, "quarantine retention failed"),
+            }
             if total.dead + total.failed + total.history > 0 {
                 info!(
                     dead_turns = total.dead,
@@ -153,4 +165,6 @@ pub struct RetentionDays {
     pub dead: u64,
     pub failed: u64,
     pub history: u64,
+    /// Quarantined gateway deliveries.
+    pub quarantine: u64,
 }

@@ -166,6 +166,18 @@ impl Default for IngestConfig {
             webhook_token: String::new(),
             generic_webhooks: true,
             allow_unauthenticated: false,
+            quarantine_max: 1_000,
+            quarantine_days: 7,
+        }
+    }
+}
+impl Default for WahaConfig {
+    fn default() -> Self {
+        WahaConfig {
+            hmac_key: String::new(),
+            sessions: HashMap::new(),
+            allow_unauthenticated: false,
+            subscribe_presence: true,
         }
     }
 }

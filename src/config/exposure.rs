@@ -117,7 +117,10 @@ impl Config {
                 allowed: self.waha.allow_unauthenticated,
             });
         }
-        if self.evolution.enabled() && self.evolution.api_key.is_empty() {
+        if self.evolution.enabled()
+            && self.evolution.api_key.is_empty()
+            && self.evolution.url_secret.is_empty()
+        {
             open.push(Unauthenticated {
                 path: "/webhook/evolution",
                 key: "evolution.api_key",
@@ -161,6 +164,7 @@ mod tests {
             let mut c = real(false);
             c.gateway.kind = kind;
             c.gateway.access_token = "EAAG".into();
+            c.gateway.api_key = "gateway-api-key".into();
             gateways.push(c);
         }
         for kind in [HandlerKind::Http, HandlerKind::OpenAi] {

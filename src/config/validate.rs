@@ -119,6 +119,25 @@ impl Config {
         if g.kind == GatewayKind::Meta && g.access_token.is_empty() {
             return bad("gateway.access_token", "is required for gateway.kind = \"meta\"");
         }
+        if g.kind == GatewayKind::Evolution && g.api_key.is_empty() {
+            return bad(
+                "gateway.api_key",
+                "is required for gateway.kind = \"evolution\": Evolution refuses sends without it (its AUTHENTICATION_API_KEY or the instance's token; or TURNSTILE_GATEWAY_API_KEY)",
+            );
+        }
+        let secret = &self.evolution.url_secret;
+        if !secret.is_empty()
+            && (secret.len() < 24
+                || !secret.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        {
+            return bad("evolution.url_secret", "must be at least 24 characters of A-Z a-z 0-9 - _");
+        }
+        if self.ingest.quarantine_max == 0 {
+            return bad("ingest.quarantine_max", "must be at least 1");
+        }
+        if self.ingest.quarantine_days == 0 {
+            return bad("ingest.quarantine_days", "must be at least 1");
+        }
         if g.max_chars < 16 {
             return bad("gateway.max_chars", "must be at least 16");
         }

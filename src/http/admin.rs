@@ -33,6 +33,9 @@ pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/api/conversations/{phone}", get(conversation))
         .route("/api/dead", get(dead))
         .route("/api/dead/{turn_id}/retry", post(retry_dead))
+        .route("/api/quarantine", get(quarantine))
+        .route("/api/quarantine/{id}", get(quarantined_one).delete(drop_quarantined))
+        .route("/api/quarantine/{id}/replay", post(replay_quarantined))
         .route("/api/contexts/{company_id}/{phone}", get(get_context).put(put_context).delete(delete_context))
         .route("/api/contexts/{company_id}/{phone}/invalidate", post(invalidate_context))
         .merge(super::console::api_routes())
@@ -56,6 +59,66 @@ async fn outbox(State(s): State<Arc<AppState>>) -> Response {
         })
         .collect();
     Json(json!({ "outbox": items })).into_response()
+}
+
+/// Gateway deliveries no parser took, oldest first (bodies on `GET …/{id}`).
+async fn quarantine(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let held: Vec<Value> = s
+        .store
+        .quarantined()
+        .await?
+        .iter()
+        .map(|h| {
+            json!({ "id": h.id, "gateway": h.gateway, "received_at": h.received_at_ms,
+                    "reason": h.reason, "bytes": h.body.len() })
+        })
+        .collect();
+    Ok(Json(json!({ "quarantine": held })))
+}
+
+async fn held(s: &AppState, id: &str) -> Result<crate::store::Held, ApiError> {
+    s.store
+        .quarantined_one(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no quarantined delivery {id}")))
+}
+
+async fn quarantined_one(
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let h = held(&s, &id).await?;
+    Ok(Json(json!({ "id": h.id, "gateway": h.gateway, "received_at": h.received_at_ms, "reason": h.reason,
+                    "body": String::from_utf8_lossy(&h.body) })))
+}
+
+async fn drop_quarantined(
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if !s.store.release_quarantined(&id).await? {
+        return Err(ApiError::not_found(format!("no quarantined delivery {id}")));
+    }
+    Ok(Json(json!({ "status": "dropped", "id": id })))
+}
+
+/// Hands a held delivery to its gateway's parser again (after an upgrade
+/// that knows its shape): taken, it leaves the quarantine; still refused,
+/// it stays (422 with the parser's words).
+async fn replay_quarantined(
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let h = held(&s, &id).await?;
+    let gateway = super::webhooks::Gateway::from_name(&h.gateway)
+        .ok_or_else(|| ApiError::unprocessable(format!("unknown gateway {:?}", h.gateway)))?;
+    super::accepting(&s)?;
+    if let Err(e) = super::webhooks::parse(&s, gateway, &h.body) {
+        return Err(ApiError::unprocessable(format!("still not taken: {e}")));
+    }
+    let answer = super::webhooks::deliver(&s, gateway, &h.body).await?;
+    s.store.release_quarantined(&id).await?;
+    Ok(Json(json!({ "status": "replayed", "id": id, "delivery": answer.0 })))
 }
 
 fn message_json(m: &Message) -> Value {
@@ -134,7 +197,7 @@ async fn conversation(
     State(s): State<Arc<AppState>>,
     Path(phone): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let phone = ingest::normalize_phone(&phone).map_err(ApiError::unprocessable)?;
+    let phone = ingest::normalize_conversation(&phone).map_err(ApiError::unprocessable)?;
     let wanted = phone.clone();
     let history = s.store.read(move |st| st.history(&wanted)).await?;
     let open: Vec<Value> = s
@@ -240,6 +303,7 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     let oldest = items.iter().filter(|i| !i.failed).map(|i| i.created_at_ms).min();
     g.oldest_outbox_s = oldest.map_or(0, |at| now_ms.saturating_sub(at)) as f64 / 1000.0;
     g.last_sync_age_s = now_ms.saturating_sub(s.store.last_sync_ms()) as f64 / 1000.0;
+    g.quarantine_held = s.store.quarantine_len();
     let count = |state| items.iter().filter(|i| outbox::state(i) == state).count();
     (g.outbox_depth, g.outbox_failed, g.outbox_rate_limited) =
         (count("pending"), count("failed"), count("rate_limited"));

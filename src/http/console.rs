@@ -91,7 +91,7 @@ async fn batch(
     State(s): State<Arc<AppState>>,
     Path((company_id, phone)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let phone = crate::ingest::normalize_phone(&phone).map_err(ApiError::unprocessable)?;
+    let phone = crate::ingest::normalize_conversation(&phone).map_err(ApiError::unprocessable)?;
     let conv = Conv { company_id, phone };
     let snap = s.driver.snapshot().await.ok_or_else(|| ApiError::unavailable("shutting down"))?;
     let seqs: Vec<u64> = snap
@@ -376,6 +376,8 @@ fn state_json(s: &AppState, view: &View, offset: usize, limit: usize) -> Value {
             "contexts": c.contexts,
             "context_bytes": c.stored_bytes,
             "dead_turns": st.dead_turns,
+            "refused_for_secret": s.metrics.webhooks_refused("secret"),
+            "quarantined": s.store.quarantine_len(),
         },
         "pending": {
             "batches": view.collecting.0,

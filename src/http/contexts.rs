@@ -23,7 +23,7 @@ fn context_conv(company_id: String, phone: &str) -> Result<Conv, ApiError> {
     if company_id.trim().is_empty() || company_id.contains('\0') {
         return Err(ApiError::unprocessable("company_id must not be empty"));
     }
-    let phone = ingest::normalize_phone(phone).map_err(ApiError::unprocessable)?;
+    let phone = ingest::normalize_conversation(phone).map_err(ApiError::unprocessable)?;
     Ok(Conv { phone, company_id })
 }
 

@@ -15,11 +15,22 @@ use crate::store::StoreError;
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    /// Why, for the webhooks' metrics (`reason` label), when it matters.
+    refusal: Option<&'static str>,
 }
+
+/// Set on a response refused for a reason the metrics name.
+#[derive(Debug, Clone, Copy)]
+pub struct Refusal(pub &'static str);
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into() }
+        ApiError { status, message: message.into(), refusal: None }
+    }
+
+    /// 401 for a missing or wrong secret; the message says where it goes.
+    pub fn secret(message: impl Into<String>) -> Self {
+        ApiError { refusal: Some("secret"), ..Self::new(StatusCode::UNAUTHORIZED, message) }
     }
 
     /// 400: the request itself is broken.
@@ -50,7 +61,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({ "error": self.message }))).into_response()
+        let mut response = (self.status, Json(json!({ "error": self.message }))).into_response();
+        if let Some(reason) = self.refusal {
+            response.extensions_mut().insert(Refusal(reason));
+        }
+        response
     }
 }
 

@@ -78,6 +78,36 @@ pub struct AppState {
     pub default_company_id: String,
     /// `batching.max_wait_ms`, for the metrics.
     pub batch_max_wait_ms: u64,
+    /// `ingest.quarantine_max`.
+    pub quarantine_max: usize,
+    /// Says at `warn`, once an hour per gateway and reason, what is quarantined.
+    pub quarantine_log: QuarantineLog,
+    /// WAHA presence subscriptions (`waha.subscribe_presence`), if in effect.
+    pub presence: Option<Arc<crate::gateway::PresenceSubscriptions>>,
+}
+
+/// The quarantine's log lines: one per gateway and reason per hour, so a
+/// sender's new shape is said once, not once per delivery.
+#[derive(Default)]
+pub struct QuarantineLog {
+    said: std::sync::Mutex<std::collections::HashMap<(String, String), std::time::Instant>>,
+}
+
+impl QuarantineLog {
+    pub fn note(&self, gateway: &str, reason: &str, id: &str) {
+        const EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+        let mut said = self.said.lock().expect("quarantine log lock");
+        let now = std::time::Instant::now();
+        let key = (gateway.to_owned(), reason.to_owned());
+        if said.get(&key).is_some_and(|at| now.duration_since(*at) < EVERY) {
+            return;
+        }
+        if said.len() > 1_000 {
+            said.retain(|_, at| now.duration_since(*at) < EVERY);
+        }
+        said.insert(key, now);
+        tracing::warn!(gateway, reason, id, "a delivery no parser takes was quarantined (said once an hour per gateway and reason); see GET /api/quarantine, replay after an upgrade");
+    }
 }
 
 /// The public listener: webhooks, `/healthz`, `/readyz`.

@@ -1,21 +1,26 @@
 //! Evolution API webhook events, normalised into the same messages the
 //! generic webhook makes.
 //!
-//! An event is `{"event", "instance", "data", "apikey", …}`; the event name
-//! comes dotted (`messages.upsert`) or, with per-event webhooks, upper case
-//! (`MESSAGES_UPSERT`). `messages.upsert` from a client's own chat is a
-//! message: `conversation` or `extendedTextMessage.text`, or a medium
-//! (image, video, document, audio) with its caption. Our own messages
-//! (`key.fromMe`), groups, broadcasts and other events are acknowledged and
-//! ignored. `presence.update` (`data.presences{jid: {lastKnownPresence}}`:
-//! composing, recording, paused, available, unavailable) is a presence
-//! event, never a message.
+//! An event is `{"event", "instance", "data", "apikey", …}` (Evolution 2.3,
+//! `ChannelStartupService.sendDataWebhook`); the event name comes dotted
+//! (`messages.upsert`), upper case in older versions (`MESSAGES_UPSERT`).
+//! `messages.upsert` from a client's own chat is a message: `conversation`
+//! or `extendedTextMessage.text`, or a medium (image, video, document,
+//! audio) with its caption. The chat is `key.remoteJid`: a phone's jid, or —
+//! Baileys 7, a client whose number WhatsApp hides — a LID (`…@lid`), with
+//! the phone in `key.remoteJidAlt` when WhatsApp reveals it (that field
+//! holds "the other identity": the LID in a phone chat, so its suffix
+//! decides). Our own messages (`key.fromMe`), groups, broadcasts and other
+//! events are acknowledged and ignored. `presence.update`
+//! (`data.presences{jid: {lastKnownPresence}}`: composing, recording,
+//! paused, available, unavailable; keyed by the LID alone in a LID chat) is a
+//! presence event, never a message.
 
 use std::collections::HashMap;
 
 use serde_json::Value;
 
-use super::{normalize_phone, Inbound, IngestError};
+use super::{chat, Inbound, IngestError};
 use crate::message::{Conv, NewMessage, Presence};
 
 /// The event's name in one spelling: `messages.upsert`.
@@ -23,12 +28,9 @@ fn event_name(raw: &str) -> String {
     raw.to_ascii_lowercase().replace('_', ".")
 }
 
-/// A personal chat's jid, or `None` for groups, broadcasts and hidden ids.
-fn personal(jid: &str) -> Option<&str> {
-    (jid.ends_with("@s.whatsapp.net") || jid.ends_with("@c.us")).then_some(jid)
-}
-
-/// The `apikey` the event carries (the body's field; the header's otherwise).
+/// The `apikey` the event carries (the body's field — `null` unless
+/// Evolution's `AUTHENTICATION_EXPOSE_IN_FETCH_INSTANCES=true` — or the
+/// header a per-instance webhook's `headers` sets).
 pub fn api_key<'a>(body: &'a Value, header: Option<&'a str>) -> Option<&'a str> {
     body["apikey"].as_str().or(header)
 }
@@ -58,35 +60,39 @@ pub fn parse_event(
                 return Ok(Inbound::Ignored);
             }
             let jid = key["remoteJid"].as_str().ok_or_else(|| invalid("`data.key.remoteJid` is required"))?;
-            let Some(jid) = personal(jid) else { return Ok(Inbound::Ignored) };
+            let Some((phone, lid)) = chat(jid, key["remoteJidAlt"].as_str()) else {
+                return Ok(Inbound::Ignored);
+            };
             let id = key["id"]
                 .as_str()
                 .filter(|s| !s.is_empty())
                 .ok_or_else(|| invalid("`data.key.id` is required"))?;
-            let phone = normalize_phone(jid)
-                .map_err(|e| IngestError::Invalid(format!("`data.key.remoteJid`: {e}")))?;
             let Some((kind, text)) = content(&data["message"]) else { return Ok(Inbound::Ignored) };
             let timestamp = match &data["messageTimestamp"] {
                 Value::Number(n) => n.as_i64(),
                 Value::String(s) => s.parse().ok(),
+                // protobuf's Long, as Evolution sometimes passes it through.
+                Value::Object(long) => long["low"]
+                    .as_i64()
+                    .map(|low| (low & 0xffff_ffff) | long["high"].as_i64().unwrap_or(0) << 32),
                 _ => None,
             };
-            Ok(Inbound::Message(NewMessage {
+            let message = NewMessage {
                 id: id.to_owned(),
                 conv: Conv { phone, company_id },
                 kind: kind.to_owned(),
                 text,
                 timestamp,
                 received_at_ms,
-            }))
+            };
+            Ok(Inbound::Message(message, lid))
         }
         "presence.update" => {
-            let chat = data["id"].as_str().ok_or_else(|| invalid("`data.id` is required"))?;
-            let Some(chat) = personal(chat) else { return Ok(Inbound::Ignored) };
-            let phone = normalize_phone(chat).map_err(|e| IngestError::Invalid(format!("`data.id`: {e}")))?;
+            let jid = data["id"].as_str().ok_or_else(|| invalid("`data.id` is required"))?;
+            let Some((phone, lid)) = chat(jid, None) else { return Ok(Inbound::Ignored) };
             let presences =
                 data["presences"].as_object().ok_or_else(|| invalid("`data.presences` must be an object"))?;
-            let entry = presences.get(chat).or_else(|| presences.values().next());
+            let entry = presences.get(jid).or_else(|| presences.values().next());
             let Some(state) = entry.and_then(|p| p["lastKnownPresence"].as_str()) else {
                 return Ok(Inbound::Ignored);
             };
@@ -95,7 +101,7 @@ pub fn parse_event(
                 "paused" | "available" | "unavailable" => Presence::Paused,
                 other => return Err(IngestError::Invalid(format!("unknown lastKnownPresence {other:?}"))),
             };
-            Ok(Inbound::Presence { conv: Conv { phone, company_id }, presence })
+            Ok(Inbound::Presence { conv: Conv { phone, company_id }, presence, lid })
         }
         _ => Ok(Inbound::Ignored),
     }
@@ -129,6 +135,7 @@ fn content(m: &Value) -> Option<(&'static str, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ingest::Lid;
     use serde_json::json;
 
     fn upsert(key: Value, message: Value) -> Value {
@@ -145,7 +152,7 @@ mod tests {
         let instances = HashMap::from([("lotos".to_owned(), "962302".to_owned())]);
         let parse = |v: &Value| parse_event(v, &instances, "d", 1).unwrap();
         let jid = "79001234567@s.whatsapp.net";
-        let Inbound::Message(m) = parse(&upsert(key(jid, false, "E1"), json!({"conversation": "Привет"})))
+        let Inbound::Message(m, _) = parse(&upsert(key(jid, false, "E1"), json!({"conversation": "Привет"})))
         else {
             panic!("a message")
         };
@@ -156,25 +163,25 @@ mod tests {
         assert_eq!((m.text.as_str(), m.kind.as_str(), m.timestamp), ("Привет", "text", Some(1763800000)));
         let extended =
             upsert(key(jid, false, "E2"), json!({"extendedTextMessage": {"text": "можно на завтра?"}}));
-        assert!(matches!(parse(&extended), Inbound::Message(m) if m.text == "можно на завтра?"));
+        assert!(matches!(parse(&extended), Inbound::Message(m, _) if m.text == "можно на завтра?"));
         let photo = upsert(
             key(jid, false, "E3"),
             json!({"imageMessage": {"caption": "вот такую", "mimetype": "image/jpeg"}}),
         );
         assert!(
-            matches!(parse(&photo), Inbound::Message(m) if m.text == "[image] вот такую" && m.kind == "media")
+            matches!(parse(&photo), Inbound::Message(m, _) if m.text == "[image] вот такую" && m.kind == "media")
         );
         let voice = upsert(key(jid, false, "E4"), json!({"audioMessage": {"seconds": 4}}));
-        assert!(matches!(parse(&voice), Inbound::Message(m) if m.text == "[audio]"));
+        assert!(matches!(parse(&voice), Inbound::Message(m, _) if m.text == "[audio]"));
         let doc = upsert(
             key(jid, false, "E5"),
             json!({"documentWithCaptionMessage": {"message": {"documentMessage": {"caption": "прайс"}}}}),
         );
-        assert!(matches!(parse(&doc), Inbound::Message(m) if m.text == "[document] прайс"));
+        assert!(matches!(parse(&doc), Inbound::Message(m, _) if m.text == "[document] прайс"));
         // Upper-case event names, as per-event webhooks send them.
         let mut upper = upsert(key(jid, false, "E6"), json!({"conversation": "да"}));
         upper["event"] = json!("MESSAGES_UPSERT");
-        assert!(matches!(parse(&upper), Inbound::Message(_)));
+        assert!(matches!(parse(&upper), Inbound::Message(_, _)));
 
         let mine = upsert(key(jid, true, "E7"), json!({"conversation": "Записали вас"}));
         assert_eq!(parse(&mine), Inbound::Ignored);
@@ -205,7 +212,7 @@ mod tests {
         ] {
             assert_eq!(
                 parse_event(&presence(state), &instances, "d", 1).unwrap(),
-                Inbound::Presence { conv: conv.clone(), presence: p },
+                Inbound::Presence { conv: conv.clone(), presence: p, lid: None },
                 "{state}"
             );
         }
@@ -221,5 +228,61 @@ mod tests {
         ));
         assert_eq!(api_key(&json!({"apikey": "a"}), Some("b")), Some("a"));
         assert_eq!(api_key(&json!({}), Some("b")), Some("b"));
+        assert_eq!(api_key(&json!({"apikey": null}), Some("b")), Some("b"), "Evolution's default body");
+    }
+
+    /// A fixture built from Evolution 2.3.6's and Baileys 7's own code
+    /// (`tests/fixtures/PROVENANCE.md` says where each field comes from).
+    fn fixture(name: &str) -> Value {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/evolution").join(name);
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_senders_own_shapes_lid_chats_and_all() {
+        let instances = HashMap::from([("turnstile-main".to_owned(), "962302".to_owned())]);
+        let parse = |name: &str| parse_event(&fixture(name), &instances, "d", 1).unwrap();
+        let Inbound::Message(m, _) = parse("messages-upsert.pn-conversation.json") else {
+            panic!("a phone chat")
+        };
+        assert_eq!((m.conv.phone.as_str(), m.conv.company_id.as_str()), ("79001234567", "962302"));
+        // A LID chat whose phone WhatsApp revealed: the phone's conversation, and the link.
+        let Inbound::Message(m, Some(lid)) = parse("messages-upsert.lid-with-alt.json") else {
+            panic!("a LID chat")
+        };
+        assert_eq!(m.conv.phone, "79007654321");
+        assert_eq!(lid, Lid { lid: "98765432109876".into(), phone: Some("79007654321".into()) });
+        // Hidden: the LID's own conversation, never mistaken for a phone.
+        let Inbound::Message(m, Some(lid)) = parse("messages-upsert.lid-hidden.json") else {
+            panic!("a LID chat")
+        };
+        assert!(m.conv.is_lid(), "{}", m.conv.phone);
+        assert_eq!((lid.phone, format!("{}@lid", lid.lid)), (None, m.conv.phone.clone()));
+        let Inbound::Presence { conv, presence, lid: Some(lid) } = parse("presence-update.lid.json") else {
+            panic!("a LID chat's presence")
+        };
+        assert_eq!(
+            (conv.phone.as_str(), presence, lid.phone),
+            ("98765432109876@lid", Presence::Typing, None)
+        );
+        assert!(matches!(
+            parse("presence-update.pn-available.json"),
+            Inbound::Presence { presence: Presence::Paused, .. }
+        ));
+        assert!(
+            matches!(parse("messages-upsert.pn-image-caption.json"), Inbound::Message(m, _) if m.kind == "media")
+        );
+        assert!(
+            matches!(parse("messages-upsert.pn-extended-text.json"), Inbound::Message(m, _) if m.kind == "text")
+        );
+        assert_eq!(parse("messages-upsert.group.json"), Inbound::Ignored);
+        assert_eq!(parse("messages-upsert.from-me-phone.json"), Inbound::Ignored);
+        assert_eq!(parse("send-message.api-echo.json"), Inbound::Ignored);
+        assert_eq!(
+            fixture("messages-upsert.pn-conversation.json")["apikey"],
+            Value::Null,
+            "the default: no key in the body"
+        );
     }
 }

@@ -19,17 +19,83 @@ use serde_json::Value;
 use crate::message::{unix_ms, Conv, NewMessage};
 use crate::store::{Inserted, Store, StoreError};
 
-/// What one gateway event carries.
+/// What one gateway event carries. A chat addressed by a LID carries it
+/// (`lid`): ingest resolves it to the conversation it belongs to.
 #[derive(Debug, PartialEq)]
 pub enum Inbound {
-    Message(crate::message::NewMessage),
+    Message(crate::message::NewMessage, Option<Lid>),
     /// A client's presence in a chat: handed to the driver, never stored.
     Presence {
         conv: crate::message::Conv,
         presence: crate::message::Presence,
+        lid: Option<Lid>,
     },
+    /// A WAHA session (re)started: what was subscribed for it is gone.
+    SessionStarted(String),
     /// Nothing for us (acks, our own messages, groups, other events).
     Ignored,
+}
+
+/// A WhatsApp address as the senders write them (`:device` suffixes cut).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// A phone's digits (`…@s.whatsapp.net`, `…@c.us`).
+    Phone(String),
+    /// A LID's digits (`…@lid`): a client whose number WhatsApp may hide.
+    Lid(String),
+    /// A group, a broadcast, a channel: not a client's own chat.
+    Other,
+}
+
+/// What an event says of a LID-addressed client: its LID, and its phone
+/// when the payload reveals it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lid {
+    pub lid: String,
+    pub phone: Option<String>,
+}
+
+/// Reads a jid: `79001234567@s.whatsapp.net`, `79001234567:12@s.whatsapp.net`,
+/// `79001234567@c.us`, `123456789012345@lid`.
+pub fn address(jid: &str) -> Address {
+    let Some((user, domain)) = jid.trim().rsplit_once('@') else { return Address::Other };
+    let user = user.split_once(':').map_or(user, |(u, _)| u);
+    match domain {
+        "lid" if (6..=20).contains(&user.len()) && user.bytes().all(|b| b.is_ascii_digit()) => {
+            Address::Lid(user.to_owned())
+        }
+        "s.whatsapp.net" | "c.us" => normalize_phone(user).map_or(Address::Other, Address::Phone),
+        _ => Address::Other,
+    }
+}
+
+/// The conversation of a client's chat from its jid and the alternative one
+/// the sender may add (`remoteJidAlt`, `SenderAlt`): the phone when either
+/// is one, else the LID (`…@lid`); with the LID ↔ phone link either shows.
+/// `None`: not a client's own chat.
+pub fn chat(jid: &str, alt: Option<&str>) -> Option<(String, Option<Lid>)> {
+    let alt = alt.map(address).unwrap_or(Address::Other);
+    match (address(jid), alt) {
+        (Address::Phone(p), Address::Lid(lid)) => Some((p.clone(), Some(Lid { lid, phone: Some(p) }))),
+        (Address::Phone(p), _) => Some((p, None)),
+        (Address::Lid(lid), Address::Phone(p)) => Some((p.clone(), Some(Lid { lid, phone: Some(p) }))),
+        (Address::Lid(lid), _) => {
+            Some((format!("{lid}{}", crate::message::LID), Some(Lid { lid, phone: None })))
+        }
+        (Address::Other, _) => None,
+    }
+}
+
+/// A conversation's `phone` as an API path names it: a phone in any
+/// spelling (`normalize_phone`), or a LID with its `@lid`.
+pub fn normalize_conversation(raw: &str) -> Result<String, String> {
+    if raw.trim().ends_with(crate::message::LID) {
+        return match address(raw) {
+            Address::Lid(lid) => Ok(format!("{lid}{}", crate::message::LID)),
+            _ => Err(format!("{raw:?} is not a LID (6 to 20 digits, then @lid)")),
+        };
+    }
+    normalize_phone(raw)
 }
 
 /// Longest accepted message id; WhatsApp's are well under 100 bytes.
@@ -113,6 +179,7 @@ pub fn parse(body: &[u8], default_company_id: &str) -> Result<NewMessage, Ingest
 /// "79001234567@c.us", "+7 900 123-45-67" and "79001234567" are one phone.
 pub fn normalize_phone(raw: &str) -> Result<String, String> {
     let number = match raw.trim().split_once('@') {
+        Some((_, "lid")) => return Err(format!("{raw:?} is a LID (a hidden number), not a phone number")),
         Some((number, domain))
             if !domain.is_empty() && domain.chars().all(|c| c.is_ascii_alphanumeric() || c == '.') =>
         {
@@ -153,6 +220,22 @@ impl Ingest {
         Ok(if counts.accepted == 1 { Accepted::New } else { Accepted::Duplicate })
     }
 
+    /// Points a LID-addressed event at its conversation: the phone's, when
+    /// the event or an earlier one revealed it (a revealed link is stored,
+    /// synced, before the message is), else the LID's own.
+    pub async fn resolve(&self, conv: &mut Conv, lid: Option<&Lid>) -> Result<(), IngestError> {
+        let Some(lid) = lid else { return Ok(()) };
+        match &lid.phone {
+            Some(phone) => self.store.link_lid(&conv.company_id, &lid.lid, phone).await?,
+            None => {
+                if let Some(phone) = self.store.lid_phone(&conv.company_id, &lid.lid) {
+                    conv.phone = phone;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The messages of one delivery, in order, under one sync. If the write
     /// fails, none of them is stored (and none marked seen): the gateway's
     /// redelivery stores them then.
@@ -189,6 +272,39 @@ mod tests {
         {
             assert!(normalize_phone(bad).is_err(), "{bad:?} should be refused");
         }
+    }
+
+    #[test]
+    fn a_lid_is_never_taken_for_a_phone_and_a_revealed_phone_wins() {
+        assert_eq!(address("79001234567@s.whatsapp.net"), Address::Phone("79001234567".into()));
+        assert_eq!(
+            address("79001234567:12@s.whatsapp.net"),
+            Address::Phone("79001234567".into()),
+            "GOWS's device"
+        );
+        assert_eq!(address("123456789012345@lid"), Address::Lid("123456789012345".into()));
+        assert_eq!(address("120363025246125486@g.us"), Address::Other);
+        assert_eq!(address("status@broadcast"), Address::Other);
+        assert!(normalize_phone("123456789012345@lid").unwrap_err().contains("LID"));
+        assert_eq!(normalize_conversation("123456789012345@lid").unwrap(), "123456789012345@lid");
+        assert_eq!(normalize_conversation("+7 900 123-45-67").unwrap(), "79001234567");
+        assert!(normalize_conversation("12@lid").is_err());
+        // The alt decides by its suffix: a phone chat's alt is its LID.
+        let link = Some(Lid { lid: "98765432109876".into(), phone: Some("79007654321".into()) });
+        assert_eq!(
+            chat("98765432109876@lid", Some("79007654321@s.whatsapp.net")),
+            Some(("79007654321".into(), link.clone()))
+        );
+        assert_eq!(
+            chat("79007654321@s.whatsapp.net", Some("98765432109876@lid")),
+            Some(("79007654321".into(), link))
+        );
+        assert_eq!(
+            chat("98765432109876@lid", None),
+            Some(("98765432109876@lid".into(), Some(Lid { lid: "98765432109876".into(), phone: None })))
+        );
+        assert_eq!(chat("79001234567@c.us", None), Some(("79001234567".into(), None)));
+        assert_eq!(chat("120363025246125486@g.us", Some("79001234567@s.whatsapp.net")), None);
     }
 
     #[test]

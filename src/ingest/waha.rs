@@ -1,21 +1,29 @@
 //! WAHA (self-hosted WhatsApp HTTP API) webhook events, normalised into the
 //! same messages the generic webhook makes.
 //!
-//! An event is `{"event", "session", "payload"}`; only `message` events from
-//! a client's own chat become messages. Our own outgoing messages (`fromMe`),
-//! groups and status broadcasts are acknowledged and ignored.
-//! `presence.update` (`payload.presences[].lastKnownPresence`: typing,
-//! recording, paused, online, offline) becomes a presence event for the
-//! chat's conversation, never a message.
+//! An event is `{"event", "session", "payload"}` (WAHA 2025–2026,
+//! `WebhookSender`). `message` events — and `message.any` ones not sent by
+//! us (it carries everyone's) — from a client's own chat become messages.
+//! The chat is `payload.from`: a phone's `…@c.us`, or a LID (`…@lid`) for a
+//! client whose number WhatsApp hides; the phone, when WhatsApp reveals it,
+//! is where each engine puts it — NOWEB `_data.key.remoteJidAlt`, GOWS
+//! `_data.Info.SenderAlt` (both "the other identity": a LID in a phone chat),
+//! WEBJS nowhere. Our own messages (`fromMe`), groups and status broadcasts
+//! are acknowledged and ignored. `presence.update`
+//! (`payload.presences[].lastKnownPresence`: typing, recording, paused,
+//! online, offline; keyed by the LID in a LID chat) becomes a presence event
+//! for the chat's conversation, never a message. `session.status` with
+//! `WORKING` says the session (re)started.
 
 use std::collections::HashMap;
 
 use serde_json::Value;
 
-use super::{normalize_phone, Inbound, IngestError};
+use super::{chat, Inbound, IngestError, Lid};
 use crate::message::{Conv, NewMessage, Presence};
 
-/// What an event carries: a client message, a client's presence, or nothing for us.
+/// What an event carries: a client message, a client's presence, a session
+/// that started working, or nothing for us.
 pub fn parse_event(
     body: &[u8],
     sessions: &HashMap<String, String>,
@@ -32,19 +40,15 @@ pub fn parse_event(
             .map(String::as_str)
             .unwrap_or(default_company_id)
     };
+    let p = &root["payload"];
     match event {
-        "message" => Ok(match parse(body, sessions, default_company_id, received_at_ms)? {
-            Some(m) => Inbound::Message(m),
+        "message" | "message.any" => Ok(match message(p, company(), received_at_ms)? {
+            Some((m, lid)) => Inbound::Message(m, lid),
             None => Inbound::Ignored,
         }),
         "presence.update" => {
-            let p = &root["payload"];
-            let chat = p["id"].as_str().ok_or_else(|| invalid("`payload.id` is required"))?;
-            if !(chat.ends_with("@c.us") || chat.ends_with("@s.whatsapp.net")) {
-                return Ok(Inbound::Ignored);
-            }
-            let phone =
-                normalize_phone(chat).map_err(|e| IngestError::Invalid(format!("`payload.id`: {e}")))?;
+            let jid = p["id"].as_str().ok_or_else(|| invalid("`payload.id` is required"))?;
+            let Some((phone, lid)) = chat(jid, None) else { return Ok(Inbound::Ignored) };
             let presences =
                 p["presences"].as_array().ok_or_else(|| invalid("`payload.presences` must be an array"))?;
             // The chat's own participant; the last one listed if several.
@@ -56,26 +60,24 @@ pub fn parse_event(
                 "paused" | "online" | "offline" => Presence::Paused,
                 other => return Err(IngestError::Invalid(format!("unknown lastKnownPresence {other:?}"))),
             };
-            Ok(Inbound::Presence { conv: Conv { phone, company_id: company().to_owned() }, presence })
+            Ok(Inbound::Presence { conv: Conv { phone, company_id: company().to_owned() }, presence, lid })
         }
+        "session.status" if p["status"] == "WORKING" => match root["session"].as_str() {
+            Some(session) => Ok(Inbound::SessionStarted(session.to_owned())),
+            None => Ok(Inbound::Ignored),
+        },
         _ => Ok(Inbound::Ignored),
     }
 }
 
-/// The message an event carries, or `None` for events that are not client messages.
-pub fn parse(
-    body: &[u8],
-    sessions: &HashMap<String, String>,
-    default_company_id: &str,
+/// The message a `message` payload carries, or `None` when it is not a
+/// client's message to answer.
+fn message(
+    p: &Value,
+    company_id: &str,
     received_at_ms: u64,
-) -> Result<Option<NewMessage>, IngestError> {
-    let root: Value = serde_json::from_slice(body).map_err(|e| IngestError::Malformed(e.to_string()))?;
+) -> Result<Option<(NewMessage, Option<Lid>)>, IngestError> {
     let invalid = |m: &str| IngestError::Invalid(m.to_owned());
-    let event = root["event"].as_str().ok_or_else(|| invalid("`event` must be a string"))?;
-    if event != "message" {
-        return Ok(None);
-    }
-    let p = &root["payload"];
     if !p.is_object() {
         return Err(invalid("`payload` must be an object"));
     }
@@ -84,12 +86,10 @@ pub fn parse(
     }
     let from =
         p["from"].as_str().filter(|s| !s.is_empty()).ok_or_else(|| invalid("`payload.from` is required"))?;
-    // Personal chats only: "…@c.us" (or the newer "…@s.whatsapp.net").
-    if !(from.ends_with("@c.us") || from.ends_with("@s.whatsapp.net")) {
-        return Ok(None);
-    }
+    let alt = p["_data"]["key"]["remoteJidAlt"].as_str().or(p["_data"]["Info"]["SenderAlt"].as_str());
+    // Personal chats only: a phone's or a LID's.
+    let Some((phone, lid)) = chat(from, alt.filter(|a| !a.is_empty())) else { return Ok(None) };
     let id = p["id"].as_str().filter(|s| !s.is_empty()).ok_or_else(|| invalid("`payload.id` is required"))?;
-    let phone = normalize_phone(from).map_err(|e| IngestError::Invalid(format!("`payload.from`: {e}")))?;
     let body_text = p["body"].as_str().unwrap_or("").trim();
     let has_media = p["hasMedia"].as_bool().unwrap_or(false);
     let (kind, text) = match (has_media, body_text.is_empty()) {
@@ -98,24 +98,33 @@ pub fn parse(
         (false, false) => ("text", body_text.to_owned()),
         (false, true) => return Ok(None), // nothing to answer
     };
-    let company_id = root["session"]
-        .as_str()
-        .and_then(|s| sessions.get(s))
-        .map(String::as_str)
-        .unwrap_or(default_company_id);
-    Ok(Some(NewMessage {
+    let message = NewMessage {
         id: id.to_owned(),
         conv: Conv { phone, company_id: company_id.to_owned() },
         kind: kind.to_owned(),
         text,
         timestamp: p["timestamp"].as_i64(),
         received_at_ms,
-    }))
+    };
+    Ok(Some((message, lid)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The message an event carries, if any.
+    fn parse(
+        body: &[u8],
+        sessions: &HashMap<String, String>,
+        company: &str,
+        at: u64,
+    ) -> Result<Option<NewMessage>, IngestError> {
+        Ok(match parse_event(body, sessions, company, at)? {
+            Inbound::Message(m, _) => Some(m),
+            _ => None,
+        })
+    }
 
     fn event(payload: Value) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({"event": "message", "session": "salon", "payload": payload}))
@@ -168,7 +177,7 @@ mod tests {
         ] {
             assert_eq!(
                 parse_event(&update(state), &sessions, "d", 1).unwrap(),
-                Inbound::Presence { conv: conv.clone(), presence },
+                Inbound::Presence { conv: conv.clone(), presence, lid: None },
                 "{state}"
             );
             assert_eq!(parse(&update(state), &sessions, "d", 1).unwrap(), None, "not a message");
@@ -189,5 +198,71 @@ mod tests {
         ));
         let no_id = event(serde_json::json!({"from": "79001234567@c.us", "body": "x"}));
         assert!(matches!(parse(&no_id, &HashMap::new(), "d", 0), Err(IngestError::Invalid(_))));
+    }
+
+    /// A fixture built from WAHA's own code, per engine
+    /// (`tests/fixtures/PROVENANCE.md` says where each field comes from).
+    fn fixture(path: &str) -> Vec<u8> {
+        std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/waha").join(path))
+            .unwrap()
+    }
+
+    #[test]
+    fn each_engines_own_shapes_lid_chats_and_all() {
+        let sessions = HashMap::from([("default".to_owned(), "962302".to_owned())]);
+        let parse = |name: &str| parse_event(&fixture(name), &sessions, "d", 1).unwrap();
+        for engine in ["noweb", "gows", "webjs"] {
+            let Inbound::Message(m, _) = parse(&format!("{engine}/message.pn.json")) else {
+                panic!("{engine}: a message")
+            };
+            assert_eq!(
+                (m.conv.phone.as_str(), m.conv.company_id.as_str()),
+                ("79001234567", "962302"),
+                "{engine}"
+            );
+            let Inbound::Presence { conv, .. } = parse(&format!("{engine}/presence-update.lid.json")) else {
+                panic!("{engine}: a presence")
+            };
+            assert!(conv.is_lid(), "{engine}: keyed by the LID: {}", conv.phone);
+            assert_eq!(
+                parse(&format!("{engine}/message-any.api-echo.json")),
+                Inbound::Ignored,
+                "{engine}: our own send"
+            );
+            assert_eq!(
+                parse(&format!("{engine}/message-any.from-phone.json")),
+                Inbound::Ignored,
+                "{engine}: the salon's phone"
+            );
+        }
+        // NOWEB and GOWS reveal the phone of a LID chat, each its own way.
+        for engine in ["noweb", "gows"] {
+            let Inbound::Message(m, Some(lid)) = parse(&format!("{engine}/message.lid-with-alt.json")) else {
+                panic!("{engine}: a LID chat")
+            };
+            assert_eq!(
+                (m.conv.phone.as_str(), lid.phone.as_deref()),
+                ("79007654321", Some("79007654321")),
+                "{engine}"
+            );
+            let Inbound::Message(m, Some(lid)) = parse(&format!("{engine}/message.lid-hidden.json")) else {
+                panic!("{engine}: a hidden number")
+            };
+            assert_eq!((m.conv.is_lid(), lid.phone), (true, None), "{engine}");
+        }
+        let Inbound::Message(m, Some(lid)) = parse("webjs/message.lid.json") else {
+            panic!("WEBJS: a LID chat")
+        };
+        assert_eq!(
+            (m.conv.phone.as_str(), lid.phone),
+            ("98765432109876@lid", None),
+            "WEBJS says nothing of the phone"
+        );
+        let started =
+            br#"{"event": "session.status", "session": "default", "payload": {"status": "WORKING"}}"#;
+        assert_eq!(
+            parse_event(started, &sessions, "d", 1).unwrap(),
+            Inbound::SessionStarted("default".into())
+        );
     }
 }

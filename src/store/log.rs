@@ -75,8 +75,10 @@ pub(crate) fn frame_probe(out: &mut Vec<u8>) {
     frame(KIND_PROBE, &(), out)
 }
 
-/// The record is encoded in place after a header that is filled in last.
-fn frame<T: Serialize>(kind: u8, value: &T, out: &mut Vec<u8>) {
+/// The record is encoded in place after a header that is filled in last:
+/// `len u32, crc32 u32` over `kind u8, bincode payload`. The one framing of
+/// the store's own files (the log, the LID links).
+pub(crate) fn frame<T: Serialize>(kind: u8, value: &T, out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(&[0u8; 8]);
     out.push(kind);
@@ -86,6 +88,31 @@ fn frame<T: Serialize>(kind: u8, value: &T, out: &mut Vec<u8>) {
     let (len, crc) = (body.len() as u32, crc32fast::hash(body));
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// One framed record: its offset, kind and payload.
+pub(crate) type Record<'a> = (usize, u8, &'a [u8]);
+
+/// Every whole record of `bytes` from the start, as (offset, kind, payload),
+/// up to the first one that is short or fails its checksum; and the length
+/// of the whole ones (what follows is a torn tail, or damage).
+pub(crate) fn records(bytes: &[u8]) -> (Vec<Record<'_>>, usize) {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while bytes.len() - at >= HEADER {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+        let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
+        if len == 0 || len > MAX_RECORD || bytes.len() - at - 8 < len as usize {
+            break;
+        }
+        let body = &bytes[at + 8..at + 8 + len as usize];
+        if crc32fast::hash(body) != crc {
+            break;
+        }
+        out.push((at, body[0], &body[1..]));
+        at += 8 + len as usize;
+    }
+    (out, at)
 }
 
 pub(crate) fn segment_path(dir: &Path, no: u64) -> PathBuf {
@@ -127,25 +154,13 @@ pub(crate) fn read_segment(path: &Path) -> Result<SegmentRead, StoreError> {
     File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(|e| io_error(path, e))?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let mut entries = Vec::new();
-    let mut at = 0usize;
-    while bytes.len() - at >= HEADER {
-        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
-        let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
-        if len == 0 || len > MAX_RECORD || bytes.len() - at - 8 < len as usize {
-            break;
-        }
-        let body = &bytes[at + 8..at + 8 + len as usize];
-        if crc32fast::hash(body) != crc {
-            break;
-        }
+    let (found, valid) = records(&bytes);
+    for (at, kind, payload) in found {
         let key = format!("{name}@{at}");
-        let entry = match body[0] {
-            KIND_MESSAGE => Entry::Message(decode("log", key.as_bytes(), &body[1..])?),
-            KIND_CLAIM => Entry::Claim(decode("log", key.as_bytes(), &body[1..])?),
-            KIND_PROBE => {
-                at += 8 + len as usize;
-                continue;
-            }
+        entries.push(match kind {
+            KIND_MESSAGE => Entry::Message(decode("log", key.as_bytes(), payload)?),
+            KIND_CLAIM => Entry::Claim(decode("log", key.as_bytes(), payload)?),
+            KIND_PROBE => continue,
             kind => {
                 return Err(StoreError::Corrupt {
                     tree: "log",
@@ -153,11 +168,9 @@ pub(crate) fn read_segment(path: &Path) -> Result<SegmentRead, StoreError> {
                     reason: format!("unknown record kind {kind}"),
                 })
             }
-        };
-        entries.push(entry);
-        at += 8 + len as usize;
+        });
     }
-    Ok(SegmentRead { entries, valid_len: at as u64, trailing: (bytes.len() - at) as u64 })
+    Ok(SegmentRead { entries, valid_len: valid as u64, trailing: (bytes.len() - valid) as u64 })
 }
 
 /// The segment being appended to.

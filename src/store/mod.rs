@@ -31,7 +31,9 @@ mod dedup;
 mod durable;
 mod generation;
 mod ids;
+mod links;
 mod log;
+mod quarantine;
 mod records;
 mod recover;
 mod rhythms;
@@ -154,6 +156,7 @@ pub struct Faults {
     commits: AtomicBool,
     tree_sync: AtomicBool,
     driver: AtomicBool,
+    shapes: AtomicBool,
 }
 
 impl Faults {
@@ -171,6 +174,16 @@ impl Faults {
     /// The next sync of sled's files fails with EIO.
     pub fn fail_next_tree_sync(&self) {
         self.tree_sync.store(true, Ordering::SeqCst);
+    }
+
+    /// Gateway deliveries fail to parse while set, as those of a sender
+    /// version this build does not know would (the quarantine's tests).
+    pub fn set_gateway_shapes_unknown(&self, on: bool) {
+        self.shapes.store(on, Ordering::SeqCst);
+    }
+
+    pub fn gateway_shapes_unknown(&self) -> bool {
+        self.shapes.load(Ordering::SeqCst)
     }
 
     /// The driver panics at its next event.
@@ -275,6 +288,7 @@ pub(crate) struct Memory {
     head: u64,
 }
 
+pub use quarantine::Held;
 pub use rhythms::{SavedLearning, SavedRhythm};
 
 pub(crate) struct Shared {
@@ -448,6 +462,8 @@ struct Inner {
     shared: Arc<Shared>,
     tx: mpsc::Sender<writer::Op>,
     ids: Arc<ids::Ids>,
+    links: Arc<links::Links>,
+    quarantine: Arc<quarantine::Quarantine>,
     recovered: Mutex<Option<Recovered>>,
     /// The last count of `tree_sizes`, for the metrics.
     sizes: Mutex<sizes::Counted>,
@@ -455,6 +471,16 @@ struct Inner {
 }
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// Runs a small blocking file operation of the store off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| StoreError::Io {
+        path: "(a blocking task)".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?
+}
 
 impl Store {
     /// Opens (or creates) the store in `dir`, recovers the log, and starts
@@ -736,6 +762,64 @@ impl Store {
     /// Every pending message (accepted, not answered by a committed turn), by arrival.
     pub fn pending(&self) -> Vec<Message> {
         lock(&self.inner.shared.memory).pending.values().map(|p| p.message.clone()).collect()
+    }
+
+    /// The phone a LID-addressed client of `company` was last seen with.
+    pub fn lid_phone(&self, company: &str, lid: &str) -> Option<String> {
+        self.inner.links.phone(company, lid)
+    }
+
+    /// Records that `lid` is `phone` for `company`, synced before it returns
+    /// (see `links.rs`); nothing to write when it was known.
+    pub async fn link_lid(&self, company: &str, lid: &str, phone: &str) -> Result<(), StoreError> {
+        if self.inner.links.known(company, lid, phone) {
+            return Ok(());
+        }
+        let (links, company, lid, phone) =
+            (self.inner.links.clone(), company.to_owned(), lid.to_owned(), phone.to_owned());
+        blocking(move || links.put(&company, &lid, &phone)).await
+    }
+
+    /// Keeps a delivery no parser took (see `quarantine.rs`), synced before
+    /// it returns; its id, or `None` when `capacity` are held already.
+    pub async fn quarantine(
+        &self,
+        gateway: &str,
+        reason: &str,
+        body: &[u8],
+        received_at_ms: u64,
+        capacity: usize,
+    ) -> Result<Option<String>, StoreError> {
+        let (q, gateway, reason, body) =
+            (self.inner.quarantine.clone(), gateway.to_owned(), reason.to_owned(), body.to_vec());
+        blocking(move || q.put(&gateway, &reason, &body, received_at_ms, capacity)).await
+    }
+
+    /// The held deliveries, oldest first.
+    pub async fn quarantined(&self) -> Result<Vec<Held>, StoreError> {
+        let q = self.inner.quarantine.clone();
+        blocking(move || q.list()).await
+    }
+
+    pub async fn quarantined_one(&self, id: &str) -> Result<Option<Held>, StoreError> {
+        let (q, id) = (self.inner.quarantine.clone(), id.to_owned());
+        blocking(move || q.get(&id)).await
+    }
+
+    /// Drops a held delivery; false if there was none by that id.
+    pub async fn release_quarantined(&self, id: &str) -> Result<bool, StoreError> {
+        let (q, id) = (self.inner.quarantine.clone(), id.to_owned());
+        blocking(move || q.remove(&id)).await
+    }
+
+    /// Drops held deliveries received before `before_ms` (blocking).
+    pub fn expire_quarantined(&self, before_ms: u64) -> Result<usize, StoreError> {
+        self.inner.quarantine.expire(before_ms)
+    }
+
+    /// How many deliveries are held.
+    pub fn quarantine_len(&self) -> usize {
+        self.inner.quarantine.len()
     }
 
     /// What the adaptive policy saved (see `rhythms.rs`).

@@ -53,6 +53,8 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
     // sled's counter only matters for a store it numbered (the first
     // layout); from here on ids come from `ids`.
     let ids = Arc::new(super::ids::Ids::open(dir, id_floor.max(db.generate_id()? + id_floor))?);
+    let links = Arc::new(super::links::Links::open(dir)?);
+    let quarantine = Arc::new(super::quarantine::Quarantine::open(dir)?);
     migrate_first_layout(dir, &db_dir, &db, &trees, &ids)?;
 
     // Whatever sled recovered (possibly from the page cache after a kill)
@@ -171,6 +173,8 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
             shared,
             tx,
             ids,
+            links,
+            quarantine,
             recovered: Mutex::new(Some(recovered)),
             sizes: Mutex::new(None),
             threads: Mutex::new(vec![thread]),

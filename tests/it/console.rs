@@ -222,6 +222,23 @@ async fn the_console_shows_batches_counting_down_turns_with_timings_and_retries_
         .await;
     assert!(detail.as_str().unwrap().contains("79001234502"), "{detail}");
 
+    // A sender without its secret: the badge says so.
+    let refused = client
+        .post(format!("{base}/webhook/whatsapp/batched"))
+        .json(&json!({"id": "x", "from": "79001234599", "message": "?"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let badge = browser
+        .wait_for(
+            "the refused-for-secret badge",
+            Duration::from_secs(10),
+            "const b = document.querySelector('#refused'); return b && !b.hidden ? b.textContent : null",
+        )
+        .await;
+    assert!(badge.as_str().unwrap().contains('1'), "{badge}");
+
     // An immediate webhook: its turn shows under recent turns with timings.
     send_now(&client, &base, "n1", "79001234504", "Запишите меня на завтра").await;
     let row = browser

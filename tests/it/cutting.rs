@@ -151,12 +151,15 @@ async fn presence_alone_is_never_stored_never_a_message_and_never_a_turn() {
     assert!(turns(&d).await.is_empty());
     let metrics = d.client.get(format!("{}/metrics", d.admin)).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("turnstile_messages_stored_total 0\n"), "{metrics}");
-    // Bad presence is refused like any bad input, and stores nothing either.
+    // A presence this build does not know is no message either: it waits in
+    // the quarantine (an authenticated delivery is never refused 4xx).
     let bad = json!({"event": "presence.update", "session": "salon", "payload": {
         "id": format!("{PHONE}@c.us"), "presences": [{"lastKnownPresence": "dancing"}]}});
     let (status, answer) = d.post("/webhook/waha", &bad).await;
-    assert_eq!(status, 422, "{answer}");
-    assert!(answer["error"].as_str().unwrap().contains("dancing"));
+    assert_eq!((status, &answer["status"]), (200, &json!("quarantined")), "{answer}");
+    let held = d.get("/api/quarantine").await.1;
+    assert!(held["quarantine"][0]["reason"].as_str().unwrap().contains("dancing"), "{held}");
+    assert_eq!(pending(&d).await, 0);
     d.stop().await;
 }
 

@@ -20,6 +20,7 @@ mod input;
 mod loopfs;
 mod powercut;
 mod retention;
+mod senders;
 mod replay;
 mod reply_cap;
 mod systemd;

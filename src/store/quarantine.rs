@@ -1,0 +1,195 @@
+//! Inbound quarantine: gateway deliveries that passed their secret check
+//! but that this build could not turn into messages (a sender version's new
+//! shape). Answering them 4xx would make the sender drop them for good
+//! (Evolution gives up at once on 400/401/403/404/422), so each is kept
+//! whole, durably, until an operator replays it after an upgrade
+//! (`POST /api/quarantine/{id}/replay`) or it expires.
+//!
+//! One file per delivery in `quarantine/`, `<id hex>.q`, one record in the
+//! log's framing; written to a temporary name, synced, renamed and the
+//! directory synced before the delivery is answered. Bounded: past
+//! `capacity` deliveries a new one is refused (the webhook answers 503 and
+//! the sender retries), never dropped.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use super::{log, StoreError};
+
+pub(crate) const DIR_NAME: &str = "quarantine";
+const KIND_HELD: u8 = 1;
+
+/// A delivery held: which webhook it came to, when, why it was not taken,
+/// and its body as it came.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    pub id: String,
+    pub gateway: String,
+    pub received_at_ms: u64,
+    pub reason: String,
+    pub body: Vec<u8>,
+}
+
+pub(crate) struct Quarantine {
+    dir: PathBuf,
+    next: AtomicU64,
+    /// Held deliveries (file count), kept so the bound needs no listing.
+    held: Mutex<usize>,
+}
+
+fn path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.q"))
+}
+
+impl Quarantine {
+    pub(crate) fn open(data_dir: &Path) -> Result<Quarantine, StoreError> {
+        let dir = data_dir.join(DIR_NAME);
+        std::fs::create_dir_all(&dir).map_err(|e| log::io_error(&dir, e))?;
+        let nos = log::numbered(&dir, ".q").map_err(|e| log::io_error(&dir, e))?;
+        // Leftovers of a write a crash interrupted: never answered, so the
+        // sender delivers them again.
+        for entry in std::fs::read_dir(&dir).map_err(|e| log::io_error(&dir, e))? {
+            let p = entry.map_err(|e| log::io_error(&dir, e))?.path();
+            if p.extension().is_some_and(|e| e == "tmp") {
+                std::fs::remove_file(&p).map_err(|e| log::io_error(&p, e))?;
+            }
+        }
+        let next = nos.last().map_or(1, |n| n + 1);
+        Ok(Quarantine { dir, next: AtomicU64::new(next), held: Mutex::new(nos.len()) })
+    }
+
+    /// Keeps a delivery; its id, or `None` when `capacity` are held. Blocking.
+    pub(crate) fn put(
+        &self,
+        gateway: &str,
+        reason: &str,
+        body: &[u8],
+        received_at_ms: u64,
+        capacity: usize,
+    ) -> Result<Option<String>, StoreError> {
+        let mut held = self.held.lock().expect("quarantine lock");
+        if *held >= capacity {
+            return Ok(None);
+        }
+        let id = format!("{:016x}", self.next.fetch_add(1, Ordering::SeqCst));
+        let record = Held {
+            id: id.clone(),
+            gateway: gateway.to_owned(),
+            received_at_ms,
+            reason: reason.to_owned(),
+            body: body.to_vec(),
+        };
+        let mut bytes = Vec::new();
+        log::frame(KIND_HELD, &record, &mut bytes);
+        let name = format!("{id}.q");
+        log::replace_file(&self.dir, &name, &bytes)
+            .and_then(|_| log::sync_dir(&self.dir))
+            .map_err(|e| log::io_error(&path(&self.dir, &id), e))?;
+        *held += 1;
+        Ok(Some(id))
+    }
+
+    pub(crate) fn get(&self, id: &str) -> Result<Option<Held>, StoreError> {
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(None);
+        }
+        let p = path(&self.dir, id);
+        let bytes = match std::fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(log::io_error(&p, e)),
+        };
+        let key = p.display().to_string();
+        let (records, valid) = log::records(&bytes);
+        match records.first() {
+            Some((_, KIND_HELD, payload)) if valid == bytes.len() => {
+                let (held, _) = bincode::serde::decode_from_slice(payload, bincode::config::standard())
+                    .map_err(|e| StoreError::Corrupt { tree: "quarantine", key, reason: e.to_string() })?;
+                Ok(Some(held))
+            }
+            _ => Err(StoreError::Corrupt { tree: "quarantine", key, reason: "not one whole record".into() }),
+        }
+    }
+
+    /// Every held delivery, oldest first.
+    pub(crate) fn list(&self) -> Result<Vec<Held>, StoreError> {
+        let nos = log::numbered(&self.dir, ".q").map_err(|e| log::io_error(&self.dir, e))?;
+        let mut out = Vec::with_capacity(nos.len());
+        for no in nos {
+            out.extend(self.get(&format!("{no:016x}"))?);
+        }
+        Ok(out)
+    }
+
+    /// Drops a held delivery (replayed, or expired); false if there was none.
+    pub(crate) fn remove(&self, id: &str) -> Result<bool, StoreError> {
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(false);
+        }
+        let p = path(&self.dir, id);
+        let mut held = self.held.lock().expect("quarantine lock");
+        match std::fs::remove_file(&p) {
+            Ok(()) => {
+                log::sync_dir(&self.dir).map_err(|e| log::io_error(&self.dir, e))?;
+                *held = held.saturating_sub(1);
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(log::io_error(&p, e)),
+        }
+    }
+
+    /// Drops what was received before `before_ms`; how many.
+    pub(crate) fn expire(&self, before_ms: u64) -> Result<usize, StoreError> {
+        let mut gone = 0;
+        for held in self.list()? {
+            if held.received_at_ms < before_ms && self.remove(&held.id)? {
+                gone += 1;
+            }
+        }
+        Ok(gone)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        *self.held.lock().expect("quarantine lock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_deliveries_survive_a_reopen_are_bounded_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Quarantine::open(dir.path()).unwrap();
+        let a =
+            q.put("evolution", "`data.key.remoteJid` is required", b"{\"a\":1}", 1_000, 2).unwrap().unwrap();
+        let b = q.put("waha", "unknown", b"{}", 5_000, 2).unwrap().unwrap();
+        assert_eq!(q.put("waha", "x", b"{}", 6_000, 2).unwrap(), None, "full: refused, not dropped");
+        drop(q);
+        let q = Quarantine::open(dir.path()).unwrap();
+        assert_eq!(q.len(), 2);
+        let held = q.get(&a).unwrap().unwrap();
+        assert_eq!((held.gateway.as_str(), held.body.as_slice()), ("evolution", &b"{\"a\":1}"[..]));
+        assert_eq!(
+            q.list().unwrap().iter().map(|h| h.id.clone()).collect::<Vec<_>>(),
+            [a.clone(), b.clone()]
+        );
+        assert_eq!(q.get("../../etc/passwd").unwrap(), None, "ids are hex");
+        assert_eq!(q.expire(2_000).unwrap(), 1);
+        assert_eq!(q.get(&a).unwrap(), None);
+        assert!(q.remove(&b).unwrap());
+        assert!(!q.remove(&b).unwrap());
+        assert_eq!(q.len(), 0);
+        // A new one after a reopen never takes an old id.
+        let c = q.put("meta", "x", b"{}", 7_000, 2).unwrap().unwrap();
+        assert!(c > b, "{c} after {b}");
+        // Damage is named, not a panic.
+        std::fs::write(path(&dir.path().join(DIR_NAME), &c), b"\x01\x02").unwrap();
+        assert!(matches!(q.get(&c), Err(StoreError::Corrupt { tree: "quarantine", .. })));
+    }
+}
