@@ -42,6 +42,7 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub batching: BatchingConfig,
     pub turns: TurnsConfig,
+    pub takeover: TakeoverConfig,
     pub handler: HandlerConfig,
     pub context: ContextConfig,
     pub meta: MetaConfig,
@@ -238,6 +239,23 @@ pub struct TurnsConfig {
     /// and its answer discarded) with every message, if the handler has not
     /// answered yet.
     pub on_new_message: OnNewMessage,
+}
+
+/// Human takeover: staff answering from the salon's phone pause the
+/// assistant in that conversation (README "Human takeover").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TakeoverConfig {
+    /// Staff messages (WAHA `message.any` from the phone, Evolution
+    /// `fromMe`, Meta `smb_message_echoes`) pause the conversation.
+    pub enabled: bool,
+    /// The assistant comes back on its own after this many minutes without
+    /// a staff message (and a pause from the API lasts this long unless
+    /// it says otherwise).
+    pub resume_after_min: u64,
+    /// A staff message that is exactly this (any case, trimmed) resumes at
+    /// once and is never shown to the assistant; empty: no keyword.
+    pub keyword: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -60,6 +60,8 @@ pub struct Gateway {
     numbers: HashMap<String, String>,
     default_session: String,
     default_number: String,
+    /// What this daemon sent, to tell a gateway's echo of it from staff.
+    sent: Arc<Sent>,
 }
 
 impl Gateway {
@@ -78,7 +80,13 @@ impl Gateway {
             numbers: reverse(&c.meta.companies),
             default_session: c.gateway.session.clone(),
             default_number: c.gateway.phone_number_id.clone(),
+            sent: Arc::default(),
         }
+    }
+
+    /// The registry of this daemon's own sends (shared with ingest).
+    pub fn sent(&self) -> Arc<Sent> {
+        self.sent.clone()
     }
 
     /// Whether replies go anywhere (and so through the outbox).
@@ -86,9 +94,12 @@ impl Gateway {
         self.kind != GatewayKind::Log
     }
 
-    pub async fn send(&self, d: &Delivery<'_>) -> Result<(), GatewayError> {
+    /// One send; the message id the gateway gave it, when it says one.
+    /// While it runs, an echo of it waits (`Sent::is_ours`).
+    pub async fn send(&self, d: &Delivery<'_>) -> Result<Option<String>, GatewayError> {
+        let _in_flight = self.sent.begin(d.conv);
         let request = match self.kind {
-            GatewayKind::Log => return Ok(()),
+            GatewayKind::Log => return Ok(None),
             GatewayKind::Http => {
                 let key =
                     if d.parts > 1 { format!("{}-{}", d.turn_id, d.part) } else { d.turn_id.to_owned() };
@@ -121,7 +132,10 @@ impl Gateway {
                 "text": {"preview_url": false, "body": d.text},
             })),
         };
-        self.execute(request).await
+        let answer = self.execute_reading(request).await?;
+        let id = sent_id(&answer);
+        self.sent.sent(d.conv, id.as_deref());
+        Ok(id)
     }
 
     /// Whether `typing` does anything: enabled, and a gateway that has it.
@@ -195,10 +209,19 @@ impl Gateway {
     }
 
     async fn execute(&self, request: reqwest::RequestBuilder) -> Result<(), GatewayError> {
+        self.execute_reading(request).await.map(drop)
+    }
+
+    /// `execute`, keeping a 2xx answer's JSON (`Null` when it is none).
+    async fn execute_reading(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<serde_json::Value, GatewayError> {
         let sent = request.timeout(self.timeout).send().await.map_err(|e| self.classify(e))?;
         let status = sent.status();
         if status.is_success() {
-            return Ok(());
+            let body = sent.bytes().await.unwrap_or_default();
+            return Ok(serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null));
         }
         let body = sent.text().await.unwrap_or_default();
         Err(GatewayError::Status { status: status.as_u16(), body: body.chars().take(200).collect() })
@@ -209,6 +232,117 @@ impl Gateway {
             GatewayError::Timeout(self.timeout)
         } else {
             GatewayError::Connect(e.to_string())
+        }
+    }
+}
+
+/// The message id a gateway's send answer carries, in the short form the
+/// webhooks' echoes can be matched on (`short_id`): WAHA NOWEB and
+/// Evolution `key.id`, WAHA WEBJS `id._serialized` / `_data.id._serialized`,
+/// GOWS `id`, Meta `messages[0].id`.
+pub fn sent_id(answer: &serde_json::Value) -> Option<String> {
+    let candidates = [
+        &answer["key"]["id"],
+        &answer["id"]["_serialized"],
+        &answer["_data"]["id"]["_serialized"],
+        &answer["id"],
+        &answer["messages"][0]["id"],
+    ];
+    candidates.into_iter().find_map(|v| v.as_str()).filter(|s| !s.is_empty()).map(|s| short_id(s).to_owned())
+}
+
+/// A message id without what WAHA serialises around it:
+/// `true_79001234567@c.us_3EB0…` (and a group's trailing participant) → `3EB0…`.
+pub fn short_id(id: &str) -> &str {
+    let mut parts = id.split('_');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some("true" | "false"), Some(chat), Some(short)) if chat.contains('@') && !short.is_empty() => short,
+        _ => id,
+    }
+}
+
+/// This daemon's own sends: ids the gateway gave them (the last
+/// `SENT_KEPT`, for `SENT_FOR`) and the sends still waiting for an answer,
+/// per conversation. A `fromMe` event that carries no `source` is ours when
+/// its id is here — and while a send to its conversation is in flight, the
+/// question waits for that answer: never decided by timing alone.
+#[derive(Default)]
+pub struct Sent {
+    state: Mutex<SentState>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct SentState {
+    in_flight: HashMap<Conv, usize>,
+    ids: HashMap<String, Instant>,
+    order: std::collections::VecDeque<String>,
+}
+
+const SENT_KEPT: usize = 10_000;
+const SENT_FOR: Duration = Duration::from_secs(15 * 60);
+
+/// A send in flight; its end is said on drop.
+pub struct InFlight<'a> {
+    sent: &'a Sent,
+    conv: Conv,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut s = self.sent.state.lock().expect("sent lock");
+        if let Some(n) = s.in_flight.get_mut(&self.conv) {
+            *n -= 1;
+            if *n == 0 {
+                s.in_flight.remove(&self.conv);
+            }
+        }
+        drop(s);
+        self.sent.changed.notify_waiters();
+    }
+}
+
+impl Sent {
+    pub fn begin(&self, conv: &Conv) -> InFlight<'_> {
+        *self.state.lock().expect("sent lock").in_flight.entry(conv.clone()).or_default() += 1;
+        InFlight { sent: self, conv: conv.clone() }
+    }
+
+    /// A send went through with this id (short form).
+    pub fn sent(&self, _conv: &Conv, id: Option<&str>) {
+        let Some(id) = id else { return };
+        let mut s = self.state.lock().expect("sent lock");
+        let now = Instant::now();
+        s.ids.insert(id.to_owned(), now);
+        s.order.push_back(id.to_owned());
+        while s.order.len() > SENT_KEPT {
+            if let Some(old) = s.order.pop_front() {
+                s.ids.remove(&old);
+            }
+        }
+    }
+
+    /// Whether `id` (any form) is one of our sends to `conv`: known, or — a
+    /// send to `conv` still in flight — once its answer says. Waits at most `wait`.
+    pub async fn is_ours(&self, conv: &Conv, id: &str, wait: Duration) -> bool {
+        let id = short_id(id);
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.changed.notified();
+            {
+                let mut s = self.state.lock().expect("sent lock");
+                let now = Instant::now();
+                s.ids.retain(|_, at| now.duration_since(*at) < SENT_FOR);
+                if s.ids.contains_key(id) {
+                    return true;
+                }
+                if !s.in_flight.contains_key(conv) {
+                    return false;
+                }
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return false;
+            }
         }
     }
 }
@@ -325,6 +459,42 @@ pub fn split(text: &str, max_chars: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_echo_that_comes_before_our_sends_answer_waits_for_it() {
+        let sent = Arc::new(Sent::default());
+        let conv = Conv { phone: "79001234567".into(), company_id: "962302".into() };
+        assert!(
+            !sent.is_ours(&conv, "true_79001234567@c.us_3EB0AAA", Duration::from_secs(10)).await,
+            "nothing in flight: not ours"
+        );
+        let guard = sent.begin(&conv);
+        let (s2, c2) = (sent.clone(), conv.clone());
+        let asked = tokio::spawn(async move {
+            s2.is_ours(&c2, "true_79001234567@c.us_3EB0AAA", Duration::from_secs(10)).await
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!asked.is_finished(), "it waits for the send in flight");
+        sent.sent(&conv, Some("3EB0AAA"));
+        drop(guard);
+        assert!(asked.await.unwrap(), "the answer's id: ours");
+        // A staff message while a send is in flight is staff's once the send answered.
+        let guard = sent.begin(&conv);
+        let (s2, c2) = (sent.clone(), conv.clone());
+        let asked = tokio::spawn(async move {
+            s2.is_ours(&c2, "false_79001234567@c.us_STAFF", Duration::from_secs(10)).await
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        sent.sent(&conv, Some("3EB0BBB"));
+        drop(guard);
+        assert!(!asked.await.unwrap());
+        assert_eq!(
+            sent_id(&json!({"id": {"_serialized": "true_79001234567@c.us_3EB0CCC"}})).as_deref(),
+            Some("3EB0CCC")
+        );
+        assert_eq!(sent_id(&json!({"messages": [{"id": "wamid.HBg"}]})).as_deref(), Some("wamid.HBg"));
+        assert_eq!(sent_id(&json!({"ok": true})), None);
+    }
 
     #[test]
     fn short_replies_are_one_piece() {

@@ -68,7 +68,7 @@ pub struct Metrics {
     /// Gateway → deliveries put in the quarantine.
     quarantined: Mutex<BTreeMap<&'static str, u64>>,
     /// Cut batches by the signal that decided the cut (`CutReason::ALL` order).
-    pub cuts: [AtomicU64; 8],
+    pub cuts: [AtomicU64; 9],
     /// Turns abandoned for a re-run with later messages (`turns.on_new_message`).
     pub turn_restarts: AtomicU64,
     pub batch_size: Histogram,
@@ -90,6 +90,10 @@ pub struct Metrics {
     pub turn_store_failures: AtomicU64,
     /// Replies parked by `gateway.max_replies_per_conversation_per_hour`.
     pub replies_rate_limited: AtomicU64,
+    /// Replies held back because staff took their conversation over.
+    pub replies_suppressed: AtomicU64,
+    /// Takeovers started, per signal (waha, evolution, meta, api).
+    takeovers: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Default for Metrics {
@@ -114,6 +118,8 @@ impl Default for Metrics {
             send_failures: AtomicU64::new(0),
             turn_store_failures: AtomicU64::new(0),
             replies_rate_limited: AtomicU64::new(0),
+            replies_suppressed: AtomicU64::new(0),
+            takeovers: Mutex::default(),
         }
     }
 }
@@ -163,6 +169,10 @@ pub struct Gauges {
     pub last_sync_age_s: f64,
     /// Gateway deliveries held in the quarantine.
     pub quarantine_held: usize,
+    /// Conversations staff have taken over, and how long the oldest client
+    /// message waits in one of them (0: none waits).
+    pub paused_conversations: usize,
+    pub paused_oldest_waiting_s: f64,
 }
 
 pub fn inc(counter: &AtomicU64) {
@@ -193,6 +203,11 @@ impl Metrics {
     pub fn webhooks_refused(&self, reason: &str) -> u64 {
         let w = self.webhooks.lock().expect("metrics lock");
         w.iter().filter(|((_, _, r), _)| *r == reason).map(|(_, n)| n).sum()
+    }
+
+    /// Staff took a conversation over, by `signal`.
+    pub fn takeover(&self, signal: &str) {
+        *self.takeovers.lock().expect("metrics lock").entry(signal.to_owned()).or_default() += 1;
     }
 
     /// A gateway delivery put in the quarantine.
@@ -468,6 +483,32 @@ impl Metrics {
             "turnstile_store_ok",
             "1 while the store takes writes; 0 while message-log writes fail, or once it failed (the daemon then exits for a restart).",
             g.store_ok as u8 as f64,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP turnstile_takeovers_total Conversations staff took over, by the signal that said so.\n# TYPE turnstile_takeovers_total counter"
+        );
+        for signal in ["waha", "evolution", "meta", "api"] {
+            let n = self.takeovers.lock().expect("metrics lock").get(signal).copied().unwrap_or(0);
+            let _ = writeln!(out, "turnstile_takeovers_total{{signal=\"{signal}\"}} {n}");
+        }
+        counter(
+            &mut out,
+            "turnstile_replies_suppressed_total",
+            "Replies not sent because staff took their conversation over meanwhile.",
+            load(&self.replies_suppressed),
+        );
+        gauge(
+            &mut out,
+            "turnstile_paused_conversations",
+            "Conversations staff have taken over (the assistant waits).",
+            g.paused_conversations as f64,
+        );
+        gauge(
+            &mut out,
+            "turnstile_paused_oldest_waiting_seconds",
+            "How long the oldest client message waits in a paused conversation (0: none waits).",
+            g.paused_oldest_waiting_s,
         );
         gauge(
             &mut out,

@@ -48,10 +48,14 @@ const CAP_WINDOW: Duration = Duration::from_secs(3600);
 pub fn state(item: &OutboxItem) -> &'static str {
     match (item.failed, item.attempts) {
         (false, _) => "pending",
+        (true, 0) if item.last_error.as_deref().is_some_and(|e| e.starts_with(SUPPRESSED)) => "suppressed",
         (true, 0) => "rate_limited",
         (true, _) => "failed",
     }
 }
+
+/// How a reply held back by a human takeover starts its `last_error`.
+const SUPPRESSED: &str = "suppressed:";
 
 pub struct Outbox {
     store: Store,
@@ -117,6 +121,14 @@ impl Outbox {
             if !capped.is_empty() {
                 self.park(&items, &capped).await;
             }
+            // Staff took the conversation over: what the assistant had still
+            // to say is never delivered late over the human.
+            let taken: HashSet<Conv> =
+                heads.iter().filter(|i| self.store.is_paused(&i.conv)).map(|i| i.conv.clone()).collect();
+            if !taken.is_empty() {
+                self.suppress(&items, &taken).await;
+            }
+            let capped: HashSet<Conv> = capped.union(&taken).cloned().collect();
             // The rest, unless backing off.
             let ready: Vec<OutboxItem> = heads
                 .into_iter()
@@ -154,7 +166,7 @@ impl Outbox {
                     tracing::info_span!("send", turn_id = %item.turn_id, phone = %mask(&item.conv.phone));
                 let _enter = span.enter();
                 let written = match result {
-                    Ok(()) => {
+                    Ok(_id) => {
                         inc(&self.metrics.replies_sent);
                         if item.part == 1 {
                             sent.entry(item.conv.clone()).or_default().push_back(Instant::now());
@@ -184,6 +196,17 @@ impl Outbox {
         }
     }
 
+    /// Holds back every live piece of the conversations staff took over:
+    /// given up without an attempt, `suppressed`, never sent later.
+    async fn suppress(&self, items: &[OutboxItem], taken: &HashSet<Conv>) {
+        let reason =
+            format!("{SUPPRESSED} staff took the conversation over (a human answered meanwhile); not sent");
+        for item in self.give_up_unsent(items, taken, &reason).await {
+            inc(&self.metrics.replies_suppressed);
+            info!(turn_id = %item.turn_id, phone = %mask(&item.conv.phone), "reply not sent: staff took the conversation over; listed in GET /api/outbox as suppressed");
+        }
+    }
+
     /// Parks every live piece of the `capped` conversations: given up, with
     /// the reason, without an attempt (`state` tells them apart by that).
     async fn park(&self, items: &[OutboxItem], capped: &HashSet<Conv>) {
@@ -192,23 +215,37 @@ impl Outbox {
              (gateway.max_replies_per_conversation_per_hour); not sent",
             self.max_replies_per_hour
         );
-        let mut replies = HashSet::new();
-        for item in items.iter().filter(|i| !i.failed && capped.contains(&i.conv)) {
-            let parked = OutboxItem { failed: true, last_error: Some(reason.clone()), ..item.clone() };
-            if let Err(e) = self.store.outbox_update(&parked).await {
-                error!(error = %e, "cannot park a reply in the outbox");
+        for item in self.give_up_unsent(items, capped, &reason).await {
+            inc(&self.metrics.replies_rate_limited);
+            warn!(
+                turn_id = %item.turn_id,
+                phone = %mask(&item.conv.phone),
+                cap = self.max_replies_per_hour,
+                "reply not sent: the conversation reached its replies per hour; listed in GET /api/outbox as rate_limited"
+            );
+        }
+    }
+
+    /// Gives up, without an attempt and with `reason`, every live piece of
+    /// `convs`; the first piece of each reply so given up (to count and log).
+    async fn give_up_unsent<'a>(
+        &self,
+        items: &'a [OutboxItem],
+        convs: &HashSet<Conv>,
+        reason: &str,
+    ) -> Vec<&'a OutboxItem> {
+        let (mut replies, mut first) = (HashSet::new(), Vec::new());
+        for item in items.iter().filter(|i| !i.failed && convs.contains(&i.conv)) {
+            let given_up = OutboxItem { failed: true, last_error: Some(reason.to_owned()), ..item.clone() };
+            if let Err(e) = self.store.outbox_update(&given_up).await {
+                error!(error = %e, "cannot hold back a reply in the outbox");
                 continue;
             }
             if replies.insert(&item.turn_id) {
-                inc(&self.metrics.replies_rate_limited);
-                warn!(
-                    turn_id = %item.turn_id,
-                    phone = %mask(&item.conv.phone),
-                    cap = self.max_replies_per_hour,
-                    "reply not sent: the conversation reached its replies per hour; listed in GET /api/outbox as rate_limited"
-                );
+                first.push(item);
             }
         }
+        first
     }
 }
 

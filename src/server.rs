@@ -206,7 +206,17 @@ pub async fn run_on(
     let ready = Arc::new(AtomicBool::new(false));
     let fatal = Arc::new(Mutex::new(None));
     let (handle, driver_inbox) = turns::channel();
+    let gateway = Arc::new(Gateway::from_config(&config));
+    let handover = Arc::new(crate::takeover::Handover::new(
+        store.clone(),
+        handle.clone(),
+        gateway.sent(),
+        config.takeover.clone(),
+        shared.metrics.clone(),
+        Duration::from_millis(config.gateway.timeout_ms),
+    ));
     let state = Arc::new(AppState {
+        handover,
         ingest: Ingest::new(store.clone()),
         store: store.clone(),
         driver: handle.clone(),
@@ -265,7 +275,6 @@ pub async fn run_on(
     );
 
     let turns = TaskTracker::new();
-    let gateway = Arc::new(Gateway::from_config(&config));
     let handler = Handler::from_config(&config);
     let runner = Arc::new(Runner::new(&config, store.clone(), handler, gateway.clone(), &shared));
     let driver = Driver::new(&config, store.clone(), runner, recovery, driver_inbox, turns.clone(), &shared);

@@ -61,6 +61,8 @@ pub enum CutReason {
     Paused,
     /// Adaptive: a typing indicator went unrefreshed for `typing_ttl`.
     TypingStale,
+    /// Staff handed the conversation back: what waited during the takeover.
+    Resumed,
 }
 
 impl CutReason {
@@ -74,6 +76,7 @@ impl CutReason {
             CutReason::Complete => "complete",
             CutReason::Paused => "paused",
             CutReason::TypingStale => "typing_stale",
+            CutReason::Resumed => "resumed",
         }
     }
 
@@ -83,7 +86,7 @@ impl CutReason {
     }
 
     /// Every reason, for the metrics.
-    pub const ALL: [CutReason; 8] = [
+    pub const ALL: [CutReason; 9] = [
         CutReason::Quiet,
         CutReason::Full,
         CutReason::MaxWait,
@@ -92,11 +95,12 @@ impl CutReason {
         CutReason::Complete,
         CutReason::Paused,
         CutReason::TypingStale,
+        CutReason::Resumed,
     ];
 
     /// Cut by a deadline its timers kept (so it has a lag worth measuring).
     pub fn timed(self) -> bool {
-        !matches!(self, CutReason::Full | CutReason::Immediate)
+        !matches!(self, CutReason::Full | CutReason::Immediate | CutReason::Resumed)
     }
 }
 

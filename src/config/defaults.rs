@@ -203,6 +203,11 @@ impl Default for BatchingConfig {
         }
     }
 }
+impl Default for TakeoverConfig {
+    fn default() -> Self {
+        TakeoverConfig { enabled: true, resume_after_min: 30, keyword: "#bot".into() }
+    }
+}
 impl Default for TurnsConfig {
     fn default() -> Self {
         TurnsConfig {

@@ -132,6 +132,9 @@ impl Config {
         {
             return bad("evolution.url_secret", "must be at least 24 characters of A-Z a-z 0-9 - _");
         }
+        if self.takeover.resume_after_min == 0 {
+            return bad("takeover.resume_after_min", "must be at least 1");
+        }
         if self.ingest.quarantine_max == 0 {
             return bad("ingest.quarantine_max", "must be at least 1");
         }

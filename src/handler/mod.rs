@@ -28,6 +28,21 @@ pub struct TurnRequest {
     /// The cached snapshot (company, services, staff, schedule), or null
     /// when there is none or it was invalidated: rebuild it and return it.
     pub cache: Option<Box<RawValue>>,
+    /// When salon staff wrote in the conversation since its last turn (a
+    /// takeover): the client's messages and staff's, in time order, marked
+    /// by who wrote them. Absent otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub transcript: Vec<TranscriptEntry>,
+}
+
+/// One line of what happened in a conversation while staff had it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TranscriptEntry {
+    /// "client" or "staff".
+    pub from: &'static str,
+    pub text: String,
+    /// Unix milliseconds (receipt time).
+    pub at: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -50,8 +65,22 @@ impl TurnRequest {
         messages: &[Message],
         context: Option<Box<RawValue>>,
         cache: Option<Box<RawValue>>,
+        staff: &[crate::store::StaffMessage],
     ) -> Self {
+        let mut transcript: Vec<TranscriptEntry> = Vec::new();
+        if !staff.is_empty() {
+            let client = messages.iter().map(|m| TranscriptEntry {
+                from: "client",
+                text: m.text.clone(),
+                at: m.received_at_ms,
+            });
+            let staff =
+                staff.iter().map(|m| TranscriptEntry { from: "staff", text: m.text.clone(), at: m.at_ms });
+            transcript = client.chain(staff).collect();
+            transcript.sort_by_key(|e| e.at);
+        }
         TurnRequest {
+            transcript,
             turn_id: turn_id.to_owned(),
             company_id: conv.company_id.clone(),
             phone: conv.phone.clone(),
@@ -260,10 +289,13 @@ mod tests {
                 received_at_ms: 0,
             })
             .collect();
-        let first = Handler::echo().call(&TurnRequest::new("t1", &conv, &msgs, None, None)).await.unwrap();
+        let first =
+            Handler::echo().call(&TurnRequest::new("t1", &conv, &msgs, None, None, &[])).await.unwrap();
         assert_eq!(first.reply.as_deref(), Some("received: Привет\nможно"));
-        let second =
-            Handler::echo().call(&TurnRequest::new("t2", &conv, &msgs, first.context, None)).await.unwrap();
+        let second = Handler::echo()
+            .call(&TurnRequest::new("t2", &conv, &msgs, first.context, None, &[]))
+            .await
+            .unwrap();
         assert_eq!(second.context.unwrap().get(), r#"{"turns":2}"#);
     }
 }

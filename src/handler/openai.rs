@@ -87,7 +87,8 @@ impl OpenAi {
             messages.push(json!({"role": "system", "content": self.cache_message(cache.get())}));
         }
         messages.extend(history.iter().cloned());
-        messages.push(json!({"role": "user", "content": req.text}));
+        let asked = asked(req);
+        messages.extend(asked.iter().cloned());
         let mut request = self.client.post(&self.url).timeout(self.timeout).json(&json!({
             "model": self.model,
             "messages": messages,
@@ -109,7 +110,7 @@ impl OpenAi {
             .ok_or_else(|| HandlerError::BadAnswer("no choices[0].message.content".into()))?
             .to_owned();
 
-        history.push(json!({"role": "user", "content": req.text}));
+        history.extend(asked);
         history.push(json!({"role": "assistant", "content": reply}));
         let keep_from = history.len().saturating_sub(self.history_messages);
         history.drain(..keep_from);
@@ -121,3 +122,24 @@ impl OpenAi {
         })
     }
 }
+
+/// The turn's part of the chat: the client's text — or, when salon staff
+/// wrote meanwhile, both sides in order, staff's as assistant messages
+/// marked as theirs, after a note that says what happened.
+fn asked(req: &TurnRequest) -> Vec<Value> {
+    if req.transcript.is_empty() {
+        return vec![json!({"role": "user", "content": req.text})];
+    }
+    let mut out = vec![json!({"role": "system", "content": STAFF_NOTE})];
+    for e in &req.transcript {
+        out.push(match e.from {
+            "staff" => json!({"role": "assistant", "content": format!("[salon staff] {}", e.text)}),
+            _ => json!({"role": "user", "content": e.text}),
+        });
+    }
+    out
+}
+
+/// Said to the model before a transcript with staff in it.
+const STAFF_NOTE: &str = "Salon staff answered this client themselves for a while, from the salon's phone; \
+their messages are marked [salon staff]. Continue from where they left off, consistent with what they said.";

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -31,6 +31,9 @@ pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/api/store/rewrite", post(rewrite_store))
         .route("/api/batches", get(batches))
         .route("/api/conversations/{phone}", get(conversation))
+        .route("/api/conversations/{phone}/pause", post(pause))
+        .route("/api/conversations/{phone}/resume", post(resume))
+        .route("/api/takeovers", get(takeovers))
         .route("/api/dead", get(dead))
         .route("/api/dead/{turn_id}/retry", post(retry_dead))
         .route("/api/quarantine", get(quarantine))
@@ -212,11 +215,107 @@ async fn conversation(
             v
         })
         .collect();
+    // The conversations of this phone: its companies in the history and open
+    // turns, and the default one.
+    let mut companies: std::collections::BTreeSet<String> =
+        history.iter().map(|t| t.conv.company_id.clone()).collect();
+    companies.insert(s.default_company_id.clone());
+    let takeovers: Vec<Value> = companies
+        .into_iter()
+        .filter_map(|company_id| {
+            let conv = crate::message::Conv { phone: phone.clone(), company_id };
+            let t = s.store.takeover(&conv);
+            (t.paused.is_some() || !t.staff.is_empty()).then(|| takeover_json(&conv, &t))
+        })
+        .collect();
     Ok(Json(json!({
         "phone": phone,
         "turns": history.iter().map(summary_json).collect::<Vec<_>>(),
         "open_turns": open,
+        "takeover": takeovers,
     })))
+}
+
+fn takeover_json(conv: &crate::message::Conv, t: &crate::store::Takeover) -> Value {
+    json!({
+        "company_id": conv.company_id,
+        "phone": conv.phone,
+        "state": if t.paused.is_some() { "paused" } else { "assistant" },
+        "paused": t.paused.as_ref().map(|p| json!({"by": p.by, "since": p.since_ms, "resumes_at": p.resume_at_ms})),
+        "staff": t.staff.iter().map(|m| json!({"id": m.id, "text": m.text, "at": m.at_ms, "by": m.by})).collect::<Vec<_>>(),
+    })
+}
+
+/// Every paused conversation.
+async fn takeovers(State(s): State<Arc<AppState>>) -> Json<Value> {
+    let paused: Vec<Value> =
+        s.store.paused().iter().map(|(conv, _)| takeover_json(conv, &s.store.takeover(conv))).collect();
+    Json(json!({ "paused": paused }))
+}
+
+/// The conversation a pause or resume names: the path's phone, and the
+/// body's `company_id` (default: `ingest.default_company_id`); and the body.
+async fn takeover_target(
+    s: &AppState,
+    phone: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(crate::message::Conv, serde_json::Map<String, Value>), ApiError> {
+    let phone = ingest::normalize_conversation(phone).map_err(ApiError::unprocessable)?;
+    let bytes = super::read_json_body(s, headers, body, 4096).await?;
+    let body: serde_json::Map<String, Value> = if bytes.iter().all(u8::is_ascii_whitespace) {
+        Default::default()
+    } else {
+        match serde_json::from_slice(&bytes) {
+            Ok(Value::Object(m)) => m,
+            Ok(_) => return Err(ApiError::unprocessable("body must be a JSON object")),
+            Err(e) => return Err(ApiError::bad_request(format!("body is not valid JSON: {e}"))),
+        }
+    };
+    if let Some(unknown) = body.keys().find(|k| !["company_id", "minutes"].contains(&k.as_str())) {
+        return Err(ApiError::unprocessable(format!(
+            "unknown field `{unknown}`; expected company_id, minutes"
+        )));
+    }
+    let company_id = match body.get("company_id") {
+        None | Some(Value::Null) => s.default_company_id.clone(),
+        Some(Value::String(c)) if !c.trim().is_empty() => c.trim().to_owned(),
+        Some(_) => return Err(ApiError::unprocessable("`company_id` must be a non-empty string")),
+    };
+    Ok((crate::message::Conv { phone, company_id }, body))
+}
+
+/// Staff take the conversation over from the API (or the console): for
+/// `minutes` (default `takeover.resume_after_min`; 0: until resumed).
+async fn pause(
+    State(s): State<Arc<AppState>>,
+    Path(phone): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let (conv, body) = takeover_target(&s, &phone, &headers, body).await?;
+    let minutes = match body.get("minutes") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_u64().filter(|m| *m <= 7 * 24 * 60).ok_or_else(|| {
+            ApiError::unprocessable("`minutes` must be a whole number from 0 (until resumed) to 10080")
+        })?),
+    };
+    s.handover.pause(&conv, minutes).await?;
+    Ok(Json(takeover_json(&conv, &s.store.takeover(&conv))))
+}
+
+/// The assistant takes the conversation back: what waited becomes a turn.
+async fn resume(
+    State(s): State<Arc<AppState>>,
+    Path(phone): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let (conv, _) = takeover_target(&s, &phone, &headers, body).await?;
+    if !s.handover.resume(&conv).await? {
+        return Err(ApiError::new(StatusCode::CONFLICT, format!("{} is not paused", conv.masked())));
+    }
+    Ok(Json(takeover_json(&conv, &s.store.takeover(&conv))))
 }
 
 async fn dead(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
@@ -296,6 +395,12 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
         g.pending_messages = snap.collecting.iter().map(|c| c.seqs.len()).sum::<usize>()
             + snap.waiting.iter().map(|w| w.1.len()).sum::<usize>();
         g.turns_in_flight = snap.running.len();
+        g.paused_oldest_waiting_s = snap
+            .paused
+            .iter()
+            .filter_map(|h| h.since.filter(|_| h.messages > 0))
+            .map(|since| snap.now.saturating_duration_since(since).as_secs_f64())
+            .fold(0.0, f64::max);
     }
     g.batch_max_wait_s = s.batch_max_wait_ms as f64 / 1000.0;
     let items = s.store.outbox();
@@ -304,6 +409,8 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     g.oldest_outbox_s = oldest.map_or(0, |at| now_ms.saturating_sub(at)) as f64 / 1000.0;
     g.last_sync_age_s = now_ms.saturating_sub(s.store.last_sync_ms()) as f64 / 1000.0;
     g.quarantine_held = s.store.quarantine_len();
+    g.paused_conversations = s.store.paused().len();
+
     let count = |state| items.iter().filter(|i| outbox::state(i) == state).count();
     (g.outbox_depth, g.outbox_failed, g.outbox_rate_limited) =
         (count("pending"), count("failed"), count("rate_limited"));

@@ -297,6 +297,7 @@ fn rule_name(rule: crate::batcher::CutReason) -> &'static str {
         Complete => "looks complete",
         Paused => "stopped typing",
         TypingStale => "typing went quiet",
+        Resumed => "staff handed back",
     }
 }
 
@@ -388,8 +389,27 @@ fn state_json(s: &AppState, view: &View, offset: usize, limit: usize) -> Value {
         },
         "running": running,
         "waiting": { "total": view.waiting_total, "shown": waiting },
+        "paused": paused_json(s, view, now_ms),
         "outbox": outbox,
     })
+}
+
+/// Conversations staff took over: who, since when, when the assistant comes
+/// back, and how many client messages wait.
+fn paused_json(s: &AppState, view: &View, now_ms: u64) -> Vec<Value> {
+    let held: std::collections::HashMap<&Conv, usize> =
+        view.paused.iter().map(|h| (&h.conv, h.messages)).collect();
+    s.store
+        .paused()
+        .iter()
+        .map(|(conv, p)| {
+            json!({
+                "company_id": conv.company_id, "phone": conv.phone, "masked": mask_always(&conv.phone),
+                "by": p.by, "since_ms": p.since_ms, "resumes_at_ms": p.resume_at_ms,
+                "messages": held.get(conv).copied().unwrap_or(0), "server_ms": now_ms,
+            })
+        })
+        .collect()
 }
 
 /// ready, recovering, stopping, restarting or failed: what `/readyz` would say.

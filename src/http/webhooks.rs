@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 use super::{accepting, bearer, read_json_body, ApiError, AppState};
 use crate::ingest::{self, signature, Accepted, Inbound};
 use crate::message::unix_ms;
+use crate::takeover::Handled;
 
 pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
     let mut routes = Router::new();
@@ -256,6 +257,7 @@ pub(super) async fn deliver(s: &AppState, gateway: Gateway, body: &[u8]) -> Resu
                 _ if t.accepted > 0 => json!({ "status": "accepted" }),
                 _ if t.duplicates > 0 => json!({ "status": "duplicate" }),
                 _ if t.presences > 0 => json!({ "status": "presence" }),
+                _ if t.staff > 0 => json!({ "status": "staff" }),
                 _ => json!({ "status": "ignored" }),
             }))
         }
@@ -278,10 +280,7 @@ pub(super) fn parse(
     }
     let at = unix_ms();
     Ok(match gateway {
-        Gateway::Meta => ingest::meta::parse(body, &s.meta.companies, &s.default_company_id, at)?
-            .into_iter()
-            .map(|m| Inbound::Message(m, None))
-            .collect(),
+        Gateway::Meta => ingest::meta::parse(body, &s.meta.companies, &s.default_company_id, at)?,
         Gateway::Waha => vec![ingest::waha::parse_event(body, &s.waha.sessions, &s.default_company_id, at)?],
         Gateway::Evolution => {
             let root: Value =
@@ -315,6 +314,7 @@ struct Taken {
     accepted: usize,
     duplicates: usize,
     presences: usize,
+    staff: usize,
 }
 
 /// A gateway delivery's events taken: its messages stored (under one sync),
@@ -322,7 +322,7 @@ struct Taken {
 /// conversation first (`Ingest::resolve`).
 async fn take(s: &AppState, inbound: Vec<Inbound>) -> Result<Taken, ApiError> {
     let mut messages = Vec::new();
-    let mut presences = 0;
+    let (mut presences, mut staff_messages) = (0, 0);
     for event in inbound {
         match event {
             Inbound::Message(mut message, lid) => {
@@ -334,6 +334,12 @@ async fn take(s: &AppState, inbound: Vec<Inbound>) -> Result<Taken, ApiError> {
                 // Not stored, not synced: a lost presence only costs a little latency.
                 s.driver.presence(conv, presence);
                 presences += 1;
+            }
+            Inbound::Staff(mut staff) => {
+                s.ingest.resolve(&mut staff.conv, staff.lid.as_ref()).await?;
+                if s.handover.staff(staff).await.map_err(ingest::IngestError::from)? != Handled::Ignored {
+                    staff_messages += 1;
+                }
             }
             Inbound::SessionStarted(session) => {
                 if let Some(p) = &s.presence {
@@ -351,7 +357,7 @@ async fn take(s: &AppState, inbound: Vec<Inbound>) -> Result<Taken, ApiError> {
             p.message(conv);
         }
     }
-    Ok(Taken { accepted: c.accepted, duplicates: c.duplicates, presences })
+    Ok(Taken { accepted: c.accepted, duplicates: c.duplicates, presences, staff: staff_messages })
 }
 
 /// Counts each webhook by its route (never its path: an Evolution path may

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use super::{chat, Inbound, IngestError};
+use super::{chat, Inbound, IngestError, Staff};
 use crate::message::{Conv, NewMessage, Presence};
 
 /// The event's name in one spelling: `messages.upsert`.
@@ -56,9 +56,6 @@ pub fn parse_event(
                 return Err(invalid("`data` must be an object"));
             }
             let key = &data["key"];
-            if key["fromMe"].as_bool() == Some(true) {
-                return Ok(Inbound::Ignored);
-            }
             let jid = key["remoteJid"].as_str().ok_or_else(|| invalid("`data.key.remoteJid` is required"))?;
             let Some((phone, lid)) = chat(jid, key["remoteJidAlt"].as_str()) else {
                 return Ok(Inbound::Ignored);
@@ -68,6 +65,20 @@ pub fn parse_event(
                 .filter(|s| !s.is_empty())
                 .ok_or_else(|| invalid("`data.key.id` is required"))?;
             let Some((kind, text)) = content(&data["message"]) else { return Ok(Inbound::Ignored) };
+            if key["fromMe"].as_bool() == Some(true) {
+                // Someone on the salon's phone: Evolution reports its own API
+                // sends as `send.message`, never as an upsert.
+                let conv = Conv { phone, company_id };
+                let source = Some("app".to_owned());
+                return Ok(Inbound::Staff(Staff {
+                    conv,
+                    lid,
+                    id: id.to_owned(),
+                    text,
+                    source,
+                    by: "evolution",
+                }));
+            }
             let timestamp = match &data["messageTimestamp"] {
                 Value::Number(n) => n.as_i64(),
                 Value::String(s) => s.parse().ok(),
@@ -184,7 +195,7 @@ mod tests {
         assert!(matches!(parse(&upper), Inbound::Message(_, _)));
 
         let mine = upsert(key(jid, true, "E7"), json!({"conversation": "Записали вас"}));
-        assert_eq!(parse(&mine), Inbound::Ignored);
+        assert!(matches!(parse(&mine), Inbound::Staff(s) if s.text == "Записали вас" && s.by == "evolution"));
         let group =
             upsert(key("120363025246125486@g.us", false, "E8"), json!({"conversation": "всем привет"}));
         assert_eq!(parse(&group), Inbound::Ignored);
@@ -277,7 +288,10 @@ mod tests {
             matches!(parse("messages-upsert.pn-extended-text.json"), Inbound::Message(m, _) if m.kind == "text")
         );
         assert_eq!(parse("messages-upsert.group.json"), Inbound::Ignored);
-        assert_eq!(parse("messages-upsert.from-me-phone.json"), Inbound::Ignored);
+        let Inbound::Staff(staff) = parse("messages-upsert.from-me-phone.json") else {
+            panic!("staff on the phone")
+        };
+        assert_eq!((staff.conv.phone.as_str(), staff.source.as_deref()), ("79001234567", Some("app")));
         assert_eq!(parse("send-message.api-echo.json"), Inbound::Ignored);
         assert_eq!(
             fixture("messages-upsert.pn-conversation.json")["apikey"],

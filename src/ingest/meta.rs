@@ -5,22 +5,26 @@
 //! `value.messages[]` are client messages (several may come at once),
 //! `value.statuses[]` are delivery receipts for our replies (ignored here),
 //! `value.metadata.phone_number_id` says which business number — and so
-//! which company — was written to.
+//! which company — was written to. With coexistence (the salon also uses the
+//! WhatsApp Business app on that number), the `smb_message_echoes` field's
+//! `value.message_echoes[]` are what staff sent from the app: the business
+//! number in `from`, the client in `to` (Meta never echoes Cloud API sends).
 
 use std::collections::HashMap;
 
 use serde_json::Value;
 
-use super::{normalize_phone, IngestError};
+use super::{normalize_phone, Inbound, IngestError, Staff};
 use crate::message::{Conv, NewMessage};
 
-/// The messages of one delivery, in delivery order. `received_at_ms` is set by the caller.
+/// The events of one delivery, in delivery order: client messages, and
+/// staff messages from the Business app. `received_at_ms` is set by the caller.
 pub fn parse(
     body: &[u8],
     companies: &HashMap<String, String>,
     default_company_id: &str,
     received_at_ms: u64,
-) -> Result<Vec<NewMessage>, IngestError> {
+) -> Result<Vec<Inbound>, IngestError> {
     let root: Value = serde_json::from_slice(body).map_err(|e| IngestError::Malformed(e.to_string()))?;
     let invalid = |m: String| IngestError::Invalid(m);
     let entries = root["entry"].as_array().ok_or_else(|| invalid("`entry` must be an array".into()))?;
@@ -28,15 +32,39 @@ pub fn parse(
     for (e, entry) in entries.iter().enumerate() {
         let changes = entry["changes"].as_array().map(Vec::as_slice).unwrap_or_default();
         for (c, change) in changes.iter().enumerate() {
-            if change["field"].as_str().is_some_and(|f| f != "messages") {
-                continue;
-            }
             let value = &change["value"];
             let company_id = value["metadata"]["phone_number_id"]
                 .as_str()
                 .and_then(|id| companies.get(id))
                 .map(String::as_str)
                 .unwrap_or(default_company_id);
+            if change["field"] == "smb_message_echoes" {
+                let echoes = value["message_echoes"].as_array().map(Vec::as_slice).unwrap_or_default();
+                for (m, msg) in echoes.iter().enumerate() {
+                    let at = format!("entry[{e}].changes[{c}].value.message_echoes[{m}]");
+                    let field = |name: &str| {
+                        msg[name]
+                            .as_str()
+                            .filter(|s| !s.is_empty())
+                            .ok_or_else(|| invalid(format!("{at}.{name} must be a non-empty string")))
+                    };
+                    let phone =
+                        normalize_phone(field("to")?).map_err(|err| invalid(format!("{at}.to: {err}")))?;
+                    let kind = msg["type"].as_str().unwrap_or("unknown");
+                    out.push(Inbound::Staff(Staff {
+                        conv: Conv { phone, company_id: company_id.to_owned() },
+                        lid: None,
+                        id: field("id")?.to_owned(),
+                        text: text_of(kind, msg),
+                        source: Some("app".to_owned()),
+                        by: "meta",
+                    }));
+                }
+                continue;
+            }
+            if change["field"].as_str().is_some_and(|f| f != "messages") {
+                continue;
+            }
             let messages = value["messages"].as_array().map(Vec::as_slice).unwrap_or_default();
             for (m, msg) in messages.iter().enumerate() {
                 let at = format!("entry[{e}].changes[{c}].value.messages[{m}]");
@@ -51,14 +79,15 @@ pub fn parse(
                     normalize_phone(field("from")?).map_err(|err| invalid(format!("{at}.from: {err}")))?;
                 let timestamp = msg["timestamp"].as_str().and_then(|t| t.parse::<i64>().ok());
                 let kind = msg["type"].as_str().unwrap_or("unknown");
-                out.push(NewMessage {
+                let message = NewMessage {
                     id: id.to_owned(),
                     conv: Conv { phone, company_id: company_id.to_owned() },
                     kind: kind.to_owned(),
                     text: text_of(kind, msg),
                     timestamp,
                     received_at_ms,
-                });
+                };
+                out.push(Inbound::Message(message, None));
             }
         }
     }
@@ -104,6 +133,22 @@ fn text_of(kind: &str, msg: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The client messages of a delivery.
+    fn parse(
+        body: &[u8],
+        companies: &HashMap<String, String>,
+        company: &str,
+        at: u64,
+    ) -> Result<Vec<NewMessage>, IngestError> {
+        Ok(super::parse(body, companies, company, at)?
+            .into_iter()
+            .filter_map(|i| match i {
+                Inbound::Message(m, _) => Some(m),
+                _ => None,
+            })
+            .collect())
+    }
 
     fn delivery(messages: Value) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({

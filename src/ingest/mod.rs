@@ -32,8 +32,25 @@ pub enum Inbound {
     },
     /// A WAHA session (re)started: what was subscribed for it is gone.
     SessionStarted(String),
+    /// A message written in a client's chat from the salon's own WhatsApp:
+    /// staff answering (a human takeover), or — where the sender reports
+    /// our own sends too — an echo of ours (`source`: WAHA's "api" or
+    /// "app"; `None` when the sender does not say).
+    Staff(Staff),
     /// Nothing for us (acks, our own messages, groups, other events).
     Ignored,
+}
+
+/// A message from the salon's side of a client's chat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Staff {
+    pub conv: Conv,
+    pub lid: Option<Lid>,
+    pub id: String,
+    pub text: String,
+    pub source: Option<String>,
+    /// The signal: "waha", "evolution", "meta".
+    pub by: &'static str,
 }
 
 /// A WhatsApp address as the senders write them (`:device` suffixes cut).

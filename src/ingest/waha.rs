@@ -19,7 +19,7 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use super::{chat, Inbound, IngestError, Lid};
+use super::{chat, Inbound, IngestError, Staff};
 use crate::message::{Conv, NewMessage, Presence};
 
 /// What an event carries: a client message, a client's presence, a session
@@ -42,10 +42,7 @@ pub fn parse_event(
     };
     let p = &root["payload"];
     match event {
-        "message" | "message.any" => Ok(match message(p, company(), received_at_ms)? {
-            Some((m, lid)) => Inbound::Message(m, lid),
-            None => Inbound::Ignored,
-        }),
+        "message" | "message.any" => message(p, company(), received_at_ms),
         "presence.update" => {
             let jid = p["id"].as_str().ok_or_else(|| invalid("`payload.id` is required"))?;
             let Some((phone, lid)) = chat(jid, None) else { return Ok(Inbound::Ignored) };
@@ -70,25 +67,28 @@ pub fn parse_event(
     }
 }
 
-/// The message a `message` payload carries, or `None` when it is not a
-/// client's message to answer.
-fn message(
-    p: &Value,
-    company_id: &str,
-    received_at_ms: u64,
-) -> Result<Option<(NewMessage, Option<Lid>)>, IngestError> {
+/// What a `message` payload carries: a client's message, one from the
+/// salon's side of the chat (`fromMe`: staff, or our own send echoed), or
+/// nothing to answer.
+fn message(p: &Value, company_id: &str, received_at_ms: u64) -> Result<Inbound, IngestError> {
     let invalid = |m: &str| IngestError::Invalid(m.to_owned());
     if !p.is_object() {
         return Err(invalid("`payload` must be an object"));
     }
-    if p["fromMe"].as_bool() == Some(true) {
-        return Ok(None);
-    }
+    let from_me = p["fromMe"].as_bool() == Some(true);
     let from =
         p["from"].as_str().filter(|s| !s.is_empty()).ok_or_else(|| invalid("`payload.from` is required"))?;
-    let alt = p["_data"]["key"]["remoteJidAlt"].as_str().or(p["_data"]["Info"]["SenderAlt"].as_str());
+    // Our side's messages name the chat in `to` on WEBJS (`from` is us), in
+    // `from` on NOWEB and GOWS.
+    let jid = match p["to"].as_str() {
+        Some(to) if from_me && !to.is_empty() => to,
+        _ => from,
+    };
+    let alt = p["_data"]["key"]["remoteJidAlt"]
+        .as_str()
+        .or(p["_data"]["Info"][if from_me { "RecipientAlt" } else { "SenderAlt" }].as_str());
     // Personal chats only: a phone's or a LID's.
-    let Some((phone, lid)) = chat(from, alt.filter(|a| !a.is_empty())) else { return Ok(None) };
+    let Some((phone, lid)) = chat(jid, alt.filter(|a| !a.is_empty())) else { return Ok(Inbound::Ignored) };
     let id = p["id"].as_str().filter(|s| !s.is_empty()).ok_or_else(|| invalid("`payload.id` is required"))?;
     let body_text = p["body"].as_str().unwrap_or("").trim();
     let has_media = p["hasMedia"].as_bool().unwrap_or(false);
@@ -96,17 +96,22 @@ fn message(
         (true, true) => ("media", "[media]".to_owned()),
         (true, false) => ("media", format!("[media] {body_text}")),
         (false, false) => ("text", body_text.to_owned()),
-        (false, true) => return Ok(None), // nothing to answer
+        (false, true) => return Ok(Inbound::Ignored), // nothing to answer
     };
+    let conv = Conv { phone, company_id: company_id.to_owned() };
+    if from_me {
+        let source = p["source"].as_str().map(str::to_owned);
+        return Ok(Inbound::Staff(Staff { conv, lid, id: id.to_owned(), text, source, by: "waha" }));
+    }
     let message = NewMessage {
         id: id.to_owned(),
-        conv: Conv { phone, company_id: company_id.to_owned() },
+        conv,
         kind: kind.to_owned(),
         text,
         timestamp: p["timestamp"].as_i64(),
         received_at_ms,
     };
-    Ok(Some((message, lid)))
+    Ok(Inbound::Message(message, lid))
 }
 
 #[cfg(test)]
@@ -224,15 +229,21 @@ mod tests {
                 panic!("{engine}: a presence")
             };
             assert!(conv.is_lid(), "{engine}: keyed by the LID: {}", conv.phone);
+            let Inbound::Staff(echo) = parse(&format!("{engine}/message-any.api-echo.json")) else {
+                panic!("{engine}: ours")
+            };
             assert_eq!(
-                parse(&format!("{engine}/message-any.api-echo.json")),
-                Inbound::Ignored,
-                "{engine}: our own send"
+                (echo.conv.phone.as_str(), echo.source.as_deref()),
+                ("79001234567", Some("api")),
+                "{engine}"
             );
+            let Inbound::Staff(staff) = parse(&format!("{engine}/message-any.from-phone.json")) else {
+                panic!("{engine}: staff")
+            };
             assert_eq!(
-                parse(&format!("{engine}/message-any.from-phone.json")),
-                Inbound::Ignored,
-                "{engine}: the salon's phone"
+                (staff.conv.phone.as_str(), staff.source.as_deref()),
+                ("79001234567", Some("app")),
+                "{engine}"
             );
         }
         // NOWEB and GOWS reveal the phone of a LID chat, each its own way.

@@ -13,17 +13,15 @@
 //! backups: a restored store relearns the links from the next payloads.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use super::{log, StoreError};
+use super::recfile::RecordFile;
+use super::StoreError;
 
 const FILE: &str = "lids";
-const KIND_LINK: u8 = 1;
 
 /// Links kept (and in the file after a rewrite).
 pub(crate) const MAX_LINKS: usize = 100_000;
@@ -38,7 +36,6 @@ struct Link {
 type Key = (String, String);
 
 pub(crate) struct Links {
-    dir: PathBuf,
     state: Mutex<State>,
 }
 
@@ -47,55 +44,27 @@ struct State {
     /// Keys, oldest link first (a key may be here more than once: only its
     /// last place counts, see `forget_oldest`).
     order: VecDeque<Key>,
-    file: File,
-    records: usize,
+    file: RecordFile,
     max: usize,
 }
 
 impl Links {
-    /// Loads the file (a torn tail — a record a crash cut short — is cut off
-    /// and said so; nothing after it is trusted).
+    /// Loads the file (a torn tail is cut off and said so).
     pub(crate) fn open(dir: &Path) -> Result<Links, StoreError> {
         Links::open_with(dir, MAX_LINKS)
     }
 
     fn open_with(dir: &Path, max: usize) -> Result<Links, StoreError> {
-        let path = dir.join(FILE);
-        let mut bytes = Vec::new();
-        match File::open(&path) {
-            Ok(mut f) => {
-                f.read_to_end(&mut bytes).map_err(|e| log::io_error(&path, e))?;
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(log::io_error(&path, e)),
-        }
-        let (found, valid) = log::records(&bytes);
+        let (file, links) = RecordFile::open::<Link>(dir, FILE)?;
         let (mut map, mut order) = (HashMap::new(), VecDeque::new());
-        for (at, kind, payload) in &found {
-            let key = format!("{FILE}@{at}");
-            if *kind != KIND_LINK {
-                return Err(StoreError::Corrupt {
-                    tree: "lids",
-                    key,
-                    reason: format!("unknown record kind {kind}"),
-                });
-            }
-            let (link, _): (Link, _) =
-                bincode::serde::decode_from_slice(payload, bincode::config::standard())
-                    .map_err(|e| StoreError::Corrupt { tree: "lids", key, reason: e.to_string() })?;
+        for link in links {
             let k = (link.company, link.lid);
             order.push_back(k.clone());
             map.insert(k, link.phone);
         }
-        if valid < bytes.len() {
-            tracing::warn!(file = %path.display(), offset = valid, cut = bytes.len() - valid, "the LID links file ended in a torn record; cut off");
-            log::truncate(&path, valid as u64)?;
-        }
-        let file =
-            OpenOptions::new().create(true).append(true).open(&path).map_err(|e| log::io_error(&path, e))?;
-        let mut state = State { map, order, file, records: found.len(), max };
+        let mut state = State { map, order, file, max };
         state.forget_oldest();
-        Ok(Links { dir: dir.to_owned(), state: Mutex::new(state) })
+        Ok(Links { state: Mutex::new(state) })
     }
 
     pub(crate) fn phone(&self, company: &str, lid: &str) -> Option<String> {
@@ -110,51 +79,25 @@ impl Links {
 
     /// Records a link, durably (append + `fdatasync`). Blocking.
     pub(crate) fn put(&self, company: &str, lid: &str, phone: &str) -> Result<(), StoreError> {
-        let path = self.dir.join(FILE);
         let mut state = self.state.lock().expect("links lock");
         let key = (company.to_owned(), lid.to_owned());
         if state.map.get(&key).is_some_and(|p| p == phone) {
             return Ok(());
         }
         let link = Link { company: company.to_owned(), lid: lid.to_owned(), phone: phone.to_owned() };
-        let mut bytes = Vec::new();
-        log::frame(KIND_LINK, &link, &mut bytes);
-        state
-            .file
-            .write_all(&bytes)
-            .and_then(|_| state.file.sync_data())
-            .map_err(|e| log::io_error(&path, e))?;
-        state.records += 1;
+        state.file.append(&link)?;
         state.order.push_back(key.clone());
         state.map.insert(key, phone.to_owned());
         state.forget_oldest();
-        if state.records > 2 * state.max {
-            self.rewrite(&mut state)?;
+        if state.file.records > 2 * state.max {
+            state.compact_order();
+            let kept: Vec<Link> = state
+                .order
+                .iter()
+                .map(|k| Link { company: k.0.clone(), lid: k.1.clone(), phone: state.map[k].clone() })
+                .collect();
+            state.file.rewrite(kept)?;
         }
-        Ok(())
-    }
-
-    /// Writes the file anew with the links kept, oldest first.
-    fn rewrite(&self, state: &mut State) -> Result<(), StoreError> {
-        let mut bytes = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        let mut kept = VecDeque::new();
-        for key in state.order.iter().rev() {
-            if seen.insert(key.clone()) {
-                kept.push_front(key.clone());
-            }
-        }
-        for key in &kept {
-            let link = Link { company: key.0.clone(), lid: key.1.clone(), phone: state.map[key].clone() };
-            log::frame(KIND_LINK, &link, &mut bytes);
-        }
-        let path = self.dir.join(FILE);
-        log::replace_file(&self.dir, FILE, &bytes)
-            .and_then(|_| log::sync_dir(&self.dir))
-            .map_err(|e| log::io_error(&path, e))?;
-        state.file = OpenOptions::new().append(true).open(&path).map_err(|e| log::io_error(&path, e))?;
-        state.records = kept.len();
-        state.order = kept;
         Ok(())
     }
 }
@@ -171,21 +114,27 @@ impl State {
         }
         // Keep `order` from growing without bound with repeated keys.
         if self.order.len() > 4 * self.max.max(1) {
-            let mut seen = std::collections::HashSet::new();
-            let mut kept = VecDeque::new();
-            for key in self.order.iter().rev() {
-                if seen.insert(key.clone()) {
-                    kept.push_front(key.clone());
-                }
-            }
-            self.order = kept;
+            self.compact_order();
         }
+    }
+
+    /// Each key once, at its last place.
+    fn compact_order(&mut self) {
+        let mut seen = std::collections::HashSet::new();
+        let mut kept = VecDeque::new();
+        for key in self.order.iter().rev() {
+            if seen.insert(key.clone()) {
+                kept.push_front(key.clone());
+            }
+        }
+        self.order = kept;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[test]
     fn links_survive_a_reopen_a_torn_tail_is_cut_and_the_oldest_go_past_the_bound() {
@@ -206,7 +155,7 @@ mod tests {
         drop(links);
         // A torn record at the end: cut, the rest kept.
         let path = dir.path().join(FILE);
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&[40, 0, 0, 0, 1, 2]).unwrap();
         drop(f);
         let links = Links::open_with(dir.path(), 3).unwrap();
@@ -215,7 +164,7 @@ mod tests {
         for i in 0..10 {
             links.put("962302", &format!("44444444444444{i}"), "79001234560").unwrap();
         }
-        let records = log::records(&std::fs::read(&path).unwrap()).0.len();
+        let records = super::super::log::records(&std::fs::read(&path).unwrap()).0.len();
         assert!(records <= 6, "{records} records after the rewrites");
         drop(links);
         let links = Links::open_with(dir.path(), 3).unwrap();

@@ -34,11 +34,13 @@ mod ids;
 mod links;
 mod log;
 mod quarantine;
+mod recfile;
 mod records;
 mod recover;
 mod rhythms;
 mod sizes;
 mod snapshot;
+mod takeover;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -290,6 +292,7 @@ pub(crate) struct Memory {
 
 pub use quarantine::Held;
 pub use rhythms::{SavedLearning, SavedRhythm};
+pub use takeover::{Paused, StaffMessage, Takeover};
 
 pub(crate) struct Shared {
     memory: Mutex<Memory>,
@@ -464,6 +467,7 @@ struct Inner {
     ids: Arc<ids::Ids>,
     links: Arc<links::Links>,
     quarantine: Arc<quarantine::Quarantine>,
+    takeovers: Arc<takeover::Takeovers>,
     recovered: Mutex<Option<Recovered>>,
     /// The last count of `tree_sizes`, for the metrics.
     sizes: Mutex<sizes::Counted>,
@@ -820,6 +824,44 @@ impl Store {
     /// How many deliveries are held.
     pub fn quarantine_len(&self) -> usize {
         self.inner.quarantine.len()
+    }
+
+    /// A conversation's takeover: paused or not, and what staff wrote.
+    pub fn takeover(&self, conv: &Conv) -> Takeover {
+        self.inner.takeovers.get(conv)
+    }
+
+    /// Whether staff have taken the conversation over (replies are held).
+    pub fn is_paused(&self, conv: &Conv) -> bool {
+        self.inner.takeovers.is_paused(conv)
+    }
+
+    /// Every paused conversation, the longest paused first.
+    pub fn paused(&self) -> Vec<(Conv, Paused)> {
+        self.inner.takeovers.paused()
+    }
+
+    /// Pauses (or re-times the pause of) a conversation; synced when it returns.
+    pub async fn pause(&self, conv: &Conv, paused: Paused) -> Result<Takeover, StoreError> {
+        let (t, conv) = (self.inner.takeovers.clone(), conv.clone());
+        blocking(move || t.pause(&conv, paused)).await
+    }
+
+    /// Keeps a staff message (once per id); synced when it returns.
+    pub async fn staff_message(&self, conv: &Conv, message: StaffMessage) -> Result<Takeover, StoreError> {
+        let (t, conv) = (self.inner.takeovers.clone(), conv.clone());
+        blocking(move || t.staff(&conv, message)).await
+    }
+
+    pub async fn resume(&self, conv: &Conv) -> Result<Takeover, StoreError> {
+        let (t, conv) = (self.inner.takeovers.clone(), conv.clone());
+        blocking(move || t.resume(&conv)).await
+    }
+
+    /// A turn's handler saw the staff messages up to `up_to_ms`.
+    pub async fn staff_delivered(&self, conv: &Conv, up_to_ms: u64) -> Result<(), StoreError> {
+        let (t, conv) = (self.inner.takeovers.clone(), conv.clone());
+        blocking(move || t.delivered(&conv, up_to_ms)).await.map(drop)
     }
 
     /// What the adaptive policy saved (see `rhythms.rs`).

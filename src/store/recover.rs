@@ -55,6 +55,7 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
     let ids = Arc::new(super::ids::Ids::open(dir, id_floor.max(db.generate_id()? + id_floor))?);
     let links = Arc::new(super::links::Links::open(dir)?);
     let quarantine = Arc::new(super::quarantine::Quarantine::open(dir)?);
+    let takeovers = Arc::new(super::takeover::Takeovers::open(dir)?);
     migrate_first_layout(dir, &db_dir, &db, &trees, &ids)?;
 
     // Whatever sled recovered (possibly from the page cache after a kill)
@@ -175,6 +176,7 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
             ids,
             links,
             quarantine,
+            takeovers,
             recovered: Mutex::new(Some(recovered)),
             sizes: Mutex::new(None),
             threads: Mutex::new(vec![thread]),

@@ -92,6 +92,10 @@ impl Driver {
                 .collect();
             driver.schedule.batcher_mut().seed(Learned { gaps: saved.gaps, resumes: saved.resumes, convs });
         }
+        // Conversations staff took over stay so, with the same resume times.
+        for (conv, paused) in driver.store.paused() {
+            driver.schedule.pause(conv, paused.resume_at_ms.map(instant_of));
+        }
         for turn in recovery.open_turns {
             driver.schedule.queue(turn.conv.clone(), Work::Resume(Box::new(turn)));
         }
@@ -113,6 +117,7 @@ impl Driver {
         loop {
             self.schedule.tick(now());
             self.note_cuts();
+            self.record_resumed();
             self.start_ready();
             let deadline = self.schedule.next_deadline();
             let sleep = async {
@@ -181,6 +186,15 @@ impl Driver {
                     self.restart(&conv, "the client is typing again while the turn runs");
                 }
             }
+            Event::Takeover { conv, resume_at_ms } => {
+                info!(conv = %conv.masked(), resume_in_s = resume_at_ms.map(|at| at.saturating_sub(unix_ms()) / 1000), "staff took the conversation over: no turn starts until it resumes");
+                self.schedule.pause(conv, resume_at_ms.map(instant_of));
+            }
+            Event::Resume { conv } => {
+                if self.schedule.resume(&conv, now()) {
+                    info!(conv = %conv.masked(), "the assistant takes the conversation back");
+                }
+            }
         }
     }
 
@@ -210,6 +224,21 @@ impl Driver {
         if let Some(turn) = self.restarts.get(conv) {
             info!(conv = %conv.masked(), why, "restarting the turn with every message");
             turn.cancel();
+        }
+    }
+
+    /// Writes down the takeovers the timers ended (off this task; a crash
+    /// before it leaves the pause on disk, past its time: it ends again at
+    /// the next start).
+    fn record_resumed(&mut self) {
+        for conv in self.schedule.take_resumed() {
+            info!(conv = %conv.masked(), "staff silent long enough: the assistant takes the conversation back");
+            let store = self.store.clone();
+            self.turns_on.spawn(async move {
+                if let Err(e) = store.resume(&conv).await {
+                    warn!(conv = %conv.masked(), error = %e, "could not record the end of a takeover");
+                }
+            });
         }
     }
 
@@ -341,7 +370,20 @@ impl Driver {
                 .collect(),
             waiting_total: self.schedule.gate().waiting().count(),
             running: self.schedule.gate().in_flight(),
+            paused: self.holds(),
         }
+    }
+
+    fn holds(&self) -> Vec<super::Hold> {
+        self.schedule
+            .paused()
+            .map(|(conv, resume_at, messages, since)| super::Hold {
+                conv: conv.clone(),
+                resume_at,
+                messages,
+                since,
+            })
+            .collect()
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -362,7 +404,18 @@ impl Driver {
                 })
                 .collect(),
             running: self.schedule.gate().running().cloned().collect(),
+            paused: self.holds(),
         }
+    }
+}
+
+/// The driver's instant for a wall-clock time (Unix ms), in the past or future.
+fn instant_of(at_ms: u64) -> Instant {
+    let (now, now_ms) = (now(), unix_ms());
+    if at_ms >= now_ms {
+        now + Duration::from_millis(at_ms - now_ms)
+    } else {
+        now.checked_sub(Duration::from_millis(now_ms - at_ms)).unwrap_or(now)
     }
 }
 

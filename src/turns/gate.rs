@@ -109,6 +109,18 @@ impl<K: Clone + Eq + Hash, W: Merge> Gate<K, W> {
         }
     }
 
+    /// Takes out the waiting work of `key` that `pred` picks, in order.
+    pub fn take_waiting(&mut self, key: &K, pred: impl Fn(&W) -> bool) -> Vec<W> {
+        let Some(queue) = self.waiting.get_mut(key) else { return Vec::new() };
+        let (taken, kept): (Vec<W>, Vec<W>) = queue.drain(..).partition(|w| pred(w));
+        queue.extend(kept);
+        if queue.is_empty() {
+            self.waiting.remove(key);
+            self.ready.retain(|k| k != key);
+        }
+        taken
+    }
+
     /// Whether `key` has waiting work that `pred` picks.
     pub fn has_waiting(&self, key: &K, pred: impl Fn(&W) -> bool) -> bool {
         self.waiting.get(key).is_some_and(|q| q.iter().any(pred))

@@ -221,6 +221,16 @@ pub(crate) enum Event {
         conv: Conv,
         job: ContextJob,
     },
+    /// Staff took the conversation over (or wrote again): paused until
+    /// `resume_at_ms` (Unix ms; `None`: until resumed).
+    Takeover {
+        conv: Conv,
+        resume_at_ms: Option<u64>,
+    },
+    /// The assistant takes the conversation back now.
+    Resume {
+        conv: Conv,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,6 +250,19 @@ pub struct Snapshot {
     /// Cut, waiting for the conversation's running turn or a free slot.
     pub waiting: Vec<(Conv, Vec<u64>)>,
     pub running: Vec<Conv>,
+    /// Conversations staff took over.
+    pub paused: Vec<Hold>,
+}
+
+/// A conversation staff took over, as the driver holds it.
+#[derive(Debug, Clone)]
+pub struct Hold {
+    pub conv: Conv,
+    pub resume_at: Option<Instant>,
+    /// Client messages cut and held meanwhile.
+    pub messages: usize,
+    /// When the oldest of them came (about).
+    pub since: Option<Instant>,
 }
 
 /// What the console shows of the driver's memory: one page of the pending
@@ -256,6 +279,7 @@ pub struct View {
     pub waiting: Vec<(Conv, usize, &'static str)>,
     pub waiting_total: usize,
     pub running: usize,
+    pub paused: Vec<Hold>,
 }
 
 /// Waiting work listed in a `View` (the rest is counted).
@@ -292,6 +316,16 @@ impl DriverHandle {
             return ContextOutcome::Failed("shutting down".into());
         }
         rx.await.unwrap_or(ContextOutcome::Failed("shutting down".into()))
+    }
+
+    /// Staff took `conv` over; no turn of it starts until `resume_at_ms`.
+    pub fn takeover(&self, conv: Conv, resume_at_ms: Option<u64>) {
+        let _ = self.tx.send(Event::Takeover { conv, resume_at_ms });
+    }
+
+    /// The assistant takes `conv` back: what waited becomes a turn.
+    pub fn resume(&self, conv: Conv) {
+        let _ = self.tx.send(Event::Resume { conv });
     }
 
     /// A client's presence: moves its pending batch's cut (adaptive policy only).

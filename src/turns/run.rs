@@ -180,7 +180,10 @@ impl Runner {
             Ok(None) => (None, None),
             Err(e) => return Self::failed(turn, "reading the context", e),
         };
-        let request = TurnRequest::new(&turn.turn_id, &turn.conv, &turn.messages, dialogue, cache);
+        // What staff wrote since the conversation's last turn (a takeover).
+        let staff = self.store.takeover(&turn.conv).undelivered();
+        let staff_up_to = staff.iter().map(|m| m.at_ms).max();
+        let request = TurnRequest::new(&turn.turn_id, &turn.conv, &turn.messages, dialogue, cache, &staff);
         let last_id = turn.messages.last().map(|m| m.id.clone()).unwrap_or_default();
         self.typing(&turn.conv, &last_id, true);
         let mut this_run = 0;
@@ -221,7 +224,15 @@ impl Runner {
                     );
                     self.typing(&turn.conv, &last_id, false);
                     let timing = Timing { waited, handler: call.elapsed(), started };
-                    return self.commit(turn, answer, started_at_ms, timing).await;
+                    let (conv, outcome) =
+                        (turn.conv.clone(), self.commit(turn, answer, started_at_ms, timing).await);
+                    if let (Some(up_to), Outcome::Done) = (staff_up_to, &outcome) {
+                        // The next turn does not see them again.
+                        if let Err(e) = self.store.staff_delivered(&conv, up_to).await {
+                            warn!(error = %e, "could not note the staff messages as seen; the next turn sees them again");
+                        }
+                    }
+                    return outcome;
                 }
                 Err(e) if this_run >= self.max_attempts => {
                     inc(&self.metrics.handler_errors);

@@ -37,6 +37,18 @@ pub struct Schedule {
     superseded: HashMap<Conv, Vec<String>>,
     /// Batches cut since the last `take_cuts`, for the driver's metrics.
     cuts: Vec<Cut<Conv>>,
+    /// Conversations staff took over: their cut batches are held here (no
+    /// turn starts) until they resume — at `resume_at`, or by hand.
+    paused: HashMap<Conv, Hold>,
+    /// Conversations the timers resumed since the last `take_resumed`.
+    resumed: Vec<Conv>,
+}
+
+#[derive(Debug, Default)]
+struct Hold {
+    resume_at: Option<Instant>,
+    seqs: Vec<u64>,
+    since: Option<Instant>,
 }
 
 /// What became of work that ended, for the driver's log and metrics.
@@ -60,7 +72,60 @@ impl Schedule {
             restartable: HashSet::new(),
             superseded: HashMap::new(),
             cuts: Vec::new(),
+            paused: HashMap::new(),
+            resumed: Vec::new(),
         }
+    }
+
+    /// Staff took `conv` over (or wrote again): no turn of it starts until
+    /// `resume_at` (`None`: until resumed by hand). Batches already cut and
+    /// waiting are held with what comes; a turn running finishes.
+    pub fn pause(&mut self, conv: Conv, resume_at: Option<Instant>) {
+        let waiting = self.gate.take_waiting(&conv, |w| matches!(w, Work::Fresh { .. }));
+        let hold = self.paused.entry(conv).or_default();
+        hold.resume_at = resume_at;
+        for work in waiting {
+            if let Work::Fresh { seqs, cut_at, .. } = work {
+                hold.since = Some(hold.since.map_or(cut_at, |s| s.min(cut_at)));
+                hold.seqs.extend(seqs);
+            }
+        }
+    }
+
+    /// The assistant takes `conv` back: what waited becomes one turn, with
+    /// every message (however many), at once. False if it was not paused.
+    pub fn resume(&mut self, conv: &Conv, now: Instant) -> bool {
+        let Some(mut hold) = self.paused.remove(conv) else { return false };
+        // A batch still collecting joins it: the client's messages of the pause, together.
+        if let Some(cut) = self.batcher.cut_now(conv) {
+            hold.seqs.extend(cut.seqs);
+        }
+        if !hold.seqs.is_empty() {
+            hold.seqs.sort_unstable();
+            hold.seqs.dedup();
+            let work = Work::Fresh {
+                max_messages: hold.seqs.len().max(self.max_messages),
+                supersedes: self.superseded.remove(conv).unwrap_or_default(),
+                seqs: hold.seqs,
+                reason: CutReason::Resumed,
+                deadline: now,
+                cut_at: now,
+            };
+            self.gate.offer(conv.clone(), work);
+        }
+        true
+    }
+
+    /// Paused conversations: when each resumes, messages held, since when
+    /// the oldest of them waits.
+    pub fn paused(&self) -> impl Iterator<Item = (&Conv, Option<Instant>, usize, Option<Instant>)> {
+        self.paused.iter().map(|(c, h)| (c, h.resume_at, h.seqs.len(), h.since))
+    }
+
+    /// The conversations the timers resumed since the last call (the driver
+    /// records it on disk).
+    pub fn take_resumed(&mut self) -> Vec<Conv> {
+        std::mem::take(&mut self.resumed)
     }
 
     pub fn batcher(&self) -> &Batcher<Conv> {
@@ -86,7 +151,9 @@ impl Schedule {
         complete: bool,
         immediate: bool,
     ) -> Option<Conv> {
-        let restart = self.restartable.remove(&conv).then(|| conv.clone());
+        // A turn of a conversation staff took over is left to finish.
+        let restart =
+            (!self.paused.contains_key(&conv) && self.restartable.remove(&conv)).then(|| conv.clone());
         if let Some(cut) = self.batcher.push_message(conv.clone(), seq, at, complete) {
             self.offer(cut, at);
         } else if immediate {
@@ -103,7 +170,8 @@ impl Schedule {
     pub fn presence(&mut self, conv: &Conv, presence: Presence, at: Instant) -> Option<Conv> {
         self.batcher.presence(conv, presence, at);
         // Only the adaptive policy holds a batch for typing.
-        let listens = matches!(self.batcher.rules().policy, crate::batcher::Policy::Adaptive(_));
+        let listens = matches!(self.batcher.rules().policy, crate::batcher::Policy::Adaptive(_))
+            && !self.paused.contains_key(conv);
         (listens && presence == Presence::Typing && self.restartable.remove(conv)).then(|| conv.clone())
     }
 
@@ -117,6 +185,16 @@ impl Schedule {
     pub fn tick(&mut self, now: Instant) {
         for cut in self.batcher.due(now) {
             self.offer(cut, now);
+        }
+        let due: Vec<Conv> = self
+            .paused
+            .iter()
+            .filter(|(_, h)| h.resume_at.is_some_and(|at| at <= now))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for conv in due {
+            self.resume(&conv, now);
+            self.resumed.push(conv);
         }
         self.gate.wake(now);
     }
@@ -166,6 +244,11 @@ impl Schedule {
             max_messages: self.max_messages,
             supersedes,
         };
+        if let Some(hold) = self.paused.get_mut(&conv) {
+            hold.seqs.extend(seqs);
+            self.superseded.entry(conv).or_default().push(turn_id);
+            return;
+        }
         if self.gate.has_waiting(&conv, |w| matches!(w, Work::Fresh { .. })) {
             let supersedes = self.superseded.remove(&conv).unwrap_or_default();
             let work = work(seqs, [supersedes, vec![turn_id]].concat());
@@ -187,6 +270,13 @@ impl Schedule {
     }
 
     fn offer(&mut self, cut: Cut<Conv>, now: Instant) {
+        if let Some(hold) = self.paused.get_mut(&cut.key) {
+            let first = cut.last_at.min(cut.deadline);
+            hold.since = Some(hold.since.map_or(first, |s| s.min(first)));
+            hold.seqs.extend(cut.seqs.iter().copied());
+            self.cuts.push(cut);
+            return;
+        }
         let work = Work::Fresh {
             supersedes: self.superseded.remove(&cut.key).unwrap_or_default(),
             seqs: cut.seqs.clone(),
@@ -206,7 +296,8 @@ impl Schedule {
 
     /// When something is next due: a batch's cut or a backoff's end.
     pub fn next_deadline(&self) -> Option<Instant> {
-        [self.batcher.next_deadline(), self.gate.next_deadline()].into_iter().flatten().min()
+        let resume = self.paused.values().filter_map(|h| h.resume_at).min();
+        [self.batcher.next_deadline(), self.gate.next_deadline(), resume].into_iter().flatten().min()
     }
 }
 

@@ -536,3 +536,55 @@ async fn a_reconnecting_console_gets_the_turns_it_missed_and_a_new_one_everythin
         }
     }
 }
+
+#[tokio::test]
+async fn a_conversation_staff_took_over_shows_its_resume_countdown_and_resume_starts_its_turn() {
+    let Some(browser) = Browser::start("the console takeover test").await else { return };
+    let handler = TestHandler::start(Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::free();
+    let env = binary_env(ports, &dir.path().join("data"), Some(&handler.url));
+    let _daemon = Spawned(spawn_binary(&env, &dir.path().join("daemon.log")));
+    let client = reqwest::Client::new();
+    let (base, admin) = (ports.base(), ports.admin_base());
+    wait_ready(&client, &base).await;
+    let phone = "79001234507";
+    let r = client
+        .post(format!("{admin}/api/conversations/{phone}/pause"))
+        .json(&json!({"minutes": 30}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    // Its client writes: stored, cut at once, held — no turn.
+    send_now(&client, &base, "t1", phone, "Можно перенести запись?").await;
+    browser.goto(&format!("{admin}/ui")).await;
+    let row = "const r = document.querySelector(\"#takeover tbody tr[data-phone='79001234507']\");
+        return r && r.cells[5].textContent === '1' ? [r.cells[2].textContent, r.cells[4].textContent] : null";
+    let first = browser.wait_for("the paused conversation", Duration::from_secs(15), row).await;
+    assert_eq!(first[0], "api", "{first}");
+    let countdown = |v: &Value| -> u64 {
+        let t = v[1].as_str().unwrap();
+        let (m, s) = t.strip_suffix(" s").unwrap().split_once(" min ").unwrap_or_else(|| panic!("{t}"));
+        m.parse::<u64>().unwrap() * 60 + s.parse::<u64>().unwrap()
+    };
+    assert!((28 * 60..=30 * 60).contains(&countdown(&first)), "{first}");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let second = browser.script(row).await;
+    assert!(countdown(&second) < countdown(&first), "the countdown moves: {first} then {second}");
+    assert!(handler.calls().is_empty(), "no turn while paused");
+    browser.click("#takeover button.resume[data-phone='79001234507']").await;
+    browser
+        .wait_for(
+            "the resumed turn",
+            Duration::from_secs(15),
+            "const r = [...document.querySelectorAll('#recent tbody tr[data-turn]')]
+                .find(r => r.querySelector('.phone').textContent === '7900*****07');
+            return r && !document.querySelector(\"#takeover tbody tr[data-phone='79001234507']\") ? r.cells[3].textContent : null",
+        )
+        .await;
+    let calls = handler.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].ids, ["t1"]);
+    browser.quit().await;
+}

@@ -114,6 +114,7 @@ async fn waha_events_are_verified_and_only_client_messages_are_stored() {
     let mut c = config(dir.path());
     c.waha.hmac_key = "waha-key".into();
     c.waha.sessions = HashMap::from([("lotos".into(), "962302".into())]);
+    c.takeover.enabled = false;
     let d = Daemon::start(c).await;
     let event = |id: &str, from_me: bool| {
         serde_json::to_vec(&json!({"event": "message", "session": "lotos", "engine": "WEBJS", "payload": {
@@ -140,6 +141,7 @@ async fn waha_events_are_verified_and_only_client_messages_are_stored() {
         (200, json!({"status": "accepted"}))
     );
     assert_eq!(post_raw(&d, "/webhook/waha", &body, &signed(&body)).await.1["status"], "duplicate");
+    // The salon's side (takeover is off here: `takeover.rs` has it on).
     let mine = event("true_79001234567@c.us_3EB0BBB", true);
     assert_eq!(post_raw(&d, "/webhook/waha", &mine, &signed(&mine)).await.1["status"], "ignored");
 
@@ -403,6 +405,7 @@ async fn evolution_api_events_in_and_replies_out_through_send_text() {
     c.evolution.instances = HashMap::from([("lotos".into(), "962302".into())]);
     c.ingest.webhook_token = WEBHOOK_TOKEN.into();
     c.batching.debounce_ms = 1_000;
+    c.takeover.enabled = false;
     let d = Daemon::start(c).await;
     let jid = "79001234567@s.whatsapp.net";
     let key = "evolution-instance-key";
@@ -417,6 +420,7 @@ async fn evolution_api_events_in_and_replies_out_through_send_text() {
     let caption =
         evolution_upsert(jid, false, "EV2", json!({"imageMessage": {"caption": "вот такую стрижку"}}), key);
     assert_eq!(post_raw(&d, "/webhook/evolution", &caption, &[]).await.1["status"], "accepted");
+    // The salon's side (takeover is off here: `takeover.rs` has it on).
     let mine = evolution_upsert(jid, true, "EV3", json!({"conversation": "Записали вас"}), key);
     assert_eq!(post_raw(&d, "/webhook/evolution", &mine, &[]).await.1["status"], "ignored");
     let group =

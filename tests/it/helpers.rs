@@ -207,6 +207,8 @@ pub struct Call {
     pub ended: Option<Instant>,
     /// Answered 200 with a reply (not failed, not left hanging by chaos).
     pub answered: bool,
+    /// Both sides of a takeover, when the request carried them.
+    pub transcript: Value,
 }
 
 /// Chaos for the recording handler: shares of calls that fail or hang.
@@ -328,6 +330,7 @@ async fn answer(
                 .map(|v| v.to_str().unwrap().to_owned())
                 .unwrap_or_default(),
             phone: phone.clone(),
+            transcript: req["transcript"].clone(),
             ids: req["messages"]
                 .as_array()
                 .unwrap()

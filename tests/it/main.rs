@@ -24,6 +24,7 @@ mod senders;
 mod replay;
 mod reply_cap;
 mod systemd;
+mod takeover;
 mod lifecycle;
 mod limits;
 mod litellm;
