@@ -287,6 +287,12 @@ pub struct MetaConfig {
     /// Take unsigned deliveries even with a real gateway or handler (warned
     /// about at every start).
     pub allow_unauthenticated: bool,
+    /// An approved template sent, once, when a reply cannot go because the
+    /// 24-hour window closed (code 131047); the reply then waits for the
+    /// client's answer. Empty: none (the reply is parked `outside_window`).
+    pub reengagement_template: String,
+    /// The template's language code (e.g. "ru").
+    pub reengagement_language: String,
 }
 
 impl MetaConfig {
@@ -393,8 +399,19 @@ pub struct GatewayConfig {
     /// turnstile_replies_rate_limited_total.
     pub max_replies_per_conversation_per_hour: u32,
     /// Reply pieces given up (or parked by the cap) are kept this long for
-    /// `GET /api/outbox`, then removed.
+    /// `GET /api/outbox`, then removed; receipts too.
     pub failed_retention_days: u64,
+    /// meta: a reply is sent only within this many hours of the client's
+    /// last message (by its own timestamp); past it the piece is parked
+    /// `outside_window` without an attempt. 0: no window. Other gateways
+    /// have no such rule.
+    pub window_hours: u64,
+    /// While a turn's handler runs, show typing again this often (Meta shows
+    /// it at most 25 s; WAHA's fades). 0: once.
+    pub typing_refresh_ms: u64,
+    /// Mark the client's messages read when their turn starts (Meta's read
+    /// call, WAHA sendSeen, Evolution markMessageAsRead).
+    pub mark_read: bool,
 }
 
 /// The `openai` handler: any OpenAI-compatible chat completions API.

@@ -44,6 +44,36 @@ pub enum GatewayError {
     Connect(String),
     #[error("no route for company {0}: set [meta] companies or gateway.phone_number_id")]
     NoRoute(String),
+    /// WhatsApp refused the message with an error code (Meta's
+    /// `error.code`): `refusal_of` says whether trying again can help.
+    #[error("WhatsApp refused it (HTTP {status}, code {code}): {title}")]
+    Refused { status: u16, code: i64, title: String },
+}
+
+/// What WhatsApp's refusal (an error code, from a send's answer or a
+/// `failed` receipt) means for a reply piece.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Pacing, a rate limit, a temporary fault: back into the outbox, later.
+    Retry,
+    /// More than 24 h since the client last wrote: only a template reopens
+    /// the chat (Meta 131047).
+    OutsideWindow,
+    /// The number cannot receive it (not on WhatsApp, blocked, restricted).
+    Undeliverable,
+}
+
+/// Meta's error codes (Cloud API reference): 131047 the 24-hour window;
+/// 131026 undeliverable, 131021 recipient is the sender, 131030 not an
+/// allowed test number, 131031 account locked, 131050 marketing stopped,
+/// 130497 country restricted; everything else (131049 and 131056 pacing,
+/// 130429 rate limit, 131000 and 131016 temporary) is tried again.
+pub fn refusal_of(code: Option<i64>) -> Refusal {
+    match code {
+        Some(131047) => Refusal::OutsideWindow,
+        Some(131026 | 131021 | 131030 | 131031 | 131050 | 130497) => Refusal::Undeliverable,
+        _ => Refusal::Retry,
+    }
 }
 
 pub struct Gateway {
@@ -62,6 +92,10 @@ pub struct Gateway {
     default_number: String,
     /// What this daemon sent, to tell a gateway's echo of it from staff.
     sent: Arc<Sent>,
+    typing_refresh: Duration,
+    mark_read: bool,
+    /// Meta: the re-engagement template (name, language), if any.
+    template: Option<(String, String)>,
 }
 
 impl Gateway {
@@ -81,6 +115,66 @@ impl Gateway {
             default_session: c.gateway.session.clone(),
             default_number: c.gateway.phone_number_id.clone(),
             sent: Arc::default(),
+            typing_refresh: Duration::from_millis(c.gateway.typing_refresh_ms),
+            mark_read: c.gateway.mark_read,
+            template: (!c.meta.reengagement_template.is_empty())
+                .then(|| (c.meta.reengagement_template.clone(), c.meta.reengagement_language.clone())),
+        }
+    }
+
+    pub fn kind(&self) -> GatewayKind {
+        self.kind
+    }
+
+    /// How often typing is shown again while a handler runs (zero: once).
+    pub fn typing_refresh(&self) -> Duration {
+        self.typing_refresh
+    }
+
+    pub fn has_template(&self) -> bool {
+        self.template.is_some()
+    }
+
+    /// Meta: the re-engagement template, to a client whose window closed.
+    pub async fn send_template(&self, conv: &Conv) -> Result<Option<String>, GatewayError> {
+        let Some((name, language)) = &self.template else { return Ok(None) };
+        let request = self.meta(&conv.company_id)?.json(&json!({
+            "messaging_product": "whatsapp",
+            "recipient_type": "individual",
+            "to": conv.phone,
+            "type": "template",
+            "template": {"name": name, "language": {"code": language}},
+        }));
+        let answer = self.execute_reading(request).await?;
+        Ok(sent_id(&answer))
+    }
+
+    /// Best effort, when a turn starts: the client's messages are read.
+    /// (Meta's read call rides with the typing indicator, `typing`.)
+    pub async fn mark_read(&self, conv: &Conv, last_message_id: &str) {
+        if !self.mark_read || last_message_id.is_empty() {
+            return;
+        }
+        let request = match self.kind {
+            GatewayKind::Waha => self.waha("sendSeen", &conv.company_id).json(&json!({
+                "session": self.session_for(&conv.company_id),
+                "chatId": conv.jid("c.us"),
+            })),
+            GatewayKind::Evolution => {
+                let instance = self.instances.get(&conv.company_id).unwrap_or(&self.default_session);
+                self.client
+                    .post(format!("{}/chat/markMessageAsRead/{instance}", self.url))
+                    .header("apikey", &self.api_key)
+                    .json(&json!({"readMessages": [{"remoteJid": conv.jid("s.whatsapp.net"), "fromMe": false, "id": short_id(last_message_id)}]}))
+            }
+            GatewayKind::Meta if !self.typing => match self.meta(&conv.company_id) {
+                Ok(r) => r.json(&json!({"messaging_product": "whatsapp", "status": "read", "message_id": last_message_id})),
+                Err(_) => return,
+            },
+            _ => return,
+        };
+        if let Err(e) = self.execute(request).await {
+            tracing::debug!(conv = %conv.masked(), error = %e, "messages not marked read");
         }
     }
 
@@ -140,7 +234,7 @@ impl Gateway {
 
     /// Whether `typing` does anything: enabled, and a gateway that has it.
     pub fn shows_typing(&self) -> bool {
-        self.typing && matches!(self.kind, GatewayKind::Waha | GatewayKind::Meta)
+        self.typing && matches!(self.kind, GatewayKind::Waha | GatewayKind::Meta | GatewayKind::Evolution)
     }
 
     /// Best effort: show (or stop showing) that the assistant is answering.
@@ -156,6 +250,28 @@ impl Gateway {
                     "session": self.session_for(&conv.company_id),
                     "chatId": conv.jid("c.us"),
                 }))
+            }
+            // Evolution holds the call for `delay` ms of "composing", then
+            // says "paused" itself (`sendPresence`): that "paused" must come
+            // before the next refresh's "composing", not after it (a blink
+            // of a second), and "off" is a "paused" with no delay.
+            (GatewayKind::Evolution, _) => {
+                let instance = self.instances.get(&conv.company_id).unwrap_or(&self.default_session);
+                let refresh = self.typing_refresh.as_millis() as u64;
+                let (presence, delay) = if on {
+                    ("composing", refresh.saturating_sub(1000.min(refresh / 10)))
+                } else {
+                    ("paused", 0)
+                };
+                let r = self
+                    .client
+                    .post(format!("{}/chat/sendPresence/{instance}", self.url))
+                    .header("apikey", &self.api_key)
+                    .json(&json!({"number": conv.phone, "presence": presence, "delay": delay}));
+                if let Err(e) = self.execute_within(r, self.timeout + Duration::from_millis(delay)).await {
+                    tracing::debug!(conv = %conv.masked(), error = %e, "typing indicator not shown");
+                }
+                return;
             }
             // Meta shows typing until the reply is sent (or 25 s pass).
             (GatewayKind::Meta, true) => match self.meta(&conv.company_id) {
@@ -217,22 +333,39 @@ impl Gateway {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<serde_json::Value, GatewayError> {
-        let sent = request.timeout(self.timeout).send().await.map_err(|e| self.classify(e))?;
+        self.execute_within(request, self.timeout).await
+    }
+
+    /// `execute_reading` with a deadline of its own.
+    async fn execute_within(
+        &self,
+        request: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, GatewayError> {
+        let sent = request.timeout(timeout).send().await.map_err(|e| classify(e, timeout))?;
         let status = sent.status();
         if status.is_success() {
             let body = sent.bytes().await.unwrap_or_default();
             return Ok(serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null));
         }
         let body = sent.text().await.unwrap_or_default();
+        // Meta says why in `error.code`, `error.error_data.details`, `error.message`.
+        let parsed: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if let Some(code) = parsed["error"]["code"].as_i64() {
+            let e = &parsed["error"];
+            let title =
+                e["error_data"]["details"].as_str().or(e["message"].as_str()).unwrap_or("").to_owned();
+            return Err(GatewayError::Refused { status: status.as_u16(), code, title });
+        }
         Err(GatewayError::Status { status: status.as_u16(), body: body.chars().take(200).collect() })
     }
+}
 
-    fn classify(&self, e: reqwest::Error) -> GatewayError {
-        if e.is_timeout() {
-            GatewayError::Timeout(self.timeout)
-        } else {
-            GatewayError::Connect(e.to_string())
-        }
+fn classify(e: reqwest::Error, timeout: Duration) -> GatewayError {
+    if e.is_timeout() {
+        GatewayError::Timeout(timeout)
+    } else {
+        GatewayError::Connect(e.to_string())
     }
 }
 

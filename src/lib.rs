@@ -11,6 +11,7 @@ pub mod message; // what a message and a conversation (company, phone) are
 pub mod ingest; // webhook payloads (generic, Meta, WAHA) -> messages on disk -> batcher
 pub mod store; // the only module that names sled: inbox, dedup, turns, contexts
 pub mod batcher; // sans-IO debounce: when a phone's pending messages become a turn
+pub mod delivery; // receipts, failures after sending, the 24-hour window
 pub mod takeover; // who answers a conversation: the assistant, or staff who took it over
 pub mod turns; // the turn gate, the schedule (batcher + gate + restarts), the driver task, one turn
 pub mod handler; // who answers a turn: echo or an HTTP service, with retries

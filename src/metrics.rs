@@ -62,6 +62,10 @@ const IDLE: &[f64] = &[0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 12
 const SIZE: &[f64] = &[1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 20.0, 50.0];
 
 /// What the pipeline counts as it goes.
+/// Distinct `code` labels of `turnstile_delivery_failures_total`; the rest
+/// count as "other".
+const MAX_FAILURE_CODES: usize = 40;
+
 pub struct Metrics {
     /// (endpoint, status, reason) → requests.
     webhooks: Mutex<BTreeMap<(String, u16, &'static str), u64>>,
@@ -94,6 +98,12 @@ pub struct Metrics {
     pub replies_suppressed: AtomicU64,
     /// Takeovers started, per signal (waha, evolution, meta, api).
     takeovers: Mutex<BTreeMap<String, u64>>,
+    /// Receipts taken, by state (and `unknown`: not one of ours).
+    receipts: Mutex<BTreeMap<&'static str, u64>>,
+    /// Replies WhatsApp refused, by error code (`none` when it gave none).
+    delivery_failures: Mutex<BTreeMap<String, u64>>,
+    /// From a reply's send to its delivery receipt, seconds.
+    pub reply_delivery: Histogram,
 }
 
 impl Default for Metrics {
@@ -120,6 +130,16 @@ impl Default for Metrics {
             replies_rate_limited: AtomicU64::new(0),
             replies_suppressed: AtomicU64::new(0),
             takeovers: Mutex::default(),
+            receipts: Mutex::default(),
+            // The codes an operator watches for exist from the start, at 0
+            // (Prometheus sees their first increase).
+            delivery_failures: Mutex::new(
+                ["131047", "131026", "131049", "131056", "none"]
+                    .into_iter()
+                    .map(|c| (c.to_owned(), 0))
+                    .collect(),
+            ),
+            reply_delivery: Histogram::new(LATENCY),
         }
     }
 }
@@ -169,6 +189,9 @@ pub struct Gauges {
     pub last_sync_age_s: f64,
     /// Gateway deliveries held in the quarantine.
     pub quarantine_held: usize,
+    /// Reply pieces parked because the 24-hour window closed (waiting for
+    /// the client, or for good).
+    pub outbox_outside_window: usize,
     /// Conversations staff have taken over, and how long the oldest client
     /// message waits in one of them (0: none waits).
     pub paused_conversations: usize,
@@ -203,6 +226,20 @@ impl Metrics {
     pub fn webhooks_refused(&self, reason: &str) -> u64 {
         let w = self.webhooks.lock().expect("metrics lock");
         w.iter().filter(|((_, _, r), _)| *r == reason).map(|(_, n)| n).sum()
+    }
+
+    pub fn receipt(&self, state: &'static str) {
+        *self.receipts.lock().expect("metrics lock").entry(state).or_default() += 1;
+    }
+
+    pub fn delivery_failure(&self, code: Option<i64>) {
+        let mut codes = self.delivery_failures.lock().expect("metrics lock");
+        let mut code = code.map_or("none".to_owned(), |c| c.to_string());
+        // The label stays bounded whatever a gateway reports.
+        if !codes.contains_key(&code) && codes.len() >= MAX_FAILURE_CODES {
+            code = "other".to_owned();
+        }
+        *codes.entry(code).or_default() += 1;
     }
 
     /// Staff took a conversation over, by `signal`.
@@ -492,6 +529,32 @@ impl Metrics {
             let n = self.takeovers.lock().expect("metrics lock").get(signal).copied().unwrap_or(0);
             let _ = writeln!(out, "turnstile_takeovers_total{{signal=\"{signal}\"}} {n}");
         }
+        let _ = writeln!(
+            out,
+            "# HELP turnstile_receipts_total Delivery receipts taken, by state (unknown: for no message of ours).\n# TYPE turnstile_receipts_total counter"
+        );
+        for state in ["sent", "server", "delivered", "read", "played", "failed", "unknown"] {
+            let n = self.receipts.lock().expect("metrics lock").get(state).copied().unwrap_or(0);
+            let _ = writeln!(out, "turnstile_receipts_total{{state=\"{state}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP turnstile_delivery_failures_total Replies WhatsApp refused after the gateway took them, or at once, by error code.\n# TYPE turnstile_delivery_failures_total counter"
+        );
+        for (code, n) in self.delivery_failures.lock().expect("metrics lock").iter() {
+            let _ = writeln!(out, "turnstile_delivery_failures_total{{code=\"{code}\"}} {n}");
+        }
+        self.reply_delivery.render(
+            &mut out,
+            "turnstile_reply_delivery_seconds",
+            "From a reply's send to WhatsApp's delivery receipt.",
+        );
+        gauge(
+            &mut out,
+            "turnstile_outbox_outside_window",
+            "Reply pieces parked because more than the window passed since the client last wrote.",
+            g.outbox_outside_window as f64,
+        );
         counter(
             &mut out,
             "turnstile_replies_suppressed_total",

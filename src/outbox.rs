@@ -29,7 +29,8 @@ use tracing::{error, info, warn};
 
 use crate::clock::backoff;
 use crate::config::Config;
-use crate::gateway::{Delivery, Gateway};
+use crate::delivery::{self, Deliveries};
+use crate::gateway::{refusal_of, Delivery, Gateway, GatewayError, Refusal};
 use crate::message::{mask, Conv};
 use crate::metrics::{inc, Metrics};
 use crate::store::{OutboxItem, Store};
@@ -46,11 +47,20 @@ const CAP_WINDOW: Duration = Duration::from_secs(3600);
 /// parked piece is one given up without a single attempt — a failed send
 /// always counts one — so the state needs no field of its own on disk.
 pub fn state(item: &OutboxItem) -> &'static str {
-    match (item.failed, item.attempts) {
-        (false, _) => "pending",
-        (true, 0) if item.last_error.as_deref().is_some_and(|e| e.starts_with(SUPPRESSED)) => "suppressed",
-        (true, 0) => "rate_limited",
-        (true, _) => "failed",
+    if !item.failed {
+        return "pending";
+    }
+    let parked = [
+        (SUPPRESSED, "suppressed"),
+        (delivery::OUTSIDE_WINDOW, "outside_window"),
+        (delivery::AWAITING_CLIENT, "awaiting_client"),
+        (delivery::UNDELIVERABLE, "undeliverable"),
+    ];
+    let reason = item.last_error.as_deref().unwrap_or("");
+    match parked.iter().find(|(prefix, _)| reason.starts_with(prefix)) {
+        Some((_, state)) => state,
+        None if item.attempts == 0 => "rate_limited",
+        None => "failed",
     }
 }
 
@@ -60,6 +70,7 @@ const SUPPRESSED: &str = "suppressed:";
 pub struct Outbox {
     store: Store,
     gateway: Arc<Gateway>,
+    deliveries: Arc<Deliveries>,
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
     backoff: Duration,
@@ -73,14 +84,15 @@ impl Outbox {
         config: &Config,
         store: Store,
         gateway: Arc<Gateway>,
-        wake: Arc<Notify>,
+        deliveries: Arc<Deliveries>,
         metrics: Arc<Metrics>,
     ) -> Outbox {
         Outbox {
+            wake: store.outbox_ready(),
+            deliveries,
             store,
             metrics,
             gateway,
-            wake,
             backoff: Duration::from_millis(config.gateway.backoff_ms),
             backoff_max: Duration::from_millis(config.gateway.backoff_max_ms),
             max_attempts: config.gateway.max_attempts,
@@ -128,7 +140,19 @@ impl Outbox {
             if !taken.is_empty() {
                 self.suppress(&items, &taken).await;
             }
-            let capped: HashSet<Conv> = capped.union(&taken).cloned().collect();
+            // Meta's 24-hour window: a reply past it is refused, so it is
+            // never tried — parked, or a template asks the client back.
+            let now_ms = self.deliveries.now_ms();
+            self.reopen(&items, now_ms).await;
+            let closed: HashSet<Conv> = heads
+                .iter()
+                .filter(|i| !taken.contains(&i.conv) && !self.deliveries.window_open(&i.conv, now_ms))
+                .map(|i| i.conv.clone())
+                .collect();
+            for conv in &closed {
+                self.window_closed(&items, conv).await;
+            }
+            let capped: HashSet<Conv> = capped.union(&taken).chain(closed.iter()).cloned().collect();
             // The rest, unless backing off.
             let ready: Vec<OutboxItem> = heads
                 .into_iter()
@@ -166,13 +190,53 @@ impl Outbox {
                     tracing::info_span!("send", turn_id = %item.turn_id, phone = %mask(&item.conv.phone));
                 let _enter = span.enter();
                 let written = match result {
-                    Ok(_id) => {
+                    Ok(id) => {
                         inc(&self.metrics.replies_sent);
                         if item.part == 1 {
                             sent.entry(item.conv.clone()).or_default().push_back(Instant::now());
                         }
                         info!(part = item.part, parts = item.parts, "reply sent");
+                        if let Some(id) = id {
+                            self.metrics.receipt("sent");
+                            let receipt = crate::store::Receipt {
+                                id,
+                                conv: item.conv.clone(),
+                                turn_id: item.turn_id.clone(),
+                                part: item.part,
+                                parts: item.parts,
+                                seq: item.seq,
+                                text: item.text.clone(),
+                                attempts: item.attempts + 1,
+                                sent_at_ms: crate::message::unix_ms(),
+                                delivered_at_ms: None,
+                                read_at_ms: None,
+                                failed: None,
+                                state: crate::store::Delivery::Sent,
+                            };
+                            if let Err(e) = self.store.receipt_sent(receipt).await {
+                                warn!(error = %e, "cannot keep the reply's receipt; its delivery will not be shown");
+                            }
+                        }
                         self.store.outbox_sent(item.seq).await
+                    }
+                    Err(GatewayError::Refused { code, title, .. })
+                        if refusal_of(Some(code)) != Refusal::Retry =>
+                    {
+                        self.metrics.delivery_failure(Some(code));
+                        if refusal_of(Some(code)) == Refusal::OutsideWindow {
+                            // Next round: parked, or the template.
+                            self.deliveries.close_window(&item.conv);
+                            info!(code, "WhatsApp says the 24-hour window is closed");
+                            continue;
+                        }
+                        error!(code, title = %title, "WhatsApp cannot deliver to this number; reply parked");
+                        item.attempts += 1;
+                        item.failed = true;
+                        item.last_error = Some(format!(
+                            "{} WhatsApp cannot deliver to this number (code {code}): {title}",
+                            delivery::UNDELIVERABLE
+                        ));
+                        self.store.outbox_update(&item).await
                     }
                     Err(e) => {
                         inc(&self.metrics.send_failures);
@@ -193,6 +257,57 @@ impl Outbox {
                     error!(error = %e, "cannot record the send in the outbox");
                 }
             }
+        }
+    }
+
+    /// Pieces that waited for the client's answer go out once the client
+    /// wrote (the window is open again).
+    async fn reopen(&self, items: &[OutboxItem], now_ms: u64) {
+        for item in items.iter().filter(|i| state(i) == "awaiting_client") {
+            if self.deliveries.window_open(&item.conv, now_ms) {
+                let again = OutboxItem { failed: false, attempts: 0, last_error: None, ..item.clone() };
+                match self.store.outbox_update(&again).await {
+                    Ok(()) => {
+                        info!(turn_id = %item.turn_id, phone = %mask(&item.conv.phone), "the client wrote again: the waiting reply goes out")
+                    }
+                    Err(e) => error!(error = %e, "cannot put a waiting reply back in line"),
+                }
+            }
+        }
+    }
+
+    /// The window of `conv` is closed: the template goes once, and its
+    /// pieces wait for the client's answer; without a template, they are parked.
+    async fn window_closed(&self, items: &[OutboxItem], conv: &Conv) {
+        // One template a day at most: if one went already, the pieces wait
+        // for the answer to it.
+        let template = self.gateway.has_template()
+            && if self.deliveries.take_template(conv, self.deliveries.now_ms()) {
+                match self.gateway.send_template(conv).await {
+                    Ok(_) => {
+                        info!(phone = %mask(&conv.phone), "the 24-hour window closed: re-engagement template sent");
+                        true
+                    }
+                    Err(e) => {
+                        self.deliveries.untake_template(conv);
+                        warn!(phone = %mask(&conv.phone), error = %e, "the re-engagement template was refused");
+                        false
+                    }
+                }
+            } else {
+                true
+            };
+        let reason = if template {
+            format!("{} the 24-hour window closed; the re-engagement template went, the reply waits for the client's answer", delivery::AWAITING_CLIENT)
+        } else {
+            format!(
+                "{} more than the window (gateway.window_hours) since the client last wrote; not sent",
+                delivery::OUTSIDE_WINDOW
+            )
+        };
+        let convs = HashSet::from([conv.clone()]);
+        for item in self.give_up_unsent(items, &convs, &reason).await {
+            warn!(turn_id = %item.turn_id, phone = %mask(&item.conv.phone), "reply not sent: outside the 24-hour window; listed in GET /api/outbox");
         }
     }
 

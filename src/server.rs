@@ -215,7 +215,18 @@ pub async fn run_on(
         shared.metrics.clone(),
         Duration::from_millis(config.gateway.timeout_ms),
     ));
+    let deliveries = crate::delivery::Deliveries::new(&config, store.clone(), shared.metrics.clone());
+    {
+        // When each client last wrote (the 24-hour window), from disk.
+        let store = store.clone();
+        if let Err(e) =
+            tokio::task::spawn_blocking(move || store.load_inbound()).await.expect("a blocking task")
+        {
+            warn!(error = %e, "could not read when the clients last wrote; replies to them wait for their next message");
+        }
+    }
     let state = Arc::new(AppState {
+        deliveries: deliveries.clone(),
         handover,
         ingest: Ingest::new(store.clone()),
         store: store.clone(),
@@ -279,7 +290,7 @@ pub async fn run_on(
     let runner = Arc::new(Runner::new(&config, store.clone(), handler, gateway.clone(), &shared));
     let driver = Driver::new(&config, store.clone(), runner, recovery, driver_inbox, turns.clone(), &shared);
     let mut driver = spawn_driver(driver);
-    let outbox = Outbox::new(&config, store.clone(), gateway, store.outbox_ready(), shared.metrics.clone());
+    let outbox = Outbox::new(&config, store.clone(), gateway, deliveries, shared.metrics.clone());
     let mut outbox = tokio::spawn(outbox.run(stopping.shutdown.clone()));
     let totals = {
         let (metrics, store) = (shared.metrics.clone(), store.clone());

@@ -110,7 +110,7 @@ pub async fn retention(store: Store, clock: Clock, rules: RetentionDays, token: 
     every(RETENTION_EVERY, token, || {
         let store = store.clone();
         let now = clock.now_ms();
-        let rules_quarantine = rules.quarantine;
+        let (rules_quarantine, rules_failed) = (rules.quarantine, rules.failed);
         let rules = crate::store::Retention {
             dead_before: now.saturating_sub(rules.dead * day),
             failed_before: now.saturating_sub(rules.failed * day),
@@ -134,6 +134,17 @@ pub async fn retention(store: Store, clock: Clock, rules: RetentionDays, token: 
                         break;
                     }
                 }
+            }
+            let receipts_before = now.saturating_sub(rules_failed * day);
+            let q = store.clone();
+            match tokio::task::spawn_blocking(move || q.expire_receipts(receipts_before)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => info!(
+                    receipts = n,
+                    "retention: delivery receipts past gateway.failed_retention_days removed"
+                ),
+                Ok(Err(e)) => warn!(error = %e, "receipt retention failed"),
+                Err(e) => warn!(error = %e, "receipt retention failed"),
             }
             let quarantine_before = now.saturating_sub(rules_quarantine * day);
             let q = store.clone();

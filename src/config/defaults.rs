@@ -117,6 +117,9 @@ impl Default for GatewayConfig {
             typing: true,
             max_replies_per_conversation_per_hour: default_max_replies_per_conversation_per_hour(),
             failed_retention_days: default_retention_days(),
+            window_hours: 24,
+            typing_refresh_ms: 20_000,
+            mark_read: true,
         }
     }
 }

@@ -132,6 +132,12 @@ impl Config {
         {
             return bad("evolution.url_secret", "must be at least 24 characters of A-Z a-z 0-9 - _");
         }
+        if !self.meta.reengagement_template.is_empty() && self.meta.reengagement_language.trim().is_empty() {
+            return bad(
+                "meta.reengagement_language",
+                "is required with meta.reengagement_template (e.g. \"ru\")",
+            );
+        }
         if self.takeover.resume_after_min == 0 {
             return bad("takeover.resume_after_min", "must be at least 1");
         }

@@ -230,10 +230,29 @@ async fn conversation(
         .collect();
     Ok(Json(json!({
         "phone": phone,
-        "turns": history.iter().map(summary_json).collect::<Vec<_>>(),
+        "turns": history
+            .iter()
+            .map(|t| {
+                let mut v = summary_json(t);
+                v["delivery"] = delivery_json(&s.store.receipts_of(&t.turn_id));
+                v
+            })
+            .collect::<Vec<_>>(),
         "open_turns": open,
         "takeover": takeovers,
     })))
+}
+
+/// What WhatsApp said of a reply's pieces.
+pub(super) fn delivery_json(receipts: &[crate::store::Receipt]) -> Value {
+    json!(receipts
+        .iter()
+        .map(|r| json!({
+            "part": r.part, "parts": r.parts, "id": r.id, "state": r.state.as_str(),
+            "sent_at": r.sent_at_ms, "delivered_at": r.delivered_at_ms, "read_at": r.read_at_ms,
+            "failed": r.failed.as_ref().map(|f| json!({"code": f.code, "title": f.title, "at": f.at_ms})),
+        }))
+        .collect::<Vec<_>>())
 }
 
 fn takeover_json(conv: &crate::message::Conv, t: &crate::store::Takeover) -> Value {
@@ -410,6 +429,8 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     g.last_sync_age_s = now_ms.saturating_sub(s.store.last_sync_ms()) as f64 / 1000.0;
     g.quarantine_held = s.store.quarantine_len();
     g.paused_conversations = s.store.paused().len();
+    g.outbox_outside_window =
+        items.iter().filter(|i| matches!(outbox::state(i), "outside_window" | "awaiting_client")).count();
 
     let count = |state| items.iter().filter(|i| outbox::state(i) == state).count();
     (g.outbox_depth, g.outbox_failed, g.outbox_rate_limited) =

@@ -390,8 +390,27 @@ fn state_json(s: &AppState, view: &View, offset: usize, limit: usize) -> Value {
         "running": running,
         "waiting": { "total": view.waiting_total, "shown": waiting },
         "paused": paused_json(s, view, now_ms),
+        "delivery": delivery_json(s),
         "outbox": outbox,
     })
+}
+
+/// How far the recent turns' replies got, per turn: the least advanced of
+/// its pieces (a reply is read once every piece is), or how it failed.
+fn delivery_json(s: &AppState) -> Value {
+    let mut out = serde_json::Map::new();
+    for t in s.feed.recent_after(None) {
+        let receipts = s.store.receipts_of(&t.turn_id);
+        if receipts.is_empty() {
+            continue;
+        }
+        let shown = match receipts.iter().find_map(|r| r.failed.as_ref()) {
+            Some(f) => format!("failed: {}", f.title),
+            None => receipts.iter().map(|r| r.state).min().map_or("sent", |d| d.as_str()).to_owned(),
+        };
+        out.insert(t.turn_id.clone(), json!(shown));
+    }
+    Value::Object(out)
 }
 
 /// Conversations staff took over: who, since when, when the assistant comes

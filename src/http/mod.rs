@@ -82,6 +82,8 @@ pub struct AppState {
     pub quarantine_max: usize,
     /// Says at `warn`, once an hour per gateway and reason, what is quarantined.
     pub quarantine_log: QuarantineLog,
+    /// Receipts and the 24-hour window.
+    pub deliveries: Arc<crate::delivery::Deliveries>,
     /// Staff signals, and the API's pause and resume.
     pub handover: Arc<crate::takeover::Handover>,
     /// WAHA presence subscriptions (`waha.subscribe_presence`), if in effect.

@@ -258,6 +258,7 @@ pub(super) async fn deliver(s: &AppState, gateway: Gateway, body: &[u8]) -> Resu
                 _ if t.duplicates > 0 => json!({ "status": "duplicate" }),
                 _ if t.presences > 0 => json!({ "status": "presence" }),
                 _ if t.staff > 0 => json!({ "status": "staff" }),
+                _ if t.receipts > 0 => json!({ "status": "receipt" }),
                 _ => json!({ "status": "ignored" }),
             }))
         }
@@ -315,6 +316,7 @@ struct Taken {
     duplicates: usize,
     presences: usize,
     staff: usize,
+    receipts: usize,
 }
 
 /// A gateway delivery's events taken: its messages stored (under one sync),
@@ -322,7 +324,7 @@ struct Taken {
 /// conversation first (`Ingest::resolve`).
 async fn take(s: &AppState, inbound: Vec<Inbound>) -> Result<Taken, ApiError> {
     let mut messages = Vec::new();
-    let (mut presences, mut staff_messages) = (0, 0);
+    let (mut presences, mut staff_messages, mut receipts) = (0, 0, 0);
     for event in inbound {
         match event {
             Inbound::Message(mut message, lid) => {
@@ -341,6 +343,10 @@ async fn take(s: &AppState, inbound: Vec<Inbound>) -> Result<Taken, ApiError> {
                     staff_messages += 1;
                 }
             }
+            Inbound::Receipt(receipt) => {
+                s.deliveries.receipt(receipt).await.map_err(ingest::IngestError::from)?;
+                receipts += 1;
+            }
             Inbound::SessionStarted(session) => {
                 if let Some(p) = &s.presence {
                     p.session_started(&session);
@@ -357,7 +363,7 @@ async fn take(s: &AppState, inbound: Vec<Inbound>) -> Result<Taken, ApiError> {
             p.message(conv);
         }
     }
-    Ok(Taken { accepted: c.accepted, duplicates: c.duplicates, presences, staff: staff_messages })
+    Ok(Taken { accepted: c.accepted, duplicates: c.duplicates, presences, staff: staff_messages, receipts })
 }
 
 /// Counts each webhook by its route (never its path: an Evolution path may

@@ -98,6 +98,30 @@ pub fn parse_event(
             };
             Ok(Inbound::Message(message, lid))
         }
+        "messages.update" => {
+            use crate::store::{Delivery, Failure};
+            // The WhatsApp id is `keyId`; `messageId` is Evolution's own database id.
+            let Some(id) = data["keyId"].as_str().filter(|s| !s.is_empty()) else {
+                return Ok(Inbound::Ignored);
+            };
+            if data["fromMe"].as_bool() != Some(true) {
+                return Ok(Inbound::Ignored);
+            }
+            let state = match data["status"].as_str() {
+                Some("SERVER_ACK") => Delivery::Server,
+                Some("DELIVERY_ACK") => Delivery::Delivered,
+                Some("READ") => Delivery::Read,
+                Some("PLAYED") => Delivery::Played,
+                Some("ERROR") => Delivery::Failed,
+                _ => return Ok(Inbound::Ignored), // PENDING, DELETED
+            };
+            let failure = (state == Delivery::Failed).then(|| Failure {
+                code: None,
+                title: "Evolution reported status ERROR".into(),
+                at_ms: received_at_ms,
+            });
+            Ok(Inbound::Receipt(super::Receipt { id: id.to_owned(), state, at_ms: received_at_ms, failure }))
+        }
         "presence.update" => {
             let jid = data["id"].as_str().ok_or_else(|| invalid("`data.id` is required"))?;
             let Some((phone, lid)) = chat(jid, None) else { return Ok(Inbound::Ignored) };

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use super::{normalize_phone, Inbound, IngestError, Staff};
+use super::{normalize_phone, Inbound, IngestError, Receipt, Staff};
 use crate::message::{Conv, NewMessage};
 
 /// The events of one delivery, in delivery order: client messages, and
@@ -65,6 +65,13 @@ pub fn parse(
             if change["field"].as_str().is_some_and(|f| f != "messages") {
                 continue;
             }
+            let statuses = value["statuses"].as_array().map(Vec::as_slice).unwrap_or_default();
+            for (i, st) in statuses.iter().enumerate() {
+                out.extend(
+                    status(st, received_at_ms)
+                        .map_err(|m| invalid(format!("entry[{e}].changes[{c}].value.statuses[{i}]{m}")))?,
+                );
+            }
             let messages = value["messages"].as_array().map(Vec::as_slice).unwrap_or_default();
             for (m, msg) in messages.iter().enumerate() {
                 let at = format!("entry[{e}].changes[{c}].value.messages[{m}]");
@@ -92,6 +99,31 @@ pub fn parse(
         }
     }
     Ok(out)
+}
+
+/// A `statuses[]` entry: sent, delivered, read, failed (with its first error).
+fn status(st: &Value, received_at_ms: u64) -> Result<Option<Inbound>, String> {
+    use crate::store::{Delivery, Failure};
+    let id = st["id"].as_str().filter(|s| !s.is_empty()).ok_or(".id must be a non-empty string")?;
+    let at_ms =
+        st["timestamp"].as_str().and_then(|t| t.parse::<u64>().ok()).map_or(received_at_ms, |t| t * 1000);
+    let state = match st["status"].as_str() {
+        Some("sent") => Delivery::Server,
+        Some("delivered") => Delivery::Delivered,
+        Some("read") => Delivery::Read,
+        Some("played") => Delivery::Played,
+        Some("failed") => Delivery::Failed,
+        _ => return Ok(None),
+    };
+    let failure = (state == Delivery::Failed).then(|| {
+        let err = &st["errors"][0];
+        Failure {
+            code: err["code"].as_i64(),
+            title: err["title"].as_str().or(err["message"].as_str()).unwrap_or("failed").to_owned(),
+            at_ms,
+        }
+    });
+    Ok(Some(Inbound::Receipt(Receipt { id: id.to_owned(), state, at_ms, failure })))
 }
 
 /// What the handler reads for a message: the text, or for anything else a

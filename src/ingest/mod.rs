@@ -32,6 +32,8 @@ pub enum Inbound {
     },
     /// A WAHA session (re)started: what was subscribed for it is gone.
     SessionStarted(String),
+    /// What WhatsApp said of one of our messages (matched by its id).
+    Receipt(Receipt),
     /// A message written in a client's chat from the salon's own WhatsApp:
     /// staff answering (a human takeover), or — where the sender reports
     /// our own sends too — an echo of ours (`source`: WAHA's "api" or
@@ -39,6 +41,16 @@ pub enum Inbound {
     Staff(Staff),
     /// Nothing for us (acks, our own messages, groups, other events).
     Ignored,
+}
+
+/// A delivery or read receipt, or a failure, for message `id` (short form).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub id: String,
+    pub state: crate::store::Delivery,
+    /// When, by the sender's clock (Unix ms); the receipt time when it says none.
+    pub at_ms: u64,
+    pub failure: Option<crate::store::Failure>,
 }
 
 /// A message from the salon's side of a client's chat.

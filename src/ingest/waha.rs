@@ -59,6 +59,30 @@ pub fn parse_event(
             };
             Ok(Inbound::Presence { conv: Conv { phone, company_id: company().to_owned() }, presence, lid })
         }
+        "message.ack" => {
+            use crate::store::{Delivery, Failure};
+            let id = p["id"]
+                .as_str()
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| invalid("`payload.id` is required"))?;
+            let state = match p["ack"].as_i64() {
+                Some(-1) => Delivery::Failed,
+                Some(1) => Delivery::Server,
+                Some(2) => Delivery::Delivered,
+                Some(3) => Delivery::Read,
+                Some(4) => Delivery::Played,
+                Some(_) => return Ok(Inbound::Ignored), // pending
+                None => return Err(invalid("`payload.ack` must be a number")),
+            };
+            let at_ms = root["timestamp"].as_u64().unwrap_or(received_at_ms);
+            let failure = (state == Delivery::Failed).then(|| Failure {
+                code: None,
+                title: "WAHA reported ack ERROR".into(),
+                at_ms,
+            });
+            let id = crate::gateway::short_id(id).to_owned();
+            Ok(Inbound::Receipt(super::Receipt { id, state, at_ms, failure }))
+        }
         "session.status" if p["status"] == "WORKING" => match root["session"].as_str() {
             Some(session) => Ok(Inbound::SessionStarted(session.to_owned())),
             None => Ok(Inbound::Ignored),
@@ -158,9 +182,12 @@ mod tests {
         assert_eq!(parse(&mine, &sessions, "d", 1).unwrap(), None);
         let group = event(serde_json::json!({"id": "m4", "from": "120363025246125486@g.us", "body": "x"}));
         assert_eq!(parse(&group, &sessions, "d", 1).unwrap(), None);
-        let ack =
-            serde_json::to_vec(&serde_json::json!({"event": "message.ack", "payload": {"id": "m"}})).unwrap();
-        assert_eq!(parse(&ack, &sessions, "d", 1).unwrap(), None);
+        // An ack is a receipt, never a message; one without its state is refused.
+        let ack = |payload: serde_json::Value| {
+            serde_json::to_vec(&serde_json::json!({"event": "message.ack", "payload": payload})).unwrap()
+        };
+        assert_eq!(parse(&ack(serde_json::json!({"id": "m", "ack": 3})), &sessions, "d", 1).unwrap(), None);
+        assert!(parse(&ack(serde_json::json!({"id": "m"})), &sessions, "d", 1).is_err());
     }
 
     #[test]

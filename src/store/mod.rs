@@ -34,6 +34,7 @@ mod ids;
 mod links;
 mod log;
 mod quarantine;
+mod receipts;
 mod recfile;
 mod records;
 mod recover;
@@ -291,6 +292,7 @@ pub(crate) struct Memory {
 }
 
 pub use quarantine::Held;
+pub use receipts::{Delivery, Failure, Receipt};
 pub use rhythms::{SavedLearning, SavedRhythm};
 pub use takeover::{Paused, StaffMessage, Takeover};
 
@@ -468,6 +470,11 @@ struct Inner {
     links: Arc<links::Links>,
     quarantine: Arc<quarantine::Quarantine>,
     takeovers: Arc<takeover::Takeovers>,
+    receipts: Arc<receipts::Receipts>,
+    /// When each conversation's client last wrote (their own timestamp,
+    /// Unix ms): the 24-hour window. Memory derivable from disk: built on
+    /// open from the pending messages and the history.
+    inbound: Mutex<HashMap<Conv, u64>>,
     recovered: Mutex<Option<Recovered>>,
     /// The last count of `tree_sizes`, for the metrics.
     sizes: Mutex<sizes::Counted>,
@@ -586,7 +593,12 @@ impl Store {
         messages: Vec<NewMessage>,
         immediate: bool,
     ) -> Result<Vec<Inserted>, StoreError> {
-        self.call(|reply| writer::Op::Accept { messages, immediate, reply }).await
+        let inserted = self.call(|reply| writer::Op::Accept { messages, immediate, reply }).await?;
+        self.note_inbound(inserted.iter().filter_map(|i| match i {
+            Inserted::New(m) => Some(m),
+            Inserted::Duplicate => None,
+        }));
+        Ok(inserted)
     }
 
     /// Records a turn before its handler is called; durable when it returns.
@@ -727,6 +739,11 @@ impl Store {
     /// Syncs, stops the threads, and returns once sled has let go of the
     /// directory, so it can be opened again at once (at most 5 s).
     pub async fn close(self) -> Result<(), StoreError> {
+        let receipts = self.inner.receipts.clone();
+        let receipts = tokio::task::spawn_blocking(move || receipts.sync()).await;
+        if let Ok(Err(e)) = receipts {
+            tracing::warn!(error = %e, "could not sync the receipts at the stop");
+        }
         let synced = self.call(|reply| writer::Op::Close { reply }).await;
         let threads = std::mem::take(&mut *lock(&self.inner.threads));
         let db_dir = self.gen().dir.clone();
@@ -824,6 +841,63 @@ impl Store {
     /// How many deliveries are held.
     pub fn quarantine_len(&self) -> usize {
         self.inner.quarantine.len()
+    }
+
+    /// A reply piece the gateway took, under the id it gave back.
+    pub async fn receipt_sent(&self, receipt: Receipt) -> Result<(), StoreError> {
+        let r = self.inner.receipts.clone();
+        blocking(move || r.sent(receipt)).await
+    }
+
+    /// What WhatsApp said of one of our messages: the receipt after it
+    /// (`None`: not one of ours) and whether that was news.
+    pub async fn receipt_update(
+        &self,
+        id: &str,
+        state: Delivery,
+        at_ms: u64,
+        failure: Option<Failure>,
+    ) -> Result<Option<(Receipt, bool)>, StoreError> {
+        let (r, id) = (self.inner.receipts.clone(), id.to_owned());
+        blocking(move || r.update(&id, state, at_ms, failure)).await
+    }
+
+    /// A turn's reply, as far as WhatsApp said it got, by part.
+    pub fn receipts_of(&self, turn_id: &str) -> Vec<Receipt> {
+        self.inner.receipts.of_turn(turn_id)
+    }
+
+    /// Drops receipts sent before `before_ms` (blocking).
+    pub fn expire_receipts(&self, before_ms: u64) -> Result<usize, StoreError> {
+        self.inner.receipts.expire(before_ms)
+    }
+
+    /// When the conversation's client last wrote (Unix ms, by their own clock).
+    pub fn last_inbound(&self, conv: &Conv) -> Option<u64> {
+        lock(&self.inner.inbound).get(conv).copied()
+    }
+
+    fn note_inbound<'a>(&self, messages: impl IntoIterator<Item = &'a Message>) {
+        let mut map = lock(&self.inner.inbound);
+        for m in messages {
+            let at = m.timestamp.filter(|t| *t > 0).map_or(m.received_at_ms, |t| t as u64 * 1000);
+            let e = map.entry(m.conv.clone()).or_insert(0);
+            *e = (*e).max(at);
+        }
+    }
+
+    /// Builds the last-inbound times from disk: pending messages and the
+    /// history (blocking; once, at the start).
+    pub fn load_inbound(&self) -> Result<(), StoreError> {
+        let pending = self.pending();
+        self.note_inbound(pending.iter());
+        let gen = self.gen();
+        for kv in gen.trees.history.iter() {
+            let (k, v) = kv?;
+            let summary: TurnSummary = decode("history", &k, &v)?;
+            self.note_inbound(summary.messages.iter());
+        }
+        Ok(())
     }
 
     /// A conversation's takeover: paused or not, and what staff wrote.

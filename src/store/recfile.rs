@@ -65,14 +65,21 @@ impl RecordFile {
 
     /// Appends one record and syncs it. Blocking.
     pub(crate) fn append<T: Serialize>(&mut self, record: &T) -> Result<(), StoreError> {
+        self.append_unsynced(record)?;
+        self.sync()
+    }
+
+    /// Appends one record; durable at the next `sync`.
+    pub(crate) fn append_unsynced<T: Serialize>(&mut self, record: &T) -> Result<(), StoreError> {
         let mut bytes = Vec::new();
         log::frame(KIND, record, &mut bytes);
-        self.file
-            .write_all(&bytes)
-            .and_then(|_| self.file.sync_data())
-            .map_err(|e| log::io_error(&self.dir.join(self.name), e))?;
+        self.file.write_all(&bytes).map_err(|e| log::io_error(&self.dir.join(self.name), e))?;
         self.records += 1;
         Ok(())
+    }
+
+    pub(crate) fn sync(&mut self) -> Result<(), StoreError> {
+        self.file.sync_data().map_err(|e| log::io_error(&self.dir.join(self.name), e))
     }
 
     /// Replaces the file with these records, atomically. Blocking.

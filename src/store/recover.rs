@@ -56,6 +56,7 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
     let links = Arc::new(super::links::Links::open(dir)?);
     let quarantine = Arc::new(super::quarantine::Quarantine::open(dir)?);
     let takeovers = Arc::new(super::takeover::Takeovers::open(dir)?);
+    let receipts = Arc::new(super::receipts::Receipts::open(dir)?);
     migrate_first_layout(dir, &db_dir, &db, &trees, &ids)?;
 
     // Whatever sled recovered (possibly from the page cache after a kill)
@@ -136,9 +137,11 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
     });
     // The open synced everything (above).
     shared.stats.last_sync_ms.store(crate::message::unix_ms(), Ordering::Relaxed);
-    // Outbox items on disk at open are durable (synced above).
+    // Outbox items on disk at open are durable (synced above), and so is
+    // every seq handed out before it: a piece put back under its old seq (a
+    // late failure receipt) is not hidden as if it waited for a sync.
     let top = trees.outbox.last()?.map(|(k, _)| u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8])));
-    shared.durable_outbox.store(top.unwrap_or(0), Ordering::Release);
+    shared.durable_outbox.store(top.unwrap_or(0).max(ids.peek().saturating_sub(1)), Ordering::Release);
 
     let syncer = Syncer::spawn(files, shared.clone()).map_err(|e| log::io_error(dir, e))?;
     let (tx, rx) = mpsc::channel();
@@ -177,6 +180,8 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
             links,
             quarantine,
             takeovers,
+            receipts,
+            inbound: Mutex::new(HashMap::new()),
             recovered: Mutex::new(Some(recovered)),
             sizes: Mutex::new(None),
             threads: Mutex::new(vec![thread]),

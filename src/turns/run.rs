@@ -9,6 +9,7 @@
 //! Every way out is an `Outcome` for the driver: a store failure hands the
 //! work back (retried in order after a backoff), never a log line alone.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -185,7 +186,11 @@ impl Runner {
         let staff_up_to = staff.iter().map(|m| m.at_ms).max();
         let request = TurnRequest::new(&turn.turn_id, &turn.conv, &turn.messages, dialogue, cache, &staff);
         let last_id = turn.messages.last().map(|m| m.id.clone()).unwrap_or_default();
-        self.typing(&turn.conv, &last_id, true);
+        let typing = self.typing(&turn.conv, &last_id);
+        if self.gateway.kind() != crate::config::GatewayKind::Log {
+            let (gateway, conv, id) = (self.gateway.clone(), turn.conv.clone(), last_id.clone());
+            tokio::spawn(async move { gateway.mark_read(&conv, &id).await });
+        }
         let mut this_run = 0;
         loop {
             turn.attempts += 1;
@@ -210,7 +215,7 @@ impl Runner {
                     return Outcome::Abandoned;
                 }
                 _ = restart.cancelled() => {
-                    self.typing(&turn.conv, &last_id, false);
+                    typing.stop();
                     return restarted(&turn);
                 }
             };
@@ -222,7 +227,7 @@ impl Runner {
                         attempt = this_run,
                         "handler answered"
                     );
-                    self.typing(&turn.conv, &last_id, false);
+                    typing.stop();
                     let timing = Timing { waited, handler: call.elapsed(), started };
                     let (conv, outcome) =
                         (turn.conv.clone(), self.commit(turn, answer, started_at_ms, timing).await);
@@ -236,7 +241,7 @@ impl Runner {
                 }
                 Err(e) if this_run >= self.max_attempts => {
                     inc(&self.metrics.handler_errors);
-                    self.typing(&turn.conv, &last_id, false);
+                    typing.stop();
                     error!(attempts = this_run, error = %e, "handler failed on every attempt; turn parked as dead");
                     turn.dead = Some(DeadInfo { error: e.to_string(), died_at_ms: self.clock.now_ms() });
                     return match self.store.park_dead(&turn).await {
@@ -266,7 +271,7 @@ impl Runner {
                             return Outcome::Abandoned;
                         }
                         _ = restart.cancelled() => {
-                            self.typing(&turn.conv, &last_id, false);
+                            typing.stop();
                             return restarted(&turn);
                         }
                     }
@@ -409,12 +414,37 @@ impl Runner {
     }
 
     /// Best effort, in the background: a typing indicator never delays a turn.
-    fn typing(&self, conv: &Conv, last_message_id: &str, on: bool) {
+    /// Shows the client the assistant is answering, now and again every
+    /// `gateway.typing_refresh_ms` while the handler runs (Meta's indicator
+    /// lasts 25 s at most), until `Typing::stop` (or the turn ends). Best effort.
+    fn typing(&self, conv: &Conv, last_message_id: &str) -> Typing {
+        let typing = Typing { stop: CancellationToken::new(), off: Arc::new(AtomicBool::new(false)) };
         if !self.gateway.shows_typing() {
-            return;
+            return typing;
         }
+        let (stop, off) = (typing.stop.clone(), typing.off.clone());
         let (gateway, conv, id) = (self.gateway.clone(), conv.clone(), last_message_id.to_owned());
-        tokio::spawn(async move { gateway.typing(&conv, &id, on).await });
+        let every = self.gateway.typing_refresh();
+        tokio::spawn(async move {
+            // Each call on its own clock: Evolution's lasts until just
+            // before the next refresh.
+            let last = loop {
+                let (gateway, conv, id) = (gateway.clone(), conv.clone(), id.clone());
+                let call = tokio::spawn(async move { gateway.typing(&conv, &id, true).await });
+                tokio::select! {
+                    _ = stop.cancelled() => break call,
+                    _ = tokio::time::sleep(every), if !every.is_zero() => {}
+                }
+            };
+            if !off.load(Ordering::Relaxed) {
+                return;
+            }
+            // "Off" after the last "on" reached the gateway, not before it
+            // (a fast turn): bounded, Evolution's "on" is answered late.
+            let _ = tokio::time::timeout(TYPING_OFF_WAIT, last).await;
+            gateway.typing(&conv, &id, false).await;
+        });
+        typing
     }
 
     /// A stored part the handler gets: unreadable means absent, loudly.
@@ -496,5 +526,29 @@ fn op_name(op: &ContextOp) -> &'static str {
         ContextOp::Put { .. } => "put",
         ContextOp::Invalidate => "invalidate",
         ContextOp::Delete => "delete",
+    }
+}
+
+/// A turn's typing indicator: refreshed until stopped.
+struct Typing {
+    stop: CancellationToken,
+    /// Stopped by `stop` (the reply is committed): say so to the gateway
+    /// (WAHA's stopTyping, Evolution's "paused"). Dropped: just stop.
+    off: Arc<AtomicBool>,
+}
+
+/// How long the "off" waits for the last "on" to be answered.
+const TYPING_OFF_WAIT: Duration = Duration::from_secs(2);
+
+impl Typing {
+    fn stop(&self) {
+        self.off.store(true, Ordering::Relaxed);
+        self.stop.cancel();
+    }
+}
+
+impl Drop for Typing {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }

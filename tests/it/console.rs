@@ -12,8 +12,8 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    binary_env, free_port, post_batched, skip_outside_ci, spawn_binary, wait_ready, Ports, Spawned,
-    TestHandler, WEBHOOK_TOKEN,
+    binary_env, free_port, post_batched, skip_outside_ci, spawn_binary, wait_ready, FakeServer, Ports,
+    Spawned, TestHandler, WEBHOOK_TOKEN,
 };
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -586,5 +586,61 @@ async fn a_conversation_staff_took_over_shows_its_resume_countdown_and_resume_st
     let calls = handler.calls();
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0].ids, ["t1"]);
+    browser.quit().await;
+}
+
+#[tokio::test]
+async fn a_replys_delivery_state_moves_from_sent_to_read_in_recent_turns() {
+    let Some(browser) = Browser::start("the console delivery test").await else { return };
+    let handler = TestHandler::start(Duration::ZERO).await;
+    // WAHA NOWEB as the gateway: sendText answers the key of what it sent;
+    // the ack names that id (tests/fixtures/waha/noweb/).
+    let waha = FakeServer::start(|body| {
+        if body["text"].is_null() {
+            return json!({});
+        }
+        json!({"key": {"remoteJid": "79001234567@s.whatsapp.net", "fromMe": true, "id": "3EB0C4D5E6F708192A3B4C"}})
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports::free();
+    let mut env = binary_env(ports, &dir.path().join("data"), Some(&handler.url));
+    env.extend([
+        ("TURNSTILE_BATCHING_DEBOUNCE_MS", "300".to_owned()),
+        ("TURNSTILE_GATEWAY_KIND", "waha".to_owned()),
+        ("TURNSTILE_GATEWAY_URL", waha.base.clone()),
+        ("TURNSTILE_WAHA_ALLOW_UNAUTHENTICATED", "true".to_owned()),
+    ]);
+    let _daemon = Spawned(spawn_binary(&env, &dir.path().join("daemon.log")));
+    let client = reqwest::Client::new();
+    let (base, admin) = (ports.base(), ports.admin_base());
+    wait_ready(&client, &base).await;
+    let fixture = |name: &str| -> Value {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/waha/noweb").join(name);
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    };
+    let r =
+        client.post(format!("{base}/webhook/waha")).json(&fixture("message.pn.json")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    browser.goto(&format!("{admin}/ui")).await;
+    let cell = |want: &str| {
+        format!(
+            "const r = [...document.querySelectorAll('#recent tbody tr[data-turn]')]
+                .find(r => r.querySelector('.phone').textContent === '7900*****67');
+            const d = r && r.querySelector('.delivery').textContent;
+            return d === '{want}' ? d : null"
+        )
+    };
+    browser.wait_for("the reply shown as sent", Duration::from_secs(20), &cell("sent")).await;
+    assert_eq!(waha.delivered("/api/sendText").len(), 1);
+    // WhatsApp says the client read it: the same row changes, live.
+    let r = client
+        .post(format!("{base}/webhook/waha"))
+        .json(&fixture("message-ack.read.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    browser.wait_for("the reply shown as read", Duration::from_secs(15), &cell("read")).await;
     browser.quit().await;
 }

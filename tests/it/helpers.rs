@@ -601,8 +601,13 @@ async fn fake_answer(
     tokio::time::sleep(delay).await;
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let mut s = state.lock().unwrap();
-    let status = s.status;
-    let answer = (s.respond)(&body);
+    let mut status = s.status;
+    let mut answer = (s.respond)(&body);
+    // A responder may answer one request with a status of its own.
+    if let Some(own) = answer.get("__status").and_then(Value::as_u64) {
+        status = own as u16;
+        answer.as_object_mut().unwrap().remove("__status");
+    }
     s.seen.push(Seen {
         method: method.to_string(),
         path: uri.path().to_owned(),
@@ -643,4 +648,28 @@ pub fn ids_in_turns(turns: &[Value]) -> Vec<String> {
 pub fn log_tail(log: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     text.lines().rev().take(n).collect::<Vec<_>>().join("\n")
+}
+
+/// A payload from `tests/fixtures/` (see PROVENANCE.md there), as JSON.
+pub fn fixture(path: &str) -> Value {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path);
+    serde_json::from_slice(&std::fs::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display())))
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+}
+
+/// Posts `body` to `/webhook/meta`, signed with `META_SECRET` as Meta signs;
+/// the status.
+pub async fn post_meta(d: &Daemon, body: &Value) -> u16 {
+    let bytes = serde_json::to_vec(body).unwrap();
+    let sig = format!("sha256={}", turnstile::ingest::signature::sign_hex(META_SECRET, &bytes, false));
+    let r = d
+        .client
+        .post(format!("{}/webhook/meta", d.base))
+        .header("content-type", "application/json")
+        .header("x-hub-signature-256", sig)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    r.status().as_u16()
 }

@@ -21,6 +21,7 @@ mod loopfs;
 mod powercut;
 mod retention;
 mod senders;
+mod receipts;
 mod replay;
 mod reply_cap;
 mod systemd;

@@ -88,6 +88,10 @@ async fn the_dashboard_and_the_alert_rules_query_only_metrics_the_daemon_exports
         "turnstile_outbox_depth",
         "turnstile_contexts",
         "turnstile_context_cache_hits_total",
+        "turnstile_receipts_total",
+        "turnstile_delivery_failures_total",
+        "turnstile_reply_delivery_seconds_bucket",
+        "turnstile_outbox_outside_window",
     ] {
         assert!(queried.contains(wanted), "the dashboard shows nothing of {wanted}");
     }
@@ -199,7 +203,7 @@ async fn a_real_prometheus_scrapes_the_daemon_with_its_token_and_sees_the_counte
     let rules: Value =
         client.get(format!("{}/api/v1/rules", prometheus.url)).send().await.unwrap().json().await.unwrap();
     let loaded = rules["data"]["groups"][0]["rules"].as_array().map_or(0, Vec::len);
-    assert_eq!(loaded, 10, "{rules}");
+    assert_eq!(loaded, 12, "{rules}");
     let firing: Value =
         client.get(format!("{}/api/v1/alerts", prometheus.url)).send().await.unwrap().json().await.unwrap();
     assert_eq!(firing["data"]["alerts"], json!([]), "a healthy daemon fires nothing");

@@ -19,13 +19,6 @@ use crate::helpers::*;
 const PHONE: &str = "79001234567";
 const S: Duration = Duration::from_secs(1);
 
-fn fixture(path: &str) -> Value {
-    serde_json::from_slice(
-        &std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)).unwrap(),
-    )
-    .unwrap()
-}
-
 async fn post_signed(
     d: &Daemon,
     path: &str,
@@ -301,32 +294,15 @@ async fn meta_coexistence_echoes_pause_a_restart_keeps_the_pause_and_the_api_res
         c
     };
     let d = Daemon::start(meta(dir.path())).await;
-    let send = |d: &Daemon, body: Value| {
-        let d = d.base.clone();
-        let client = reqwest::Client::new();
-        async move {
-            let bytes = serde_json::to_vec(&body).unwrap();
-            let sig = format!("sha256={}", sign_hex(META_SECRET, &bytes, false));
-            let r = client
-                .post(format!("{d}/webhook/meta"))
-                .header("content-type", "application/json")
-                .header("x-hub-signature-256", sig)
-                .body(bytes)
-                .send()
-                .await
-                .unwrap();
-            r.status().as_u16()
-        }
-    };
-    assert_eq!(send(&d, meta_message("wamid.C1", "Здравствуйте")).await, 200);
+    assert_eq!(post_meta(&d, &meta_message("wamid.C1", "Здравствуйте")).await, 200);
     sleep(15).await;
     wait_until("the first turn", 10 * S, || handler.calls().len() == 1).await;
     // The Business app on the phone: an echo, the client in `to` with a '+'.
-    assert_eq!(send(&d, meta_echo("wamid.STAFF1", "Добрый день! Подскажу по ценам сама.")).await, 200);
+    assert_eq!(post_meta(&d, &meta_echo("wamid.STAFF1", "Добрый день! Подскажу по ценам сама.")).await, 200);
     let paused = conversation(&d).await["takeover"][0]["paused"].clone();
     assert_eq!(paused["by"], "meta", "{paused}");
     let resumes_at = paused["resumes_at"].as_u64().unwrap();
-    assert_eq!(send(&d, meta_message("wamid.C2", "Сколько стоит окрашивание?")).await, 200);
+    assert_eq!(post_meta(&d, &meta_message("wamid.C2", "Сколько стоит окрашивание?")).await, 200);
     d.stop().await;
 
     // A restart during the pause: still paused, the same resume time.
