@@ -242,7 +242,7 @@ pub struct TurnsConfig {
 }
 
 /// Human takeover: staff answering from the salon's phone pause the
-/// assistant in that conversation (README "Human takeover").
+/// assistant in that conversation (docs/gateways.md, "Human takeover").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TakeoverConfig {

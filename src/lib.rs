@@ -5,6 +5,7 @@
 //! `ARCHITECTURE.md` maps that flow and says what each module may not touch.
 
 pub mod config; // the one TOML file, environment overrides, validation
+pub mod check; // `turnstile check`: what a config would start as, and what looks wrong
 pub mod clock; // wall-clock time, injectable for expiry tests
 pub mod http; // axum routes: webhooks on the public listener; APIs and metrics on the admin one
 pub mod message; // what a message and a conversation (company, phone) are

@@ -33,6 +33,20 @@ enum Command {
         #[arg(long, env = "TURNSTILE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Load the config exactly as `serve` would, validate it, and print what
+    /// it would start as (secrets masked) and warnings. Exit 0: it would
+    /// start; 2: it would not (the message names the key).
+    Check {
+        #[arg(long, env = "TURNSTILE_CONFIG")]
+        config: Option<PathBuf>,
+        /// The systemd unit to compare server.stop_timeout_ms with (its
+        /// drop-ins in <unit>.d/ too); default: the installed one.
+        #[arg(long)]
+        unit: Option<PathBuf>,
+        /// Print only warnings and errors (for ExecStartPre).
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Write a backup of a data directory that no daemon is running on.
     Backup {
         #[arg(long)]
@@ -107,6 +121,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => serve(config),
+        Command::Check { config, unit, quiet } => check(config, unit, quiet),
         Command::Backup { data, out } => {
             let runtime =
                 tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
@@ -240,6 +255,35 @@ fn report(result: Result<backup::Manifest, backup::BackupError>, done: &str) -> 
             ExitCode::FAILURE
         }
     }
+}
+
+fn check(path: Option<PathBuf>, unit: Option<PathBuf>, quiet: bool) -> ExitCode {
+    let config = match Config::load(path.as_deref(), std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("turnstile check: {e}");
+            eprintln!("turnstile check: this config would not start (exit 2)");
+            return ExitCode::from(2);
+        }
+    };
+    let overlay: Vec<String> = std::env::vars()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("TURNSTILE_") && k != "TURNSTILE_CONFIG")
+        .collect();
+    let host = turnstile::check::Host { overlay, config_file: path, unit };
+    let report = turnstile::check::check(&config, &host);
+    if !quiet {
+        print!("{}", report.text);
+        println!();
+    }
+    for w in &report.warnings {
+        eprintln!("turnstile check: warning: {w}");
+    }
+    if !quiet {
+        let n = report.warnings.len();
+        println!("ok: this config would start ({n} warning{})", if n == 1 { "" } else { "s" });
+    }
+    ExitCode::SUCCESS
 }
 
 fn serve(path: Option<PathBuf>) -> ExitCode {

@@ -23,7 +23,7 @@
 //!   the app reports paused with probability `paused_share`, 0.3–1.5 s
 //!   later (otherwise presence is silent).
 //!
-//! - variations for the corpus family (README "Cutting"): a paused after
+//! - variations for the corpus family (docs/batching.md, "What it buys, replayed"): a paused after
 //!   every message with `paused_after_each`; instead of the gap model, the
 //!   next message's typing starting `resume_ms` after the previous message
 //!   (or its paused) and lasting `typing_ms`; the profile drawn per request

@@ -85,7 +85,7 @@ async fn slow_headers_and_bodies_are_cut_off_while_everyone_else_is_served() {
     }
     let all_closed = opened.elapsed();
     assert_eq!(still_open, 0, "slow connections left open 3 s after they stalled");
-    // The figures the README quotes (`-- --nocapture`); the client's 3 s
+    // The figures docs/performance.md quotes (`-- --nocapture`); the client's 3 s
     // timeout above is the only time bound on normal webhooks.
     eprintln!(
         "300 slow-header + 50 slow-body connections, timeouts 1.5 s: all closed {:.2} s after they \

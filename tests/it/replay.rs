@@ -1,5 +1,5 @@
 //! The cut policy's bar, on the corpus family in `benches/corpus/` (each a
-//! `gen-trace` command, README "Cutting"): replayed through the daemon's own
+//! `gen-trace` command, docs/batching.md): replayed through the daemon's own
 //! schedule with the default handler times, the shipped defaults split no
 //! more requests than `fixed` 10 s (+0.5 point) — under either
 //! `on_new_message` — and wait less at the median. On the traces of the
