@@ -91,6 +91,8 @@ pub struct IngestConfig {
     pub default_company_id: String,
     /// Largest accepted webhook body; larger ones get 413.
     pub max_body_bytes: usize,
+    /// Longest accepted message text (and staff message), in bytes.
+    pub max_text_bytes: usize,
     /// How long a message id is remembered to answer redeliveries as duplicates.
     pub dedup_days: u64,
     /// Shared secret of the generic webhooks, sent as `Authorization: Bearer

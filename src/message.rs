@@ -86,6 +86,25 @@ impl Conv {
 /// How a LID-addressed conversation's `phone` ends.
 pub const LID: &str = "@lid";
 
+/// Longest company id, in bytes.
+pub const MAX_COMPANY_ID_BYTES: usize = 64;
+
+/// What is wrong with a company id, if anything: 1 to 64 bytes of ASCII
+/// letters, digits, `-`, `_`, `.` and `:` (a conversation's records repeat
+/// it, so it stays short and plain).
+pub fn company_id_problem(id: &str) -> Option<String> {
+    if id.is_empty() {
+        return Some("must not be empty".into());
+    }
+    if id.len() > MAX_COMPANY_ID_BYTES {
+        return Some(format!("is {} bytes, longer than {MAX_COMPANY_ID_BYTES}", id.len()));
+    }
+    if let Some(c) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))) {
+        return Some(format!("has {c:?}: only ASCII letters, digits, '-', '_', '.' and ':' are taken"));
+    }
+    None
+}
+
 impl std::fmt::Display for Conv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.company_id, self.phone)

@@ -252,6 +252,7 @@ pub async fn run_on(
         max_body_bytes: config.ingest.max_body_bytes,
         context_max_bytes: config.context.max_bytes,
         default_company_id: config.ingest.default_company_id.clone(),
+        caps: crate::ingest::caps::Caps { max_text_bytes: config.ingest.max_text_bytes },
         batch_max_wait_ms: config.batching.max_wait_ms,
     });
     warn_unauthenticated(&config);

@@ -165,6 +165,7 @@ impl Default for IngestConfig {
         IngestConfig {
             default_company_id: default_company_id(),
             max_body_bytes: default_max_body_bytes(),
+            max_text_bytes: 16_384,
             dedup_days: default_dedup_days(),
             webhook_token: String::new(),
             generic_webhooks: true,

@@ -34,8 +34,24 @@ impl Config {
                 ),
             );
         }
-        if self.ingest.default_company_id.trim().is_empty() {
-            return bad("ingest.default_company_id", "must not be empty");
+        if let Some(problem) = crate::message::company_id_problem(&self.ingest.default_company_id) {
+            return bad("ingest.default_company_id", &problem);
+        }
+        for (section, map) in [
+            ("meta.companies", &self.meta.companies),
+            ("waha.sessions", &self.waha.sessions),
+            ("evolution.instances", &self.evolution.instances),
+        ] {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            for key in keys {
+                if let Some(problem) = crate::message::company_id_problem(&map[key]) {
+                    return bad(&format!("{section}.{key}"), &format!("(a company id) {problem}"));
+                }
+            }
+        }
+        if self.ingest.max_text_bytes == 0 {
+            return bad("ingest.max_text_bytes", "must be at least 1");
         }
         if self.ingest.max_body_bytes < 256 {
             return bad("ingest.max_body_bytes", "must be at least 256");

@@ -298,9 +298,12 @@ async fn takeover_target(
     }
     let company_id = match body.get("company_id") {
         None | Some(Value::Null) => s.default_company_id.clone(),
-        Some(Value::String(c)) if !c.trim().is_empty() => c.trim().to_owned(),
-        Some(_) => return Err(ApiError::unprocessable("`company_id` must be a non-empty string")),
+        Some(Value::String(c)) => c.trim().to_owned(),
+        Some(_) => return Err(ApiError::unprocessable("`company_id` must be a string")),
     };
+    if let Some(problem) = crate::message::company_id_problem(&company_id) {
+        return Err(ApiError::unprocessable(format!("`company_id` {problem}")));
+    }
     Ok((crate::message::Conv { phone, company_id }, body))
 }
 

@@ -20,8 +20,8 @@ use crate::turns::{ContextOp, ContextOutcome};
 
 /// The conversation a context path names: company as given, phone normalised.
 fn context_conv(company_id: String, phone: &str) -> Result<Conv, ApiError> {
-    if company_id.trim().is_empty() || company_id.contains('\0') {
-        return Err(ApiError::unprocessable("company_id must not be empty"));
+    if let Some(problem) = crate::message::company_id_problem(&company_id) {
+        return Err(ApiError::unprocessable(format!("company_id {problem}")));
     }
     let phone = ingest::normalize_conversation(phone).map_err(ApiError::unprocessable)?;
     Ok(Conv { phone, company_id })

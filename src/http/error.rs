@@ -69,6 +69,41 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Refusals that did not come from an `ApiError` — an extractor's own (a
+/// path segment that is not UTF-8, a query that does not parse) — get the
+/// same shape: the status kept, their words (or the status's) as `error`.
+pub async fn json_refusals(response: Response) -> Response {
+    use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+    use http_body_util::{BodyExt, Limited};
+    let status = response.status();
+    let json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let words = match Limited::new(body, 4096).collect().await {
+        Ok(c) => String::from_utf8_lossy(&c.to_bytes()).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let message = if words.is_empty() {
+        status.canonical_reason().unwrap_or("refused").to_ascii_lowercase()
+    } else {
+        words
+    };
+    let mut answer = (status, Json(json!({ "error": message }))).into_response();
+    for (name, value) in &parts.headers {
+        if name != CONTENT_TYPE && name != CONTENT_LENGTH {
+            answer.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    *answer.extensions_mut() = parts.extensions;
+    answer
+}
+
 /// A message refused by ingest: broken JSON 400, a bad field 422, and a
 /// store that could not take it 503, so the gateway delivers it again.
 impl From<IngestError> for ApiError {

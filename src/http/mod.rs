@@ -76,6 +76,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub context_max_bytes: usize,
     pub default_company_id: String,
+    /// What every message is held to (`ingest.max_text_bytes`, ids, timestamps).
+    pub caps: crate::ingest::caps::Caps,
     /// `batching.max_wait_ms`, for the metrics.
     pub batch_max_wait_ms: u64,
     /// `ingest.quarantine_max`.
@@ -133,6 +135,7 @@ fn surface(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
         })
+        .layer(axum::middleware::map_response(error::json_refusals))
         .with_state(state)
 }
 

@@ -90,6 +90,7 @@ async fn webhook(
     }
     let body = read_json_body(s, headers, body, s.max_body_bytes).await?;
     let message = ingest::parse(&body, &s.default_company_id)?;
+    s.caps.message(&message)?;
     Ok(accepted_json(s.ingest.accept(message, immediate).await?))
 }
 
@@ -280,7 +281,7 @@ pub(super) fn parse(
         return Err(ingest::IngestError::Invalid("a shape this build does not know (test hook)".into()));
     }
     let at = unix_ms();
-    Ok(match gateway {
+    let events = match gateway {
         Gateway::Meta => ingest::meta::parse(body, &s.meta.companies, &s.default_company_id, at)?,
         Gateway::Waha => vec![ingest::waha::parse_event(body, &s.waha.sessions, &s.default_company_id, at)?],
         Gateway::Evolution => {
@@ -288,7 +289,10 @@ pub(super) fn parse(
                 serde_json::from_slice(body).map_err(|e| ingest::IngestError::Malformed(e.to_string()))?;
             vec![ingest::evolution::parse_event(&root, &s.evolution.instances, &s.default_company_id, at)?]
         }
-    })
+    };
+    // Whatever parsed is held to the same caps as the generic webhook.
+    s.caps.inbound(&events)?;
+    Ok(events)
 }
 
 async fn quarantine(

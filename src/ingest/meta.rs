@@ -86,11 +86,17 @@ pub fn parse(
                     normalize_phone(field("from")?).map_err(|err| invalid(format!("{at}.from: {err}")))?;
                 let timestamp = msg["timestamp"].as_str().and_then(|t| t.parse::<i64>().ok());
                 let kind = msg["type"].as_str().unwrap_or("unknown");
+                let text = text_of(kind, msg);
+                if text.is_empty() {
+                    // A text message with no text: nothing to answer (as
+                    // WAHA and Evolution have it).
+                    continue;
+                }
                 let message = NewMessage {
                     id: id.to_owned(),
                     conv: Conv { phone, company_id: company_id.to_owned() },
                     kind: kind.to_owned(),
-                    text: text_of(kind, msg),
+                    text,
                     timestamp,
                     received_at_ms,
                 };

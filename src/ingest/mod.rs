@@ -9,6 +9,7 @@
 //! about each new message before answering, so no message is ever stored
 //! without becoming a turn — even if this request's task is dropped.
 
+pub mod caps;
 pub mod evolution;
 pub mod meta;
 pub mod signature;
@@ -127,9 +128,6 @@ pub fn normalize_conversation(raw: &str) -> Result<String, String> {
     normalize_phone(raw)
 }
 
-/// Longest accepted message id; WhatsApp's are well under 100 bytes.
-const MAX_ID_BYTES: usize = 256;
-
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     /// The body is not JSON at all (400).
@@ -157,7 +155,8 @@ pub struct Counts {
 }
 
 /// Parses and validates the generic webhook payload
-/// `{"id", "from", "message", "timestamp"?, "company_id"?}`.
+/// `{"id", "from", "message", "timestamp"?, "company_id"?}` (the caps:
+/// `caps::Caps::message`).
 pub fn parse(body: &[u8], default_company_id: &str) -> Result<NewMessage, IngestError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| IngestError::Malformed(e.to_string()))?;
     let obj = value.as_object().ok_or_else(|| IngestError::Invalid("body must be a JSON object".into()))?;
@@ -173,9 +172,6 @@ pub fn parse(body: &[u8], default_company_id: &str) -> Result<NewMessage, Ingest
         }
     };
     let id = required_str("id")?;
-    if id.len() > MAX_ID_BYTES {
-        return Err(invalid(format!("field `id` is longer than {MAX_ID_BYTES} bytes")));
-    }
     let phone = normalize_phone(required_str("from")?).map_err(|e| invalid(format!("field `from`: {e}")))?;
     let text = required_str("message")?;
     let timestamp = match obj.get("timestamp") {
@@ -190,7 +186,7 @@ pub fn parse(body: &[u8], default_company_id: &str) -> Result<NewMessage, Ingest
     };
     let company_id = match obj.get("company_id") {
         None | Some(Value::Null) => default_company_id.to_owned(),
-        Some(Value::String(s)) if !s.trim().is_empty() && !s.contains('\0') => s.trim().to_owned(),
+        Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_owned(),
         Some(Value::Number(n)) if n.is_u64() => n.to_string(),
         Some(_) => return Err(invalid("field `company_id` must be a non-empty string".into())),
     };

@@ -153,11 +153,34 @@ async fn chaos_keeps_every_invariant() {
     let settle = Instant::now() + Duration::from_secs(90);
     let mut retried = HashSet::new();
     let final_turns = loop {
-        assert!(Instant::now() < settle, "the pipeline never settled");
         exits += restart_if_exited(&daemon, &env, &log);
         let turns = committed(client.clone(), admin.clone(), phone_list.clone()).await;
         let in_turns: usize = turns.values().flatten().map(|t| t["messages"].as_array().unwrap().len()).sum();
         let dead_now = dead(client.clone(), admin.clone()).await;
+        if Instant::now() >= settle {
+            let phones_short: Vec<String> = acked
+                .iter()
+                .filter(|(phone, sent)| {
+                    let got: usize = turns
+                        .get(*phone)
+                        .map_or(0, |ts| ts.iter().map(|t| t["messages"].as_array().unwrap().len()).sum());
+                    got < sent.len()
+                })
+                .map(|(phone, _)| phone.clone())
+                .collect();
+            let stats = client.get(format!("{admin}/api/batches")).send().await;
+            let stats = match stats {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(e) => format!("no batches: {e}"),
+            };
+            panic!(
+                "the pipeline never settled: {in_turns} of {total} messages in committed turns, {} dead now \
+                 ({} retried); phones short: {phones_short:?}\npending batches: {stats}\nthe daemon's log, newest first:\n{}",
+                dead_now.len(),
+                retried.len(),
+                log_tail(&log, 80)
+            );
+        }
         for d in &dead_now {
             let id = d["turn_id"].as_str().unwrap().to_owned();
             assert!(!d["messages"].as_array().unwrap().is_empty(), "a dead turn keeps its messages");

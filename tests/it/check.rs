@@ -117,6 +117,18 @@ fn each_refused_combination_exits_2_naming_the_key() {
             "server.admin_listen",
         ),
         ("an unknown key", "[turns]\nhistory_limt = 5\n".into(), vec![], "history_limt"),
+        (
+            "a company id with a space",
+            "[waha]\nsessions = { lotos = \"salon one\" }\n".into(),
+            vec![],
+            "waha.sessions.lotos",
+        ),
+        (
+            "a 65-byte default company",
+            format!("[ingest]\ndefault_company_id = \"{}\"\n", "c".repeat(65)),
+            vec![],
+            "ingest.default_company_id",
+        ),
         ("a wrong type", "[batching]\ndebounce_ms = \"ten\"\n".into(), vec![], "batching.debounce_ms"),
         (
             "a stop shorter than the turns' grace",
