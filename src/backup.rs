@@ -3,7 +3,8 @@
 //!
 //! Layout: the magic line `TURNSTILE-BACKUP 1\n`, then a gzip stream of
 //! records — `1, tree (u16 len + bytes), key (u32 len + bytes), value
-//! (u32 len + bytes)` — closed by `0`, then the manifest as `u32 len + JSON`.
+//! (u32 len + bytes)` — closed by `0`, then the manifest as `u32 len + JSON`;
+//! nothing follows the gzip stream.
 //! The SHA-256 covers the record bytes; gzip's CRC covers the rest. Reading a
 //! file always checks both, so `verify`, `restore` and a truncated or flipped
 //! file fail the same clean way.
@@ -14,10 +15,10 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use flate2::read::GzDecoder;
+use flate2::bufread::GzDecoder;
 use flate2::write::GzEncoder;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -61,14 +62,31 @@ pub struct Manifest {
 
 /// Writes a backup of `store` to `out` (a consistent cut; writers wait).
 pub fn write(store: &Store, out: impl Write) -> Result<Manifest, BackupError> {
-    let mut out = out;
     let fail = |e: std::io::Error| BackupError::Io { path: "backup output".into(), source: e };
-    out.write_all(MAGIC).map_err(fail)?;
-    let mut z = GzEncoder::new(out, flate2::Compression::fast());
-    let mut hash = Sha256::new();
-    let mut counts = BTreeMap::new();
-    let mut records = 0u64;
-    let next_id = store.export(|tree, key, value| -> Result<(), BackupError> {
+    let mut encoder = Encoder::new(out).map_err(fail)?;
+    let next_id = store.export(|tree, key, value| encoder.record(tree, key, value).map_err(fail))?;
+    let (manifest, mut out) = encoder.finish(next_id).map_err(fail)?;
+    out.flush().map_err(fail)?;
+    Ok(manifest)
+}
+
+/// The format's writing side: the magic line, then records into the gzip
+/// stream as they come, hashed and counted, then the end tag and the manifest.
+struct Encoder<W: Write> {
+    z: GzEncoder<W>,
+    hash: Sha256,
+    counts: BTreeMap<String, u64>,
+    records: u64,
+}
+
+impl<W: Write> Encoder<W> {
+    fn new(mut out: W) -> std::io::Result<Encoder<W>> {
+        out.write_all(MAGIC)?;
+        let z = GzEncoder::new(out, flate2::Compression::fast());
+        Ok(Encoder { z, hash: Sha256::new(), counts: BTreeMap::new(), records: 0 })
+    }
+
+    fn record(&mut self, tree: &str, key: &[u8], value: &[u8]) -> std::io::Result<()> {
         let mut rec = Vec::with_capacity(11 + tree.len() + key.len() + value.len());
         rec.push(1u8);
         rec.extend_from_slice(&(tree.len() as u16).to_be_bytes());
@@ -77,27 +95,28 @@ pub fn write(store: &Store, out: impl Write) -> Result<Manifest, BackupError> {
         rec.extend_from_slice(key);
         rec.extend_from_slice(&(value.len() as u32).to_be_bytes());
         rec.extend_from_slice(value);
-        hash.update(&rec);
-        *counts.entry(tree.to_owned()).or_insert(0) += 1;
-        records += 1;
-        z.write_all(&rec).map_err(fail)
-    })?;
-    hash.update([0u8]);
-    z.write_all(&[0u8]).map_err(fail)?;
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        created_at_ms: unix_ms(),
-        next_id,
-        counts,
-        records,
-        sha256: hex(&hash.finalize()),
-    };
-    let json = serde_json::to_vec(&manifest).expect("a manifest serializes");
-    z.write_all(&(json.len() as u32).to_be_bytes()).map_err(fail)?;
-    z.write_all(&json).map_err(fail)?;
-    let mut out = z.finish().map_err(fail)?;
-    out.flush().map_err(fail)?;
-    Ok(manifest)
+        self.hash.update(&rec);
+        *self.counts.entry(tree.to_owned()).or_insert(0) += 1;
+        self.records += 1;
+        self.z.write_all(&rec)
+    }
+
+    fn finish(mut self, next_id: u64) -> std::io::Result<(Manifest, W)> {
+        self.hash.update([0u8]);
+        self.z.write_all(&[0u8])?;
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            created_at_ms: unix_ms(),
+            next_id,
+            counts: self.counts,
+            records: self.records,
+            sha256: hex(&self.hash.finalize()),
+        };
+        let json = serde_json::to_vec(&manifest).expect("a manifest serializes");
+        self.z.write_all(&(json.len() as u32).to_be_bytes())?;
+        self.z.write_all(&json)?;
+        Ok((manifest, self.z.finish()?))
+    }
 }
 
 /// One record of a backup.
@@ -115,7 +134,7 @@ pub fn read<E: From<BackupError>>(
     if input.read_exact(&mut magic).is_err() || magic != MAGIC {
         return Err(BackupError::NotABackup.into());
     }
-    let mut z = BufReader::new(GzDecoder::new(input));
+    let mut z = BufReader::new(GzDecoder::new(BufReader::new(input)));
     let damaged = |e: std::io::Error| BackupError::Damaged(e.to_string());
     let mut hash = Sha256::new();
     let mut counts: BTreeMap<String, u64> = BTreeMap::new();
@@ -145,6 +164,11 @@ pub fn read<E: From<BackupError>>(
     if !rest.is_empty() {
         return Err(BackupError::Damaged("data after the manifest".into()).into());
     }
+    // The gzip stream ends the file: bytes after it were not written by us.
+    let mut after = z.into_inner().into_inner();
+    if !after.fill_buf().map_err(damaged)?.is_empty() {
+        return Err(BackupError::Damaged("data after the compressed stream".into()).into());
+    }
     let manifest: Manifest =
         serde_json::from_slice(&json).map_err(|e| BackupError::Damaged(format!("manifest: {e}")))?;
     if manifest.format_version != FORMAT_VERSION {
@@ -162,8 +186,18 @@ fn read_chunk(r: &mut impl Read, len_bytes: usize, hash: &mut Sha256) -> std::io
     let mut len = [0u8; 4];
     r.read_exact(&mut len[4 - len_bytes..])?;
     hash.update(&len[4 - len_bytes..]);
-    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
-    r.read_exact(&mut buf)?;
+    let len = u32::from_be_bytes(len) as u64;
+    // Read as it comes, not allocated up front: a length that damage made
+    // huge (the CRC is checked only at the stream's end) must not claim
+    // 4 GiB before the data runs out.
+    let mut buf = Vec::new();
+    r.take(len).read_to_end(&mut buf)?;
+    if (buf.len() as u64) < len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("a field of {len} bytes ends after {}", buf.len()),
+        ));
+    }
     hash.update(&buf);
     Ok(buf)
 }
@@ -344,3 +378,6 @@ fn sibling(path: &Path, what: &str) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into());
     path.with_file_name(format!(".{name}.{what}-{}", std::process::id()))
 }
+
+#[cfg(test)]
+mod fuzz;

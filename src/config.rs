@@ -229,6 +229,9 @@ pub struct TurnsConfig {
     pub max_concurrent: usize,
     /// Committed turns kept per conversation for `GET /api/conversations`.
     pub history_limit: usize,
+    /// Bytes of history kept per conversation: older turns go first, and a
+    /// turn larger than this alone is kept with its texts clipped.
+    pub history_max_bytes: usize,
     /// On shutdown, how long running turns may take to finish before the
     /// daemon exits anyway (they re-run on the next start).
     pub shutdown_grace_ms: u64,

@@ -49,11 +49,15 @@ pub struct Encoded {
     pub raw_len: u64,
 }
 
+/// Decoded borrowing its text from the stored bytes: a damaged length
+/// prefix then runs past the end of the bytes and is an error, where an
+/// owned `String` would first be allocated at the length it claims (a
+/// terabyte aborts the process).
 #[derive(Serialize, Deserialize)]
-struct Record {
+struct Record<'a> {
     version: u8,
     /// JSON text: bincode cannot carry `serde_json::Value` itself (it is self-describing).
-    json: String,
+    json: &'a str,
 }
 
 pub fn encode(value: &Value) -> Encoded {
@@ -63,7 +67,7 @@ pub fn encode(value: &Value) -> Encoded {
 /// Encodes JSON text as it came (a handler's answer), without building a tree.
 pub fn encode_json(json: String) -> Encoded {
     let raw_len = json.len() as u64;
-    let record = Record { version: FORMAT_VERSION, json };
+    let record = Record { version: FORMAT_VERSION, json: &json };
     let mut raw = vec![PLAIN];
     bincode::serde::encode_into_std_write(&record, &mut raw, bincode::config::standard())
         .expect("bincode encodes a string record");
@@ -99,13 +103,17 @@ fn decode_text(bytes: &[u8]) -> Result<String, ContextError> {
             &inflated
         }
     };
-    let (record, _): (Record, usize) = bincode::serde::decode_from_slice(raw, bincode::config::standard())
-        .map_err(|e| ContextError::Record(e.to_string()))?;
+    let (record, _): (Record, usize) =
+        bincode::serde::borrow_decode_from_slice(raw, bincode::config::standard())
+            .map_err(|e| ContextError::Record(e.to_string()))?;
     if record.version != FORMAT_VERSION {
         return Err(ContextError::Version(record.version));
     }
-    Ok(record.json)
+    Ok(record.json.to_owned())
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {
@@ -131,7 +139,7 @@ mod tests {
         assert_eq!(encoded.bytes[0], PLAIN);
         assert_eq!(decode(&encoded.bytes).unwrap(), small);
         // What earlier builds stored for the same part: a deflate stream.
-        let record = Record { version: FORMAT_VERSION, json: small.to_string() };
+        let record = Record { version: FORMAT_VERSION, json: &small.to_string() };
         let raw = bincode::serde::encode_to_vec(&record, bincode::config::standard()).unwrap();
         let mut z = DeflateEncoder::new(Vec::new(), Compression::default());
         z.write_all(&raw).unwrap();
@@ -148,5 +156,10 @@ mod tests {
             bytes[i] ^= 0xa5;
         }
         assert!(decode(b"not deflate at all").is_err());
+        // A plain record whose text claims a terabyte: refused, never allocated.
+        let mut claims = vec![PLAIN, FORMAT_VERSION, 253];
+        claims.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        claims.extend_from_slice(b"{}");
+        assert!(matches!(decode_raw(&claims), Err(ContextError::Record(_))));
     }
 }

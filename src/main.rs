@@ -65,7 +65,10 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Check a backup file: format, checksum, counts; records and bytes per tree.
+    /// Check a backup file (format, checksum, counts; records and bytes per
+    /// tree), or a stopped daemon's data directory: every check the daemon's
+    /// start makes of its files, changing nothing. Exit 1 if it would not
+    /// start (each damaged file named, with its offset).
     Verify { file: PathBuf },
     /// Rewrite a stopped daemon's data directory without the space its
     /// store has not reclaimed (through a backup; switched in atomically).
@@ -133,6 +136,7 @@ fn main() -> ExitCode {
         Command::Restore { from, data, force } => {
             report(backup::restore(&from, &data, force), &format!("restored into {}", data.display()))
         }
+        Command::Verify { file } if file.is_dir() => verify_data(&file),
         Command::Verify { file } => match backup::verify_sizes(&file) {
             Ok((manifest, bytes)) => {
                 for (tree, n) in &manifest.counts {
@@ -237,6 +241,29 @@ fn gen_trace(out: Option<PathBuf>, params: &turnstile::replay::generate::Params)
         }
         Err(e) => {
             eprintln!("turnstile: writing the trace: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `verify DIR`: what the store's open would refuse, and what it would
+/// repair; exit 1 if it would not open.
+fn verify_data(dir: &std::path::Path) -> ExitCode {
+    match turnstile::store::verify(dir) {
+        Ok(findings) => {
+            for f in &findings {
+                println!("  {} {}", if f.refuses { "damaged: " } else { "repairs: " }, f.what);
+            }
+            if findings.iter().any(|f| f.refuses) {
+                eprintln!("turnstile: {} would not open: damaged files (above)", dir.display());
+                ExitCode::FAILURE
+            } else {
+                println!("{} opens ({} to repair on the next start)", dir.display(), findings.len());
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("turnstile: {}: {e}", dir.display());
             ExitCode::FAILURE
         }
     }

@@ -59,6 +59,13 @@ fn default_max_concurrent() -> usize {
 fn default_history_limit() -> usize {
     20
 }
+/// 32 KiB: 20 turns of ordinary chat fit (a turn of chat is under 1 KiB as
+/// stored); a conversation of long texts keeps its last turns, clipped. It
+/// also keeps a page of sled's (16 records) under what sled counts against
+/// its cache (see `store::SEGMENT_BYTES`).
+fn default_history_max_bytes() -> usize {
+    32 * 1024
+}
 /// Below systemd's default TimeoutStopSec of 90 s, and below the unit's 30 s.
 fn default_shutdown_grace_ms() -> u64 {
     20_000
@@ -217,6 +224,7 @@ impl Default for TurnsConfig {
         TurnsConfig {
             max_concurrent: default_max_concurrent(),
             history_limit: default_history_limit(),
+            history_max_bytes: default_history_max_bytes(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
             history_days: default_retention_days(),
             dead_retention_days: default_retention_days(),

@@ -4,8 +4,10 @@
 use super::{Config, ConfigError};
 
 const ENV_PREFIX: &str = "TURNSTILE_";
-/// Environment variables with the prefix that are not config keys.
-pub(super) const ENV_RESERVED: &[&str] = &["TURNSTILE_CONFIG", crate::server::TEST_FAULTS_ENV];
+/// Environment variables with the prefix that are not config keys (the
+/// config file's path, the test faults, the fuzz properties' case count).
+pub(super) const ENV_RESERVED: &[&str] =
+    &["TURNSTILE_CONFIG", crate::server::TEST_FAULTS_ENV, "TURNSTILE_FUZZ_CASES"];
 
 /// Overlays `TURNSTILE_<SECTION>_<KEY>` variables. The type of each value is
 /// taken from the key's default, so `TURNSTILE_INGEST_DEFAULT_COMPANY_ID=962302`

@@ -96,6 +96,9 @@ impl Config {
         if self.turns.max_concurrent == 0 {
             return bad("turns.max_concurrent", "must be at least 1");
         }
+        if self.turns.history_max_bytes < 4096 {
+            return bad("turns.history_max_bytes", "must be at least 4096");
+        }
         for (key, days) in [
             ("turns.history_days", self.turns.history_days),
             ("turns.dead_retention_days", self.turns.dead_retention_days),

@@ -83,9 +83,10 @@ pub fn parse_event(
                 Value::Number(n) => n.as_i64(),
                 Value::String(s) => s.parse().ok(),
                 // protobuf's Long, as Evolution sometimes passes it through.
-                Value::Object(long) => long["low"]
-                    .as_i64()
-                    .map(|low| (low & 0xffff_ffff) | long["high"].as_i64().unwrap_or(0) << 32),
+                // (A `Map` is read with `get`: indexing one panics on a missing key.)
+                Value::Object(long) => long.get("low").and_then(Value::as_i64).map(|low| {
+                    (low & 0xffff_ffff) | long.get("high").and_then(Value::as_i64).unwrap_or(0) << 32
+                }),
                 _ => None,
             };
             let message = NewMessage {
@@ -217,6 +218,13 @@ mod tests {
         let mut upper = upsert(key(jid, false, "E6"), json!({"conversation": "да"}));
         upper["event"] = json!("MESSAGES_UPSERT");
         assert!(matches!(parse(&upper), Inbound::Message(_, _)));
+
+        // protobuf's Long, with its halves or without them (a panic once).
+        let mut long = upsert(key(jid, false, "E10"), json!({"conversation": "да"}));
+        long["data"]["messageTimestamp"] = json!({"low": -1_000_000_000, "high": 0});
+        assert!(matches!(parse(&long), Inbound::Message(m, _) if m.timestamp == Some(3_294_967_296)));
+        long["data"]["messageTimestamp"] = json!({"high": 1});
+        assert!(matches!(parse(&long), Inbound::Message(m, _) if m.timestamp.is_none()));
 
         let mine = upsert(key(jid, true, "E7"), json!({"conversation": "Записали вас"}));
         assert!(matches!(parse(&mine), Inbound::Staff(s) if s.text == "Записали вас" && s.by == "evolution"));

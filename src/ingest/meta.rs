@@ -111,8 +111,12 @@ pub fn parse(
 fn status(st: &Value, received_at_ms: u64) -> Result<Option<Inbound>, String> {
     use crate::store::{Delivery, Failure};
     let id = st["id"].as_str().filter(|s| !s.is_empty()).ok_or(".id must be a non-empty string")?;
-    let at_ms =
-        st["timestamp"].as_str().and_then(|t| t.parse::<u64>().ok()).map_or(received_at_ms, |t| t * 1000);
+    // Unix seconds; a number of them no millisecond clock holds is no time.
+    let at_ms = st["timestamp"]
+        .as_str()
+        .and_then(|t| t.parse::<u64>().ok())
+        .and_then(|t| t.checked_mul(1000))
+        .unwrap_or(received_at_ms);
     let state = match st["status"].as_str() {
         Some("sent") => Delivery::Server,
         Some("delivered") => Delivery::Delivered,
@@ -233,6 +237,11 @@ mod tests {
         let statuses = serde_json::json!({"object": "whatsapp_business_account", "entry": [{"changes": [{"field": "messages",
             "value": {"metadata": {"phone_number_id": "9"}, "statuses": [{"id": "wamid.x", "status": "delivered"}]}}]}]});
         assert!(parse(&serde_json::to_vec(&statuses).unwrap(), &HashMap::new(), "d", 0).unwrap().is_empty());
+        // A time past any millisecond clock is the receipt's own (an overflow once).
+        let far = serde_json::json!({"entry": [{"changes": [{"field": "messages", "value": {"statuses": [
+            {"id": "wamid.x", "status": "read", "timestamp": "18446744073709551615"}]}}]}]});
+        let receipts = super::parse(&serde_json::to_vec(&far).unwrap(), &HashMap::new(), "d", 7).unwrap();
+        assert!(matches!(&receipts[..], [Inbound::Receipt(r)] if r.at_ms == 7));
         let got = parse(&delivery(serde_json::json!([{"from": "79001234567", "id": "w", "type": "text", "text": {"body": "x"}}])), &HashMap::new(), "d", 0).unwrap();
         assert_eq!(got[0].conv.company_id, "d");
     }

@@ -22,7 +22,7 @@ use crate::store::{Inserted, Store, StoreError};
 
 /// What one gateway event carries. A chat addressed by a LID carries it
 /// (`lid`): ingest resolves it to the conversation it belongs to.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Inbound {
     Message(crate::message::NewMessage, Option<Lid>),
     /// A client's presence in a chat: handed to the driver, never stored.
@@ -282,6 +282,9 @@ impl Ingest {
         Ok(counts)
     }
 }
+
+#[cfg(test)]
+pub(crate) mod fuzz;
 
 #[cfg(test)]
 mod tests {

@@ -18,9 +18,9 @@
 //! Chunk framing, little-endian: `count: u32`, `crc32: u32` (of what
 //! follows), `newest_ms: u64` (the latest retirement in the chunk), then
 //! `count` hashes of 16 bytes (big-endian, as in sled's records). A short or
-//! damaged chunk at the end of the newest file is the torn tail of a crash
-//! (its marks are still in sled) and is cut off on open; anywhere else it is
-//! corruption.
+//! damaged chunk at the end of the newest file, with no whole chunk after
+//! it, is the torn tail of a crash (its marks are still in sled) and is cut
+//! off on open; anywhere else it is damage, and the open stops there.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
@@ -28,7 +28,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::dedup::{self, IdHash, IdSet};
-use super::log::{io_error, sync_dir};
+use super::log::{check_tail, io_error, sync_dir, Tail};
 use super::StoreError;
 
 /// The archive's directory, inside the data directory.
@@ -91,26 +91,49 @@ fn frame(newest_ms: u64, hashes: &[IdHash]) -> Vec<u8> {
     out
 }
 
-/// Every whole chunk of a file, and how many bytes they take from its start.
-fn read_file(path: &Path) -> Result<(Vec<Chunk>, u64, u64), StoreError> {
+/// The end of the whole, checked chunk at `at`, if one starts there.
+fn chunk_at(bytes: &[u8], at: usize) -> Option<usize> {
+    let header = bytes.get(at..at + HEADER)?;
+    let count = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+    let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+    let end = at + HEADER + count as usize * 16;
+    let whole = count != 0 && count <= MAX_COUNT && end <= bytes.len();
+    (whole && crc32fast::hash(&bytes[at + 8..end]) == crc).then_some(end)
+}
+
+/// Every whole chunk of a file, how many bytes they take from its start,
+/// and what follows them: a torn chunk (no whole chunk after it) or damage.
+fn read_file(path: &Path) -> Result<(Vec<Chunk>, u64, Tail), StoreError> {
     let mut bytes = Vec::new();
     File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(|e| io_error(path, e))?;
     let mut chunks = Vec::new();
     let mut at = 0usize;
-    while bytes.len() - at >= HEADER {
-        let count = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
-        let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
-        let end = at + HEADER + count as usize * 16;
-        if count == 0 || count > MAX_COUNT || end > bytes.len() || crc32fast::hash(&bytes[at + 8..end]) != crc
-        {
-            break;
-        }
+    while let Some(end) = chunk_at(&bytes, at) {
         let newest_ms = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().expect("8 bytes"));
         let hashes = dedup::unpack(&bytes[at + HEADER..end]).expect("a multiple of 16 bytes");
         chunks.push(Chunk { newest_ms, hashes });
         at = end;
     }
-    Ok((chunks, at as u64, (bytes.len() - at) as u64))
+    let tail = if at == bytes.len() {
+        Tail::Clean
+    } else {
+        // Whole chunks from some offset to the very end: damage, not the
+        // torn chunk of a crash (as the log's `resumes_after`).
+        let runs_to_end = |mut next: usize| {
+            while next < bytes.len() {
+                match chunk_at(&bytes, next) {
+                    Some(end) => next = end,
+                    None => return false,
+                }
+            }
+            true
+        };
+        match (at + 1..bytes.len()).find(|&next| chunk_at(&bytes, next).is_some() && runs_to_end(next)) {
+            Some(next) => Tail::Damaged { at: at as u64, resumes: next as u64 },
+            None => Tail::Torn { at: at as u64, bytes: (bytes.len() - at) as u64 },
+        }
+    };
+    Ok((chunks, at as u64, tail))
 }
 
 /// Every chunk of every file, oldest file first (for an export; a torn
@@ -163,6 +186,25 @@ fn files(data_dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
     Ok(file_nos(&dir).map_err(|e| io_error(&dir, e))?.into_iter().map(|no| file_path(&dir, no)).collect())
 }
 
+/// What opening the archive would cut (for `verify`), changing nothing;
+/// the error the open would stop with.
+pub(crate) fn check(data_dir: &Path) -> Result<Vec<String>, StoreError> {
+    let dir = data_dir.join(DIR_NAME);
+    let nos = file_nos(&dir).map_err(|e| io_error(&dir, e))?;
+    let mut notes = Vec::new();
+    for (i, &no) in nos.iter().enumerate() {
+        let path = file_path(&dir, no);
+        let (_, _, tail) = read_file(&path)?;
+        if let Some((at, bytes)) = check_tail("dedup", &path, tail, i + 1 == nos.len())? {
+            notes.push(format!(
+                "{}@{at}: a torn chunk of {bytes} bytes at the end; cut off on the next start",
+                path.display()
+            ));
+        }
+    }
+    Ok(notes)
+}
+
 impl Archive {
     /// Reads every file's marks into `seen`; a torn tail of the newest file
     /// is cut off, damage elsewhere refuses the open.
@@ -172,18 +214,9 @@ impl Archive {
         let mut files = Vec::with_capacity(nos.len());
         for (i, &no) in nos.iter().enumerate() {
             let path = file_path(&dir, no);
-            let (chunks, valid, trailing) = read_file(&path)?;
-            if trailing > 0 {
-                if i + 1 < nos.len() {
-                    return Err(StoreError::Corrupt {
-                        tree: "dedup",
-                        key: format!("{}@{valid}", path.display()),
-                        reason: format!(
-                            "{trailing} bytes that are not whole chunks, in a file older than the newest"
-                        ),
-                    });
-                }
-                tracing::warn!(path = %path.display(), bytes = trailing, "cut a torn chunk off the dedup archive");
+            let (chunks, valid, tail) = read_file(&path)?;
+            if let Some((at, bytes)) = check_tail("dedup", &path, tail, i + 1 == nos.len())? {
+                tracing::warn!(file = %path.display(), offset = at, bytes, "cut a torn chunk off the dedup archive: what a crash in the middle of an append leaves");
                 super::log::truncate(&path, valid)?;
             }
             for c in &chunks {
@@ -249,6 +282,17 @@ impl Archive {
             let info = self.files.last().expect("not a roll: there is a file");
             self.head = Some(OpenOptions::new().write(true).open(file_path(&self.dir, info.no))?);
             return Ok(());
+        }
+        if self.torn {
+            // A failed append left bytes past the end of the file being
+            // left behind: cut them now, or the next open would find damage
+            // in a file no longer appended to.
+            if let (Some(head), Some(info)) = (self.head.as_ref(), self.files.last()) {
+                head.set_len(info.len)?;
+                if self.sync {
+                    head.sync_data()?;
+                }
+            }
         }
         if !self.dir.exists() {
             std::fs::create_dir_all(&self.dir)?;
@@ -360,6 +404,33 @@ mod tests {
             Err(StoreError::Corrupt { tree: "dedup", .. }) => {}
             other => panic!("expected the damaged file named, got {:?}", other.map(|_| ())),
         }
+    }
+
+    #[test]
+    fn a_damaged_chunk_with_whole_chunks_after_it_refuses_the_open_even_in_the_newest_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Archive::open(dir.path(), &mut IdSet::default()).unwrap();
+        for i in 0..3 {
+            a.append(1_000 + i, &hashes_of(i as u128 * 2..i as u128 * 2 + 2)).unwrap();
+        }
+        let path = file_path(&dir.path().join(DIR_NAME), 1);
+        let good = std::fs::read(&path).unwrap();
+        let chunk = HEADER + 2 * 16;
+        let mut bad = good.clone();
+        bad[chunk + 20] ^= 0x01;
+        std::fs::write(&path, &bad).unwrap();
+        let err = Archive::open(dir.path(), &mut IdSet::default()).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains(&format!("0000000000000001.ids@{chunk}")), "{err}");
+        assert_eq!(check(dir.path()).unwrap_err().to_string(), err, "verify says the same");
+        assert_eq!(std::fs::read(&path).unwrap(), bad, "nothing cut");
+        // The last chunk damaged: a torn tail, cut off.
+        let mut torn = good.clone();
+        torn[2 * chunk + 20] ^= 0x01;
+        std::fs::write(&path, &torn).unwrap();
+        assert_eq!(check(dir.path()).unwrap().len(), 1);
+        let mut seen = IdSet::default();
+        Archive::open(dir.path(), &mut seen).unwrap();
+        assert_eq!((seen.len(), std::fs::metadata(&path).unwrap().len()), (4, 2 * chunk as u64));
     }
 
     #[test]

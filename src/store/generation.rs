@@ -51,8 +51,8 @@ pub(crate) struct Gen {
 /// Where the current generation's sled files are, and its number.
 pub(super) fn current(data: &Path) -> Result<(u64, PathBuf), StoreError> {
     let pointer = data.join(POINTER);
-    let name = match std::fs::read_to_string(&pointer) {
-        Ok(name) => name.trim().to_owned(),
+    let name = match std::fs::read(&pointer) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, data.to_owned())),
         Err(e) => return Err(log::io_error(&pointer, e)),
     };

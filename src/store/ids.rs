@@ -30,16 +30,7 @@ impl Ids {
     /// Starts above the stored mark and above `floor` (ids a first-layout
     /// or restored store already used), and reserves a first block.
     pub(crate) fn open(dir: &Path, floor: u64) -> Result<Ids, StoreError> {
-        let path = dir.join(FILE);
-        let stored = match std::fs::read(&path) {
-            Ok(bytes) => Some(decode(&bytes).ok_or_else(|| StoreError::Corrupt {
-                tree: "ids",
-                key: path.display().to_string(),
-                reason: format!("{} bytes that are not a checked id mark", bytes.len()),
-            })?),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io_error(&path, e)),
-        };
+        let stored = check(dir)?;
         let start = stored.unwrap_or(0).max(floor).max(1);
         let ids = Ids {
             next: AtomicU64::new(start),
@@ -62,6 +53,22 @@ impl Ids {
         Ok(id)
     }
 
+    /// Makes sure no id up to `used` (the highest the store still holds)
+    /// is handed out again: an `ids` file older than the store's records (a
+    /// copy put back, or lost and missing) would otherwise repeat them.
+    /// True if it had to move the counter (it says so).
+    pub(crate) fn ensure_above(&self, used: u64) -> Result<bool, StoreError> {
+        let _writing = lock(&self.writing);
+        let next = self.next.load(Ordering::Relaxed);
+        if used < next {
+            return Ok(false);
+        }
+        tracing::warn!(file = %self.dir.join(FILE).display(), mark = next, used, "the id mark is below ids the store already holds (the file is older than the store, or was missing); new ids start above them");
+        self.reserve(used + 1 + BLOCK)?;
+        self.next.store(used + 1, Ordering::Relaxed);
+        Ok(true)
+    }
+
     /// The id the next call would return (for a backup's floor).
     pub(crate) fn peek(&self) -> u64 {
         self.next.load(Ordering::Relaxed)
@@ -75,6 +82,22 @@ impl Ids {
             .map_err(|e| io_error(&self.dir.join(FILE), e))?;
         self.reserved.store(mark, Ordering::Release);
         Ok(())
+    }
+}
+
+/// The stored mark (`None`: no file yet). It is replaced by rename, so a
+/// crash never leaves part of one: anything but a checked mark is damage,
+/// and the open stops rather than guess which ids were handed out.
+pub(crate) fn check(dir: &Path) -> Result<Option<u64>, StoreError> {
+    let path = dir.join(FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some(decode(&bytes).ok_or_else(|| StoreError::Corrupt {
+            tree: "ids",
+            key: path.display().to_string(),
+            reason: format!("{} bytes that are not a checked id mark", bytes.len()),
+        })?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error(&path, e)),
     }
 }
 
@@ -106,6 +129,14 @@ mod tests {
         assert!(after > *first.last().unwrap(), "{after} after {first:?}");
         let c = Ids::open(dir.path(), u64::MAX / 2).unwrap();
         assert!(c.next().unwrap() >= u64::MAX / 2);
+        // An older mark (a copy put back): moved above what is in use.
+        std::fs::write(dir.path().join(FILE), encode(10)).unwrap();
+        let d = Ids::open(dir.path(), 0).unwrap();
+        assert!(!d.ensure_above(9).unwrap());
+        assert!(d.ensure_above(5_000).unwrap());
+        assert_eq!(d.next().unwrap(), 5_001);
+        drop(d);
+        assert!(Ids::open(dir.path(), 0).unwrap().next().unwrap() > 5_001, "the new mark is on disk");
         std::fs::write(dir.path().join(FILE), b"garbage").unwrap();
         assert!(matches!(Ids::open(dir.path(), 0), Err(StoreError::Corrupt { tree: "ids", .. })));
     }

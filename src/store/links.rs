@@ -11,6 +11,8 @@
 //! makes a conversation of the LID's own until a payload shows the phone
 //! again) and is rewritten whole once it has twice that many records. Not in
 //! backups: a restored store relearns the links from the next payloads.
+//! Nor needed to recover: damage keeps the links still readable and drops
+//! the rest with a warning (`OnDamage::Skip`).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -18,7 +20,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use super::recfile::RecordFile;
+use super::recfile::{OnDamage, RecordFile};
 use super::StoreError;
 
 const FILE: &str = "lids";
@@ -55,7 +57,7 @@ impl Links {
     }
 
     fn open_with(dir: &Path, max: usize) -> Result<Links, StoreError> {
-        let (file, links) = RecordFile::open::<Link>(dir, FILE)?;
+        let (file, links) = RecordFile::open::<Link>(dir, FILE, OnDamage::Skip)?;
         let (mut map, mut order) = (HashMap::new(), VecDeque::new());
         for link in links {
             let k = (link.company, link.lid);
@@ -129,6 +131,11 @@ impl State {
         }
         self.order = kept;
     }
+}
+
+/// What opening the file would find (see `recfile::check`), changing nothing.
+pub(crate) fn check(dir: &Path) -> Result<Vec<String>, StoreError> {
+    super::recfile::check::<Link>(dir, FILE, OnDamage::Skip)
 }
 
 #[cfg(test)]

@@ -11,8 +11,10 @@
 //!
 //! Record framing, little-endian: `len: u32` (kind + payload), `crc32: u32`
 //! (of kind + payload), `kind: u8`, payload (bincode). A record that is short
-//! or fails its checksum at the end of the newest segment is the torn tail of
-//! a crash and is cut off on open; anywhere else it is corruption.
+//! or fails its checksum at the end of the newest segment, with no whole
+//! record after it, is the torn tail of a crash and is cut off on open;
+//! anywhere else — in a closed segment, or followed by whole records — it is
+//! damage, and the open stops there (`tail`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -115,6 +117,114 @@ pub(crate) fn records(bytes: &[u8]) -> (Vec<Record<'_>>, usize) {
     (out, at)
 }
 
+/// What follows the whole records at the start of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tail {
+    /// Nothing: the file is whole records.
+    Clean,
+    /// Bytes from `at` to the end, from no point of which whole records run
+    /// to the end: what a crash in the middle of an append leaves.
+    Torn { at: u64, bytes: u64 },
+    /// A damaged record at `at`, and whole records again from `resumes` to
+    /// the end: no crash leaves that (a group is written in order and
+    /// synced before the next), so it is damage.
+    Damaged { at: u64, resumes: u64 },
+}
+
+impl Tail {
+    /// Of `bytes` whose first `valid` bytes are whole records.
+    pub(crate) fn of(bytes: &[u8], valid: usize) -> Tail {
+        if valid >= bytes.len() {
+            return Tail::Clean;
+        }
+        match resumes_after(bytes, valid) {
+            Some(at) => Tail::Damaged { at: valid as u64, resumes: at as u64 },
+            None => Tail::Torn { at: valid as u64, bytes: (bytes.len() - valid) as u64 },
+        }
+    }
+}
+
+/// The first offset after `from` from which whole records with good
+/// checksums, of kinds the store writes, run to the very end. Only such a
+/// run tells damage from a torn append: a record cut short may hold, in its
+/// text, bytes that frame a record (a client can send them), but a crash
+/// cuts it at a point of its own, seldom at the end of one (and such bytes
+/// would have to frame a kind the store writes, too). Cheap in practice: at most offsets the
+/// length field is out of range or past the end, and a checksum is
+/// computed only for the few that are not.
+pub(crate) fn resumes_after(bytes: &[u8], from: usize) -> Option<usize> {
+    // A record whose length runs past the end is what a cut append leaves,
+    // whatever its text holds: nothing inside it counts as a resumption.
+    // (The price: a flip in such a record's length field reads as a torn
+    // tail, and what follows it is cut, with the warning naming the offset.)
+    if let Some(header) = bytes.get(from..from + 4) {
+        let len = u32::from_le_bytes(header.try_into().expect("4 bytes")) as usize;
+        if (1..=MAX_RECORD as usize).contains(&len) && from + 8 + len > bytes.len() {
+            return None;
+        }
+    }
+    let runs_to_end = |mut at: usize| {
+        while at < bytes.len() {
+            match whole_record_at(bytes, at) {
+                Some(len) => at += len,
+                None => return false,
+            }
+        }
+        true
+    };
+    (from + 1..bytes.len().saturating_sub(HEADER - 1))
+        .find(|&at| whole_record_at(bytes, at).is_some() && runs_to_end(at))
+}
+
+/// The length of the whole, checked record at `at`, if one starts there.
+fn whole_record_at(bytes: &[u8], at: usize) -> Option<usize> {
+    let header = bytes.get(at..at + 8)?;
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+    if len == 0 || len > MAX_RECORD || bytes.len() - at - 8 < len as usize {
+        return None;
+    }
+    let body = &bytes[at + 8..at + 8 + len as usize];
+    (KINDS.contains(&body[0]) && crc32fast::hash(body) == crc).then_some(8 + len as usize)
+}
+
+/// The kinds of record the store's files in this framing hold (the log's;
+/// the side files' 1).
+const KINDS: [u8; 3] = [KIND_MESSAGE, KIND_CLAIM, KIND_PROBE];
+
+/// What the open may do with a file's `tail`: nothing (`None`), cut off
+/// the torn tail of the file appended to last (`Some((at, bytes))`), or
+/// stop with the error naming the file and the offset of the damage.
+pub(crate) fn check_tail(
+    tree: &'static str,
+    file: &Path,
+    tail: Tail,
+    appended_last: bool,
+) -> Result<Option<(u64, u64)>, StoreError> {
+    let key = |at: u64| format!("{}@{at}", file.display());
+    match tail {
+        Tail::Clean => Ok(None),
+        Tail::Torn { at, bytes } if appended_last => Ok(Some((at, bytes))),
+        Tail::Torn { at, bytes } => Err(StoreError::Corrupt {
+            tree,
+            key: key(at),
+            reason: format!("{bytes} damaged bytes at the end of a file no longer appended to"),
+        }),
+        Tail::Damaged { at, resumes } => Err(damaged(tree, file, at, resumes)),
+    }
+}
+
+/// A damaged record at `at` in `file`, whole records again from `resumes`.
+pub(crate) fn damaged(tree: &'static str, file: &Path, at: u64, resumes: u64) -> StoreError {
+    StoreError::Corrupt {
+        tree,
+        key: format!("{}@{at}", file.display()),
+        reason: format!(
+            "a damaged record, then whole records again from offset {resumes}: damage, not the torn tail a crash leaves"
+        ),
+    }
+}
+
 pub(crate) fn segment_path(dir: &Path, no: u64) -> PathBuf {
     dir.join(format!("{no:016x}.seg"))
 }
@@ -143,12 +253,12 @@ pub(crate) struct SegmentRead {
     pub entries: Vec<Entry>,
     /// Bytes of whole, valid records from the start.
     pub valid_len: u64,
-    /// Bytes after them (a torn tail, or damage).
-    pub trailing: u64,
+    /// What follows them (a torn tail, or damage).
+    pub tail: Tail,
 }
 
 /// Reads every whole record of a segment. Stops at the first record that is
-/// short or fails its checksum; what follows is reported as `trailing`.
+/// short or fails its checksum; what follows is reported as `tail`.
 pub(crate) fn read_segment(path: &Path) -> Result<SegmentRead, StoreError> {
     let mut bytes = Vec::new();
     File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(|e| io_error(path, e))?;
@@ -170,7 +280,7 @@ pub(crate) fn read_segment(path: &Path) -> Result<SegmentRead, StoreError> {
             }
         });
     }
-    Ok(SegmentRead { entries, valid_len: valid as u64, trailing: (bytes.len() - valid) as u64 })
+    Ok(SegmentRead { entries, valid_len: valid as u64, tail: Tail::of(&bytes, valid) })
 }
 
 /// The segment being appended to.
@@ -289,13 +399,68 @@ mod tests {
         let path = segment_path(dir.path(), 1);
         let read = read_segment(&path).unwrap();
         assert_eq!(read.entries, vec![Entry::Message(message(1)), Entry::Claim(claim)]);
-        assert_eq!((read.valid_len, read.trailing), (whole, third.len() as u64 / 2));
+        assert_eq!(
+            (read.valid_len, read.tail),
+            (whole, Tail::Torn { at: whole, bytes: third.len() as u64 / 2 })
+        );
         // A flipped byte inside a record ends the valid part there.
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[HEADER + 2] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
         assert_eq!(read_segment(&path).unwrap().valid_len, 0);
         assert_eq!(segments(dir.path()).unwrap(), vec![1]);
+    }
+
+    #[test]
+    fn damage_followed_by_whole_records_is_told_from_a_torn_tail() {
+        let mut bytes = Vec::new();
+        let mut starts = Vec::new();
+        for seq in 1..=3 {
+            starts.push(bytes.len());
+            frame_message(&message(seq), &mut bytes);
+        }
+        let tail = |b: &[u8]| Tail::of(b, records(b).1);
+        assert_eq!(tail(&bytes), Tail::Clean);
+        // A byte of the second record flipped (checksum or payload): damage.
+        for at in [starts[1] + 4, starts[1] + 5, starts[1] + HEADER + 3] {
+            let mut b = bytes.clone();
+            b[at] ^= 0x40;
+            let found = tail(&b);
+            assert_eq!(
+                found,
+                Tail::Damaged { at: starts[1] as u64, resumes: starts[2] as u64 },
+                "flip at {at}"
+            );
+            let err = check_tail("log", Path::new("/d/log/1.seg"), found, true).unwrap_err().to_string();
+            assert!(err.contains(&format!("1.seg@{}", starts[1])), "{err}");
+        }
+        // Its length flipped so that it runs past the end: that reads as a
+        // cut append (the price of never taking a cut record's text for
+        // records), and the open cuts from there, naming the offset.
+        let mut b = bytes.clone();
+        b[starts[1]] ^= 0x40;
+        assert_eq!(tail(&b), Tail::Torn { at: starts[1] as u64, bytes: (bytes.len() - starts[1]) as u64 });
+        // The last record flipped, cut short, or zeroed: what a crash leaves.
+        let mut b = bytes.clone();
+        b[starts[2] + HEADER + 1] ^= 1;
+        assert_eq!(tail(&b), Tail::Torn { at: starts[2] as u64, bytes: (bytes.len() - starts[2]) as u64 });
+        assert_eq!(
+            tail(&bytes[..bytes.len() - 3]),
+            Tail::Torn { at: starts[2] as u64, bytes: (bytes.len() - 3 - starts[2]) as u64 }
+        );
+        let mut b = bytes.clone();
+        b[starts[2]..].fill(0);
+        assert!(matches!(tail(&b), Tail::Torn { .. }));
+        assert_eq!(
+            check_tail("log", Path::new("x"), tail(&b), true).unwrap(),
+            Some((starts[2] as u64, (bytes.len() - starts[2]) as u64))
+        );
+        // ... but not in a file no longer appended to.
+        assert!(check_tail("log", Path::new("x"), tail(&b), false).is_err());
+        // A zeroed page in the middle, whole records after it: damage.
+        let mut b = bytes.clone();
+        b[..starts[2]].fill(0);
+        assert_eq!(tail(&b), Tail::Damaged { at: 0, resumes: starts[2] as u64 });
     }
 
     #[test]

@@ -27,8 +27,11 @@
 
 mod archive;
 mod contexts;
+mod damage;
 mod dedup;
 mod durable;
+#[cfg(test)]
+mod fuzz;
 mod generation;
 mod ids;
 mod links;
@@ -56,6 +59,7 @@ use tokio::sync::oneshot;
 pub use contexts::{
     ContextMeta, ContextStats, ContextStatsSnapshot, ContextUpdate, Part, Sizes, StoredContext,
 };
+pub use damage::{verify, Finding};
 use records::{conv_prefix, decode, decode_all, phone_prefix};
 pub use records::{DeadInfo, OutboxItem, TurnRecord, TurnSummary};
 pub use recover::Recovered;
@@ -113,7 +117,8 @@ pub struct Announce {
 pub type Sink = dyn Fn(Vec<Announce>) -> bool + Send + Sync;
 
 /// A turn's commit: its messages leave the inbox, its summary joins the
-/// history (trimmed to `history_limit`), its context update is applied and
+/// history (trimmed to `history_limit` turns and `history_max_bytes`; the
+/// summary itself is clipped to fit), its context update is applied and
 /// its reply enters the outbox — one transaction.
 #[derive(Debug, Clone)]
 pub struct Commit {
@@ -122,6 +127,7 @@ pub struct Commit {
     pub context: ContextUpdate,
     pub outbox: Vec<OutboxItem>,
     pub history_limit: usize,
+    pub history_max_bytes: usize,
     pub now_ms: u64,
 }
 
@@ -411,6 +417,18 @@ pub struct Options {
 /// read back in), so 32 it is.
 pub const DEFAULT_CACHE_MB: u64 = 32;
 
+/// sled's segment size. sled counts a page against its cache by what it
+/// wrote to its log, and a page over a quarter of a segment goes to a file
+/// of its own (`blobs/`) and counts as a pointer: at sled's default 512 KiB
+/// (128 KiB pages) a leaf of 16 history records of a few KiB each escaped the
+/// cache, and 10,000 messages of 30 KB held 600 MB of heap with a 32 MiB
+/// cache. At 8 MiB a page stays counted up to 2 MiB: 16 records of
+/// `turns.history_max_bytes`' default (64 KiB) and more.
+pub const SEGMENT_BYTES: usize = 4 << 20;
+/// sled's default, which stores made before [`SEGMENT_BYTES`] keep (when
+/// sled's refusal does not name their size).
+const OLD_SEGMENT_BYTES: usize = 512 << 10;
+
 /// `store.rewrite_after_mb`'s default: a rewrite about every 80 s at 400
 /// turns/s (sled writes about 2 KB per turn it never reclaims), and a data
 /// directory that stays within its live size + half + 64 MB.
@@ -429,8 +447,26 @@ fn open_db(dir: &Path, options: Options) -> Result<sled::Db, StoreError> {
     // with it on (once a second) the soak grew just as fast (1.6-1.9 KB per
     // message at 400/s either way), so it would only cost CPU. Space comes
     // back by rewriting the trees (generation.rs) or `turnstile compact`.
-    let config = sled::Config::new().path(dir).flush_every_ms(None).cache_capacity(options.cache_bytes);
-    config.open().map_err(|e| match e {
+    let config = |segment: usize| {
+        sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .cache_capacity(options.cache_bytes)
+            .segment_size(segment)
+    };
+    // A store made before SEGMENT_BYTES keeps sled's old default (sled cannot
+    // change it in place); its next rewrite (generation.rs) or `compact`
+    // moves it to the new size.
+    let opened = match config(SEGMENT_BYTES).open() {
+        // sled 0.34 says "cannot change the io buffer size across restarts.
+        // please change it back to N" and nothing else of it.
+        Err(sled::Error::Unsupported(why)) if why.contains("io buffer size") => {
+            let old = why.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(OLD_SEGMENT_BYTES);
+            config(old).open()
+        }
+        other => other,
+    };
+    opened.map_err(|e| match e {
         sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
             StoreError::Held { dir: dir.display().to_string() }
         }

@@ -44,6 +44,53 @@ fn path(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("{id}.q"))
 }
 
+/// The delivery held in `p` (`None`: no such file), which must be one whole
+/// record holding delivery `id`: the file is written aside and renamed, so
+/// a crash never leaves part of one, and anything else is damage.
+fn read(p: &Path, id: &str) -> Result<Option<Held>, StoreError> {
+    let bytes = match std::fs::read(p) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(log::io_error(p, e)),
+    };
+    let key = p.display().to_string();
+    let corrupt = |reason: String| StoreError::Corrupt { tree: "quarantine", key: key.clone(), reason };
+    let (records, valid) = log::records(&bytes);
+    let held: Held = match records.first() {
+        Some((_, KIND_HELD, payload)) if valid == bytes.len() && records.len() == 1 => {
+            bincode::serde::decode_from_slice(payload, super::records::decoding())
+                .map_err(|e| corrupt(e.to_string()))?
+                .0
+        }
+        _ => {
+            return Err(corrupt(format!(
+                "not one whole record (the first {valid} of {} bytes are)",
+                bytes.len()
+            )))
+        }
+    };
+    if held.id != id {
+        return Err(corrupt(format!("it holds delivery {:?}, not {id:?}: a file from elsewhere", held.id)));
+    }
+    Ok(Some(held))
+}
+
+/// Reads every held delivery: each was acknowledged to its sender, so one
+/// that is damaged stops the open (naming its file) rather than vanish.
+/// How many there are.
+pub(crate) fn check(data_dir: &Path) -> Result<usize, StoreError> {
+    let dir = data_dir.join(DIR_NAME);
+    let nos = match log::numbered(&dir, ".q") {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        listed => listed.map_err(|e| log::io_error(&dir, e))?,
+    };
+    for no in &nos {
+        let id = format!("{no:016x}");
+        read(&path(&dir, &id), &id)?;
+    }
+    Ok(nos.len())
+}
+
 impl Quarantine {
     pub(crate) fn open(data_dir: &Path) -> Result<Quarantine, StoreError> {
         let dir = data_dir.join(DIR_NAME);
@@ -57,6 +104,7 @@ impl Quarantine {
                 std::fs::remove_file(&p).map_err(|e| log::io_error(&p, e))?;
             }
         }
+        check(data_dir)?;
         let next = nos.last().map_or(1, |n| n + 1);
         Ok(Quarantine { dir, next: AtomicU64::new(next), held: Mutex::new(nos.len()) })
     }
@@ -96,22 +144,7 @@ impl Quarantine {
         if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Ok(None);
         }
-        let p = path(&self.dir, id);
-        let bytes = match std::fs::read(&p) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(log::io_error(&p, e)),
-        };
-        let key = p.display().to_string();
-        let (records, valid) = log::records(&bytes);
-        match records.first() {
-            Some((_, KIND_HELD, payload)) if valid == bytes.len() => {
-                let (held, _) = bincode::serde::decode_from_slice(payload, bincode::config::standard())
-                    .map_err(|e| StoreError::Corrupt { tree: "quarantine", key, reason: e.to_string() })?;
-                Ok(Some(held))
-            }
-            _ => Err(StoreError::Corrupt { tree: "quarantine", key, reason: "not one whole record".into() }),
-        }
+        read(&path(&self.dir, id), id)
     }
 
     /// Every held delivery, oldest first.
@@ -188,8 +221,18 @@ mod tests {
         // A new one after a reopen never takes an old id.
         let c = q.put("meta", "x", b"{}", 7_000, 2).unwrap().unwrap();
         assert!(c > b, "{c} after {b}");
-        // Damage is named, not a panic.
-        std::fs::write(path(&dir.path().join(DIR_NAME), &c), b"\x01\x02").unwrap();
+        // Damage is named, not a panic, and refuses the next open.
+        let held = path(&dir.path().join(DIR_NAME), &c);
+        let whole = std::fs::read(&held).unwrap();
+        std::fs::write(&held, b"\x01\x02").unwrap();
         assert!(matches!(q.get(&c), Err(StoreError::Corrupt { tree: "quarantine", .. })));
+        let err = Quarantine::open(dir.path()).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains(&format!("{c}.q")), "{err}");
+        // Another delivery's file under this name: from elsewhere, refused too.
+        let d = q.put("meta", "y", b"{}", 8_000, 2).unwrap().unwrap();
+        std::fs::write(&held, std::fs::read(path(&dir.path().join(DIR_NAME), &d)).unwrap()).unwrap();
+        assert!(check(dir.path()).unwrap_err().to_string().contains("a file from elsewhere"));
+        std::fs::write(&held, whole).unwrap();
+        assert_eq!(check(dir.path()).unwrap(), 2);
     }
 }

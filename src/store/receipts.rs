@@ -8,7 +8,8 @@
 //! `SYNC_EVERY` records and when the store closes, so a clean stop loses
 //! none (a power cut loses at most the last few, which only means a
 //! "delivered" shown as "sent"). Rewritten whole, without what is past its
-//! retention, once it holds twice what is kept.
+//! retention, once it holds twice what is kept. Damage keeps the receipts
+//! still readable and drops the rest with a warning (`OnDamage::Skip`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -16,7 +17,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use super::recfile::RecordFile;
+use super::recfile::{OnDamage, RecordFile};
 use super::StoreError;
 use crate::message::Conv;
 
@@ -138,7 +139,7 @@ impl Receipt {
 
 impl Receipts {
     pub(crate) fn open(dir: &Path) -> Result<Receipts, StoreError> {
-        let (file, records) = RecordFile::open::<Record>(dir, FILE)?;
+        let (file, records) = RecordFile::open::<Record>(dir, FILE, OnDamage::Skip)?;
         let mut by_id: HashMap<String, Receipt> = HashMap::new();
         for r in records {
             match r {
@@ -239,6 +240,11 @@ impl State {
         self.unsynced = 0;
         self.file.rewrite(records)
     }
+}
+
+/// What opening the file would find (see `recfile::check`), changing nothing.
+pub(crate) fn check(dir: &Path) -> Result<Vec<String>, StoreError> {
+    super::recfile::check::<Record>(dir, FILE, OnDamage::Skip)
 }
 
 #[cfg(test)]

@@ -18,8 +18,8 @@ use super::log::{self, Entry, Head};
 use super::records::decode_all;
 use super::writer::Writer;
 use super::{
-    contexts, open_db, turn_of_claim, Inner, Memory, OpenClaim, OutboxItem, Pending, Segment, Shared, Store,
-    StoreError, Trees, TurnRecord, ID_FLOOR,
+    contexts, damage, open_db, turn_of_claim, Inner, Memory, OpenClaim, OutboxItem, Pending, Segment, Shared,
+    Store, StoreError, Trees, TurnRecord, ID_FLOOR,
 };
 use crate::message::{unix_ms, Message};
 
@@ -39,9 +39,23 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
     std::fs::create_dir_all(&log_dir).map_err(|e| log::io_error(&log_dir, e))?;
     let lock = lock_dir(dir)?;
     let (gen_no, db_dir) = generation::current(dir)?;
+    // Before anything is deleted on the word of `trees`: a missing `db`
+    // there may mean the pointer is what is damaged.
+    for note in damage::check_sled_files(dir, &db_dir, true)? {
+        tracing::warn!("{note}");
+    }
     generation::remove_stale(dir, gen_no)?;
-    let db = open_db(&db_dir, options)?;
-    let trees = Trees::open(&db)?;
+    // Every page sled holds is read once here, where damage refuses the open.
+    let (db, trees, (_, in_trees)) = damage::guarded(&db_dir, || {
+        let db = open_db(&db_dir, options)?;
+        let trees = Trees::open(&db)?;
+        let walked = super::sizes::walk(&db)?;
+        Ok((db, trees, walked))
+    })?;
+    // sled cut short at damage it took for a crash's torn tail has lost
+    // the seal: refused before anything is deleted on its word.
+    let mut seal = damage::Seal::check(dir, &db_dir, &trees.meta)?;
+    let staged = seal.stage(&trees.meta)?;
     let id_floor = match trees.meta.get(ID_FLOOR)? {
         None => 0,
         Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
@@ -64,6 +78,7 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
     let mut files = Files::open(db.clone(), &db_dir, &log_dir)?;
     db.flush()?;
     files.sync_all_now().map_err(|e| log::io_error(&db_dir, e))?;
+    seal.publish(staged)?;
     if gen_no > 0 {
         // The data directory's own entries (the log, `ids`, `trees`).
         durable::sync_new_entries(dir, &mut HashSet::new(), &[]).map_err(|e| log::io_error(dir, e))?;
@@ -88,6 +103,7 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
     let archive = super::archive::Archive::open(dir, &mut seen)?;
     let (memory, replayed_ids) = replay(&log_dir, &seen)?;
     seen.extend(replayed_ids);
+    ids.ensure_above(in_trees.max(highest_id(&memory)))?;
 
     // Turns re-opened from dead (and open turns of the first layout) live in sled.
     let mut open_turns: Vec<TurnRecord> =
@@ -165,6 +181,7 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
         next_rewrite_check: std::time::Instant::now(),
         rewrite_waiters: Vec::new(),
         archive,
+        seal,
         _lock: lock,
     };
     let thread = std::thread::Builder::new()
@@ -187,6 +204,41 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
             threads: Mutex::new(vec![thread]),
         }),
     })
+}
+
+/// The highest id the log holds: pending messages' and claims' turn ids.
+fn highest_id(memory: &Memory) -> u64 {
+    let seqs = memory.pending.keys().next_back().copied().unwrap_or(0);
+    let turns = memory.claims.keys().filter_map(|t| t.strip_prefix('t')?.parse::<u64>().ok()).max();
+    seqs.max(turns.unwrap_or(0))
+}
+
+/// What opening the log would cut or refuse (for `verify`), changing
+/// nothing; and the highest id it holds.
+pub(super) fn check_log(dir: &Path) -> Result<(Vec<String>, u64), StoreError> {
+    let log_dir = dir.join(log::DIR_NAME);
+    let numbers = match log::segments(&log_dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        listed => listed.map_err(|e| log::io_error(&log_dir, e))?,
+    };
+    let (mut notes, mut used) = (Vec::new(), 0);
+    for (i, &no) in numbers.iter().enumerate() {
+        let path = log::segment_path(&log_dir, no);
+        let read = log::read_segment(&path)?;
+        if let Some((at, bytes)) = log::check_tail("log", &path, read.tail, i + 1 == numbers.len())? {
+            notes.push(format!(
+                "{}@{at}: a torn tail of {bytes} bytes; cut off on the next start",
+                path.display()
+            ));
+        }
+        for entry in &read.entries {
+            used = used.max(match entry {
+                Entry::Message(m) => m.seq,
+                Entry::Claim(c) => c.turn_id.strip_prefix('t').and_then(|n| n.parse().ok()).unwrap_or(0),
+            });
+        }
+    }
+    Ok((notes, used))
 }
 
 /// Takes the data directory's lock file for as long as the store is open
@@ -220,15 +272,8 @@ fn replay(log_dir: &Path, retired: &IdSet) -> Result<(Memory, Vec<dedup::IdHash>
     for (i, &no) in numbers.iter().enumerate() {
         let path = log::segment_path(log_dir, no);
         let read = log::read_segment(&path)?;
-        if read.trailing > 0 {
-            if i + 1 < numbers.len() {
-                return Err(StoreError::Corrupt {
-                    tree: "log",
-                    key: format!("{}@{}", path.display(), read.valid_len),
-                    reason: format!("{} damaged bytes in a closed segment", read.trailing),
-                });
-            }
-            tracing::warn!(path = %path.display(), bytes = read.trailing, "cutting off the torn tail of the message log");
+        if let Some((at, bytes)) = log::check_tail("log", &path, read.tail, i + 1 == numbers.len())? {
+            tracing::warn!(file = %path.display(), offset = at, bytes, "cut off a torn tail of the message log: what a crash in the middle of a write leaves");
             log::truncate(&path, read.valid_len)?;
         }
         let mut seg = Segment { live: 0, created_ms: u64::MAX };

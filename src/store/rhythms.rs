@@ -3,8 +3,10 @@
 //! directory), rewritten whole by the driver every minute and at shutdown.
 //! A learned cache, not data: missing or unreadable, the policy starts from
 //! its prior; a crash loses at most the last minute of learning; backups
-//! leave it out. The file written before the learned pauses existed (a mean
-//! gap per conversation) still loads: each mean becomes one learned gap.
+//! leave it out. Checked by a CRC: a damaged file is discarded with a
+//! warning naming it (the policy relearns), never read as other pauses.
+//! The files written before (`TSR2`, unchecked; before the learned pauses,
+//! a mean gap per conversation) still load.
 
 use std::path::Path;
 
@@ -15,8 +17,10 @@ use crate::message::Conv;
 
 const FILE: &str = "rhythms";
 
-/// Starts the file since the learned pauses (the older file has none).
-const MAGIC: &[u8; 4] = b"TSR2";
+/// Starts the file: then `crc32: u32` (little-endian) of the bincode after it.
+const MAGIC: &[u8; 4] = b"TSR3";
+/// Started the file from the learned pauses on, without a checksum.
+const MAGIC_UNCHECKED: &[u8; 4] = b"TSR2";
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct SavedLearning {
@@ -47,19 +51,51 @@ struct MeanGap {
 
 pub(super) fn save(dir: &Path, learned: &SavedLearning) -> std::io::Result<()> {
     let mut bytes = MAGIC.to_vec();
+    bytes.extend_from_slice(&[0; 4]);
     bincode::serde::encode_into_std_write(learned, &mut bytes, bincode::config::standard())
         .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let crc = crc32fast::hash(&bytes[8..]);
+    bytes[4..8].copy_from_slice(&crc.to_le_bytes());
     log::replace_file(dir, FILE, &bytes)?;
     log::sync_dir(dir)
 }
 
 pub(super) fn load(dir: &Path) -> SavedLearning {
-    let Ok(bytes) = std::fs::read(dir.join(FILE)) else { return SavedLearning::default() };
-    let config = bincode::config::standard();
-    let decoded = match bytes.strip_prefix(MAGIC) {
-        Some(rest) => bincode::serde::decode_from_slice(rest, config).map(|(l, _)| l),
-        None => bincode::serde::decode_from_slice::<Vec<MeanGap>, _>(&bytes, config).map(|(old, _)| {
-            SavedLearning {
+    let path = dir.join(FILE);
+    let Ok(bytes) = std::fs::read(&path) else { return SavedLearning::default() };
+    decode(&bytes).unwrap_or_else(|e| {
+        tracing::warn!(file = %path.display(), error = %e, "the saved rhythms are damaged; discarded, the adaptive policy starts from its prior");
+        SavedLearning::default()
+    })
+}
+
+/// Why the file would be discarded (for `verify`); `None` if it is fine or missing.
+pub(super) fn check(dir: &Path) -> Option<String> {
+    let path = dir.join(FILE);
+    let bytes = std::fs::read(&path).ok()?;
+    decode(&bytes).err().map(|e| {
+        format!(
+            "{}: damaged ({e}); discarded on the next start (a cache: the adaptive policy relearns)",
+            path.display()
+        )
+    })
+}
+
+/// What the file says, or why it cannot be read.
+pub(super) fn decode(bytes: &[u8]) -> Result<SavedLearning, String> {
+    let config = super::records::decoding();
+    if let Some(rest) = bytes.strip_prefix(MAGIC) {
+        let (crc, body) = rest.split_at_checked(4).ok_or("shorter than its header")?;
+        if crc32fast::hash(body).to_le_bytes() != crc {
+            return Err(format!("checksum mismatch over {} bytes", body.len()));
+        }
+        return whole(bincode::serde::decode_from_slice(body, config), body.len());
+    }
+    // The older files have no checksum: at least every byte must be read.
+    let decoded = match bytes.strip_prefix(MAGIC_UNCHECKED) {
+        Some(rest) => whole(bincode::serde::decode_from_slice(rest, config), rest.len()),
+        None => whole(bincode::serde::decode_from_slice::<Vec<MeanGap>, _>(bytes, config), bytes.len()).map(
+            |old| SavedLearning {
                 convs: old
                     .into_iter()
                     .filter(|m| m.samples > 0)
@@ -71,13 +107,19 @@ pub(super) fn load(dir: &Path) -> SavedLearning {
                     })
                     .collect(),
                 ..SavedLearning::default()
-            }
-        }),
+            },
+        ),
     };
-    decoded.unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "the saved rhythms are unreadable; the adaptive policy starts from its prior");
-        SavedLearning::default()
-    })
+    decoded
+}
+
+/// A decoded value that took all of its `len` bytes.
+fn whole<T>(decoded: Result<(T, usize), bincode::error::DecodeError>, len: usize) -> Result<T, String> {
+    match decoded {
+        Ok((value, read)) if read == len => Ok(value),
+        Ok((_, read)) => Err(format!("{} bytes after the saved rhythms", len - read)),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 #[cfg(test)]
@@ -106,6 +148,16 @@ mod tests {
         assert_eq!(load(dir.path()), l);
         std::fs::write(dir.path().join(FILE), b"TSR2\xff\xff\xff").unwrap();
         assert_eq!(load(dir.path()), SavedLearning::default());
+        assert!(decode(&[0; 4096]).is_err(), "a zeroed page is no (older) file either");
+        // Any one byte flipped, or the file cut short: discarded, not misread.
+        save(dir.path(), &l).unwrap();
+        let good = std::fs::read(dir.path().join(FILE)).unwrap();
+        for at in 0..good.len() {
+            let mut bad = good.clone();
+            bad[at] ^= 0x10;
+            assert!(decode(&bad).is_err(), "a flip at {at} read as {:?}", decode(&bad));
+            assert!(decode(&good[..at]).is_err(), "cut at {at}");
+        }
     }
 
     #[test]

@@ -26,22 +26,7 @@ pub(super) type Counted = Option<(Instant, Vec<TreeSize>)>;
 impl Store {
     /// Walks every tree. Blocking: run it off the async runtime.
     pub fn tree_sizes(&self) -> Result<Vec<TreeSize>, StoreError> {
-        let gen = self.gen();
-        let db = &gen.db;
-        let mut out = Vec::new();
-        for name in db.tree_names() {
-            if name.as_ref() == super::snapshot::DEFAULT_TREE {
-                continue;
-            }
-            let tree = db.open_tree(&name)?;
-            let (mut records, mut bytes) = (0u64, 0u64);
-            for kv in tree.iter() {
-                let (k, v) = kv?;
-                records += 1;
-                bytes += (k.len() + v.len()) as u64;
-            }
-            out.push(TreeSize { tree: String::from_utf8_lossy(&name).into_owned(), records, bytes });
-        }
+        let (mut out, _) = walk(&self.gen().db)?;
         let marks = super::archive::marks(&self.inner.dir)?;
         out.push(TreeSize { tree: "dedup_archive".into(), records: marks, bytes: marks * 16 });
         out.sort_by(|a, b| a.tree.cmp(&b.tree));
@@ -71,5 +56,44 @@ impl Store {
             log += std::fs::metadata(super::log::segment_path(&log_dir, no)).map(|m| m.len()).unwrap_or(0);
         }
         Ok((self.gen().db.size_on_disk()?, log, super::archive::bytes(&self.inner.dir)?))
+    }
+}
+
+/// Reads every record of every tree: each tree's size, and the highest id
+/// the records hold (in the keys of `history`, `dedup`, `outbox` and
+/// `turns`). The open walks it all once, so that a damaged page of sled's
+/// is found then, not by a turn later.
+pub(super) fn walk(db: &sled::Db) -> Result<(Vec<TreeSize>, u64), StoreError> {
+    let mut out = Vec::new();
+    let mut used = 0;
+    for name in db.tree_names() {
+        if name.as_ref() == super::snapshot::DEFAULT_TREE {
+            continue;
+        }
+        let tree = db.open_tree(&name)?;
+        let (mut records, mut bytes) = (0u64, 0u64);
+        for kv in tree.iter() {
+            let (k, v) = kv?;
+            records += 1;
+            bytes += (k.len() + v.len()) as u64;
+            used = used.max(id_in(&name, &k));
+        }
+        out.push(TreeSize { tree: String::from_utf8_lossy(&name).into_owned(), records, bytes });
+    }
+    Ok((out, used))
+}
+
+/// The id a key holds: a history key's and a `dedup` record's last 8
+/// bytes, an outbox seq, a turn id (`t` and digits).
+fn id_in(tree: &[u8], key: &[u8]) -> u64 {
+    let last8 = || {
+        key.len().checked_sub(8).map_or(0, |at| u64::from_be_bytes(key[at..].try_into().expect("8 bytes")))
+    };
+    match tree {
+        b"history" | b"dedup" | b"outbox" => last8(),
+        b"turns" => {
+            std::str::from_utf8(key).ok().and_then(|k| k.strip_prefix('t')?.parse().ok()).unwrap_or(0)
+        }
+        _ => 0,
     }
 }

@@ -85,6 +85,10 @@ impl Store {
             }
             for kv in tree.iter() {
                 let (k, v) = kv.map_err(StoreError::from)?;
+                // The seal is this directory's bookkeeping, not data (damage.rs).
+                if name == super::META && k.as_ref() == super::damage::SEAL_KEY {
+                    continue;
+                }
                 visit(&name, &k, &v)?;
             }
         }

@@ -10,6 +10,8 @@
 //! once it holds twice the records the state needs. Bounded: per
 //! conversation the last `STAFF_KEPT` staff messages; conversations with
 //! nothing paused and nothing undelivered are forgotten past `CONVS_KEPT`.
+//! Damage other than a torn tail refuses the open (`OnDamage::Refuse`): a
+//! pause lost without a word would let the assistant talk over staff.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -17,7 +19,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use super::recfile::RecordFile;
+use super::recfile::{OnDamage, RecordFile};
 use super::StoreError;
 use crate::message::Conv;
 
@@ -137,7 +139,7 @@ struct State {
 
 impl Takeovers {
     pub(crate) fn open(dir: &Path) -> Result<Takeovers, StoreError> {
-        let (file, records) = RecordFile::open::<Record>(dir, FILE)?;
+        let (file, records) = RecordFile::open::<Record>(dir, FILE, OnDamage::Refuse)?;
         let mut convs: HashMap<Conv, Takeover> = HashMap::new();
         for record in &records {
             convs.entry(conv_of(record).clone()).or_default().apply(record);
@@ -199,6 +201,11 @@ impl Takeovers {
         }
         Ok(after)
     }
+}
+
+/// What opening the file would find (see `recfile::check`), changing nothing.
+pub(crate) fn check(dir: &Path) -> Result<Vec<String>, StoreError> {
+    super::recfile::check::<Record>(dir, FILE, OnDamage::Refuse)
 }
 
 #[cfg(test)]

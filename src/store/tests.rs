@@ -98,7 +98,15 @@ fn commit_of(
         committed_at_ms: unix_ms(),
         attempts: 1,
     };
-    Commit { turn: turn.clone(), summary, context, outbox, history_limit: limit, now_ms }
+    Commit {
+        turn: turn.clone(),
+        summary,
+        context,
+        outbox,
+        history_limit: limit,
+        history_max_bytes: 1 << 20,
+        now_ms,
+    }
 }
 
 fn ids(messages: &[Message]) -> Vec<&str> {

@@ -163,6 +163,8 @@ pub(crate) struct Writer {
     pub rewrite_waiters: Vec<Reply<u64>>,
     /// Dedup marks moved out of sled (archive.rs).
     pub archive: super::archive::Archive,
+    /// How far sled's writes are sealed outside sled (damage.rs).
+    pub seal: super::damage::Seal,
     /// The data directory's lock, held as long as this thread runs.
     pub _lock: std::fs::File,
 }
@@ -196,10 +198,11 @@ struct Prepared {
 impl Writer {
     pub(crate) fn run(mut self) {
         loop {
-            let first = if self.dirty || self.rewrite.is_some() {
+            let first = if self.dirty || self.rewrite.is_some() || self.seal_wait().is_some() {
                 let wait = match self.dirty {
                     true => SYNC_EVERY.saturating_sub(self.last_sync.elapsed()),
-                    false => generation::REWRITE_TICK,
+                    false if self.rewrite.is_some() => generation::REWRITE_TICK,
+                    false => self.seal_wait().unwrap_or(generation::REWRITE_TICK),
                 };
                 match self.rx.recv_timeout(wait) {
                     Ok(op) => Some(op),
@@ -221,15 +224,18 @@ impl Writer {
             }
             if let Some(close) = self.handle(group) {
                 self.cancel_rewrite("the store closes");
+                self.seal(true);
                 let result = self.syncer.sync_now(&self.shared);
                 self.syncer.stop();
                 let _ = close.send(result);
                 return;
             }
             self.tend_rewrite();
+            self.seal(false);
         }
         // Every handle is gone: a last sync, then stop.
         self.cancel_rewrite("the store closes");
+        self.seal(true);
         let _ = self.syncer.sync_now(&self.shared);
         self.syncer.stop();
     }
@@ -606,10 +612,11 @@ impl Writer {
                 // One turn of a conversation at a time: these keys cannot
                 // change before the transaction.
                 let prefix = conv_prefix(&c.turn.conv);
-                match self.trees.history.scan_prefix(&prefix).keys().collect::<Result<Vec<_>, _>>() {
+                let sizes = self.trees.history.scan_prefix(&prefix).map(|kv| kv.map(|(k, v)| (k, v.len())));
+                match sizes.collect::<Result<Vec<_>, _>>() {
                     Ok(existing) => {
-                        let excess = (existing.len() + 1).saturating_sub(c.history_limit.max(1));
-                        p.history.0 = existing.into_iter().take(excess).collect();
+                        p.history.0 =
+                            trimmed(existing, c.summary.stored_bytes(), c.history_limit, c.history_max_bytes)
                     }
                     Err(e) => p.error = fail(e),
                 }
@@ -852,6 +859,24 @@ fn refuse(op: Op, error: impl Fn() -> StoreError) {
     }
 }
 
+/// Which of a conversation's history records (oldest first, with their
+/// sizes) go when one of `new_bytes` joins them: the oldest, until at most
+/// `limit` turns and `max_bytes` remain — the new one always stays.
+fn trimmed<K>(existing: Vec<(K, usize)>, new_bytes: usize, limit: usize, max_bytes: usize) -> Vec<K> {
+    let (mut count, mut bytes) =
+        (existing.len() + 1, new_bytes + existing.iter().map(|e| e.1).sum::<usize>());
+    let mut gone = Vec::new();
+    for (key, len) in existing {
+        if count <= limit.max(1) && bytes <= max_bytes {
+            break;
+        }
+        count -= 1;
+        bytes -= len;
+        gone.push(key);
+    }
+    gone
+}
+
 /// The transaction's trees by name.
 struct Views<'a> {
     dedup: &'a Noted<'a>,
@@ -969,5 +994,27 @@ fn apply(v: &Views<'_>, p: &Prepared) -> TxResult<Outcome> {
             }
             Ok(Ok(Outcome::Swept(swept, gone)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trimmed;
+
+    #[test]
+    fn history_keeps_the_newest_turns_within_both_bounds() {
+        let old = vec![("a", 100), ("b", 300), ("c", 200)];
+        assert_eq!(trimmed(old.clone(), 50, 20, 10_000), Vec::<&str>::new(), "within both: nothing goes");
+        assert_eq!(trimmed(old.clone(), 50, 2, 10_000), vec!["a", "b"], "the turn count");
+        assert_eq!(
+            trimmed(old.clone(), 50, 20, 400),
+            vec!["a", "b"],
+            "the bytes: 200 + 50 fit, 500 + 50 do not"
+        );
+        assert_eq!(
+            trimmed(old, 5_000, 20, 400),
+            vec!["a", "b", "c"],
+            "the new one stays, alone, even when over"
+        );
     }
 }

@@ -51,6 +51,7 @@ pub struct Runner {
     backoff: Duration,
     backoff_max: Duration,
     history_limit: usize,
+    history_max_bytes: usize,
     context_ttl_ms: u64,
     clock: Clock,
     stopping: Stopping,
@@ -75,6 +76,7 @@ impl Runner {
             backoff: Duration::from_millis(config.handler.backoff_ms),
             backoff_max: Duration::from_millis(config.handler.backoff_max_ms),
             history_limit: config.turns.history_limit,
+            history_max_bytes: config.turns.history_max_bytes,
             context_ttl_ms: config.context.ttl_hours * 3600 * 1000,
             clock: shared.clock.clone(),
             stopping: shared.stopping.clone(),
@@ -300,7 +302,7 @@ impl Runner {
             slide: true,
             ttl_ms: self.context_ttl_ms,
         };
-        let summary = TurnSummary {
+        let mut summary = TurnSummary {
             turn_id: turn.turn_id.clone(),
             conv: turn.conv.clone(),
             messages: turn.messages.clone(),
@@ -311,14 +313,22 @@ impl Runner {
             committed_at_ms: now_ms,
             attempts: turn.attempts,
         };
+        summary.clip_to(self.history_max_bytes);
         let outbox = match self.outbox_items(&turn, answer.reply.as_deref(), now_ms) {
             Ok(items) => items,
             Err(e) => return Self::failed(turn, "numbering the reply's outbox pieces", e),
         };
         let parts = outbox.len();
         let kept = turn.clone();
-        let commit =
-            Commit { turn, summary, context: update, outbox, history_limit: self.history_limit, now_ms };
+        let commit = Commit {
+            turn,
+            summary,
+            context: update,
+            outbox,
+            history_limit: self.history_limit,
+            history_max_bytes: self.history_max_bytes,
+            now_ms,
+        };
         match self.store.commit(commit).await {
             Ok(()) => {
                 // A reply is sent once its commit is durable: wait for that

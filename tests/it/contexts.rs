@@ -182,7 +182,11 @@ async fn a_corrupted_stored_context_is_an_error_for_that_key_not_a_crash() {
 
     // Flip bytes of one stored dialogue, behind the daemon's back.
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = sled::Config::new()
+            .path(dir.path())
+            .segment_size(turnstile::store::SEGMENT_BYTES)
+            .open()
+            .unwrap();
         let tree = db.open_tree("ctx_dialogue").unwrap();
         let key = b"79001234567\0962302\0";
         let mut value = tree.get(key).unwrap().unwrap().to_vec();
