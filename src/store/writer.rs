@@ -174,6 +174,15 @@ pub(crate) struct Writer {
 #[derive(Default)]
 struct Expiring(Vec<sled::IVec>, Vec<u64>, Vec<sled::IVec>, Option<Vec<u8>>);
 
+/// A commit's history change: the records that go (over the bounds), and
+/// the new one, encoded once (its size decides what goes).
+#[derive(Default)]
+struct HistoryWrite {
+    drop: Vec<sled::IVec>,
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
 /// A sled write, with what the writer worked out before the transaction.
 struct Prepared {
     write: TreeWrite,
@@ -181,8 +190,8 @@ struct Prepared {
     retire: Vec<(u64, IdHash)>,
     /// The `dedup` record that remembers them.
     dedup_record: Option<(Vec<u8>, Vec<u8>)>,
-    /// Commit: history keys to drop (over the limit) and the new key.
-    history: (Vec<sled::IVec>, Vec<u8>),
+    /// Commit: what changes in the conversation's history.
+    history: HistoryWrite,
     /// Dedup sweep or archive: the records to remove.
     expired: Vec<(sled::IVec, Vec<IdHash>)>,
     /// Dedup sweep: the archive files to delete, and their marks.
@@ -595,7 +604,7 @@ impl Writer {
             write,
             retire: Vec::new(),
             dedup_record: None,
-            history: (Vec::new(), Vec::new()),
+            history: HistoryWrite::default(),
             expired: Vec::new(),
             expired_files: Vec::new(),
             due: Vec::new(),
@@ -612,16 +621,17 @@ impl Writer {
                 // One turn of a conversation at a time: these keys cannot
                 // change before the transaction.
                 let prefix = conv_prefix(&c.turn.conv);
+                p.history.value = encode(&c.summary);
                 let sizes = self.trees.history.scan_prefix(&prefix).map(|kv| kv.map(|(k, v)| (k, v.len())));
                 match sizes.collect::<Result<Vec<_>, _>>() {
                     Ok(existing) => {
-                        p.history.0 =
-                            trimmed(existing, c.summary.stored_bytes(), c.history_limit, c.history_max_bytes)
+                        p.history.drop =
+                            trimmed(existing, p.history.value.len(), c.history_limit, c.history_max_bytes)
                     }
                     Err(e) => p.error = fail(e),
                 }
                 match self.ids.next() {
-                    Ok(id) => p.history.1 = seq_key(&c.turn.conv, id),
+                    Ok(id) => p.history.key = seq_key(&c.turn.conv, id),
                     Err(e) => p.error = Some(e),
                 }
             }
@@ -922,10 +932,10 @@ fn apply(v: &Views<'_>, p: &Prepared) -> TxResult<Outcome> {
                 v.outbox.insert(item.seq.to_be_bytes(), encode(item))?;
             }
             v.turns.remove(c.turn.turn_id.as_bytes())?;
-            for old in &p.history.0 {
+            for old in &p.history.drop {
                 v.history.remove(old)?;
             }
-            v.history.insert(p.history.1.as_slice(), encode(&c.summary))?;
+            v.history.insert(p.history.key.as_slice(), p.history.value.as_slice())?;
             Ok(Ok(Outcome::Context(before, after)))
         }
         TreeWrite::Park(turn) => {

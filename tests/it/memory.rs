@@ -51,14 +51,6 @@ async fn settled(client: &reqwest::Client, admin: &str, log: &std::path::Path) -
     }
 }
 
-async fn started(client: &reqwest::Client, admin: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !matches!(client.get(format!("{admin}/readyz")).send().await, Ok(r) if r.status() == 200) {
-        assert!(Instant::now() < deadline, "the daemon never became ready");
-        sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storms_at_the_caps_keep_the_heap_under_the_documented_bound() {
     let dir = tempfile::tempdir().unwrap();
@@ -74,7 +66,7 @@ async fn storms_at_the_caps_keep_the_heap_under_the_documented_bound() {
     ]);
     let mut daemon = spawn_binary(&env, &log);
     let client = reqwest::Client::new();
-    started(&client, &admin).await;
+    wait_ready(&client, &admin).await;
     let post = {
         let (client, base) = (client.clone(), base.clone());
         move |body: Value| {
@@ -180,7 +172,7 @@ async fn storms_at_the_caps_keep_the_heap_under_the_documented_bound() {
     daemon.kill().unwrap();
     daemon.wait().unwrap();
     let mut daemon = spawn_binary(&env, &log);
-    started(&client, &admin).await;
+    wait_ready(&client, &admin).await;
     let m = settled(&client, &admin, &log).await;
     let heap = m["turnstile_heap_bytes"];
     eprintln!("memory: after a restart, live heap {:.1} MiB", heap / MIB);
