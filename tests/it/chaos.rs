@@ -48,6 +48,7 @@ async fn chaos_keeps_every_invariant() {
         ("TURNSTILE_BATCHING_DEBOUNCE_MS", "300".into()),
         ("TURNSTILE_BATCHING_MAX_WAIT_MS", "1200".into()),
         ("TURNSTILE_TURNS_HISTORY_LIMIT", "1000".into()),
+        ("TURNSTILE_TURNS_HISTORY_MAX_BYTES", "1000000000".into()),
         ("TURNSTILE_TURNS_SHUTDOWN_GRACE_MS", "1000".into()),
     ]);
     let daemon: Arc<Mutex<Child>> = Arc::new(Mutex::new(spawn_binary(&env, &log)));

@@ -27,6 +27,7 @@ fn spawn_daemon(dir: &Path, ports: Ports, handler_url: &str, log: &Path) -> Chil
         ("TURNSTILE_BATCHING_DEBOUNCE_MS", "400".into()),
         ("TURNSTILE_BATCHING_MAX_WAIT_MS", "1500".into()),
         ("TURNSTILE_TURNS_HISTORY_LIMIT", "100".into()),
+        ("TURNSTILE_TURNS_HISTORY_MAX_BYTES", "1000000000".into()),
     ]);
     spawn_binary(&env, log)
 }

@@ -51,6 +51,7 @@ async fn a_full_disk_is_refused_then_healed_without_an_operator_and_nothing_is_l
         ("TURNSTILE_BATCHING_DEBOUNCE_MS", "200".into()),
         ("TURNSTILE_BATCHING_MAX_WAIT_MS", "800".into()),
         ("TURNSTILE_TURNS_HISTORY_LIMIT", "1000".into()),
+        ("TURNSTILE_TURNS_HISTORY_MAX_BYTES", "1000000000".into()),
         ("TURNSTILE_TURNS_SHUTDOWN_GRACE_MS", "1000".into()),
     ]);
     let log = dir.path().join("daemon.log");
@@ -190,6 +191,7 @@ async fn a_rewrite_without_room_is_abandoned_and_the_store_goes_on() {
     let mut env = binary_env(ports, &data, Some(&handler.url));
     env.push(("TURNSTILE_BATCHING_DEBOUNCE_MS", "100".into()));
     env.push(("TURNSTILE_TURNS_HISTORY_LIMIT", "1000".into()));
+    env.push(("TURNSTILE_TURNS_HISTORY_MAX_BYTES", "1000000000".into()));
     let _daemon = Spawned(spawn_binary(&env, &dir.path().join("daemon.log")));
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
     wait_ready(&client, &admin).await;

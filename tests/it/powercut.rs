@@ -47,7 +47,9 @@ async fn every_acknowledged_write_survives_a_power_cut() {
     env.extend([
         ("TURNSTILE_BATCHING_DEBOUNCE_MS", "150".into()),
         ("TURNSTILE_BATCHING_MAX_WAIT_MS", "600".into()),
+        // The whole history stays, so every committed message can be found.
         ("TURNSTILE_TURNS_HISTORY_LIMIT", "10000".into()),
+        ("TURNSTILE_TURNS_HISTORY_MAX_BYTES", "1000000000".into()),
         // Dedup marks move into the archive every second, so cuts land
         // around those moves too.
         ("TURNSTILE_STORE_ARCHIVE_EVERY_S", "1".into()),
