@@ -214,6 +214,7 @@ fn run(mut files: Files, shared: Arc<Shared>, queue: Arc<(Mutex<Queue>, Condvar)
 }
 
 fn sync_files(files: &mut Files, shared: &Shared) -> std::io::Result<()> {
+    shared.faults.hold_tree_sync();
     if let Some(e) = shared.faults.tree_sync() {
         return Err(e);
     }

@@ -164,6 +164,7 @@ pub struct Faults {
     log_writes: AtomicBool,
     commits: AtomicBool,
     tree_sync: AtomicBool,
+    tree_syncs_held: AtomicBool,
     driver: AtomicBool,
     shapes: AtomicBool,
 }
@@ -183,6 +184,12 @@ impl Faults {
     /// The next sync of sled's files fails with EIO.
     pub fn fail_next_tree_sync(&self) {
         self.tree_sync.store(true, Ordering::SeqCst);
+    }
+
+    /// Syncs of sled's files wait while set, as on a disk that takes long
+    /// to sync: what was applied stays in the page cache meanwhile.
+    pub fn set_tree_syncs_held(&self, on: bool) {
+        self.tree_syncs_held.store(on, Ordering::SeqCst);
     }
 
     /// Gateway deliveries fail to parse while set, as those of a sender
@@ -207,6 +214,12 @@ impl Faults {
 
     fn log_write(&self) -> Option<std::io::Error> {
         self.log_writes.load(Ordering::SeqCst).then(|| std::io::Error::from_raw_os_error(28))
+    }
+
+    fn hold_tree_sync(&self) {
+        while self.tree_syncs_held.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
     }
 
     fn commit(&self) -> bool {

@@ -655,7 +655,15 @@ impl Writer {
                     Err(e) => p.error = Some(e),
                 }
             }
-            TreeWrite::ArchiveDedup => match self.dedup_records(.., ARCHIVE_CHUNK) {
+            // The archive's file is synced as it is written, sled by the
+            // syncer: a mark filed before its turn is synced would, after a
+            // power cut, retire messages whose turn sled never kept. So sled
+            // is synced first (once per archive step).
+            TreeWrite::ArchiveDedup => match self
+                .syncer
+                .sync_now(&self.shared)
+                .and_then(|()| self.dedup_records(.., ARCHIVE_CHUNK))
+            {
                 // The chunk is durable before the records leave sled.
                 Ok(records) if !records.is_empty() => {
                     let newest = records.iter().map(|(k, _)| record_time(k)).max().expect("not empty");

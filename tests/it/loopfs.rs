@@ -63,6 +63,12 @@ impl LoopFs {
         run("cp", &["--sparse=always", self.image.to_str().unwrap(), to.to_str().unwrap()]).unwrap();
         run("kill", &["-CONT", &pid]).unwrap();
     }
+
+    /// The same copy, for a test that holds the store in its own process
+    /// and knows nothing of it writes meanwhile.
+    pub fn cut_here(&self, to: &Path) {
+        run("cp", &["--sparse=always", self.image.to_str().unwrap(), to.to_str().unwrap()]).unwrap();
+    }
 }
 
 impl Drop for LoopFs {
@@ -77,9 +83,11 @@ impl Drop for LoopFs {
     }
 }
 
-/// Waits until every thread of `pid` is in the stopped state.
+/// Waits until every thread of `pid` is in the stopped state. A thread in
+/// a sync stops only once the sync returns, which on a loaded machine can
+/// take seconds.
 fn wait_all_stopped(pid: u32) {
-    for _ in 0..500 {
+    for _ in 0..5000 {
         let all = std::fs::read_dir(format!("/proc/{pid}/task"))
             .map(|tasks| {
                 tasks.flatten().all(|t| {

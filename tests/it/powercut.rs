@@ -219,3 +219,102 @@ async fn every_acknowledged_write_survives_a_power_cut() {
         handler.calls().len()
     );
 }
+
+/// The dedup archive is a file of its own, synced as it is written; the
+/// turn whose marks it takes is in sled, synced by another thread. A cut
+/// between the two must not find the marks without the turn: the turn's
+/// messages would count as answered, with no history and no reply. Here
+/// sled's syncs are held (a slow disk), so the commit sits in the page
+/// cache while the archive step runs, and the image is copied then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_while_sled_syncs_never_finds_archived_marks_without_their_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = loop_fs_or_skip(dir.path(), 64, "the archive power-cut test") else { return };
+    let data = fs.mount.join("data");
+    let store = Store::open(&data).unwrap();
+    store.set_sink(Some(Arc::new(|_| true)));
+    let conv = Conv { phone: "79050000001".into(), company_id: "default".into() };
+    let new = |id: &str| NewMessage {
+        id: id.into(),
+        conv: conv.clone(),
+        kind: "text".into(),
+        text: format!("text of {id}"),
+        timestamp: None,
+        received_at_ms: turnstile::message::unix_ms(),
+    };
+    let accepted = store.accept(vec![new("a-1"), new("a-2")], true).await.unwrap();
+    assert!(accepted.iter().all(|i| matches!(i, Inserted::New(_))), "{accepted:?}");
+    let messages = store.pending();
+    let turn = turnstile::store::TurnRecord {
+        turn_id: store.new_turn_id().unwrap(),
+        conv: conv.clone(),
+        messages: messages.clone(),
+        cut_reason: "quiet".into(),
+        cut_at_ms: turnstile::message::unix_ms(),
+        attempts: 0,
+        dead: None,
+    };
+    store.claim(&turn).await.unwrap();
+
+    store.faults().set_tree_syncs_held(true);
+    let commit = turnstile::store::Commit {
+        turn: turn.clone(),
+        summary: turnstile::store::TurnSummary {
+            turn_id: turn.turn_id.clone(),
+            conv: conv.clone(),
+            messages: messages.clone(),
+            reply: Some("ok".into()),
+            cut_reason: "quiet".into(),
+            cut_at_ms: turn.cut_at_ms,
+            started_at_ms: turn.cut_at_ms,
+            committed_at_ms: turnstile::message::unix_ms(),
+            attempts: 1,
+        },
+        context: turnstile::store::ContextUpdate {
+            dialogue: turnstile::store::Part::Keep,
+            cache: turnstile::store::Part::Keep,
+            slide: true,
+            ttl_ms: 3_600_000,
+        },
+        outbox: Vec::new(),
+        history_limit: 50,
+        history_max_bytes: 1 << 20,
+        now_ms: turnstile::message::unix_ms(),
+    };
+    let committing = tokio::spawn({
+        let store = store.clone();
+        async move { store.commit(commit).await }
+    });
+    // Applied (its messages left the pending state), not yet synced.
+    let applied = Instant::now() + Duration::from_secs(10);
+    while !store.pending().is_empty() {
+        assert!(Instant::now() < applied, "the commit was never applied");
+        sleep(Duration::from_millis(5)).await;
+    }
+    let archiving = tokio::spawn({
+        let store = store.clone();
+        async move { store.archive_dedup().await }
+    });
+    // Time for the archive step to reach its file, if it would.
+    sleep(Duration::from_millis(500)).await;
+    let copy = dir.path().join("cut.img");
+    fs.cut_here(&copy);
+    store.faults().set_tree_syncs_held(false);
+    committing.await.unwrap().unwrap();
+    archiving.await.unwrap().unwrap();
+    store.close().await.unwrap();
+
+    let mnt = dir.path().join("cut");
+    let mounted = LoopFs::attach(&copy, &mnt).unwrap();
+    let after = Store::open(&mnt.join("data")).unwrap();
+    let recovered = after.take_recovered().unwrap();
+    let mut kept: Vec<String> = recovered.inbox.iter().map(|m| m.id.clone()).collect();
+    kept.extend(recovered.open_turns.iter().flat_map(|t| t.messages.iter().map(|m| m.id.clone())));
+    kept.extend(
+        after.history(&conv.phone).unwrap().iter().flat_map(|h| h.messages.iter().map(|m| m.id.clone())),
+    );
+    kept.sort();
+    assert_eq!(kept, ["a-1", "a-2"], "after the cut, the turn's messages are neither to answer nor answered");
+    after.close().await.unwrap();
+    drop(mounted);
+}
