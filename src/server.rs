@@ -56,7 +56,9 @@ pub enum ServerError {
 
 /// A test hook, read by `run`: `kill-driver-after-ms=N` makes the driver
 /// die N ms after start, so a test of the real binary can watch the daemon
-/// notice a dead task. Not a configuration key.
+/// notice a dead task; `store-open-fails=N` fails the first N opens of the
+/// store as an I/O error would, so one can watch it wait in place. Not a
+/// configuration key.
 pub const TEST_FAULTS_ENV: &str = "TURNSTILE_TEST_FAULTS";
 
 /// The daemon's two sockets: the public one (webhooks, health) and the admin
@@ -120,6 +122,14 @@ pub async fn run_with_clock(
     run_on(config, listeners, shutdown, clock, store).await
 }
 
+/// The limits both listeners serve with, from `[server]`.
+fn connection_limits(config: &Config) -> http::serve::Limits {
+    http::serve::Limits {
+        header_timeout: Duration::from_millis(config.server.header_timeout_ms),
+        max_connections: config.server.max_connections,
+    }
+}
+
 /// Opens the store. While it cannot be opened for a reason that can pass (a
 /// full disk, an I/O error) the daemon waits in place — `/healthz` 200,
 /// everything else 503 with the reason — and retries with a backoff, rather
@@ -132,9 +142,20 @@ async fn open_patiently(
 ) -> Result<Option<(Store, Listeners)>, ServerError> {
     let dir = config.server.data_dir.clone();
     let options = config.store.options();
+    // Test hook: the first N opens fail as an I/O error would.
+    let failing = std::env::var(TEST_FAULTS_ENV)
+        .ok()
+        .and_then(|spec| spec.strip_prefix("store-open-fails=").and_then(|n| n.parse::<u32>().ok()))
+        .unwrap_or(0);
+    let opens = std::sync::atomic::AtomicU32::new(0);
     let open = || {
         let dir = dir.clone();
+        let injected = opens.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < failing;
         async move {
+            if injected {
+                let e = std::io::Error::other("injected by a test hook");
+                return Err(StoreError::Io { path: dir.display().to_string(), source: e });
+            }
             tokio::task::spawn_blocking(move || Store::open_with(&dir, options))
                 .await
                 .unwrap_or_else(|e| Err(StoreError::Failed(e.to_string().into())))
@@ -147,7 +168,8 @@ async fn open_patiently(
         Err(e) => e,
     };
     let reason = Arc::new(Mutex::new(first.to_string()));
-    let waiting = crate::http::unavailable(listeners, reason.clone()).map_err(ServerError::Serve)?;
+    let limits = connection_limits(config);
+    let waiting = crate::http::unavailable(listeners, reason.clone(), limits).map_err(ServerError::Serve)?;
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -263,10 +285,7 @@ pub async fn run_on(
     if config.batching.kept_fixed {
         warn!("batching.debounce_ms is set and batching.policy is not: keeping the fixed window (and turns.on_new_message = \"queue\" unless set), as before the adaptive default; set batching.policy to choose");
     }
-    let limits = http::serve::Limits {
-        header_timeout: Duration::from_millis(config.server.header_timeout_ms),
-        max_connections: config.server.max_connections,
-    };
+    let limits = connection_limits(&config);
     let mut server = tokio::task::JoinSet::new();
     for (listener, router, counts) in [
         (listeners.public, http::public_router(state.clone()), state.connections[0].clone()),

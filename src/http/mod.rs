@@ -229,10 +229,11 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ApiError>
 
 /// What both listeners answer while the store cannot be opened yet:
 /// `/healthz` 200 (the process is alive and retrying), everything else 503
-/// with the reason. `stop` hands the listeners back for the real routes.
+/// with the reason, through the same `serve` (limits, JSON refusals) as the
+/// real routes. `stop` hands the listeners back for the real routes.
 pub struct Unavailable {
     listeners: crate::server::Listeners,
-    stop: CancellationToken,
+    stop: serve::Stop,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -241,12 +242,16 @@ pub struct Unavailable {
 pub fn unavailable(
     listeners: crate::server::Listeners,
     reason: Arc<std::sync::Mutex<String>>,
+    limits: serve::Limits,
 ) -> std::io::Result<Unavailable> {
-    let stop = CancellationToken::new();
-    let router = Router::new().route("/healthz", get(healthz)).fallback(move || {
-        let reason = reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        async move { ApiError::unavailable(format!("the store cannot be opened yet: {reason}")) }
-    });
+    let stop = serve::Stop::default();
+    let router = Router::new()
+        .route("/healthz", get(healthz))
+        .fallback(move || {
+            let reason = reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            async move { ApiError::unavailable(format!("the store cannot be opened yet: {reason}")) }
+        })
+        .layer(axum::middleware::map_response(error::json_refusals));
     let dup = |l: &tokio::net::TcpListener| -> std::io::Result<tokio::net::TcpListener> {
         let fd = std::os::fd::AsFd::as_fd(l).try_clone_to_owned()?;
         let std = std::net::TcpListener::from(fd);
@@ -255,21 +260,26 @@ pub fn unavailable(
     };
     let mut tasks = Vec::new();
     for listener in [dup(&listeners.public)?, dup(&listeners.admin)?] {
-        let serve =
-            axum::serve(listener, router.clone()).with_graceful_shutdown(stop.clone().cancelled_owned());
-        tasks.push(tokio::spawn(async move {
-            let _ = serve.await;
-        }));
+        let serve = serve::serve(listener, router.clone(), limits, Arc::default(), stop.clone());
+        tasks.push(tokio::spawn(serve));
     }
     Ok(Unavailable { listeners, stop, tasks })
 }
 
 impl Unavailable {
+    /// Stops the waiting answers: connections finish the request they are
+    /// in (at most a header timeout's wait), then the sockets are handed back.
     pub async fn stop(self) -> crate::server::Listeners {
-        self.stop.cancel();
+        self.stop.close.cancel();
+        let kill = self.stop.kill.clone();
+        let killer = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            kill.cancel();
+        });
         for t in self.tasks {
             let _ = t.await;
         }
+        killer.abort();
         self.listeners
     }
 }

@@ -232,11 +232,20 @@ async fn every_refusal_is_json_on_both_listeners_from_a_bad_path_to_oversized_he
         }
     }
     // What hyper refuses before any route runs: the same shape, on both listeners.
+    hyper_refusals_are_json(&[&d.base, &d.admin]).await;
+    // And the daemon still answers.
+    assert_eq!(d.get("/healthz").await, (200, json!({"status": "ok"})));
+    d.stop().await;
+}
+
+/// A request hyper refuses before any route runs (headers or URI too
+/// large, not HTTP) gets the JSON refusal on each of `bases`.
+async fn hyper_refusals_are_json(bases: &[&str]) {
     let huge = format!("GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n", "h".repeat(500 * 1024));
     let many: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
     let many = format!("GET /healthz HTTP/1.1\r\nhost: x\r\n{many}\r\n");
     let long_uri = format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "u".repeat(70 * 1024));
-    for base in [&d.base, &d.admin] {
+    for base in bases {
         for (what, request, want) in [
             ("a 500 KB header", huge.as_bytes(), 431),
             ("150 header fields", many.as_bytes(), 431),
@@ -250,7 +259,46 @@ async fn every_refusal_is_json_on_both_listeners_from_a_bad_path_to_oversized_he
             assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{what}: {body}");
         }
     }
-    // And the daemon still answers.
-    assert_eq!(d.get("/healthz").await, (200, json!({"status": "ok"})));
-    d.stop().await;
+}
+
+/// While the store cannot be opened yet (here: its first two opens fail as
+/// an I/O error would), the daemon waits in place: health 200, everything
+/// else 503 with the reason — in JSON, hyper's own refusals too — and once
+/// the store opens, webhooks are taken with nobody restarting anything.
+#[tokio::test]
+async fn while_the_store_cannot_open_every_answer_is_json_and_then_webhooks_are_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let handler = TestHandler::start(Duration::from_millis(5)).await;
+    let ports = Ports::free();
+    let (base, admin) = (ports.base(), ports.admin_base());
+    let mut env = binary_env(ports, &dir.path().join("data"), Some(&handler.url));
+    env.push((turnstile::server::TEST_FAULTS_ENV, "store-open-fails=2".into()));
+    let _daemon = Spawned(spawn_binary(&env, &dir.path().join("daemon.log")));
+    let client = reqwest::Client::new();
+    let alive = std::time::Instant::now();
+    while client.get(format!("{base}/healthz")).send().await.map(|r| r.status().as_u16()).ok() != Some(200) {
+        assert!(alive.elapsed() < Duration::from_secs(20), "never alive");
+        sleep(Duration::from_millis(20)).await;
+    }
+    let webhook = json!({"id": "w-1", "from": "79001230001", "message": "привет"});
+    let waiting = post_batched(&client, &base, &webhook).await.unwrap();
+    assert_eq!(waiting.status(), 503);
+    let v: Value = waiting.json().await.unwrap();
+    assert!(v["error"].as_str().is_some_and(|e| e.contains("cannot be opened yet")), "{v}");
+    let r = client.get(format!("{admin}/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.json::<Value>().await.unwrap()["error"].is_string());
+    hyper_refusals_are_json(&[&base, &admin]).await;
+
+    wait_ready(&client, &admin).await;
+    let taken = post_batched(&client, &base, &webhook).await.unwrap();
+    assert_eq!(taken.status(), 200);
+    assert_eq!(taken.json::<Value>().await.unwrap()["status"], "accepted");
+    let committed = std::time::Instant::now();
+    while handler.calls().is_empty() {
+        assert!(committed.elapsed() < Duration::from_secs(20), "the message never reached the handler");
+        sleep(Duration::from_millis(50)).await;
+    }
+    let call = &handler.calls()[0];
+    assert_eq!((call.ids.as_slice(), call.text.as_str()), (["w-1".to_owned()].as_slice(), "привет"));
 }
