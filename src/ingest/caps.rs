@@ -15,6 +15,8 @@ use super::{Inbound, IngestError};
 pub const MAX_ID_BYTES: usize = 256;
 /// Longest message kind ("text", "image", "interactive", …).
 pub const MAX_KIND_BYTES: usize = 32;
+/// Longest failure title a receipt may carry (Meta's are a few words).
+pub const MAX_FAILURE_BYTES: usize = 1024;
 /// How far ahead of our clock a sender's timestamp may be (its clock is
 /// off, not in milliseconds).
 pub const MAX_AHEAD_S: i64 = 86_400;
@@ -61,9 +63,22 @@ impl Caps {
                 Inbound::Staff(staff) => {
                     id("id", &staff.id)?;
                     self.text("text", &staff.text)?;
+                    if staff.source.as_ref().is_some_and(|s| s.len() > MAX_KIND_BYTES) {
+                        return Err(invalid(format!(
+                            "the staff message's source is longer than {MAX_KIND_BYTES} bytes"
+                        )));
+                    }
                 }
-                Inbound::Receipt(r) => id("id", &r.id)?,
-                Inbound::Presence { .. } | Inbound::SessionStarted(_) | Inbound::Ignored => {}
+                Inbound::Receipt(r) => {
+                    id("id", &r.id)?;
+                    if r.failure.as_ref().is_some_and(|f| f.title.len() > MAX_FAILURE_BYTES) {
+                        return Err(invalid(format!(
+                            "the receipt's failure title is longer than {MAX_FAILURE_BYTES} bytes"
+                        )));
+                    }
+                }
+                Inbound::SessionStarted(session) => id("session", session)?,
+                Inbound::Presence { .. } | Inbound::Ignored => {}
             }
         }
         Ok(())
@@ -129,5 +144,35 @@ mod tests {
         assert!(refused(|m| m.timestamp = Some(1_763_800_005_000)).contains("not milliseconds"));
         assert!(message(|m| m.timestamp = Some(1_763_800_005 + MAX_AHEAD_S)).is_ok());
         assert!(message(|m| m.timestamp = None).is_ok());
+    }
+
+    #[test]
+    fn staff_messages_receipts_and_sessions_are_capped_too() {
+        let caps = Caps { max_text_bytes: 100 };
+        let conv = Conv { phone: "79001234567".into(), company_id: "962302".into() };
+        let staff = |source: &str| {
+            Inbound::Staff(crate::ingest::Staff {
+                conv: conv.clone(),
+                lid: None,
+                id: "s1".into(),
+                text: "Записала вас".into(),
+                source: Some(source.into()),
+                by: "waha",
+            })
+        };
+        let receipt = |title: &str| {
+            Inbound::Receipt(crate::ingest::Receipt {
+                id: "r1".into(),
+                state: crate::store::Delivery::Failed,
+                at_ms: 1,
+                failure: Some(crate::store::Failure { code: Some(131047), title: title.into(), at_ms: 1 }),
+            })
+        };
+        assert!(caps.inbound(&[staff("app"), receipt("Re-engagement message")]).is_ok());
+        let refused = |e: Inbound| caps.inbound(&[e]).unwrap_err().to_string();
+        assert!(refused(staff(&"a".repeat(33))).contains("source"));
+        assert!(refused(receipt(&"t".repeat(MAX_FAILURE_BYTES + 1))).contains("failure title"));
+        assert!(refused(Inbound::SessionStarted("s".repeat(MAX_ID_BYTES + 1))).contains("`session`"));
+        assert!(caps.inbound(&[Inbound::SessionStarted("default".into())]).is_ok());
     }
 }
