@@ -54,7 +54,7 @@ pub struct Manifest {
     pub created_at_ms: u64,
     /// Ids the restored store generates start above this.
     pub next_id: u64,
-    /// Records per tree (inbox, turns, ctx_dialogue, outbox...).
+    /// Records per tree (turns, history, ctx_dialogue, outbox...).
     pub counts: BTreeMap<String, u64>,
     pub records: u64,
     pub sha256: String,

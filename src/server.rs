@@ -227,7 +227,7 @@ pub async fn run_on(
     // Serve before recovery, refusing webhooks until it is done.
     let ready = Arc::new(AtomicBool::new(false));
     let fatal = Arc::new(Mutex::new(None));
-    let (handle, driver_inbox) = turns::channel();
+    let (handle, driver_rx) = turns::channel();
     let gateway = Arc::new(Gateway::from_config(&config));
     let handover = Arc::new(crate::takeover::Handover::new(
         store.clone(),
@@ -300,7 +300,7 @@ pub async fn run_on(
     let recovery = store.take_recovered().unwrap_or_default();
     info!(
         open_turns = recovery.open_turns.len(),
-        pending_messages = recovery.inbox.len(),
+        pending_messages = recovery.pending.len(),
         dead_turns = recovery.dead_turns,
         "recovered state from disk"
     );
@@ -308,7 +308,7 @@ pub async fn run_on(
     let turns = TaskTracker::new();
     let handler = Handler::from_config(&config);
     let runner = Arc::new(Runner::new(&config, store.clone(), handler, gateway.clone(), &shared));
-    let driver = Driver::new(&config, store.clone(), runner, recovery, driver_inbox, turns.clone(), &shared);
+    let driver = Driver::new(&config, store.clone(), runner, recovery, driver_rx, turns.clone(), &shared);
     let mut driver = spawn_driver(driver);
     let outbox = Outbox::new(&config, store.clone(), gateway, deliveries, shared.metrics.clone());
     let mut outbox = tokio::spawn(outbox.run(stopping.shutdown.clone()));

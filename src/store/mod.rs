@@ -116,7 +116,7 @@ pub struct Announce {
 /// Where announcements go, a group at a time; returns false once nobody listens.
 pub type Sink = dyn Fn(Vec<Announce>) -> bool + Send + Sync;
 
-/// A turn's commit: its messages leave the inbox, its summary joins the
+/// A turn's commit: its messages stop being pending, its summary joins the
 /// history (trimmed to `history_limit` turns and `history_max_bytes`; the
 /// summary itself is clipped to fit), its context update is applied and
 /// its reply enters the outbox — one transaction.

@@ -2,7 +2,7 @@
 //!
 //! Keys are built so that a prefix scan answers each question the daemon asks:
 //! a conversation's key is `phone \0 company \0`, so one phone's history is a
-//! prefix scan whatever the company, and a conversation's inbox is sorted by
+//! prefix scan whatever the company, and a conversation's pending messages sort by
 //! arrival because `seq` follows it big-endian.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -13,7 +13,7 @@ use super::StoreError;
 
 /// A turn from the moment it is cut until it commits (then it is removed) or
 /// is parked as dead. It carries copies of its messages so that a dead turn
-/// keeps them after they leave the inbox, and a re-run sees the same input.
+/// keeps them after they stop being pending, and a re-run sees the same input.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TurnRecord {
     pub turn_id: String,

@@ -29,7 +29,7 @@ pub struct Recovered {
     /// Turns recorded but not committed, oldest first: they re-run with their turn_id.
     pub open_turns: Vec<TurnRecord>,
     /// Pending messages not claimed by an open turn, in arrival order.
-    pub inbox: Vec<Message>,
+    pub pending: Vec<Message>,
     pub dead_turns: usize,
 }
 
@@ -117,13 +117,13 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
     }
     open_turns.sort_by(|a, b| a.turn_id.cmp(&b.turn_id));
     let claimed: HashSet<u64> = open_turns.iter().flat_map(|t| t.messages.iter().map(|m| m.seq)).collect();
-    let inbox = memory
+    let pending = memory
         .pending
         .values()
         .filter(|p| !claimed.contains(&p.message.seq))
         .map(|p| p.message.clone())
         .collect();
-    let recovered = Recovered { open_turns, inbox, dead_turns };
+    let recovered = Recovered { open_turns, pending, dead_turns };
 
     let head_no = memory.segments.keys().next_back().map_or(1, |n| n + 1);
     let head_no = head_no

@@ -173,7 +173,7 @@ async fn state_survives_reopening_with_claims_pending_and_dedup() {
         (open.turn_id.as_str(), ids(&open.messages), open.attempts),
         (turn_id.as_str(), vec!["m1"], 3)
     );
-    assert_eq!(ids(&recovered.inbox), ["m2"], "a claimed message is not in the inbox");
+    assert_eq!(ids(&recovered.pending), ["m2"], "a claimed message is not pending");
     assert_eq!(store.turn(&turn_id).unwrap().unwrap().messages[0].id, "m1");
     assert_eq!(again(&store, "m1", "700000001").await, Inserted::Duplicate);
     let next = store.new_turn_id().unwrap();
@@ -191,7 +191,7 @@ async fn a_commit_retires_the_turn_and_its_messages_and_saves_history_and_contex
     store.claim(&turn).await.unwrap();
     store.commit(commit_of(&turn, set(b"ctx-1", None), vec![], 10, 0)).await.unwrap();
 
-    assert_eq!(store.pending(), vec![later.clone()], "only the turn's messages leave the inbox");
+    assert_eq!(store.pending(), vec![later.clone()], "only the turn's messages stop being pending");
     assert!(store.turn(&turn.turn_id).unwrap().is_none());
     assert_eq!(store.context(&turn.conv, 0).unwrap().unwrap().dialogue.as_deref(), Some(&b"ctx-1"[..]));
     assert_eq!(store.history("700000001").unwrap()[0].turn_id, turn.turn_id);
@@ -201,7 +201,7 @@ async fn a_commit_retires_the_turn_and_its_messages_and_saves_history_and_contex
     let (store, _) = open(dir.path());
     let recovered = store.take_recovered().unwrap();
     assert!(recovered.open_turns.is_empty());
-    assert_eq!(recovered.inbox, vec![later]);
+    assert_eq!(recovered.pending, vec![later]);
     assert_eq!(again(&store, "m2", "700000001").await, Inserted::Duplicate);
 
     // A commit without a context keeps the stored one.
@@ -233,7 +233,7 @@ async fn history_is_trimmed_to_its_limit_per_conversation() {
 }
 
 #[tokio::test]
-async fn a_dead_turn_keeps_its_messages_out_of_the_inbox_and_can_be_reopened() {
+async fn a_dead_turn_keeps_its_messages_out_of_the_pending_ones_and_can_be_reopened() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = open(dir.path());
     let m = insert(&store, "d1", "700000001").await;
@@ -248,7 +248,7 @@ async fn a_dead_turn_keeps_its_messages_out_of_the_inbox_and_can_be_reopened() {
 
     let (store, _) = open(dir.path());
     let recovered = store.take_recovered().unwrap();
-    assert_eq!((recovered.open_turns.len(), recovered.inbox.len(), recovered.dead_turns), (0, 0, 1));
+    assert_eq!((recovered.open_turns.len(), recovered.pending.len(), recovered.dead_turns), (0, 0, 1));
     assert_eq!(again(&store, "d1", "700000001").await, Inserted::Duplicate);
     // Re-opened: an open turn again, with its messages, across a restart.
     turn.dead = None;
@@ -276,7 +276,7 @@ async fn retired_ids_are_forgotten_after_the_window_and_pending_ones_never() {
     assert_eq!(store.expire_dedup(unix_ms() + 1).await.unwrap(), 0);
     store.close().await.unwrap();
     let (store, _) = open(dir.path());
-    assert_eq!(ids(&store.take_recovered().unwrap().inbox), ["new"]);
+    assert_eq!(ids(&store.take_recovered().unwrap().pending), ["new"]);
     let m = store.pending().pop().unwrap();
     let t = turn_of(&store, vec![m]);
     store.commit(commit_of(&t, keep(), vec![], 10, 0)).await.unwrap();
@@ -392,7 +392,7 @@ async fn a_failed_log_write_stores_nothing_marks_no_id_and_the_next_one_works() 
     assert!(matches!(again(&store, "f1", "700000001").await, Inserted::New(_)), "f1 was marked seen");
     store.close().await.unwrap();
     let (store, _) = open(dir.path());
-    assert_eq!(ids(&store.take_recovered().unwrap().inbox), ["before", "f1"]);
+    assert_eq!(ids(&store.take_recovered().unwrap().pending), ["before", "f1"]);
 }
 
 #[tokio::test]
@@ -434,7 +434,7 @@ async fn a_torn_log_tail_is_cut_and_damage_in_a_closed_segment_is_named() {
     {
         let (store, _) = open(dir.path());
         assert_eq!(
-            ids(&store.take_recovered().unwrap().inbox),
+            ids(&store.take_recovered().unwrap().pending),
             ["t1"],
             "the torn record is gone, the rest kept"
         );
@@ -481,14 +481,14 @@ async fn a_first_layout_store_is_moved_into_the_log_and_dedup_records() {
         db.flush().unwrap();
     }
     let (store, _) = open(dir.path());
-    assert_eq!(ids(&store.take_recovered().unwrap().inbox), ["p1"]);
+    assert_eq!(ids(&store.take_recovered().unwrap().pending), ["p1"]);
     assert_eq!(again(&store, "done1", "700000001").await, Inserted::Duplicate);
     assert_eq!(again(&store, "p1", "700000001").await, Inserted::Duplicate);
     let names = store.gen().db.tree_names();
     assert!(!names.iter().any(|n| n.as_ref() == b"inbox" || n.as_ref() == b"seen"), "old trees dropped");
     store.close().await.unwrap();
     let (store, _) = open(dir.path());
-    assert_eq!(ids(&store.take_recovered().unwrap().inbox), ["p1"], "moved once");
+    assert_eq!(ids(&store.take_recovered().unwrap().pending), ["p1"], "moved once");
 }
 
 #[tokio::test]
@@ -636,7 +636,7 @@ async fn an_unfinished_sled_snapshot_does_not_make_the_store_unopenable() {
     // What a full disk during sled's own snapshot leaves behind.
     std::fs::write(dir.path().join("snap.0000000001637004.generating"), b"").unwrap();
     let (store, _) = open(dir.path());
-    assert_eq!(ids(&store.take_recovered().unwrap().inbox), ["u1"]);
+    assert_eq!(ids(&store.take_recovered().unwrap().pending), ["u1"]);
     assert!(!dir.path().join("snap.0000000001637004.generating").exists());
 }
 

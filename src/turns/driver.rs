@@ -19,7 +19,9 @@ use crate::metrics::Metrics;
 use crate::store::{Announce, Recovered, Store, TurnRecord};
 
 use super::schedule::{Ended, Schedule};
-use super::{DriverInbox, Event, Outcome, RetryOutcome, Runner, Shared, Snapshot, View, Work, WAITING_SHOWN};
+use super::{
+    DriverReceiver, Event, Outcome, RetryOutcome, Runner, Shared, Snapshot, View, Work, WAITING_SHOWN,
+};
 
 /// The adaptive policy's learned rhythms are saved this often (and at the stop).
 const RHYTHMS_EVERY: Duration = Duration::from_secs(60);
@@ -45,19 +47,19 @@ pub struct Driver {
 
 impl Driver {
     /// Builds the driver with everything recovered from disk already queued:
-    /// open turns first (per conversation they are older than any inbox
-    /// message), then inbox messages at their original receive times, so a
+    /// open turns first (per conversation they are older than any pending
+    /// message), then pending messages at their original receive times, so a
     /// batch whose deadline passed while the daemon was down is cut at once.
     pub fn new(
         config: &Config,
         store: Store,
         runner: Arc<Runner>,
         recovery: Recovered,
-        inbox: DriverInbox,
+        receiver: DriverReceiver,
         tracker: TaskTracker,
         shared: &Shared,
     ) -> Driver {
-        let DriverInbox { rx, tx } = inbox;
+        let DriverReceiver { rx, tx } = receiver;
         let rules = config.batching.rules();
         let restart = config.turns.on_new_message == crate::config::OnNewMessage::Restart;
         let mut driver = Driver {
@@ -101,7 +103,7 @@ impl Driver {
         }
         let now = now();
         let now_ms = unix_ms();
-        for m in recovery.inbox {
+        for m in recovery.pending {
             let age = Duration::from_millis(now_ms.saturating_sub(m.received_at_ms));
             let at = now.checked_sub(age).unwrap_or(now);
             let complete = driver.complete(&crate::message::Shape::of(&m.text));

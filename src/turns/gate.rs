@@ -5,7 +5,7 @@
 //! Work that arrives for a conversation whose turn is running waits here; a
 //! batch cut meanwhile merges into the waiting one when the rules allow, so
 //! "the phone's new messages collect into its next batch". Everything here is
-//! derivable from disk (open turns and inbox) and rebuilt on start.
+//! derivable from disk (open turns and pending messages) and rebuilt on start.
 //!
 //! Work that failed (the store could not record or commit it) goes back to
 //! the front of its conversation's queue and waits out a backoff there: the
@@ -346,10 +346,18 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "not running")]
     fn finishing_a_conversation_that_was_not_running_is_a_bug() {
-        let mut g: Gate<&str, B> = Gate::new(1);
-        g.finished(&"p");
+        let caught = std::panic::catch_unwind(|| {
+            let mut g: Gate<&str, B> = Gate::new(1);
+            g.finished(&"p");
+        });
+        let payload = caught.expect_err("finishing an idle conversation must panic");
+        let message = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        assert!(message.contains("not running"), "{message}");
     }
 
     #[test]

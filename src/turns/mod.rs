@@ -3,7 +3,7 @@
 //! life of a single turn from record to commit (`run`).
 //!
 //! Only this module commits turns. The batcher's and gate's state is memory
-//! only and is rebuilt from the store's inbox and open turns on start.
+//! only and is rebuilt from the store's pending messages and open turns on start.
 
 mod driver;
 pub mod gate;
@@ -40,12 +40,12 @@ pub struct Shared {
 
 /// The driver's channel, made before the driver so the HTTP side can hold a
 /// handle while recovery runs.
-pub fn channel() -> (DriverHandle, DriverInbox) {
+pub fn channel() -> (DriverHandle, DriverReceiver) {
     let (tx, rx) = mpsc::unbounded_channel();
-    (DriverHandle { tx: tx.clone() }, DriverInbox { rx, tx })
+    (DriverHandle { tx: tx.clone() }, DriverReceiver { rx, tx })
 }
 
-pub struct DriverInbox {
+pub struct DriverReceiver {
     rx: mpsc::UnboundedReceiver<Event>,
     tx: mpsc::UnboundedSender<Event>,
 }
@@ -53,7 +53,7 @@ pub struct DriverInbox {
 /// What the gate hands to a turn.
 #[derive(Debug)]
 pub enum Work {
-    /// A batch just cut: its messages are still only in the inbox.
+    /// A batch just cut: its messages are still only pending.
     /// `cut_at`: when the driver cut it (the console's cut lag and queue wait).
     /// `supersedes`: turns restarted into this one (their claims go once it is claimed).
     Fresh {

@@ -35,3 +35,4 @@ mod limits;
 mod litellm;
 mod monitoring;
 mod package;
+mod tidy;

@@ -156,7 +156,7 @@ async fn every_acknowledged_write_survives_a_power_cut() {
         let sizes = tokio::task::block_in_place(|| store.tree_sizes()).unwrap();
         archived = sizes.iter().find(|t| t.tree == "dedup_archive").map_or(0, |t| t.records);
         // Still to answer: pending, in an open turn, or dead.
-        let mut open: HashSet<String> = recovered.inbox.iter().map(|m| m.id.clone()).collect();
+        let mut open: HashSet<String> = recovered.pending.iter().map(|m| m.id.clone()).collect();
         open.extend(recovered.open_turns.iter().flat_map(|t| t.messages.iter().map(|m| m.id.clone())));
         open.extend(store.turns().unwrap().iter().flat_map(|t| t.messages.iter().map(|m| m.id.clone())));
         let mut kept = open.clone();
@@ -308,7 +308,7 @@ async fn a_cut_while_sled_syncs_never_finds_archived_marks_without_their_turn() 
     let mounted = LoopFs::attach(&copy, &mnt).unwrap();
     let after = Store::open(&mnt.join("data")).unwrap();
     let recovered = after.take_recovered().unwrap();
-    let mut kept: Vec<String> = recovered.inbox.iter().map(|m| m.id.clone()).collect();
+    let mut kept: Vec<String> = recovered.pending.iter().map(|m| m.id.clone()).collect();
     kept.extend(recovered.open_turns.iter().flat_map(|t| t.messages.iter().map(|m| m.id.clone())));
     kept.extend(
         after.history(&conv.phone).unwrap().iter().flat_map(|h| h.messages.iter().map(|m| m.id.clone())),
