@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 mod defaults;
 mod env;
+pub use env::TEST_FAULTS_ENV;
 mod exposure;
 mod validate;
 

@@ -29,4 +29,5 @@ pub mod replay; // `turnstile replay`: traces through the daemon's schedule on s
 pub mod server; // wiring: open the store, serve, recover, shut down in order
 
 pub use config::Config;
-pub use server::{run, Listeners};
+pub use http::serve::Listeners;
+pub use server::{run, Deps};

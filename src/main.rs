@@ -335,7 +335,13 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
     let stop_timeout = Duration::from_millis(config.server.stop_timeout_ms);
     let result = runtime.block_on(async {
         let listeners = Listeners::bind(&config.server).await?;
-        turnstile::run(config, listeners, shutdown_signal(stop_timeout)).await.map_err(anyhow::Error::from)
+        let faults = std::env::var(turnstile::config::TEST_FAULTS_ENV)
+            .map(|spec| turnstile::server::TestFaults::parse(&spec))
+            .unwrap_or_default();
+        let deps = turnstile::Deps { faults, ..Default::default() };
+        turnstile::run(config, listeners, shutdown_signal(stop_timeout), deps)
+            .await
+            .map_err(anyhow::Error::from)
     });
     // Nothing left to wait for: a blocking call still running (a sync on a
     // sick disk) must not hold the exit.

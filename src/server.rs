@@ -16,7 +16,6 @@
 //! store is flushed and closed.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,9 +26,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::clock::Clock;
-use crate::config::{Config, ServerConfig};
+use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::handler::Handler;
+use crate::http::serve::Listeners;
 use crate::http::{self, AppState};
 use crate::ingest::Ingest;
 use crate::message::{set_log_text, set_mask_phones};
@@ -41,8 +41,8 @@ use crate::turns::{self, Driver, Runner, Shared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Bind(#[from] http::serve::BindError),
     #[error("cannot open the store in {dir}: {source}")]
     Open { dir: String, source: StoreError },
     #[error("http server failed: {0}")]
@@ -54,28 +54,45 @@ pub enum ServerError {
     Fatal(String),
 }
 
-/// A test hook, read by `run`: `kill-driver-after-ms=N` makes the driver
-/// die N ms after start, so a test of the real binary can watch the daemon
-/// notice a dead task; `store-open-fails=N` fails the first N opens of the
-/// store as an I/O error would, so one can watch it wait in place. Not a
-/// configuration key.
-pub const TEST_FAULTS_ENV: &str = "TURNSTILE_TEST_FAULTS";
-
-/// The daemon's two sockets: the public one (webhooks, health) and the admin
-/// one (API, metrics, health). Bound before `run`, so tests can bind port 0
-/// and read the addresses.
-pub struct Listeners {
-    pub public: TcpListener,
-    pub admin: TcpListener,
+/// What `run` is handed besides its config: `Deps::default()` is the
+/// daemon as it ships (the system clock, the store of `server.data_dir`, no
+/// faults); tests replace a part.
+#[derive(Default)]
+pub struct Deps {
+    pub clock: Clock,
+    /// A store the caller opened (tests reach its fault hooks); `None`: open
+    /// `server.data_dir`, waiting in place while it cannot be opened.
+    pub store: Option<Store>,
+    pub faults: TestFaults,
 }
 
-impl Listeners {
-    /// Binds `server.listen` and `server.admin_listen`.
-    pub async fn bind(server: &ServerConfig) -> Result<Listeners, ServerError> {
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
-        };
-        Ok(Listeners { public: bind(server.listen).await?, admin: bind(server.admin_listen).await? })
+/// Faults for tests of the real binary, which `main` reads from
+/// `TURNSTILE_TEST_FAULTS` (`config::env::TEST_FAULTS_ENV`): never a
+/// configuration key.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TestFaults {
+    /// `kill-driver-after-ms=N`: the driver dies N ms after start, so a test
+    /// can watch the daemon notice a dead task.
+    pub kill_driver_after: Option<Duration>,
+    /// `store-open-fails=N`: the first N opens of the store fail as an I/O
+    /// error would, so a test can watch the daemon wait in place.
+    pub store_open_fails: u32,
+}
+
+impl TestFaults {
+    /// Reads `key=value` items separated by commas; unknown ones are ignored.
+    pub fn parse(spec: &str) -> TestFaults {
+        let mut faults = TestFaults::default();
+        for item in spec.split(',') {
+            match item.trim().split_once('=') {
+                Some(("kill-driver-after-ms", ms)) => {
+                    faults.kill_driver_after = ms.parse().ok().map(Duration::from_millis)
+                }
+                Some(("store-open-fails", n)) => faults.store_open_fails = n.parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        faults
     }
 }
 
@@ -84,17 +101,12 @@ pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    deps: Deps,
 ) -> Result<(), ServerError> {
-    run_with_clock(config, listeners, shutdown, Clock::system()).await
-}
-
-/// `run` with an injected wall clock (tests move it hours ahead).
-pub async fn run_with_clock(
-    config: Config,
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    clock: Clock,
-) -> Result<(), ServerError> {
+    let Deps { clock, store, faults } = deps;
+    if let Some(store) = store {
+        return run_on(config, listeners, shutdown, clock, store).await;
+    }
     let stop = CancellationToken::new();
     {
         let stop = stop.clone();
@@ -103,19 +115,16 @@ pub async fn run_with_clock(
             stop.cancel();
         });
     }
-    let (store, listeners) = match open_patiently(&config, listeners, &stop).await? {
+    let (store, listeners) = match open_patiently(&config, listeners, &stop, faults.store_open_fails).await? {
         Some(opened) => opened,
         None => return Ok(()), // stopped while waiting for the store
     };
     let shutdown = stop.cancelled_owned();
-    if let Some(after) = std::env::var(TEST_FAULTS_ENV)
-        .ok()
-        .and_then(|spec| spec.strip_prefix("kill-driver-after-ms=").and_then(|ms| ms.parse().ok()))
-    {
-        warn!(after_ms = after, "test fault hook: the driver will be killed");
+    if let Some(after) = faults.kill_driver_after {
+        warn!(after_ms = after.as_millis() as u64, "test fault hook: the driver will be killed");
         let faults = store.faults();
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(after)).await;
+            tokio::time::sleep(after).await;
             faults.kill_driver();
         });
     }
@@ -139,14 +148,11 @@ async fn open_patiently(
     config: &Config,
     listeners: Listeners,
     stop: &CancellationToken,
+    failing: u32,
 ) -> Result<Option<(Store, Listeners)>, ServerError> {
     let dir = config.server.data_dir.clone();
     let options = config.store.options();
-    // Test hook: the first N opens fail as an I/O error would.
-    let failing = std::env::var(TEST_FAULTS_ENV)
-        .ok()
-        .and_then(|spec| spec.strip_prefix("store-open-fails=").and_then(|n| n.parse::<u32>().ok()))
-        .unwrap_or(0);
+    // Test hook: the first `failing` opens fail as an I/O error would.
     let opens = std::sync::atomic::AtomicU32::new(0);
     let open = || {
         let dir = dir.clone();
@@ -201,8 +207,8 @@ async fn open_patiently(
     }
 }
 
-/// `run` on a store the caller opened (tests reach its failure hooks).
-pub async fn run_on(
+/// `run` on an open store.
+async fn run_on(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -488,4 +494,18 @@ fn spawn_driver(driver: Driver) -> tokio::sync::oneshot::Receiver<()> {
         });
     }
     finished
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_faults_read_each_item_and_ignore_what_they_do_not_know() {
+        assert_eq!(TestFaults::parse(""), TestFaults::default());
+        let both = TestFaults::parse("kill-driver-after-ms=1500, store-open-fails=2");
+        assert_eq!(both.kill_driver_after, Some(Duration::from_millis(1500)));
+        assert_eq!(both.store_open_fails, 2);
+        assert_eq!(TestFaults::parse("store-open-fails=x,unknown=1,kill"), TestFaults::default());
+    }
 }

@@ -4,10 +4,12 @@
 use super::{Config, ConfigError};
 
 const ENV_PREFIX: &str = "TURNSTILE_";
+/// Faults for tests of the real binary (`server::TestFaults`), read by
+/// `main` alone.
+pub const TEST_FAULTS_ENV: &str = "TURNSTILE_TEST_FAULTS";
 /// Environment variables with the prefix that are not config keys (the
 /// config file's path, the test faults, the fuzz properties' case count).
-pub(super) const ENV_RESERVED: &[&str] =
-    &["TURNSTILE_CONFIG", crate::server::TEST_FAULTS_ENV, "TURNSTILE_FUZZ_CASES"];
+pub(super) const ENV_RESERVED: &[&str] = &["TURNSTILE_CONFIG", TEST_FAULTS_ENV, "TURNSTILE_FUZZ_CASES"];
 
 /// Overlays `TURNSTILE_<SECTION>_<KEY>` variables. The type of each value is
 /// taken from the key's default, so `TURNSTILE_INGEST_DEFAULT_COMPANY_ID=962302`

@@ -232,7 +232,7 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ApiError>
 /// with the reason, through the same `serve` (limits, JSON refusals) as the
 /// real routes. `stop` hands the listeners back for the real routes.
 pub struct Unavailable {
-    listeners: crate::server::Listeners,
+    listeners: serve::Listeners,
     stop: serve::Stop,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -240,7 +240,7 @@ pub struct Unavailable {
 /// Serves the waiting answers on duplicates of `listeners` (the same
 /// sockets: connections queue on them meanwhile, none is refused).
 pub fn unavailable(
-    listeners: crate::server::Listeners,
+    listeners: serve::Listeners,
     reason: Arc<std::sync::Mutex<String>>,
     limits: serve::Limits,
 ) -> std::io::Result<Unavailable> {
@@ -269,7 +269,7 @@ pub fn unavailable(
 impl Unavailable {
     /// Stops the waiting answers: connections finish the request they are
     /// in (at most a header timeout's wait), then the sockets are handed back.
-    pub async fn stop(self) -> crate::server::Listeners {
+    pub async fn stop(self) -> serve::Listeners {
         self.stop.close.cancel();
         let kill = self.stop.kill.clone();
         let killer = tokio::spawn(async move {

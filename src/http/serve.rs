@@ -30,6 +30,31 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+/// The daemon's two sockets: the public one (webhooks, health) and the admin
+/// one (API, metrics, health). Bound before the daemon runs, so tests can
+/// bind port 0 and read the addresses.
+pub struct Listeners {
+    pub public: TcpListener,
+    pub admin: TcpListener,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct BindError {
+    pub addr: std::net::SocketAddr,
+    pub source: std::io::Error,
+}
+
+impl Listeners {
+    /// Binds `server.listen` and `server.admin_listen`.
+    pub async fn bind(server: &crate::config::ServerConfig) -> Result<Listeners, BindError> {
+        let bind = |addr: std::net::SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|source| BindError { addr, source })
+        };
+        Ok(Listeners { public: bind(server.listen).await?, admin: bind(server.admin_listen).await? })
+    }
+}
+
 /// The limits, from `[server]`.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {

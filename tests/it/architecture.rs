@@ -86,3 +86,73 @@ fn the_batcher_the_gate_and_the_schedule_are_sans_io() {
     }
     assert_eq!(checked, 5, "batcher/mod.rs, learn.rs, policy.rs, turns/gate.rs, schedule.rs");
 }
+
+/// Top-level module → the other top-level modules its production code
+/// names (`crate::x`); test-only files (`tests.rs`, `fuzz`) left out.
+fn imports() -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut graph = std::collections::BTreeMap::<String, std::collections::BTreeSet<String>>::new();
+    for (file, code) in code() {
+        if file.ends_with("tests.rs") || file.ends_with("fuzz.rs") || file.contains("/fuzz/") {
+            continue;
+        }
+        let module = file.split('/').next().unwrap().trim_end_matches(".rs").to_owned();
+        if module == "lib" || module == "main" {
+            continue;
+        }
+        let named = graph.entry(module.clone()).or_default();
+        for (at, _) in code.match_indices("crate::") {
+            let other: String =
+                code[at + 7..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
+            if !other.is_empty() && other != module {
+                named.insert(other);
+            }
+        }
+    }
+    graph
+}
+
+/// A cycle in `graph`, as the modules along it, if there is one.
+fn cycle(
+    graph: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+) -> Option<Vec<String>> {
+    fn visit(
+        at: &str,
+        graph: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut std::collections::BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(start) = path.iter().position(|m| m == at) {
+            let mut found = path[start..].to_vec();
+            found.push(at.to_owned());
+            return Some(found);
+        }
+        if !done.insert(at.to_owned()) {
+            return None;
+        }
+        path.push(at.to_owned());
+        for next in graph.get(at).into_iter().flatten() {
+            if let Some(found) = visit(next, graph, path, done) {
+                return Some(found);
+            }
+        }
+        path.pop();
+        None
+    }
+    let mut done = std::collections::BTreeSet::new();
+    graph.keys().find_map(|m| visit(m, graph, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn no_module_imports_the_server_and_the_modules_form_no_cycle() {
+    let graph = imports();
+    assert!(graph.len() > 20, "{graph:?}");
+    for (module, named) in &graph {
+        assert!(!named.contains("server"), "{module} imports server: only main and lib may");
+    }
+    assert_eq!(cycle(&graph), None, "an import cycle between top-level modules");
+    // The check sees a planted cycle.
+    let mut planted = graph.clone();
+    planted.get_mut("store").unwrap().insert("http".into());
+    let found = cycle(&planted).expect("a planted cycle store -> http -> store is found");
+    assert!(found.contains(&"store".to_owned()) && found.contains(&"http".to_owned()), "{found:?}");
+}

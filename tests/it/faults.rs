@@ -146,7 +146,7 @@ async fn the_real_binary_exits_non_zero_when_its_driver_dies_and_loses_nothing()
     let mut env = binary_env(ports, &data, Some(&handler.url));
     env.push(("TURNSTILE_BATCHING_DEBOUNCE_MS", "200".into()));
     let mut faulty = env.clone();
-    faulty.push((turnstile::server::TEST_FAULTS_ENV, "kill-driver-after-ms=1500".into()));
+    faulty.push((turnstile::config::TEST_FAULTS_ENV, "kill-driver-after-ms=1500".into()));
     let mut child = Spawned(spawn_binary(&faulty, &log));
     let client = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().unwrap();
     wait_ready(&client, &admin).await;

@@ -113,10 +113,8 @@ impl Daemon {
         let stopped = async move {
             let _ = stopped.await;
         };
-        let task = match store {
-            Some(store) => tokio::spawn(turnstile::server::run_on(config, listeners, stopped, clock, store)),
-            None => tokio::spawn(turnstile::server::run_with_clock(config, listeners, stopped, clock)),
-        };
+        let deps = turnstile::Deps { clock, store, ..Default::default() };
+        let task = tokio::spawn(turnstile::run(config, listeners, stopped, deps));
         let client = reqwest::Client::new();
         let d = Daemon { base, admin, client, webhook_token, stop: Some(stop), task };
         // Serving starts before recovery; webhooks are taken once /readyz says so.

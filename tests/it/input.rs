@@ -272,7 +272,7 @@ async fn while_the_store_cannot_open_every_answer_is_json_and_then_webhooks_are_
     let ports = Ports::free();
     let (base, admin) = (ports.base(), ports.admin_base());
     let mut env = binary_env(ports, &dir.path().join("data"), Some(&handler.url));
-    env.push((turnstile::server::TEST_FAULTS_ENV, "store-open-fails=2".into()));
+    env.push((turnstile::config::TEST_FAULTS_ENV, "store-open-fails=2".into()));
     let _daemon = Spawned(spawn_binary(&env, &dir.path().join("daemon.log")));
     let client = reqwest::Client::new();
     let alive = std::time::Instant::now();
