@@ -10,23 +10,10 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::config::{Config, GatewayKind, HandlerKind};
+use crate::config::{Config, GatewayKind, HandlerKind, SECRETS};
 
 /// What is printed in place of a set secret.
 pub const MASK: &str = "********";
-
-/// The keys whose values are secrets: never printed.
-const SECRETS: &[(&str, &str)] = &[
-    ("server", "admin_token"),
-    ("ingest", "webhook_token"),
-    ("meta", "verify_token"),
-    ("meta", "app_secret"),
-    ("waha", "hmac_key"),
-    ("evolution", "api_key"),
-    ("evolution", "url_secret"),
-    ("gateway", "api_key"),
-    ("gateway", "access_token"),
-];
 
 /// Where systemd keeps the unit and its drop-ins, in the order they apply.
 pub const UNIT_PATHS: &[&str] =

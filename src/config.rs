@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 
 mod defaults;
 mod env;
+mod secrets;
 pub use env::TEST_FAULTS_ENV;
+pub use secrets::SECRETS;
 mod exposure;
 mod validate;
 
@@ -431,7 +433,10 @@ pub struct OpenAiConfig {
     pub system_prompt: String,
     /// ...or from a file (wins when set).
     pub system_prompt_file: String,
-    /// Name of the environment variable holding the API key (unset: no Authorization header).
+    /// The API key (or `api_key_file`; empty: no Authorization header).
+    pub api_key: String,
+    /// Deprecated: the name of an environment variable holding the API key,
+    /// read when `api_key` is empty (with a warning).
     pub api_key_env: String,
     /// Past turns (a user and an assistant message each) sent with every request.
     pub history_turns: usize,
@@ -525,6 +530,7 @@ impl Config {
             None => toml::Table::new(),
         };
         env::apply(&mut table, env)?;
+        secrets::read_files(&mut table)?;
         // An install that tuned the fixed window before the adaptive policy
         // was the default keeps it — and the queue it ran with.
         let batching = table.get("batching").and_then(|b| b.as_table());

@@ -140,6 +140,7 @@ impl Default for OpenAiConfig {
                 "You are the booking assistant of a beauty salon. Answer briefly, in the client's language."
                     .to_owned(),
             system_prompt_file: String::new(),
+            api_key: String::new(),
             api_key_env: "OPENAI_API_KEY".to_owned(),
             history_turns: 20,
             cache_prompt: "The salon's current data (company, services, staff, schedule), as JSON:"

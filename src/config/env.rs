@@ -29,11 +29,13 @@ pub(super) fn apply(
         let err = |message: String| ConfigError::Env { var: var.clone(), message };
         let (section, key) =
             rest.split_once('_').ok_or_else(|| err("expected TURNSTILE_<SECTION>_<KEY>".to_owned()))?;
-        let default = defaults
-            .get(section)
-            .and_then(|s| s.as_table())
-            .and_then(|s| s.get(key))
-            .ok_or_else(|| err(format!("no config key {section}.{key}")))?;
+        let secret_file = toml::Value::String(String::new());
+        let default = match defaults.get(section).and_then(|s| s.as_table()).and_then(|s| s.get(key)) {
+            Some(default) => default,
+            // A secret's file (`secrets.rs`): a path.
+            None if super::secrets::is_secret_file(section, key) => &secret_file,
+            None => return Err(err(format!("no config key {section}.{key}"))),
+        };
         let value = match default {
             toml::Value::Integer(_) => raw
                 .trim()
@@ -54,6 +56,13 @@ pub(super) fn apply(
             table.entry(section.to_owned()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
         match section_table.as_table_mut() {
             Some(t) => {
+                // The environment wins over the file, either way a secret is given.
+                let secrets = super::secrets::SECRETS;
+                match key.strip_suffix("_file") {
+                    Some(stem) if super::secrets::is_secret_file(section, key) => t.remove(stem),
+                    _ if secrets.contains(&(section, key)) => t.remove(&format!("{key}_file")),
+                    _ => None,
+                };
                 t.insert(key.to_owned(), value);
             }
             None => return Err(err(format!("[{section}] in the config file is not a table"))),

@@ -37,10 +37,19 @@ impl OpenAi {
             // Config validation checked the file is readable.
             std::fs::read_to_string(&c.system_prompt_file).unwrap_or_else(|_| c.system_prompt.clone())
         };
-        let api_key = std::env::var(&c.api_key_env).ok().filter(|k| !k.is_empty());
-        if api_key.is_none() {
-            tracing::warn!(variable = %c.api_key_env, "no API key in the environment; requests go without Authorization");
-        }
+        let api_key = match c.api_key.is_empty() {
+            false => Some(c.api_key.clone()),
+            true => {
+                let from_env = std::env::var(&c.api_key_env).ok().filter(|k| !k.is_empty());
+                match &from_env {
+                    Some(_) => {
+                        tracing::warn!(variable = %c.api_key_env, "the API key comes from openai.api_key_env, which is deprecated: set openai.api_key (or api_key_file, or TURNSTILE_OPENAI_API_KEY[_FILE])")
+                    }
+                    None => tracing::warn!("no openai.api_key; requests go without Authorization"),
+                }
+                from_env
+            }
+        };
         OpenAi {
             client: reqwest::Client::new(),
             url: format!("{}/chat/completions", c.base_url.trim_end_matches('/')),

@@ -137,7 +137,7 @@ fn openai_config(dir: &Path, proxy: &LiteLlm, model: &str) -> turnstile::Config 
     c.openai.system_prompt = "Ты администратор салона «Лотос».".into();
     c.openai.cache_prompt = "Данные салона:".into();
     c.openai.history_turns = 1;
-    c.openai.api_key_env = "TURNSTILE_TEST_LITELLM_KEY".into();
+    c.openai.api_key = MASTER_KEY.into();
     c.ingest.webhook_token = WEBHOOK_TOKEN.into();
     c.batching.debounce_ms = 400;
     c
@@ -148,7 +148,6 @@ async fn the_openai_handler_against_litellm_sends_prompt_salon_history_and_the_m
     let Some(binary) = litellm_or_skip() else { return };
     let dir = tempfile::tempdir().unwrap();
     let proxy = LiteLlm::start(&binary, dir.path()).await;
-    std::env::set_var("TURNSTILE_TEST_LITELLM_KEY", MASTER_KEY);
     let d = Daemon::start(openai_config(&dir.path().join("data"), &proxy, "salon-mock")).await;
     let phone = "79001234567";
 
