@@ -348,9 +348,11 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
     runtime.shutdown_timeout(Duration::from_millis(100));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Every error's own message already ends in its cause (`{source}`):
+        // printing the chain as well would say the cause twice.
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("turnstile: {e:#}");
+            tracing::error!("{e}");
+            eprintln!("turnstile: {e}");
             ExitCode::FAILURE
         }
     }

@@ -654,6 +654,11 @@ async fn run(fx: Arc<Fixture>, root: PathBuf, n: usize, c: &Case) -> Result<Outc
         if !names(&said) {
             return Err(format!("refused without naming {file}: {said}"));
         }
+        // Said once: the refusal does not repeat its cause.
+        let cause = said.rsplit(": ").next().unwrap_or("");
+        if cause.len() > 8 && said.matches(cause).count() > 1 {
+            return Err(format!("the refusal says its cause twice: {said}"));
+        }
         if c.offsets && !said.contains(&format!("{file}@")) {
             return Err(format!("refused without the offset in {file}: {said}"));
         }
