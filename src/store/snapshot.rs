@@ -92,6 +92,11 @@ impl Store {
                 visit(&name, &k, &v)?;
             }
         }
+        // Who has taken which conversation over: restored with the rest, so
+        // the assistant does not talk over staff after a restore.
+        for (i, record) in self.inner.takeovers.export().into_iter().enumerate() {
+            visit(super::takeover::BACKUP_TREE, &(i as u64).to_be_bytes(), &record)?;
+        }
         Ok(cut.next_id)
     }
 
@@ -118,8 +123,13 @@ impl Store {
         // records to a chunk; the rest into sled's trees.
         let mut archive = Archive::unsynced(dir)?;
         let mut chunk = ImportChunk::default();
+        let mut takeovers = Vec::new();
         for record in records {
             let (tree, key, value) = record?;
+            if tree == super::takeover::BACKUP_TREE {
+                takeovers.push((key, value));
+                continue;
+            }
             if tree == "dedup" {
                 let hashes = dedup::unpack_record(&key, &value)?;
                 let Some(at) = key.get(..8) else {
@@ -142,6 +152,7 @@ impl Store {
             db.open_tree(tree.as_bytes()).and_then(|t| t.insert(key, value)).map_err(StoreError::from)?;
         }
         chunk.write_to(&mut archive, dir)?;
+        super::takeover::import(dir, &takeovers)?;
         // Fresh sled counters start at zero: lift them above every restored id.
         db.open_tree(META)
             .and_then(|t| t.insert(ID_FLOOR, &next_id.to_be_bytes()[..]))

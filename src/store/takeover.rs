@@ -203,6 +203,31 @@ impl Takeovers {
     }
 }
 
+/// The name a backup files these records under, as if they were a tree.
+pub(crate) const BACKUP_TREE: &str = "takeover";
+
+impl Takeovers {
+    /// The records that rebuild the whole state, encoded, for a backup.
+    pub(crate) fn export(&self) -> Vec<Vec<u8>> {
+        let state = self.state.lock().expect("takeover lock");
+        let mut convs: Vec<(&Conv, &Takeover)> = state.convs.iter().collect();
+        convs.sort_by(|a, b| (&a.0.company_id, &a.0.phone).cmp(&(&b.0.company_id, &b.0.phone)));
+        convs.into_iter().flat_map(|(c, t)| t.records(c)).map(|r| super::records::encode(&r)).collect()
+    }
+}
+
+/// Writes the takeover file of a store being built in `dir` from a backup's
+/// records, each checked to decode first (a damaged one names itself).
+pub(crate) fn import(dir: &Path, records: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
+    let decoded = records
+        .iter()
+        .map(|(k, v)| super::records::decode::<Record>(BACKUP_TREE, k, v))
+        .collect::<Result<Vec<Record>, StoreError>>()?;
+    let (mut file, existing) = RecordFile::open::<Record>(dir, FILE, OnDamage::Refuse)?;
+    debug_assert!(existing.is_empty(), "a store being built has no takeover file yet");
+    file.rewrite(decoded)
+}
+
 /// What opening the file would find (see `recfile::check`), changing nothing.
 pub(crate) fn check(dir: &Path) -> Result<Vec<String>, StoreError> {
     super::recfile::check::<Record>(dir, FILE, OnDamage::Refuse)
@@ -253,5 +278,25 @@ mod tests {
         let t = Takeovers::open(dir.path()).unwrap();
         assert_eq!(t.get(&conv()).staff.back().unwrap().id, "m199");
         assert!(t.get(&conv()).paused.is_none());
+    }
+
+    #[test]
+    fn an_export_imported_into_a_fresh_directory_rebuilds_the_same_state() {
+        let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let t = Takeovers::open(from.path()).unwrap();
+        let paused = Paused { by: "api".into(), since_ms: 5, resume_at_ms: None };
+        t.pause(&conv(), paused).unwrap();
+        t.staff(&conv(), staff("s1", 6)).unwrap();
+        t.delivered(&conv(), 6).unwrap();
+        let other = Conv { company_id: "962302".into(), phone: "79007654321".into() };
+        t.staff(&other, staff("s2", 7)).unwrap();
+        let records: Vec<(Vec<u8>, Vec<u8>)> =
+            t.export().into_iter().enumerate().map(|(i, v)| ((i as u64).to_be_bytes().to_vec(), v)).collect();
+        import(to.path(), &records).unwrap();
+        let back = Takeovers::open(to.path()).unwrap();
+        assert_eq!((back.get(&conv()), back.get(&other)), (t.get(&conv()), t.get(&other)));
+        let damaged = vec![(b"k".to_vec(), vec![0xff; 3])];
+        let e = import(tempfile::tempdir().unwrap().path(), &damaged).unwrap_err().to_string();
+        assert!(e.contains("takeover"), "{e}");
     }
 }

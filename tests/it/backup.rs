@@ -45,7 +45,7 @@ async fn records(dir: &Path) -> Records {
 
 /// A store with every kind of record: pending messages, a committed turn
 /// with history and context, a context written over the API, an outbox piece
-/// the gateway refused, and dedup marks.
+/// the gateway refused, dedup marks, and a conversation staff took over.
 async fn populated(dir: &Path, gateway: &FakeServer) -> turnstile::Config {
     let mut c = config(dir);
     http_gateway(&mut c, gateway);
@@ -58,6 +58,8 @@ async fn populated(dir: &Path, gateway: &FakeServer) -> turnstile::Config {
     .await;
     d.post("/webhook/whatsapp", &json!({"id": "b1", "from": "79001110002", "message": "Привет"})).await;
     d.send("c1", "79001110003", "ещё не отвечено").await;
+    let (status, paused) = d.post("/api/conversations/79001110004/pause", &json!({"minutes": 0})).await;
+    assert_eq!((status, paused["state"].as_str()), (200, Some("paused")), "{paused}");
     sleep(3 * S).await;
     d.stop().await;
     c
@@ -73,6 +75,7 @@ async fn backup_verify_restore_round_trip_keeps_every_record_and_the_daemon_carr
     let (ok, out) = cli(&["backup", "--data", data.to_str().unwrap(), "--out", file.to_str().unwrap()]);
     assert!(ok, "{out}");
     assert!(out.contains("inbox 1") && out.contains("outbox 1") && out.contains("history 1"), "{out}");
+    assert!(out.contains("takeover 1"), "the pause is in the backup: {out}");
     let (ok, out) = cli(&["verify", file.to_str().unwrap()]);
     assert!(ok && out.contains("is intact"), "{out}");
 
@@ -90,6 +93,8 @@ async fn backup_verify_restore_round_trip_keeps_every_record_and_the_daemon_carr
     rc.server.data_dir = restored.clone();
     let d = Daemon::start(rc).await;
     assert_eq!(d.get("/api/contexts/default/79001110001").await.1["cache"], json!({"slots": [1, 2]}));
+    let (_, takeovers) = d.get("/api/takeovers").await;
+    assert_eq!(takeovers["paused"][0]["phone"], "79001110004", "still paused after the restore: {takeovers}");
     sleep(12 * S).await;
     let (_, conv) = d.get("/api/conversations/79001110003").await;
     assert_eq!(conv["turns"][0]["text"], "ещё не отвечено");
