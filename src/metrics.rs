@@ -179,6 +179,8 @@ pub struct Gauges {
     pub trees: Vec<crate::store::TreeSize>,
     /// Online rewrites of the trees' files that completed.
     pub store_rewrites: u64,
+    /// Repairs the store's open made (a torn tail cut, a damaged cache dropped).
+    pub store_repairs: usize,
     /// Age of the oldest batch still collecting messages, seconds.
     pub oldest_pending_batch_s: f64,
     /// `batching.max_wait_ms`, in seconds.
@@ -514,6 +516,12 @@ impl Metrics {
             "turnstile_store_rewrites_total",
             "Online rewrites of the trees' files into a fresh directory (store.rewrite_after_mb).",
             g.store_rewrites,
+        );
+        gauge(
+            &mut out,
+            "turnstile_store_repairs_at_start",
+            "Repairs the store made when it opened (a torn tail cut, a damaged cache dropped); /readyz lists them, each naming its file.",
+            g.store_repairs as f64,
         );
         gauge(
             &mut out,

@@ -452,6 +452,7 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     g.dead_turns = st.dead_turns as usize;
     g.expired = [st.expired_dead, st.expired_failed, st.expired_history];
     g.store_rewrites = st.rewrites;
+    g.store_repairs = s.store.repairs().len();
     (g.log_syncs, g.tree_syncs, g.messages_stored, g.log_segments) =
         (st.log_syncs, st.tree_syncs, st.stored, st.log_segments);
     g.store_ok = s.store.failure().is_none() && s.store.trouble().is_none();

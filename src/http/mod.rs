@@ -223,7 +223,14 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ApiError>
     accepting(&s)?;
     match s.store.write_trouble().await {
         Some(e) => Err(ApiError::unavailable(format!("messages cannot be stored: {e}"))),
-        None => Ok(Json(json!({ "status": "ready" }))),
+        None => {
+            // What the open repaired stays visible for as long as it runs.
+            let repairs = s.store.repairs();
+            match repairs.is_empty() {
+                true => Ok(Json(json!({ "status": "ready" }))),
+                false => Ok(Json(json!({ "status": "ready", "repaired_at_start": repairs }))),
+            }
+        }
     }
 }
 

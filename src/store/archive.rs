@@ -217,6 +217,7 @@ impl Archive {
             let (chunks, valid, tail) = read_file(&path)?;
             if let Some((at, bytes)) = check_tail("dedup", &path, tail, i + 1 == nos.len())? {
                 tracing::warn!(file = %path.display(), offset = at, bytes, "cut a torn chunk off the dedup archive: what a crash in the middle of an append leaves");
+                super::damage::noted(&path, &format!("a torn chunk of {bytes} bytes cut at offset {at}"));
                 super::log::truncate(&path, valid)?;
             }
             for c in &chunks {

@@ -40,6 +40,29 @@ use super::log;
 use super::writer::Writer;
 use super::StoreError;
 
+thread_local! {
+    /// What the open in progress on this thread repaired (`collecting`).
+    static REPAIRS: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+}
+
+/// Runs the open `f`, and returns with it what it repaired: each repair is
+/// logged where it is made and noted here (`noted`), so that `/readyz` and
+/// the metrics can say so for as long as the daemon runs.
+pub(super) fn collecting<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    REPAIRS.with(|r| *r.borrow_mut() = Some(Vec::new()));
+    let result = f();
+    (result, REPAIRS.with(|r| r.borrow_mut().take()).unwrap_or_default())
+}
+
+/// Notes a repair the open made (`file`: what was done); logged by the caller.
+pub(super) fn noted(file: &Path, what: &str) {
+    REPAIRS.with(|r| {
+        if let Some(repairs) = r.borrow_mut().as_mut() {
+            repairs.push(format!("{}: {what}", file.display()));
+        }
+    });
+}
+
 /// sled's settings file, its log and its blob directory.
 const CONF: &str = "conf";
 const DB: &str = "db";
@@ -100,6 +123,7 @@ pub(super) fn check_sled_files(data: &Path, db_dir: &Path, repair: bool) -> Resu
         }
         if repair {
             tracing::warn!(file = %path.display(), "sled's snapshot is damaged; removed: sled rebuilds its state from its log (`db`)");
+            noted(&path, "a damaged snapshot removed (sled rebuilt its state from its log)");
             std::fs::remove_file(&path).map_err(|e| log::io_error(&path, e))?;
         }
         notes.push(format!(

@@ -91,6 +91,10 @@ pub(super) fn remove_stale(data: &Path, current: u64) -> Result<(), StoreError> 
         };
         if stale {
             tracing::warn!(path = %entry.path().display(), "removing what an interrupted store rewrite left");
+            super::damage::noted(
+                &entry.path(),
+                "left by an interrupted rewrite of the store's files; removed",
+            );
             remove(&entry.path())?;
             removed = true;
         }

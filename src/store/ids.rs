@@ -64,6 +64,10 @@ impl Ids {
             return Ok(false);
         }
         tracing::warn!(file = %self.dir.join(FILE).display(), mark = next, used, "the id mark is below ids the store already holds (the file is older than the store, or was missing); new ids start above them");
+        super::damage::noted(
+            &self.dir.join(FILE),
+            &format!("the id mark {next} was below the ids in use ({used}); raised above them"),
+        );
         self.reserve(used + 1 + BLOCK)?;
         self.next.store(used + 1, Ordering::Relaxed);
         Ok(true)

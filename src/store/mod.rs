@@ -525,6 +525,8 @@ struct Inner {
     /// open from the pending messages and the history.
     inbound: Mutex<HashMap<Conv, u64>>,
     recovered: Mutex<Option<Recovered>>,
+    /// What the open repaired (damage::collecting), each naming its file.
+    repairs: Mutex<Vec<String>>,
     /// The last count of `tree_sizes`, for the metrics.
     sizes: Mutex<sizes::Counted>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -569,6 +571,12 @@ impl Store {
 
     /// What recovery found on open: open turns and unclaimed messages. Taken
     /// once (the driver's start); `None` afterwards.
+    /// What the open repaired (a torn tail cut, a damaged cache dropped...),
+    /// each naming its file: empty after a clean stop.
+    pub fn repairs(&self) -> Vec<String> {
+        lock(&self.inner.repairs).clone()
+    }
+
     pub fn take_recovered(&self) -> Option<Recovered> {
         lock(&self.inner.recovered).take()
     }
@@ -989,7 +997,9 @@ impl Store {
 
     /// What the adaptive policy saved (see `rhythms.rs`).
     pub fn rhythms(&self) -> SavedLearning {
-        rhythms::load(&self.inner.dir)
+        let (saved, repairs) = damage::collecting(|| rhythms::load(&self.inner.dir));
+        lock(&self.inner.repairs).extend(repairs);
+        saved
     }
 
     /// Replaces the saved rhythms; blocking (a file write and two syncs).

@@ -150,11 +150,16 @@ impl RecordFile {
             let bytes: usize = parsed.dropped.iter().map(|(_, n)| n).sum();
             let offsets: Vec<usize> = parsed.dropped.iter().map(|(at, _)| *at).collect();
             tracing::warn!(file = %path.display(), ?offsets, bytes, kept = parsed.records.len(), "damaged records in the file dropped; the file is rewritten with the records still readable");
+            super::damage::noted(
+                &path,
+                &format!("damaged records at offsets {offsets:?} dropped ({bytes} bytes)"),
+            );
             log::replace_file(dir, name, &parsed.kept)
                 .and_then(|_| log::sync_dir(dir))
                 .map_err(|e| log::io_error(&path, e))?;
         } else if let Some((at, bytes)) = parsed.torn {
             tracing::warn!(file = %path.display(), offset = at, bytes, "cut off a torn record at the end of the file: what a crash in the middle of an append leaves");
+            super::damage::noted(&path, &format!("a torn record of {bytes} bytes cut at offset {at}"));
             log::truncate(&path, at)?;
         }
         let file =

@@ -34,6 +34,13 @@ pub struct Recovered {
 }
 
 pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreError> {
+    let (store, repairs) = damage::collecting(|| open_repairing(dir, options));
+    let store = store?;
+    *store.inner.repairs.lock().unwrap_or_else(|p| p.into_inner()) = repairs;
+    Ok(store)
+}
+
+fn open_repairing(dir: &Path, options: super::Options) -> Result<Store, StoreError> {
     std::fs::create_dir_all(dir).map_err(|e| log::io_error(dir, e))?;
     let log_dir = dir.join(log::DIR_NAME);
     std::fs::create_dir_all(&log_dir).map_err(|e| log::io_error(&log_dir, e))?;
@@ -200,6 +207,7 @@ pub(super) fn open(dir: &Path, options: super::Options) -> Result<Store, StoreEr
             receipts,
             inbound: Mutex::new(HashMap::new()),
             recovered: Mutex::new(Some(recovered)),
+            repairs: Mutex::new(Vec::new()),
             sizes: Mutex::new(None),
             threads: Mutex::new(vec![thread]),
         }),
@@ -274,6 +282,7 @@ fn replay(log_dir: &Path, retired: &IdSet) -> Result<(Memory, Vec<dedup::IdHash>
         let read = log::read_segment(&path)?;
         if let Some((at, bytes)) = log::check_tail("log", &path, read.tail, i + 1 == numbers.len())? {
             tracing::warn!(file = %path.display(), offset = at, bytes, "cut off a torn tail of the message log: what a crash in the middle of a write leaves");
+            damage::noted(&path, &format!("a torn tail of {bytes} bytes cut at offset {at}"));
             log::truncate(&path, read.valid_len)?;
         }
         let mut seg = Segment { live: 0, created_ms: u64::MAX };

@@ -65,6 +65,7 @@ pub(super) fn load(dir: &Path) -> SavedLearning {
     let Ok(bytes) = std::fs::read(&path) else { return SavedLearning::default() };
     decode(&bytes).unwrap_or_else(|e| {
         tracing::warn!(file = %path.display(), error = %e, "the saved rhythms are damaged; discarded, the adaptive policy starts from its prior");
+        super::damage::noted(&path, "damaged; discarded (a cache: the adaptive policy starts from its prior)");
         SavedLearning::default()
     })
 }

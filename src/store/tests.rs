@@ -438,9 +438,18 @@ async fn a_torn_log_tail_is_cut_and_damage_in_a_closed_segment_is_named() {
             ["t1"],
             "the torn record is gone, the rest kept"
         );
+        let repairs = store.repairs();
+        assert_eq!(repairs.len(), 1, "{repairs:?}");
+        assert!(
+            repairs[0].contains(&path.display().to_string()) && repairs[0].contains("torn tail"),
+            "{repairs:?}"
+        );
         insert(&store, "t3", "700000001").await;
         store.close().await.unwrap();
     }
+    let (store, _) = open(dir.path());
+    assert!(store.repairs().is_empty(), "a clean reopen repairs nothing");
+    store.close().await.unwrap();
     // The same damage in a segment that is no longer the newest: corruption.
     let mut bytes = std::fs::read(&path).unwrap();
     let n = bytes.len();

@@ -610,6 +610,7 @@ async fn run(fx: Arc<Fixture>, root: PathBuf, n: usize, c: &Case) -> Result<Outc
         return Err(format!("verify crashed ({}):\n{verified}", verify.status));
     }
 
+    let readyz = std::sync::Mutex::new(String::new());
     let (mut daemon, started) = loop {
         let ports = Ports::free();
         let daemon = Spawned(spawn_binary(&daemon_env(ports, &data, &fx.handler, &fx.gateway), &log));
@@ -622,6 +623,7 @@ async fn run(fx: Arc<Fixture>, root: PathBuf, n: usize, c: &Case) -> Result<Outc
             }
             if let Ok(r) = client.get(format!("{}/readyz", ports.admin_base())).send().await {
                 if r.status() == 200 {
+                    *readyz.lock().unwrap() = r.text().await.unwrap_or_default();
                     break true;
                 }
             }
@@ -676,6 +678,10 @@ async fn run(fx: Arc<Fixture>, root: PathBuf, n: usize, c: &Case) -> Result<Outc
     let warned = text.lines().any(|l| l.contains("WARN") && names(l));
     if warned && !names(&verified) {
         return Err(format!("serve warned about {file} but verify did not say so:\n{verified}"));
+    }
+    let ready_said = readyz.lock().unwrap().clone();
+    if warned && !names(&ready_said) {
+        return Err(format!("serve warned about {file} but /readyz did not say so: {ready_said}"));
     }
     let actual = content(&data).await.map_err(|e| format!("served, but a second open refuses: {e}"))?;
     if actual.next <= fx.expected.max_used {
