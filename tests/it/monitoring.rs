@@ -203,7 +203,7 @@ async fn a_real_prometheus_scrapes_the_daemon_with_its_token_and_sees_the_counte
     let rules: Value =
         client.get(format!("{}/api/v1/rules", prometheus.url)).send().await.unwrap().json().await.unwrap();
     let loaded = rules["data"]["groups"][0]["rules"].as_array().map_or(0, Vec::len);
-    assert_eq!(loaded, 12, "{rules}");
+    assert_eq!(loaded, 13, "{rules}");
     let firing: Value =
         client.get(format!("{}/api/v1/alerts", prometheus.url)).send().await.unwrap().json().await.unwrap();
     assert_eq!(firing["data"]["alerts"], json!([]), "a healthy daemon fires nothing");
