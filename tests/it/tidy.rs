@@ -31,7 +31,10 @@ const LONG: &[(&str, &str)] = &[
     ("ingest/evolution.rs fn parse_event", "an Evolution event's shapes, one arm per event kind"),
     ("store/writer.rs fn write_log", "one group's log append, sync and undo, in order"),
     ("store/writer.rs fn prepare", "what each tree write reads first, one arm per write"),
-    ("store/recover.rs fn open_repairing", "the store's open: checks, recovery and repairs in the order they must run"),
+    (
+        "store/recover.rs fn open_repairing",
+        "the store's open: checks, recovery and repairs in the order they must run",
+    ),
     ("turns/run.rs fn drive", "one attempt's steps: typing, the handler call, its checks, the commit"),
     ("metrics.rs fn render", "every metric's lines in the order of the docs' table"),
 ];
