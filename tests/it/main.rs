@@ -36,3 +36,4 @@ mod litellm;
 mod monitoring;
 mod package;
 mod tidy;
+mod store_api;
