@@ -200,7 +200,7 @@ async fn conversation(
     State(s): State<Arc<AppState>>,
     Path(phone): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let phone = ingest::normalize_conversation(&phone).map_err(ApiError::unprocessable)?;
+    let phone = ingest::normalize_conversation(&phone)?;
     let wanted = phone.clone();
     let history = s.store.read(move |st| st.history(&wanted)).await?;
     let open: Vec<Value> = s
@@ -280,7 +280,7 @@ async fn takeover_target(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(crate::message::Conv, serde_json::Map<String, Value>), ApiError> {
-    let phone = ingest::normalize_conversation(phone).map_err(ApiError::unprocessable)?;
+    let phone = ingest::normalize_conversation(phone)?;
     let bytes = super::read_json_body(s, headers, body, 4096).await?;
     let body: serde_json::Map<String, Value> = if bytes.iter().all(u8::is_ascii_whitespace) {
         Default::default()

@@ -91,7 +91,7 @@ async fn batch(
     State(s): State<Arc<AppState>>,
     Path((company_id, phone)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let phone = crate::ingest::normalize_conversation(&phone).map_err(ApiError::unprocessable)?;
+    let phone = crate::ingest::normalize_conversation(&phone)?;
     let conv = Conv { company_id, phone };
     let snap = s.driver.snapshot().await.ok_or_else(|| ApiError::unavailable("shutting down"))?;
     let seqs: Vec<u64> = snap

@@ -23,7 +23,7 @@ fn context_conv(company_id: String, phone: &str) -> Result<Conv, ApiError> {
     if let Some(problem) = crate::message::company_id_problem(&company_id) {
         return Err(ApiError::unprocessable(format!("company_id {problem}")));
     }
-    let phone = ingest::normalize_conversation(phone).map_err(ApiError::unprocessable)?;
+    let phone = ingest::normalize_conversation(phone)?;
     Ok(Conv { phone, company_id })
 }
 

@@ -106,6 +106,13 @@ pub async fn json_refusals(response: Response) -> Response {
 
 /// A message refused by ingest: broken JSON 400, a bad field 422, and a
 /// store that could not take it 503, so the gateway delivers it again.
+/// A phone or conversation in a path that is not one: 422.
+impl From<crate::ingest::PhoneError> for ApiError {
+    fn from(e: crate::ingest::PhoneError) -> Self {
+        Self::unprocessable(e.to_string())
+    }
+}
+
 impl From<IngestError> for ApiError {
     fn from(e: IngestError) -> Self {
         match e {

@@ -116,13 +116,26 @@ pub fn chat(jid: &str, alt: Option<&str>) -> Option<(String, Option<Lid>)> {
     }
 }
 
+/// Why a written phone number, WhatsApp id or conversation is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PhoneError {
+    #[error("{0:?} is a LID (a hidden number), not a phone number")]
+    Lid(String),
+    #[error("{0:?} is not a LID (6 to 20 digits, then @lid)")]
+    NotALid(String),
+    #[error("{0:?} is not a phone number or WhatsApp id")]
+    NotAPhone(String),
+    #[error("{0:?} must have 6 to 15 digits")]
+    Digits(String),
+}
+
 /// A conversation's `phone` as an API path names it: a phone in any
 /// spelling (`normalize_phone`), or a LID with its `@lid`.
-pub fn normalize_conversation(raw: &str) -> Result<String, String> {
+pub fn normalize_conversation(raw: &str) -> Result<String, PhoneError> {
     if raw.trim().ends_with(crate::message::LID) {
         return match address(raw) {
             Address::Lid(lid) => Ok(format!("{lid}{}", crate::message::LID)),
-            _ => Err(format!("{raw:?} is not a LID (6 to 20 digits, then @lid)")),
+            _ => Err(PhoneError::NotALid(raw.to_owned())),
         };
     }
     normalize_phone(raw)
@@ -202,15 +215,15 @@ pub fn parse(body: &[u8], default_company_id: &str) -> Result<NewMessage, Ingest
 
 /// Reduces a WhatsApp address or a written phone number to its digits:
 /// "79001234567@c.us", "+7 900 123-45-67" and "79001234567" are one phone.
-pub fn normalize_phone(raw: &str) -> Result<String, String> {
+pub fn normalize_phone(raw: &str) -> Result<String, PhoneError> {
     let number = match raw.trim().split_once('@') {
-        Some((_, "lid")) => return Err(format!("{raw:?} is a LID (a hidden number), not a phone number")),
+        Some((_, "lid")) => return Err(PhoneError::Lid(raw.to_owned())),
         Some((number, domain))
             if !domain.is_empty() && domain.chars().all(|c| c.is_ascii_alphanumeric() || c == '.') =>
         {
             number
         }
-        Some(_) => return Err(format!("{raw:?} is not a phone number or WhatsApp id")),
+        Some(_) => return Err(PhoneError::NotAPhone(raw.to_owned())),
         None => raw.trim(),
     };
     let mut digits = String::with_capacity(number.len());
@@ -219,11 +232,11 @@ pub fn normalize_phone(raw: &str) -> Result<String, String> {
             '0'..='9' => digits.push(c),
             '+' if i == 0 => {}
             ' ' | '-' | '(' | ')' | '.' => {}
-            _ => return Err(format!("{raw:?} is not a phone number or WhatsApp id")),
+            _ => return Err(PhoneError::NotAPhone(raw.to_owned())),
         }
     }
     if !(6..=15).contains(&digits.len()) {
-        return Err(format!("{raw:?} must have 6 to 15 digits"));
+        return Err(PhoneError::Digits(raw.to_owned()));
     }
     Ok(digits)
 }
@@ -313,7 +326,12 @@ mod tests {
         assert_eq!(address("123456789012345@lid"), Address::Lid("123456789012345".into()));
         assert_eq!(address("120363025246125486@g.us"), Address::Other);
         assert_eq!(address("status@broadcast"), Address::Other);
-        assert!(normalize_phone("123456789012345@lid").unwrap_err().contains("LID"));
+        assert_eq!(
+            normalize_phone("123456789012345@lid"),
+            Err(PhoneError::Lid("123456789012345@lid".into()))
+        );
+        assert!(normalize_phone("123456789012345@lid").unwrap_err().to_string().contains("LID"));
+        assert_eq!(normalize_phone("12345"), Err(PhoneError::Digits("12345".into())));
         assert_eq!(normalize_conversation("123456789012345@lid").unwrap(), "123456789012345@lid");
         assert_eq!(normalize_conversation("+7 900 123-45-67").unwrap(), "79001234567");
         assert!(normalize_conversation("12@lid").is_err());
