@@ -1,24 +1,13 @@
 //! The invariants ARCHITECTURE.md states about who may touch what, checked
 //! against the source so they cannot silently stop being true.
 
-use std::path::{Path, PathBuf};
-
-fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            sources(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
-}
+use std::path::Path;
 
 /// (file relative to src/, its code without comments and unit tests)
 fn code() -> Vec<(String, String)> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
-    sources(&src, &mut files);
+    crate::helpers::rust_sources(&src, &mut files);
     files
         .into_iter()
         .map(|p| {
@@ -92,7 +81,7 @@ fn the_batcher_the_gate_and_the_schedule_are_sans_io() {
 fn imports() -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
     let mut graph = std::collections::BTreeMap::<String, std::collections::BTreeSet<String>>::new();
     for (file, code) in code() {
-        if file.ends_with("tests.rs") || file.ends_with("fuzz.rs") || file.contains("/fuzz/") {
+        if crate::helpers::test_only_source(&file) {
             continue;
         }
         let module = file.split('/').next().unwrap().trim_end_matches(".rs").to_owned();

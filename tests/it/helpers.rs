@@ -671,3 +671,21 @@ pub async fn post_meta(d: &Daemon, body: &Value) -> u16 {
         .unwrap();
     r.status().as_u16()
 }
+
+/// Every Rust file under `dir`, recursively (the source checks).
+pub fn rust_sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// Whether a file under `src/` (path relative to it) holds tests only: a
+/// module's `tests.rs`, the fuzz properties.
+pub fn test_only_source(file: &str) -> bool {
+    file.ends_with("tests.rs") || file.ends_with("fuzz.rs") || file.contains("/fuzz/")
+}

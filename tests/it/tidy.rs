@@ -5,7 +5,7 @@
 //! every module. Each rule is also run on a planted violation, so a rule
 //! that stopped seeing anything would fail here.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Longest production file (lines before its unit tests), and function.
 const MAX_FILE_LINES: usize = 450;
@@ -43,23 +43,12 @@ const LONG: &[(&str, &str)] = &[
 /// something real (the first store layout's tree, kept in backups).
 const RETIRED: &[(&str, &[&str])] = &[("inbox", &["store/recover.rs", "store/snapshot.rs"])];
 
-fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            sources(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
-}
-
 /// (path relative to the crate, text) of every Rust file in src/, tests/, benches/.
 fn files() -> Vec<(String, String)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut paths = Vec::new();
     for dir in ["src", "tests", "benches"] {
-        sources(&root.join(dir), &mut paths);
+        crate::helpers::rust_sources(&root.join(dir), &mut paths);
     }
     paths
         .into_iter()
@@ -172,7 +161,7 @@ fn the_house_rules_hold() {
         problems.extend(opens_with_doc(path, text));
         problems.extend(switched_off_tests(path, text));
         let Some(name) = path.strip_prefix("src/") else { continue };
-        if name.ends_with("tests.rs") || name.ends_with("fuzz.rs") || name.contains("/fuzz/") {
+        if crate::helpers::test_only_source(name) {
             continue; // tests, by their names
         }
         if !name.contains('/') && name != "lib.rs" && name != "main.rs" {
