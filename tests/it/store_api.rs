@@ -262,3 +262,43 @@ async fn a_context_write_is_whole_or_absent_at_a_cut() {
     assert_eq!(context_of(&cut.store), v2, "answered, so kept");
     cut.store.close().await.unwrap();
 }
+
+/// The dedup archive (where a committed turn's ids move to be remembered)
+/// is written and synced apart from the commit that retired them. A cut
+/// between the two must not find the marks without the turn: its messages
+/// would count as answered, with no history and no reply (found by the
+/// black-box power-cut test; the archive step now syncs the commit first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_while_a_commit_is_not_durable_never_finds_its_ids_archived_without_it() {
+    let Some(mut b) = Bench::start("the store API power-cut suite") else { return };
+    b.store.accept(vec![new("r-1"), new("r-2")], true).await.unwrap();
+    let turn = turn_of(&b.store, b.store.pending());
+    b.store.claim(&turn).await.unwrap();
+    b.hold_syncs(true);
+    let committing = tokio::spawn({
+        let (store, commit) = (b.store.clone(), commit_of(&b.store, &turn, "ok"));
+        async move { store.commit(commit).await }
+    });
+    until("the commit is applied", || b.store.pending().is_empty()).await;
+    let archiving = tokio::spawn({
+        let store = b.store.clone();
+        async move { store.archive_dedup().await }
+    });
+    // Time for the archive step to reach its file, if it would.
+    sleep(Duration::from_millis(500)).await;
+    let copy = b.cut();
+    b.hold_syncs(false);
+    committing.await.unwrap().unwrap();
+    archiving.await.unwrap().unwrap();
+    b.store.clone().close().await.unwrap();
+
+    let cut = b.open(&copy);
+    let recovered = cut.store.take_recovered().unwrap();
+    let mut kept: Vec<&str> = ids(&recovered.pending);
+    kept.extend(recovered.open_turns.iter().flat_map(|t| ids(&t.messages)));
+    let history = cut.store.history(&conv().phone).unwrap();
+    kept.extend(history.iter().flat_map(|h| ids(&h.messages)));
+    kept.sort();
+    assert_eq!(kept, ["r-1", "r-2"], "after the cut, the turn's messages are neither to answer nor answered");
+    cut.store.close().await.unwrap();
+}
