@@ -174,7 +174,7 @@ pub struct Gauges {
     /// Removed by retention: dead turns, given-up outbox pieces, history.
     pub expired: [u64; 3],
     /// Bytes of the trees' files (the embedded store) and of the message log.
-    pub file_bytes: (u64, u64, u64),
+    pub file_bytes: crate::store::FileSizes,
     /// Live records and their key + value bytes, per tree of the embedded store.
     pub trees: Vec<crate::store::TreeSize>,
     /// Online rewrites of the trees' files that completed.
@@ -440,11 +440,13 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP turnstile_store_file_bytes Bytes on disk: the trees' files (the embedded store), the message log's segments, the dedup archive's files.\n# TYPE turnstile_store_file_bytes gauge"
+            "# HELP turnstile_store_file_bytes Bytes on disk: the trees' files (the embedded store), the message log's segments, the dedup archive's files, the context part files.\n# TYPE turnstile_store_file_bytes gauge"
         );
-        let _ = writeln!(out, "turnstile_store_file_bytes{{part=\"trees\"}} {}", g.file_bytes.0);
-        let _ = writeln!(out, "turnstile_store_file_bytes{{part=\"log\"}} {}", g.file_bytes.1);
-        let _ = writeln!(out, "turnstile_store_file_bytes{{part=\"dedup_archive\"}} {}", g.file_bytes.2);
+        let f = &g.file_bytes;
+        let _ = writeln!(out, "turnstile_store_file_bytes{{part=\"trees\"}} {}", f.trees);
+        let _ = writeln!(out, "turnstile_store_file_bytes{{part=\"log\"}} {}", f.log);
+        let _ = writeln!(out, "turnstile_store_file_bytes{{part=\"dedup_archive\"}} {}", f.dedup_archive);
+        let _ = writeln!(out, "turnstile_store_file_bytes{{part=\"contexts\"}} {}", f.contexts);
         let _ = writeln!(
             out,
             "# HELP turnstile_tree_records Live records per tree (counted at most once a minute).\n# TYPE turnstile_tree_records gauge"

@@ -404,7 +404,7 @@ async fn online_backup(State(s): State<Arc<AppState>>) -> Result<Response, ApiEr
 /// `store.rewrite_after_mb`); answers once the new files are in use.
 async fn rewrite_store(State(s): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
     let generation = s.store.rewrite_now().await?;
-    let (trees_bytes, _, _) = s.store.read(|st| st.file_sizes()).await?;
+    let trees_bytes = s.store.read(|st| st.file_sizes()).await?.trees;
     Ok(Json(json!({ "generation": generation, "trees_bytes": trees_bytes })))
 }
 
@@ -444,9 +444,9 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     (g.contexts, g.context_raw_bytes, g.context_stored_bytes) = (c.contexts, c.raw_bytes, c.stored_bytes);
     (g.file_bytes, g.trees) = s
         .store
-        .read(|st| (st.file_sizes().unwrap_or((0, 0, 0)), st.tree_sizes_recent().unwrap_or_default()))
+        .read(|st| (st.file_sizes().unwrap_or_default(), st.tree_sizes_recent().unwrap_or_default()))
         .await;
-    g.store_bytes = g.file_bytes.0 + g.file_bytes.1 + g.file_bytes.2;
+    g.store_bytes = g.file_bytes.total();
     g.fsyncs = s.store.syncs();
     let st = s.store.stats();
     g.dead_turns = st.dead_turns as usize;

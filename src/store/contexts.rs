@@ -1,6 +1,8 @@
 //! Contexts in the store: per conversation a small meta record (sizes,
-//! updated_at, expires_at), the deflated `dialogue` and `cache` parts, and an
-//! expiry index keyed by expiry time so the sweeper never scans them all.
+//! updated_at, expires_at), the deflated `dialogue` and `cache` parts —
+//! small ones in their sled trees, larger ones in files of their own whose
+//! locations `ctx_files` holds (`parts.rs`) — and an expiry index keyed by
+//! expiry time so the sweeper never scans them all.
 //!
 //! `apply` runs inside a caller's transaction, so a turn's commit updates its
 //! context atomically with the rest of the commit. It reads and checks
@@ -14,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::UnabortableTransactionError;
 
 use super::generation::Noted;
+use super::parts::{Location, Which};
 
 use super::records::{decode, encode};
 use super::StoreError;
@@ -137,6 +140,67 @@ pub(crate) struct Trees<'t> {
     pub cache: &'t Noted<'t>,
     pub expiry: &'t Noted<'t>,
     pub totals: &'t Noted<'t>,
+    /// Where the parts kept in files are: `Which` tag ‖ key → `Location`.
+    pub files: &'t Noted<'t>,
+}
+
+impl<'t> Trees<'t> {
+    fn of(&self, which: Which) -> &'t Noted<'t> {
+        match which {
+            Which::Dialogue => self.dialogue,
+            Which::Cache => self.cache,
+        }
+    }
+}
+
+/// The parts of an update that the writer put in files before the
+/// transaction (`parts.rs`); a `Part::Set` without one stays in sled.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Spilled {
+    pub dialogue: Option<Location>,
+    pub cache: Option<Location>,
+}
+
+impl Spilled {
+    pub(crate) fn of(&self, which: Which) -> Option<Location> {
+        match which {
+            Which::Dialogue => self.dialogue,
+            Which::Cache => self.cache,
+        }
+    }
+
+    pub(crate) fn files(&self) -> impl Iterator<Item = u64> {
+        [self.dialogue, self.cache].into_iter().flatten().map(|l| l.file)
+    }
+}
+
+/// What an update or an expiry changed: the meta before and after (for the
+/// counters), and the part files nothing refers to once it is durable.
+#[derive(Debug, Default)]
+pub(crate) struct Change {
+    pub before: Option<ContextMeta>,
+    pub after: Option<ContextMeta>,
+    pub dropped: Vec<u64>,
+}
+
+pub(crate) fn decode_location(key: &[u8], bytes: &[u8]) -> Result<Location, StoreError> {
+    decode("ctx_files", key, bytes)
+}
+
+/// The file locations of both parts of the context at `key` (`None`: kept
+/// in sled, or absent).
+fn read_locations(t: &Trees<'_>, key: &[u8]) -> TxResult<[Option<Location>; 2]> {
+    let mut out = [None, None];
+    for (slot, which) in out.iter_mut().zip(Which::BOTH) {
+        let fkey = which.file_key(key);
+        if let Some(v) = t.files.get(&fkey)? {
+            match decode_location(&fkey, &v) {
+                Ok(loc) => *slot = Some(loc),
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+    }
+    Ok(Ok(out))
 }
 
 /// Persisted totals, in `TOTAL_SHARDS` keys so that concurrent commits of
@@ -183,25 +247,34 @@ fn read_totals(t: &Trees<'_>, key: &[u8]) -> TxResult<([u8; 1], Totals)> {
     })
 }
 
-/// Applies `update` to the context at `key`; returns the meta before and
-/// after (for the counters). An expired context counts as absent: `Keep`
-/// never resurrects it. A meta record that does not decode fails an update
-/// that keeps a part (what it would keep is unknown); one that sets or clears
-/// both parts replaces it, which is how an operator repairs it.
+/// Applies `update` to the context at `key` (its large parts already in the
+/// files `spilled` names). An expired context counts as absent: `Keep`
+/// never resurrects it. A meta or location record that does not decode
+/// fails an update that keeps a part (what it would keep is unknown); one
+/// that sets or clears both parts replaces it, which is how an operator
+/// repairs it.
 pub(crate) fn apply(
     t: &Trees<'_>,
     key: &[u8],
     update: &ContextUpdate,
+    spilled: &Spilled,
     now_ms: u64,
-) -> TxResult<(Option<ContextMeta>, Option<ContextMeta>)> {
+) -> TxResult<Change> {
+    let keeps = matches!(update.dialogue, Part::Keep) || matches!(update.cache, Part::Keep);
     let before = match t.meta.get(key)?.map(|v| decode_meta(key, &v)).transpose() {
         Ok(meta) => meta,
-        Err(e) if matches!(update.dialogue, Part::Keep) || matches!(update.cache, Part::Keep) => {
-            return Ok(Err(e))
-        }
+        Err(e) if keeps => return Ok(Err(e)),
         Err(e) => {
             tracing::warn!(error = %e, "a damaged context meta record is replaced by a write");
             None
+        }
+    };
+    let files = match read_locations(t, key)? {
+        Ok(files) => files,
+        Err(e) if keeps => return Ok(Err(e)),
+        Err(e) => {
+            tracing::warn!(error = %e, "a damaged context part location is replaced by a write");
+            [None, None]
         }
     };
     let (shard, totals) = match read_totals(t, key)? {
@@ -210,22 +283,45 @@ pub(crate) fn apply(
     };
     // Everything is read and checked: from here on, only writes.
     let live = before.as_ref().filter(|m| m.expires_at_ms > now_ms);
-    let part =
-        |tree: &Noted<'_>, part: &Part, old: Option<Sizes>| -> Result<_, UnabortableTransactionError> {
-            match part {
-                Part::Keep if live.is_some() => Ok(old),
-                Part::Keep | Part::Clear => {
+    let mut dropped = Vec::new();
+    let mut part = |which: Which,
+                    part: &Part,
+                    old: Option<Sizes>,
+                    old_file: Option<Location>|
+     -> Result<Option<Sizes>, UnabortableTransactionError> {
+        let tree = t.of(which);
+        let fkey = which.file_key(key);
+        let unfile = |dropped: &mut Vec<u64>| -> Result<(), UnabortableTransactionError> {
+            if let Some(old) = old_file {
+                t.files.remove(fkey.as_slice())?;
+                dropped.push(old.file);
+            }
+            Ok(())
+        };
+        match part {
+            Part::Keep if live.is_some() => Ok(old),
+            Part::Keep | Part::Clear => {
+                tree.remove(key)?;
+                unfile(&mut dropped)?;
+                Ok(None)
+            }
+            Part::Set { bytes, raw_len } => match spilled.of(which) {
+                Some(loc) => {
                     tree.remove(key)?;
-                    Ok(None)
+                    unfile(&mut dropped)?;
+                    t.files.insert(fkey.as_slice(), encode(&loc))?;
+                    Ok(Some(Sizes { raw: *raw_len, stored: loc.len as u64 }))
                 }
-                Part::Set { bytes, raw_len } => {
+                None => {
+                    unfile(&mut dropped)?;
                     tree.insert(key, bytes.as_slice())?;
                     Ok(Some(Sizes { raw: *raw_len, stored: bytes.len() as u64 }))
                 }
-            }
-        };
-    let dialogue = part(t.dialogue, &update.dialogue, live.and_then(|m| m.dialogue))?;
-    let cache = part(t.cache, &update.cache, live.and_then(|m| m.cache))?;
+            },
+        }
+    };
+    let dialogue = part(Which::Dialogue, &update.dialogue, live.and_then(|m| m.dialogue), files[0])?;
+    let cache = part(Which::Cache, &update.cache, live.and_then(|m| m.cache), files[1])?;
     if let Some(old) = &before {
         t.expiry.remove(expiry_key(old.expires_at_ms, key))?;
     }
@@ -243,19 +339,14 @@ pub(crate) fn apply(
         Some(after)
     };
     t.totals.insert(shard, encode(&moved(totals, before.as_ref(), after.as_ref())))?;
-    Ok(Ok((before, after)))
+    Ok(Ok(Change { before, after, dropped }))
 }
 
 /// Removes the context at `key` if it is still the one the expiry index
 /// entry `(expires_at_ms, key)` points at and it has expired by `now_ms`.
 /// A damaged meta or totals record is an error naming it; the index entry
 /// then stays, so the sweeper reports it again until it is repaired.
-pub(crate) fn expire(
-    t: &Trees<'_>,
-    key: &[u8],
-    expires_at_ms: u64,
-    now_ms: u64,
-) -> TxResult<Option<ContextMeta>> {
+pub(crate) fn expire(t: &Trees<'_>, key: &[u8], expires_at_ms: u64, now_ms: u64) -> TxResult<Option<Change>> {
     let meta = match t.meta.get(key)?.map(|v| decode_meta(key, &v)).transpose() {
         Ok(meta) => meta,
         Err(e) => return Ok(Err(e)),
@@ -269,10 +360,16 @@ pub(crate) fn expire(
         Ok(found) => found,
         Err(e) => return Ok(Err(e)),
     };
+    // A damaged location loses only its file, which the next open deletes.
+    let files = read_locations(t, key)?.unwrap_or_default();
     t.expiry.remove(expiry_key(expires_at_ms, key))?;
     t.meta.remove(key)?;
     t.dialogue.remove(key)?;
     t.cache.remove(key)?;
+    for which in Which::BOTH {
+        t.files.remove(which.file_key(key))?;
+    }
     t.totals.insert(shard, encode(&moved(totals, Some(&meta), None)))?;
-    Ok(Ok(Some(meta)))
+    let dropped = files.iter().flatten().map(|l| l.file).collect();
+    Ok(Ok(Some(Change { before: Some(meta), after: None, dropped })))
 }

@@ -383,8 +383,10 @@ pub fn verify(data: &Path) -> Result<Vec<Finding>, StoreError> {
     };
     let mut used = 0;
     match super::generation::current(data) {
-        Ok((_, db_dir)) => note(check_sled_files(data, &db_dir, false).and_then(|notes| {
-            used = walk_copy(data, &db_dir)?;
+        Ok((_, db_dir)) => note(check_sled_files(data, &db_dir, false).and_then(|mut notes| {
+            let parts;
+            (used, parts) = walk_copy(data, &db_dir)?;
+            notes.extend(parts);
             Ok(notes)
         })),
         Err(e) => note(Err(e)),
@@ -411,9 +413,10 @@ pub fn verify(data: &Path) -> Result<Vec<Finding>, StoreError> {
     Ok(out)
 }
 
-/// Opens a copy of sled's files in `db_dir` and walks every tree and
-/// checks the seal, as the open does; the highest id its records hold.
-fn walk_copy(data: &Path, db_dir: &Path) -> Result<u64, StoreError> {
+/// Opens a copy of sled's files in `db_dir` and walks every tree, checks
+/// the seal and the context part files, as the open does; the highest id
+/// its records hold, and the parts the open would drop.
+fn walk_copy(data: &Path, db_dir: &Path) -> Result<(u64, Vec<String>), StoreError> {
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let copy =
         std::env::temp_dir().join(format!("turnstile-verify-{}-{}", std::process::id(), stamp.as_nanos()));
@@ -423,7 +426,7 @@ fn walk_copy(data: &Path, db_dir: &Path) -> Result<u64, StoreError> {
             let db = super::open_db(&copy, super::Options::default())?;
             let (_, used) = super::sizes::walk(&db)?;
             Seal::check(data, db_dir, &db.open_tree(super::META)?)?;
-            Ok(used)
+            Ok((used, super::parts::verify(data, &db.open_tree("ctx_files")?)?))
         })
     });
     let _ = std::fs::remove_dir_all(&copy);

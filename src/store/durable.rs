@@ -10,8 +10,9 @@
 //! It runs beside the writer, so a slow flush never holds up the message
 //! log. A sync that starts at epoch E covers every transaction applied up
 //! to E: only then are the waiters for those answered, the log records they
-//! retired counted down (and fully retired segments deleted), and their
-//! outbox items released to the sender.
+//! retired counted down (and fully retired segments deleted), the context
+//! part files they replaced deleted, and their outbox items released to the
+//! sender.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -38,6 +39,8 @@ struct Queue {
     retired: Vec<(u64, Vec<u64>)>,
     /// The largest outbox seq a transaction of that epoch wrote.
     outbox: Vec<(u64, u64)>,
+    /// Context part files a transaction of that epoch stopped referring to.
+    unreferenced: Vec<(u64, Vec<u64>)>,
     /// A new generation's files, taken before the next sync.
     replace: Option<Files>,
     stop: bool,
@@ -102,9 +105,13 @@ impl Syncer {
         Ok(Syncer { queue, thread: Some(thread) })
     }
 
-    /// Records what a transaction of `epoch` retired and wrote to the outbox.
-    pub(crate) fn note(&self, epoch: u64, retired: Vec<u64>, outbox_max: u64) {
+    /// Records what a transaction of `epoch` retired, wrote to the outbox
+    /// and stopped referring to.
+    pub(crate) fn note(&self, epoch: u64, retired: Vec<u64>, outbox_max: u64, unreferenced: Vec<u64>) {
         let mut q = lock(&self.queue.0);
+        if !unreferenced.is_empty() {
+            q.unreferenced.push((epoch, unreferenced));
+        }
         if !retired.is_empty() {
             q.retired.push((epoch, retired));
         }
@@ -118,7 +125,8 @@ impl Syncer {
     pub(crate) fn request(&self, shared: &Shared, waiters: Vec<Waiter>) {
         let epoch = shared.applied_epoch.load(Ordering::Acquire);
         let mut q = lock(&self.queue.0);
-        if epoch <= q.synced_epoch && q.retired.is_empty() && q.outbox.is_empty() {
+        if epoch <= q.synced_epoch && q.retired.is_empty() && q.outbox.is_empty() && q.unreferenced.is_empty()
+        {
             drop(q);
             for w in waiters {
                 w(Ok(()));
@@ -190,7 +198,11 @@ fn run(mut files: Files, shared: Arc<Shared>, queue: Arc<(Mutex<Queue>, Condvar)
                 let (outbox, later): (Vec<_>, Vec<_>) =
                     std::mem::take(&mut q.outbox).into_iter().partition(|o| o.0 <= epoch);
                 q.outbox = later;
+                let (unreferenced, later): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut q.unreferenced).into_iter().partition(|u| u.0 <= epoch);
+                q.unreferenced = later;
                 drop(q);
+                shared.parts.remove(&unreferenced.into_iter().flat_map(|u| u.1).collect::<Vec<_>>());
                 if let Some(max) = outbox.iter().map(|o| o.1).max() {
                     shared.durable_outbox.fetch_max(max, Ordering::AcqRel);
                     shared.outbox_ready.notify_one();

@@ -22,8 +22,10 @@
 //! Trees: `dedup` (retired time ‖ id → hashes of the ids a turn answered,
 //! until they move into the archive files in `dedup/`: `archive.rs`),
 //! `turns` (dead turns, and turns re-opened from dead), `history`, `outbox`,
-//! `ctx_meta`, `ctx_dialogue`, `ctx_cache`, `ctx_expiry`, `ctx_totals`
-//! (contexts, see `contexts.rs`), `meta` (the id floor of a restored store).
+//! `ctx_meta`, `ctx_dialogue`, `ctx_cache`, `ctx_expiry`, `ctx_totals`,
+//! `ctx_files` (contexts, see `contexts.rs`; parts larger than 4 KiB live in
+//! files of their own in `contexts/`: `parts.rs`), `meta` (the id floor of a
+//! restored store).
 
 mod archive;
 mod contexts;
@@ -36,6 +38,7 @@ mod generation;
 mod ids;
 mod links;
 mod log;
+mod parts;
 mod quarantine;
 mod receipts;
 mod recfile;
@@ -63,7 +66,7 @@ pub use damage::{verify, Finding};
 use records::{conv_prefix, decode, decode_all, phone_prefix};
 pub use records::{DeadInfo, OutboxItem, TurnRecord, TurnSummary};
 pub use recover::Recovered;
-pub use sizes::{TreeSize, SIZES_MAX_AGE};
+pub use sizes::{FileSizes, TreeSize, SIZES_MAX_AGE};
 
 use crate::message::{Conv, Message, NewMessage};
 
@@ -333,6 +336,8 @@ pub(crate) struct Shared {
     applied_epoch: AtomicU64,
     faults: Arc<Faults>,
     context_stats: ContextStats,
+    /// The context parts kept in files (`contexts/`).
+    parts: parts::PartFiles,
     /// Notified when outbox items become durable (sendable).
     outbox_ready: Arc<tokio::sync::Notify>,
     /// The outbox tree, in memory: the sender and the API read it without
@@ -360,7 +365,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The sled trees. The first nine are written in the writer's transaction.
+/// The sled trees. The first ten are written in the writer's transaction.
 #[derive(Clone)]
 pub(crate) struct Trees {
     dedup: sled::Tree,
@@ -372,13 +377,14 @@ pub(crate) struct Trees {
     ctx_cache: sled::Tree,
     ctx_expiry: sled::Tree,
     ctx_totals: sled::Tree,
+    ctx_files: sled::Tree,
     meta: sled::Tree,
 }
 
 impl Trees {
-    /// Every tree: the nine the writer's transaction writes, in its order,
+    /// Every tree: the ten the writer's transaction writes, in its order,
     /// then `meta`.
-    fn all(&self) -> [&sled::Tree; 10] {
+    fn all(&self) -> [&sled::Tree; 11] {
         [
             &self.dedup,
             &self.turns,
@@ -389,6 +395,7 @@ impl Trees {
             &self.ctx_cache,
             &self.ctx_expiry,
             &self.ctx_totals,
+            &self.ctx_files,
             &self.meta,
         ]
     }
@@ -404,6 +411,7 @@ impl Trees {
             ctx_cache: db.open_tree("ctx_cache")?,
             ctx_expiry: db.open_tree("ctx_expiry")?,
             ctx_totals: db.open_tree("ctx_totals")?,
+            ctx_files: db.open_tree("ctx_files")?,
             meta: db.open_tree(META)?,
         })
     }
@@ -1068,14 +1076,12 @@ impl Store {
                 if meta.expires_at_ms <= now_ms {
                     None
                 } else {
-                    let part = |tree: &sled::Tree, sizes: Option<Sizes>| -> Result<_, StoreError> {
-                        Ok(match sizes {
-                            Some(_) => tree.get(&key)?.map(|v| v.to_vec()),
-                            None => None,
-                        })
+                    let part = |which: parts::Which, sizes: Option<Sizes>| match sizes {
+                        Some(_) => self.read_part(t, which, &key),
+                        None => Ok(None),
                     };
-                    let dialogue = part(&t.ctx_dialogue, meta.dialogue)?;
-                    let cache = part(&t.ctx_cache, meta.cache)?;
+                    let dialogue = part(parts::Which::Dialogue, meta.dialogue)?;
+                    let cache = part(parts::Which::Cache, meta.cache)?;
                     Some(StoredContext { meta, dialogue, cache })
                 }
             }
@@ -1088,6 +1094,33 @@ impl Store {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         Ok(found)
+    }
+
+    /// One part of the context at `key`: in its sled tree, or in the file
+    /// `ctx_files` names. A commit may replace the file meanwhile (and the
+    /// syncer delete the old one): then the new location is read.
+    fn read_part(&self, t: &Trees, which: parts::Which, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let tree = match which {
+            parts::Which::Dialogue => &t.ctx_dialogue,
+            parts::Which::Cache => &t.ctx_cache,
+        };
+        if let Some(v) = tree.get(key)? {
+            return Ok(Some(v.to_vec()));
+        }
+        let fkey = which.file_key(key);
+        let mut tried = None;
+        loop {
+            let Some(v) = t.ctx_files.get(&fkey)? else { return Ok(None) };
+            let loc = contexts::decode_location(&fkey, &v)?;
+            match self.inner.shared.parts.read(which, key, &loc) {
+                Err(StoreError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound && tried != Some(loc) =>
+                {
+                    tried = Some(loc)
+                }
+                other => return other.map(Some),
+            }
+        }
     }
 
     pub fn context_stats(&self) -> ContextStatsSnapshot {
@@ -1141,10 +1174,10 @@ impl Store {
         self.inner.shared.stats.last_sync_ms.load(Ordering::Relaxed)
     }
 
-    /// Bytes the store occupies on disk (sled, the log, the dedup archive).
+    /// Bytes the store occupies on disk (sled, the log, the dedup archive,
+    /// the context part files).
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        let (db, log, archive) = self.file_sizes()?;
-        Ok(db + log + archive)
+        Ok(self.file_sizes()?.total())
     }
 }
 

@@ -15,6 +15,7 @@ use super::dedup::{self, IdSet};
 use super::durable::{self, Files, Syncer};
 use super::generation::{self, Gen};
 use super::log::{self, Entry, Head};
+use super::parts::PartFiles;
 use super::records::decode_all;
 use super::writer::Writer;
 use super::{
@@ -79,6 +80,22 @@ fn open_repairing(dir: &Path, options: super::Options) -> Result<Store, StoreErr
     let takeovers = Arc::new(super::takeover::Takeovers::open(dir)?);
     let receipts = Arc::new(super::receipts::Receipts::open(dir)?);
     migrate_first_layout(dir, &db_dir, &db, &trees, &ids)?;
+    let parts = PartFiles::open(dir)?;
+    let (used_parts, damaged_parts) = parts.check_all(&trees.ctx_files)?;
+    if !damaged_parts.is_empty() {
+        for d in &damaged_parts {
+            let what = format!(
+                "{}: the context's {} is lost (its file is damaged: {})",
+                String::from_utf8_lossy(&d.key).trim_end_matches('\0').replace('\0', " "),
+                d.which.tree_name().trim_start_matches("ctx_"),
+                d.reason
+            );
+            tracing::warn!("{}@{}: {what}", d.path.display(), d.at);
+            damage::noted(&d.path, &what);
+        }
+        let cleared: Vec<_> = damaged_parts.iter().map(|d| (d.key.clone(), d.which)).collect();
+        super::writer::clear_parts(&trees, &cleared, crate::message::unix_ms())?;
+    }
 
     // Whatever sled recovered (possibly from the page cache after a kill)
     // is made durable before the log is trimmed on its word.
@@ -86,6 +103,11 @@ fn open_repairing(dir: &Path, options: super::Options) -> Result<Store, StoreErr
     db.flush()?;
     files.sync_all_now().map_err(|e| log::io_error(&db_dir, e))?;
     seal.publish(staged)?;
+    // Now that sled's state is durable: files it does not refer to go.
+    let unused = parts.remove_unused(&used_parts)?;
+    if unused > 0 {
+        tracing::info!(files = unused, "deleted context part files nothing refers to (a write cut short)");
+    }
     if gen_no > 0 {
         // The data directory's own entries (the log, `ids`, `trees`).
         durable::sync_new_entries(dir, &mut HashSet::new(), &[]).map_err(|e| log::io_error(dir, e))?;
@@ -151,6 +173,7 @@ fn open_repairing(dir: &Path, options: super::Options) -> Result<Store, StoreErr
         applied_epoch: Default::default(),
         faults: Default::default(),
         context_stats,
+        parts,
         outbox_ready: Default::default(),
         failed_notify: Default::default(),
         outbox: Mutex::new(

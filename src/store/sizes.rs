@@ -47,15 +47,44 @@ impl Store {
         Ok(sizes)
     }
 
-    /// Bytes of sled's files (`db`, blobs), of the message log's segments
-    /// and of the dedup archive's files.
-    pub fn file_sizes(&self) -> Result<(u64, u64, u64), StoreError> {
+    /// Bytes of each kind of the store's files.
+    pub fn file_sizes(&self) -> Result<FileSizes, StoreError> {
         let log_dir = self.inner.dir.join(super::log::DIR_NAME);
         let mut log = 0;
         for no in super::log::segments(&log_dir).map_err(|e| super::log::io_error(&log_dir, e))? {
             log += std::fs::metadata(super::log::segment_path(&log_dir, no)).map(|m| m.len()).unwrap_or(0);
         }
-        Ok((self.gen().db.size_on_disk()?, log, super::archive::bytes(&self.inner.dir)?))
+        let parts = &self.inner.shared.parts;
+        let contexts = parts
+            .files()?
+            .into_iter()
+            .filter_map(|no| std::fs::metadata(parts.path(no)).ok())
+            .map(|m| m.len())
+            .sum();
+        Ok(FileSizes {
+            trees: self.gen().db.size_on_disk()?,
+            log,
+            dedup_archive: super::archive::bytes(&self.inner.dir)?,
+            contexts,
+        })
+    }
+}
+
+/// Bytes on disk, by kind of file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FileSizes {
+    /// sled's files (`db`, blobs).
+    pub trees: u64,
+    /// The message log's segments.
+    pub log: u64,
+    pub dedup_archive: u64,
+    /// The context part files (`contexts/`).
+    pub contexts: u64,
+}
+
+impl FileSizes {
+    pub fn total(&self) -> u64 {
+        self.trees + self.log + self.dedup_archive + self.contexts
     }
 }
 

@@ -12,6 +12,7 @@ use std::path::Path;
 
 use super::archive::{self, Archive};
 use super::dedup;
+use super::parts::{PartFiles, Which, INLINE_MAX};
 use super::records::{encode, seq_key};
 use super::{log, open_db, writer, Store, StoreError, ID_FLOOR, META};
 
@@ -83,6 +84,9 @@ impl Store {
                     visit(&name, &key, &dedup::pack(&chunk.hashes))?;
                 }
             }
+            if name == "ctx_files" {
+                continue; // locations in this directory: their parts go with their trees
+            }
             for kv in tree.iter() {
                 let (k, v) = kv.map_err(StoreError::from)?;
                 // The seal is this directory's bookkeeping, not data (damage.rs).
@@ -90,6 +94,16 @@ impl Store {
                     continue;
                 }
                 visit(&name, &k, &v)?;
+            }
+            // Parts kept in files go into the backup as records of their
+            // tree, as a store before `parts.rs` held them.
+            if let Some(which) = Which::BOTH.into_iter().find(|w| w.tree_name() == name) {
+                for kv in gen.trees.ctx_files.scan_prefix(which.file_key(b"")) {
+                    let (k, v) = kv.map_err(StoreError::from)?;
+                    let loc = super::contexts::decode_location(&k, &v)?;
+                    let bytes = self.inner.shared.parts.read(which, &k[1..], &loc)?;
+                    visit(&name, &k[1..], &bytes)?;
+                }
             }
         }
         // Who has taken which conversation over: restored with the rest, so
@@ -124,6 +138,7 @@ impl Store {
         let mut archive = Archive::unsynced(dir)?;
         let mut chunk = ImportChunk::default();
         let mut takeovers = Vec::new();
+        let parts = PartFiles::open(dir)?;
         for record in records {
             let (tree, key, value) = record?;
             if tree == super::takeover::BACKUP_TREE {
@@ -149,6 +164,15 @@ impl Store {
                 chunk.hashes.extend(hashes);
                 continue;
             }
+            // Large parts into files of their own, as a commit puts them.
+            let large = Which::BOTH.into_iter().find(|w| w.tree_name() == tree && value.len() > INLINE_MAX);
+            let (tree, key, value) = match large {
+                Some(which) => {
+                    let loc = parts.write(which, &key, &value)?;
+                    ("ctx_files".to_owned(), which.file_key(&key), encode(&loc))
+                }
+                None => (tree, key, value),
+            };
             db.open_tree(tree.as_bytes()).and_then(|t| t.insert(key, value)).map_err(StoreError::from)?;
         }
         chunk.write_to(&mut archive, dir)?;

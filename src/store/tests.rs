@@ -883,3 +883,64 @@ async fn a_second_open_of_a_held_directory_is_refused_before_touching_it() {
     assert!(dir.path().join("trees.5").exists());
     store.close().await.unwrap();
 }
+
+/// The context part files in `dir`.
+fn part_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join(super::parts::DIR_NAME))
+        .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_context_parts_live_in_files_that_go_once_nothing_names_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (store, _) = open(&data);
+    let c = conv("79001112233");
+    let big = |tag: u8| vec![tag; super::parts::INLINE_MAX + 1];
+    let now = unix_ms();
+    store.update_context(&c, set(&big(1), Some(b"small cache")), now).await.unwrap();
+    assert_eq!(part_files(&data).len(), 1, "the large dialogue only");
+    let read = store.context(&c, now).unwrap().unwrap();
+    assert_eq!((read.dialogue.unwrap(), read.cache.unwrap()), (big(1), b"small cache".to_vec()));
+
+    // Replaced: the new file is read, the old one goes once the write is durable.
+    store.update_context(&c, set(&big(2), Some(&big(3))), now + 1).await.unwrap();
+    store.sync().await.unwrap();
+    assert_eq!(part_files(&data).len(), 2, "{:?}", part_files(&data));
+    assert_eq!(store.context(&c, now + 1).unwrap().unwrap().dialogue.unwrap(), big(2));
+    // Set small again: back into sled, its file goes.
+    store.update_context(&c, set(b"small dialogue", None), now + 2).await.unwrap();
+    store.sync().await.unwrap();
+    assert_eq!(part_files(&data).len(), 1, "the cache's file stays");
+    let read = store.context(&c, now + 2).unwrap().unwrap();
+    assert_eq!((read.dialogue.unwrap(), read.cache.unwrap()), (b"small dialogue".to_vec(), big(3)));
+
+    // A backup carries the part as a record of its tree; a restore puts it
+    // in a file again.
+    let exported = tokio::task::block_in_place(|| records(&store));
+    assert_eq!(exported.get(&("ctx_cache".to_owned(), super::records::conv_prefix(&c))), Some(&big(3)));
+    assert!(!exported.keys().any(|(tree, _)| tree == "ctx_files"), "locations stay in their directory");
+    let restored = dir.path().join("restored");
+    let all = exported.into_iter().map(|((tree, k), v)| Ok::<_, StoreError>((tree, k, v)));
+    Store::import_into(&restored, 1 << 20, all).unwrap();
+    assert_eq!(part_files(&restored).len(), 1);
+    let (again, _) = open(&restored);
+    assert_eq!(again.context(&c, now + 2).unwrap().unwrap().cache.unwrap(), big(3));
+    again.close().await.unwrap();
+
+    // Expired and swept: the file goes with it. A file nothing names (a
+    // write cut short) goes at the next open.
+    let swept = store.expire_contexts(now + 13 * HOUR).await.unwrap();
+    assert_eq!(swept.removed, 1);
+    store.sync().await.unwrap();
+    assert!(part_files(&data).is_empty());
+    store.close().await.unwrap();
+    std::fs::write(data.join(super::parts::DIR_NAME).join("00000000000000ff.part"), b"TSP1 cut short")
+        .unwrap();
+    let (store, _) = open(&data);
+    assert!(part_files(&data).is_empty(), "{:?}", part_files(&data));
+    store.close().await.unwrap();
+}

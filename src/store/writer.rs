@@ -25,6 +25,7 @@ use super::dedup::{self, IdHash, IdSet};
 use super::durable::Syncer;
 use super::generation::{self, Noted, Rewrite};
 use super::log::{self, Head};
+use super::parts::Which;
 use super::records::{conv_prefix, encode, seq_key};
 use super::{
     lock, Announce, Commit, ContextMeta, ContextUpdate, Inserted, OpenClaim, OutboxItem, Pending, Reply,
@@ -200,6 +201,8 @@ struct Prepared {
     due: Vec<sled::IVec>,
     /// Retention: what to remove.
     expiring: Expiring,
+    /// Context write: the parts put in files for it (`parts.rs`).
+    spilled: contexts::Spilled,
     /// A damaged record met while preparing: the write fails with it.
     error: Option<StoreError>,
 }
@@ -541,11 +544,20 @@ impl Writer {
             prepared.push(self.prepare(write, now));
             replies.push((durable, reply));
         }
+        // The new part files' directory entries, before anything refers to them.
+        if prepared.iter().any(|p| p.spilled.files().next().is_some()) {
+            if let Err(e) = self.shared.parts.sync_dir() {
+                for p in prepared.iter_mut().filter(|p| p.spilled.files().next().is_some()) {
+                    p.error = Some(StoreError::Write(Arc::from(e.to_string())));
+                }
+            }
+        }
+        let spilled: Vec<u64> = prepared.iter().flat_map(|p| p.spilled.files()).collect();
         let all = self.trees.all();
         // A rewrite in progress copies again every key written meanwhile.
         let noting = self.rewrite.is_some();
         let noted = std::cell::RefCell::new(Vec::new());
-        let applied = all[..9].transaction(|views: &Vec<TransactionalTree>| {
+        let applied = all[..10].transaction(|views: &Vec<TransactionalTree>| {
             noted.borrow_mut().clear();
             let views: Vec<Noted<'_>> = views
                 .iter()
@@ -555,13 +567,16 @@ impl Writer {
             let v = Views::of(&views);
             let mut outcomes = Vec::with_capacity(prepared.len());
             for p in &prepared {
-                outcomes.push(apply(&v, p)?);
+                let mut dropped = Vec::new();
+                let outcome = apply(&v, p, &mut dropped)?;
+                outcomes.push(outcome.map(|o| (o, dropped)));
             }
             Ok::<_, ConflictableTransactionError<()>>(outcomes)
         });
         let outcomes = match applied {
             Ok(outcomes) => outcomes,
             Err(e) => {
+                self.shared.parts.remove(&spilled);
                 let reason = self.shared.fail(&format!("sled transaction failed: {e:?}"));
                 for (_, reply) in replies {
                     let _ = reply.send(Err(StoreError::Failed(reason.clone())));
@@ -576,10 +591,16 @@ impl Writer {
         self.dirty = true;
         let mut retired_segs = Vec::new();
         let mut outbox_max = 0;
+        let mut unreferenced = Vec::new();
         for ((p, outcome), (durable, reply)) in prepared.into_iter().zip(outcomes).zip(replies) {
             let outcome = match outcome {
-                Ok(outcome) => outcome,
+                Ok((outcome, dropped)) => {
+                    unreferenced.extend(dropped);
+                    outcome
+                }
                 Err(e) => {
+                    // Nothing refers to the files it wrote.
+                    self.shared.parts.remove(&p.spilled.files().collect::<Vec<_>>());
                     let _ = reply.send(Err(e));
                     continue;
                 }
@@ -593,7 +614,7 @@ impl Writer {
                 let _ = reply.send(Ok(outcome));
             }
         }
-        self.syncer.note(epoch, retired_segs, outbox_max);
+        self.syncer.note(epoch, retired_segs, outbox_max, unreferenced);
         waiters
     }
 
@@ -609,8 +630,19 @@ impl Writer {
             expired_files: Vec::new(),
             due: Vec::new(),
             expiring: Default::default(),
+            spilled: Default::default(),
             error: None,
         };
+        match &mut p.write {
+            TreeWrite::Commit(c) => {
+                let key = conv_prefix(&c.turn.conv);
+                self.spill(&key, &mut c.context, &mut p.spilled, &mut p.error);
+            }
+            TreeWrite::Context { conv, update, .. } => {
+                self.spill(&conv_prefix(conv), update, &mut p.spilled, &mut p.error)
+            }
+            _ => {}
+        }
         let fail = |e: sled::Error| Some(StoreError::Sled(e));
         match &p.write {
             TreeWrite::Commit(c) => {
@@ -704,6 +736,39 @@ impl Writer {
             p.dedup_record = Some((key, dedup::pack(&hashes)));
         }
         p
+    }
+
+    /// Puts the parts of `update` larger than `parts::INLINE_MAX` in files
+    /// of their own (synced; their directory entries are synced for the
+    /// whole group by `write_trees`), leaving their bytes out of the update.
+    fn spill(
+        &self,
+        key: &[u8],
+        update: &mut ContextUpdate,
+        spilled: &mut contexts::Spilled,
+        error: &mut Option<StoreError>,
+    ) {
+        let files = &self.shared.parts;
+        for (which, part, slot) in [
+            (Which::Dialogue, &mut update.dialogue, &mut spilled.dialogue),
+            (Which::Cache, &mut update.cache, &mut spilled.cache),
+        ] {
+            let super::Part::Set { bytes, .. } = part else { continue };
+            if bytes.len() <= super::parts::INLINE_MAX || error.is_some() {
+                continue;
+            }
+            match files.write(which, key, bytes) {
+                Ok(loc) => {
+                    *slot = Some(loc);
+                    *bytes = Vec::new();
+                }
+                Err(e) => *error = Some(e),
+            }
+        }
+        if error.is_some() {
+            files.remove(&spilled.files().collect::<Vec<_>>());
+            *spilled = Default::default();
+        }
     }
 
     /// Finds what retention removes. Dead turns and given-up pieces are few
@@ -911,14 +976,54 @@ impl<'a> Views<'a> {
             turns: &v[1],
             history: &v[2],
             outbox: &v[3],
-            ctx: contexts::Trees { meta: &v[4], dialogue: &v[5], cache: &v[6], expiry: &v[7], totals: &v[8] },
+            ctx: contexts::Trees {
+                meta: &v[4],
+                dialogue: &v[5],
+                cache: &v[6],
+                expiry: &v[7],
+                totals: &v[8],
+                files: &v[9],
+            },
         }
     }
 }
 
+/// Clears the damaged parts `damaged` (conversation key, part) in one
+/// transaction, at the open before the writer runs: their files are gone
+/// or wrong, so what they held is lost (the caller says so).
+pub(super) fn clear_parts(
+    trees: &Trees,
+    damaged: &[(Vec<u8>, Which)],
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let all = trees.all();
+    let cleared = all[..10].transaction(|views: &Vec<TransactionalTree>| {
+        let views: Vec<Noted<'_>> =
+            views.iter().enumerate().map(|(no, tree)| Noted { tree, no: no as u8, noted: None }).collect();
+        let v = Views::of(&views);
+        for (key, which) in damaged {
+            let part = |w: Which| if w == *which { super::Part::Clear } else { super::Part::Keep };
+            let update = ContextUpdate {
+                dialogue: part(Which::Dialogue),
+                cache: part(Which::Cache),
+                slide: false,
+                ttl_ms: 0,
+            };
+            if let Err(e) = contexts::apply(&v.ctx, key, &update, &Default::default(), now_ms)? {
+                return Err(ConflictableTransactionError::Abort(e));
+            }
+        }
+        Ok(())
+    });
+    cleared.map_err(|e| match e {
+        sled::transaction::TransactionError::Abort(e) => e,
+        sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+    })
+}
+
 /// One prepared write inside the transaction. Reads and checks come before
 /// writes, so a write that fails leaves nothing of itself behind.
-fn apply(v: &Views<'_>, p: &Prepared) -> TxResult<Outcome> {
+fn apply(v: &Views<'_>, p: &Prepared, dropped: &mut Vec<u64>) -> TxResult<Outcome> {
     if let Some(e) = &p.error {
         return Ok(Err(again(e)));
     }
@@ -931,10 +1036,11 @@ fn apply(v: &Views<'_>, p: &Prepared) -> TxResult<Outcome> {
     match &p.write {
         TreeWrite::Commit(c) => {
             let key = conv_prefix(&c.turn.conv);
-            let (before, after) = match contexts::apply(&v.ctx, &key, &c.context, c.now_ms)? {
-                Ok(metas) => metas,
+            let change = match contexts::apply(&v.ctx, &key, &c.context, &p.spilled, c.now_ms)? {
+                Ok(change) => change,
                 Err(e) => return Ok(Err(e)),
             };
+            dropped.extend(change.dropped);
             remember(v)?;
             for item in &c.outbox {
                 v.outbox.insert(item.seq.to_be_bytes(), encode(item))?;
@@ -944,7 +1050,7 @@ fn apply(v: &Views<'_>, p: &Prepared) -> TxResult<Outcome> {
                 v.history.remove(old)?;
             }
             v.history.insert(p.history.key.as_slice(), p.history.value.as_slice())?;
-            Ok(Ok(Outcome::Context(before, after)))
+            Ok(Ok(Outcome::Context(change.before, change.after)))
         }
         TreeWrite::Park(turn) => {
             remember(v)?;
@@ -974,8 +1080,10 @@ fn apply(v: &Views<'_>, p: &Prepared) -> TxResult<Outcome> {
             Ok(Ok(Outcome::Done))
         }
         TreeWrite::Context { conv, update, now_ms } => {
-            Ok(contexts::apply(&v.ctx, &conv_prefix(conv), update, *now_ms)?
-                .map(|(before, after)| Outcome::Context(before, after)))
+            Ok(contexts::apply(&v.ctx, &conv_prefix(conv), update, &p.spilled, *now_ms)?.map(|change| {
+                dropped.extend(change.dropped);
+                Outcome::Context(change.before, change.after)
+            }))
         }
         TreeWrite::OutboxSent(seq) => {
             v.outbox.remove(seq.to_be_bytes())?;
@@ -1002,9 +1110,10 @@ fn apply(v: &Views<'_>, p: &Prepared) -> TxResult<Outcome> {
                 }
                 let at = u64::from_be_bytes(index_key[..8].try_into().expect("8 bytes"));
                 match contexts::expire(&v.ctx, &index_key[8..], at, *now_ms)? {
-                    Ok(Some(meta)) => {
+                    Ok(Some(change)) => {
                         swept.removed += 1;
-                        gone.push(meta);
+                        dropped.extend(change.dropped);
+                        gone.extend(change.before);
                     }
                     Ok(None) => {}
                     Err(e) => swept.errors.push(e.to_string()),

@@ -381,6 +381,13 @@ async fn answer(
 /// xorshift: deterministic load and kill schedules, so a failing run replays.
 pub struct Rng(pub u64);
 
+/// `n` random base64 characters: text that deflates to about 3/4 of itself.
+pub fn incompressible(n: usize) -> String {
+    let mut rng = Rng(0xdead_beef);
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    (0..n).map(|_| ALPHABET[rng.below(64) as usize] as char).collect()
+}
+
 impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.0 ^= self.0 << 13;

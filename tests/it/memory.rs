@@ -168,7 +168,39 @@ async fn storms_at_the_caps_keep_the_heap_under_the_documented_bound() {
     assert!(committed >= phones as f64, "{committed} turns");
     assert!(seen >= phones, "{seen} messages in the kept history");
 
-    // 3. After a restart (the open walks the history): still bounded.
+    // 3. The context burst at the cap: 40 contexts of ~4 MB (the default
+    //    `context.max_bytes`) of random text, ~3 MB each once deflated,
+    //    one after another — 120 MB stored. Parts that large live in files,
+    //    not in sled's cache (which kept every one: 31 → 205 MiB for 60).
+    let blob = incompressible(4_000_000);
+    let body =
+        |i: usize| json!({"dialogue": {"n": i, "notes": &blob[i..i + 100_000]}, "cache": {"blob": &blob}});
+    for i in 0..40 {
+        let r = client
+            .put(format!("{admin}/api/contexts/default/7906{i:07}"))
+            .json(&body(i))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    let m = settled(&client, &admin, &log).await;
+    let heap = m["turnstile_heap_bytes"];
+    eprintln!("memory: after the context burst, live heap {:.1} MiB", heap / MIB);
+    assert!(heap < bound(), "after the context burst: {:.1} MiB over {:.0} MiB", heap / MIB, bound() / MIB);
+    let context = |i: usize| {
+        let client = client.clone();
+        let url = format!("{admin}/api/contexts/default/7906{i:07}");
+        async move { client.get(url).send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let got = context(7).await;
+    assert_eq!(
+        (&got["dialogue"], &got["cache"]),
+        (&body(7)["dialogue"], &body(7)["cache"]),
+        "read back whole"
+    );
+
+    // 4. After a restart (the open walks the history): still bounded.
     daemon.kill().unwrap();
     daemon.wait().unwrap();
     let mut daemon = spawn_binary(&env, &log);
@@ -177,6 +209,8 @@ async fn storms_at_the_caps_keep_the_heap_under_the_documented_bound() {
     let heap = m["turnstile_heap_bytes"];
     eprintln!("memory: after a restart, live heap {:.1} MiB", heap / MIB);
     assert!(heap < bound(), "after a restart: {:.1} MiB", heap / MIB);
+    let got = context(39).await;
+    assert_eq!((&got["dialogue"], &got["cache"]), (&body(39)["dialogue"], &body(39)["cache"]), "kept");
     daemon.kill().unwrap();
     daemon.wait().unwrap();
 }

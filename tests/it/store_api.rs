@@ -103,6 +103,12 @@ fn part(text: &str) -> Part {
     Part::Set { bytes: text.as_bytes().to_vec(), raw_len: text.len() as u64 }
 }
 
+/// `text` made larger than a few pages (a real context is ~300 KB of JSON,
+/// tens of KB deflated): the store may keep such a part apart from small ones.
+fn large(text: &str) -> String {
+    format!("{text} {}", "· ".repeat(6_000))
+}
+
 fn set(dialogue: &str, cache: &str) -> ContextUpdate {
     ContextUpdate { dialogue: part(dialogue), cache: part(cache), slide: true, ttl_ms: 12 * HOUR }
 }
@@ -122,7 +128,7 @@ fn commit_of(store: &Store, turn: &TurnRecord, reply: &str) -> Commit {
             committed_at_ms: now,
             attempts: 1,
         },
-        context: set("dialogue after the turn", "cache after the turn"),
+        context: set(&large("dialogue after the turn"), "cache after the turn"),
         outbox: vec![OutboxItem {
             seq: store.next_seq().unwrap(),
             turn_id: turn.turn_id.clone(),
@@ -228,7 +234,7 @@ async fn a_commit_cut_before_it_is_durable_re_runs_its_turn_and_after_it_is_answ
     let history = cut.store.history(&conv().phone).unwrap();
     assert_eq!(history.len(), 1);
     assert_eq!(ids(&history[0].messages), ["c-1", "c-2"]);
-    let expected = ("dialogue after the turn".to_owned(), "cache after the turn".to_owned());
+    let expected = (large("dialogue after the turn"), "cache after the turn".to_owned());
     assert_eq!(context_of(&cut.store), Some(expected));
     assert_eq!(cut.store.outbox().len(), 1, "the reply is still to send");
     assert!(redelivered(&cut.store, "c-2").await, "and its ids are remembered");
@@ -237,30 +243,52 @@ async fn a_commit_cut_before_it_is_durable_re_runs_its_turn_and_after_it_is_answ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_context_write_is_whole_or_absent_at_a_cut() {
-    let Some(mut b) = Bench::start("the store API power-cut suite") else { return };
-    let now = turnstile::message::unix_ms();
-    b.store.update_context(&conv(), set("dialogue v1", "cache v1"), now).await.unwrap();
-    b.hold_syncs(true);
-    let writing = tokio::spawn({
-        let store = b.store.clone();
-        async move { store.update_context(&conv(), set("dialogue v2", "cache v2"), now + 1).await }
-    });
-    until("the write is applied", || context_of(&b.store).is_some_and(|c| c.0 == "dialogue v2")).await;
-    let during = b.cut();
-    b.hold_syncs(false);
-    writing.await.unwrap().unwrap();
-    let answered = b.cut();
-    b.store.clone().close().await.unwrap();
+    // Small parts, large ones, and one of each, replaced by their like and
+    // by the other size: (dialogue large, cache large) before and after.
+    let shapes = [
+        ("small", (false, false), (false, false)),
+        ("large", (true, true), (true, true)),
+        ("large dialogue, small cache", (true, false), (true, false)),
+        ("small, then large", (false, false), (true, true)),
+    ];
+    let sized = |text: &str, is_large: bool| if is_large { large(text) } else { text.to_owned() };
+    for (shape, before, after) in shapes {
+        let Some(mut b) = Bench::start("the store API power-cut suite") else { return };
+        let v1 = (sized("dialogue v1", before.0), sized("cache v1", before.1));
+        let v2 = (sized("dialogue v2", after.0), sized("cache v2", after.1));
+        let now = turnstile::message::unix_ms();
+        b.store.update_context(&conv(), set(&v1.0, &v1.1), now).await.unwrap();
+        b.hold_syncs(true);
+        let writing = tokio::spawn({
+            let (store, v2) = (b.store.clone(), v2.clone());
+            async move { store.update_context(&conv(), set(&v2.0, &v2.1), now + 1).await }
+        });
+        until("the write is applied", || context_of(&b.store).is_some_and(|c| c.0 == v2.0)).await;
+        // A message meanwhile: its sync commits the file system's journal,
+        // and with it whatever else the store did to its directories.
+        b.store.accept(vec![new(&format!("{shape}: meanwhile"))], true).await.unwrap();
+        let during = b.cut();
+        b.hold_syncs(false);
+        writing.await.unwrap().unwrap();
+        let answered = b.cut();
+        // What the first version needed may go once the second is durable:
+        // the store goes on reading the second.
+        sleep(Duration::from_millis(100)).await;
+        assert_eq!(context_of(&b.store).as_ref(), Some(&v2), "{shape}: read after the write");
+        b.store.clone().close().await.unwrap();
 
-    let v1 = Some(("dialogue v1".to_owned(), "cache v1".to_owned()));
-    let v2 = Some(("dialogue v2".to_owned(), "cache v2".to_owned()));
-    let cut = b.open(&during);
-    let found = context_of(&cut.store);
-    assert!(found == v1 || found == v2, "one write or the other, never a mix: {found:?}");
-    cut.store.close().await.unwrap();
-    let cut = b.open(&answered);
-    assert_eq!(context_of(&cut.store), v2, "answered, so kept");
-    cut.store.close().await.unwrap();
+        let cut = b.open(&during);
+        let found = context_of(&cut.store);
+        assert!(
+            found.as_ref() == Some(&v1) || found.as_ref() == Some(&v2),
+            "{shape}: one write or the other, never a mix: {:?}",
+            found.map(|(d, c)| (d.len(), c.len()))
+        );
+        cut.store.close().await.unwrap();
+        let cut = b.open(&answered);
+        assert_eq!(context_of(&cut.store).as_ref(), Some(&v2), "{shape}: answered, so kept");
+        cut.store.close().await.unwrap();
+    }
 }
 
 /// The dedup archive (where a committed turn's ids move to be remembered)
