@@ -1,7 +1,8 @@
 //! Damaged files never panic and never pass silently. A store is populated
 //! through the real binary — pending messages in two log segments, committed
 //! turns with receipts, contexts (one whose parts are large enough for
-//! files of their own in `contexts/`),
+//! files of their own in `contexts/`), a dead turn large enough for sled's
+//! `blobs/`,
 //! dedup marks in the archive, a LID link, two quarantined deliveries, two
 //! paused conversations, a turn left open, learned rhythms, sled's files
 //! rewritten once into `trees.1/` (and its snapshot), the seal — and
@@ -40,6 +41,7 @@ const P: &str = "79005550002"; // paused: its messages stay pending
 const Q: &str = "79005550009"; // paused, nothing pending
 const H: &str = "79005550005"; // a turn whose handler never answers: left open
 const BIG: &str = "79005550006"; // a context whose parts live in `contexts/`
+const DEAD: &str = "79005550007"; // a dead turn of 80 long messages: a sled blob
 const LID_PHONE: &str = "79007654321";
 const COMPANY: &str = "default";
 
@@ -56,6 +58,9 @@ fn daemon_env(
     env.extend([
         ("TURNSTILE_BATCHING_POLICY", "adaptive".into()),
         ("TURNSTILE_BATCHING_MAX_WAIT_MS", "1500".into()),
+        ("TURNSTILE_BATCHING_MAX_MESSAGES", "100".into()),
+        ("TURNSTILE_HANDLER_BACKOFF_MS", "20".into()),
+        ("TURNSTILE_HANDLER_BACKOFF_MAX_MS", "40".into()),
         ("TURNSTILE_TURNS_SHUTDOWN_GRACE_MS", "200".into()),
         ("TURNSTILE_STORE_ARCHIVE_EVERY_S", "1".into()),
         ("TURNSTILE_GATEWAY_KIND", "http".into()),
@@ -193,6 +198,26 @@ async fn populate() -> Fixture {
     let big =
         json!({"dialogue": {"n": incompressible(20_000)}, "cache": {"blob": incompressible(3_000_000)}});
     ok(client.put(format!("{admin}/api/contexts/{COMPANY}/{BIG}")).json(&big), "a large context").await;
+    // A turn of 80 texts of 16,000 bytes that fails every attempt: parked
+    // dead with copies of its messages, over 1 MiB, which sled keeps in a
+    // blob of its own.
+    handler.fail_with(Some(500));
+    let text = "я".repeat(8000);
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..80 {
+        let body = json!({"id": format!("d-{i}"), "from": DEAD, "message": format!("d-{i} {text}")});
+        let request = post(&base, "/webhook/whatsapp/batched", body);
+        sends.spawn(async move { ok(request, "a long message").await });
+    }
+    while let Some(sent) = sends.join_next().await {
+        sent.unwrap();
+    }
+    wait_for("the dead turn", async || {
+        let dead = ok(client.get(format!("{admin}/api/dead")), "the dead").await;
+        dead["dead"].as_array().is_some_and(|d| !d.is_empty())
+    })
+    .await;
+    handler.fail_with(None);
     ok(post(&base, "/webhook/whatsapp", json!({"id": "h-0", "from": H, "message": long("h-0")})), "h-0")
         .await;
     wait_for("the turns", async || {
@@ -527,11 +552,11 @@ fn cases() -> Vec<Case> {
     for d in [FlipSeeded(14), Truncate(0.5), ZeroPage(0.0), Remove] {
         all.push(case("trees.1/snap.*", d, Recover)); // sled rebuilds it from its log
     }
-    // sled keeps a value over 1 MiB in `blobs/`: a context part did before
-    // parts moved to files (such a store keeps it until it is rewritten),
-    // and a dead turn of many long messages may. This fixture makes none,
-    // so the blob case (refused, naming the blob: `damage::sled_damage`)
-    // is no longer run here.
+    // sled keeps a value over 1 MiB in `blobs/`: the dead turn's record
+    // here (and context parts of stores made before `contexts/`).
+    for d in [FlipSeeded(15), Truncate(0.5), ZeroPage(0.0)] {
+        all.push(case("trees.1/blobs/*", d, Refuse));
+    }
     for d in [Flip(0.0), FlipSeeded(15), Truncate(0.5), ZeroPage(0.0), Remove] {
         all.push(case("contexts/*", d, Recover)); // that context's part is dropped, and said
     }
