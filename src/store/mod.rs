@@ -400,6 +400,14 @@ impl Trees {
         ]
     }
 
+    /// The tree that holds `which` part of contexts when it is small.
+    fn part(&self, which: parts::Which) -> &sled::Tree {
+        match which {
+            parts::Which::Dialogue => &self.ctx_dialogue,
+            parts::Which::Cache => &self.ctx_cache,
+        }
+    }
+
     fn open(db: &sled::Db) -> Result<Trees, StoreError> {
         Ok(Trees {
             dedup: db.open_tree("dedup")?,
@@ -1100,11 +1108,7 @@ impl Store {
     /// `ctx_files` names. A commit may replace the file meanwhile (and the
     /// syncer delete the old one): then the new location is read.
     fn read_part(&self, t: &Trees, which: parts::Which, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let tree = match which {
-            parts::Which::Dialogue => &t.ctx_dialogue,
-            parts::Which::Cache => &t.ctx_cache,
-        };
-        if let Some(v) = tree.get(key)? {
+        if let Some(v) = t.part(which).get(key)? {
             return Ok(Some(v.to_vec()));
         }
         let fkey = which.file_key(key);

@@ -56,6 +56,14 @@ impl Which {
         Which::BOTH.into_iter().find(|w| w.tag() == tag)
     }
 
+    /// The part's name, as the API calls it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Which::Dialogue => "dialogue",
+            Which::Cache => "cache",
+        }
+    }
+
     /// The sled tree that holds this part when it is small.
     pub(crate) fn tree_name(self) -> &'static str {
         match self {
@@ -231,7 +239,7 @@ pub(crate) fn verify(data_dir: &Path, ctx_files: &sled::Tree) -> Result<Vec<Stri
                 d.path.display(),
                 d.at,
                 d.reason,
-                d.which.tree_name().trim_start_matches("ctx_")
+                d.which.name()
             )
         })
         .collect())

@@ -87,7 +87,7 @@ fn open_repairing(dir: &Path, options: super::Options) -> Result<Store, StoreErr
             let what = format!(
                 "{}: the context's {} is lost (its file is damaged: {})",
                 String::from_utf8_lossy(&d.key).trim_end_matches('\0').replace('\0', " "),
-                d.which.tree_name().trim_start_matches("ctx_"),
+                d.which.name(),
                 d.reason
             );
             tracing::warn!("{}@{}: {what}", d.path.display(), d.at);
