@@ -23,6 +23,7 @@
 //!
 //! Never a panic (`panicked at`), a signal, or a daemon that waits forever.
 
+use crate::helpers::copy_dir;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -275,19 +276,6 @@ async fn populate() -> Fixture {
         "{expected:?}"
     );
     Fixture { _dir: dir, current, older, handler, gateway, expected }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else if entry.file_name() != "lock" {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 fn copy_of(from: &Path, to: &Path) -> PathBuf {

@@ -696,3 +696,17 @@ pub fn rust_sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
 pub fn test_only_source(file: &str) -> bool {
     file.ends_with("tests.rs") || file.ends_with("fuzz.rs") || file.contains("/fuzz/")
 }
+
+/// A copy of a data directory, without the lock file its store held.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else if entry.file_name() != "lock" {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

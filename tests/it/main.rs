@@ -37,3 +37,4 @@ mod monitoring;
 mod package;
 mod tidy;
 mod store_api;
+mod legacy;
