@@ -9,9 +9,9 @@
 //! phone's conversation, so do the LID's later events. The file holds at
 //! most `MAX_LINKS` (the oldest are forgotten: their next LID-only event
 //! makes a conversation of the LID's own until a payload shows the phone
-//! again) and is rewritten whole once it has twice that many records. Not in
-//! backups: a restored store relearns the links from the next payloads.
-//! Nor needed to recover: damage keeps the links still readable and drops
+//! again) and is rewritten whole once it has twice that many records. In
+//! backups (`lids`), so a restore keeps a LID's chat with its history. Not
+//! needed to recover: damage keeps the links still readable and drops
 //! the rest with a warning (`OnDamage::Skip`).
 
 use std::collections::{HashMap, VecDeque};
@@ -131,6 +131,30 @@ impl State {
         }
         self.order = kept;
     }
+}
+
+/// The name a backup files these records under, as if they were a tree.
+pub(crate) const BACKUP_TREE: &str = "lids";
+
+impl Links {
+    /// Every link kept, oldest first, encoded, for a backup.
+    pub(crate) fn export(&self) -> Vec<Vec<u8>> {
+        let mut state = self.state.lock().expect("links lock");
+        state.compact_order();
+        let state = &*state;
+        let link = |k: &Key| Link { company: k.0.clone(), lid: k.1.clone(), phone: state.map[k].clone() };
+        state.order.iter().map(|k| super::records::encode(&link(k))).collect()
+    }
+}
+
+/// Writes the links file of a store being built in `dir` from a backup's
+/// records, each checked to decode first (a damaged one names itself).
+pub(crate) fn import(dir: &Path, records: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
+    let links = records
+        .iter()
+        .map(|(k, v)| super::records::decode::<Link>(BACKUP_TREE, k, v))
+        .collect::<Result<Vec<Link>, StoreError>>()?;
+    RecordFile::open::<Link>(dir, FILE, OnDamage::Refuse)?.0.rewrite(links)
 }
 
 /// What opening the file would find (see `recfile::check`), changing nothing.

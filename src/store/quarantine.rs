@@ -189,6 +189,46 @@ impl Quarantine {
     pub(crate) fn len(&self) -> usize {
         *self.held.lock().expect("quarantine lock")
     }
+
+    /// Calls `visit(id, encoded)` for every held delivery, oldest first,
+    /// read one at a time (they are up to `max_body_bytes` each), for a backup.
+    pub(crate) fn export<E: From<StoreError>>(
+        &self,
+        mut visit: impl FnMut(&[u8], &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let nos = log::numbered(&self.dir, ".q").map_err(|e| log::io_error(&self.dir, e))?;
+        for no in nos {
+            if let Some(held) = self.get(&format!("{no:016x}"))? {
+                visit(held.id.as_bytes(), &super::records::encode(&held))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The name a backup files held deliveries under, as if they were a tree.
+pub(crate) const BACKUP_TREE: &str = DIR_NAME;
+
+/// Writes one held delivery of a store being built in `data_dir` from a
+/// backup's record, under the id it had (a damaged record, or one whose key
+/// is not its id, names itself). Not synced: `imported` does that.
+pub(crate) fn import_one(data_dir: &Path, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+    let dir = data_dir.join(DIR_NAME);
+    let held: Held = super::records::decode(BACKUP_TREE, key, value)?;
+    if held.id.as_bytes() != key || held.id.len() != 16 || u64::from_str_radix(&held.id, 16).is_err() {
+        let reason = format!("holds delivery {:?}, not a 16-digit hex id matching its key", held.id);
+        return Err(StoreError::Corrupt { tree: "quarantine", key: format!("{key:?}"), reason });
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| log::io_error(&dir, e))?;
+    let mut bytes = Vec::new();
+    log::frame(KIND_HELD, &held, &mut bytes);
+    log::replace_file(&dir, &format!("{}.q", held.id), &bytes).map_err(|e| log::io_error(&dir, e))
+}
+
+/// Syncs what `import_one` wrote (the store's open finds the directory).
+pub(crate) fn imported(data_dir: &Path) -> Result<(), StoreError> {
+    let dir = data_dir.join(DIR_NAME);
+    std::fs::create_dir_all(&dir).and_then(|_| log::sync_dir(&dir)).map_err(|e| log::io_error(&dir, e))
 }
 
 #[cfg(test)]

@@ -242,6 +242,29 @@ impl State {
     }
 }
 
+/// The name a backup files these records under, as if they were a tree.
+pub(crate) const BACKUP_TREE: &str = "receipts";
+
+impl Receipts {
+    /// Every receipt kept, as it stands now, oldest first, encoded, for a backup.
+    pub(crate) fn export(&self) -> Vec<Vec<u8>> {
+        let s = self.state.lock().expect("receipts lock");
+        let mut kept: Vec<&Receipt> = s.by_id.values().collect();
+        kept.sort_by(|a, b| (a.sent_at_ms, &a.id).cmp(&(b.sent_at_ms, &b.id)));
+        kept.into_iter().map(super::records::encode).collect()
+    }
+}
+
+/// Writes the receipts file of a store being built in `dir` from a backup's
+/// records, each checked to decode first (a damaged one names itself).
+pub(crate) fn import(dir: &Path, records: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
+    let receipts = records
+        .iter()
+        .map(|(k, v)| super::records::decode::<Receipt>(BACKUP_TREE, k, v).map(Record::Sent))
+        .collect::<Result<Vec<Record>, StoreError>>()?;
+    RecordFile::open::<Record>(dir, FILE, OnDamage::Refuse)?.0.rewrite(receipts)
+}
+
 /// What opening the file would find (see `recfile::check`), changing nothing.
 pub(crate) fn check(dir: &Path) -> Result<Vec<String>, StoreError> {
     super::recfile::check::<Record>(dir, FILE, OnDamage::Skip)

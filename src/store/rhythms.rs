@@ -3,7 +3,7 @@
 //! directory), rewritten whole by the driver every minute and at shutdown.
 //! A learned cache, not data: missing or unreadable, the policy starts from
 //! its prior; a crash loses at most the last minute of learning; backups
-//! leave it out. Checked by a CRC: a damaged file is discarded with a
+//! carry it (`rhythms`, one record). Checked by a CRC: a damaged file is discarded with a
 //! warning naming it (the policy relearns), never read as other pauses.
 //! The files written before (`TSR2`, unchecked; before the learned pauses,
 //! a mean gap per conversation) still load.
@@ -58,6 +58,19 @@ pub(super) fn save(dir: &Path, learned: &SavedLearning) -> std::io::Result<()> {
     bytes[4..8].copy_from_slice(&crc.to_le_bytes());
     log::replace_file(dir, FILE, &bytes)?;
     log::sync_dir(dir)
+}
+
+/// The name a backup files the saved learning under, as if it were a tree
+/// of one record.
+pub(crate) const BACKUP_TREE: &str = FILE;
+
+/// Writes a store being built in `dir` the learning a backup saved.
+pub(super) fn import(dir: &Path, records: &[(Vec<u8>, Vec<u8>)]) -> Result<(), super::StoreError> {
+    for (k, v) in records {
+        let saved: SavedLearning = super::records::decode(BACKUP_TREE, k, v)?;
+        save(dir, &saved).map_err(|e| log::io_error(dir, e))?;
+    }
+    Ok(())
 }
 
 pub(super) fn load(dir: &Path) -> SavedLearning {

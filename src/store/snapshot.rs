@@ -36,6 +36,22 @@ impl ImportChunk {
     }
 }
 
+/// What writes a store's file beside the engine from a backup's records.
+type Import = fn(&Path, &[KeyValue]) -> Result<(), StoreError>;
+
+/// A backup's record: key and value.
+type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// The small files beside the engine a backup carries, by the tree name it
+/// files their records under (see `Store::export_side`); the held
+/// deliveries, large, are written one by one.
+const SIDE: [(&str, Import); 4] = [
+    (super::takeover::BACKUP_TREE, super::takeover::import),
+    (super::links::BACKUP_TREE, super::links::import),
+    (super::receipts::BACKUP_TREE, super::receipts::import),
+    (super::rhythms::BACKUP_TREE, super::rhythms::import),
+];
+
 /// sled's own default tree; turnstile keeps nothing there.
 pub(super) const DEFAULT_TREE: &[u8] = b"__sled__default";
 
@@ -106,12 +122,32 @@ impl Store {
                 }
             }
         }
-        // Who has taken which conversation over: restored with the rest, so
-        // the assistant does not talk over staff after a restore.
-        for (i, record) in self.inner.takeovers.export().into_iter().enumerate() {
-            visit(super::takeover::BACKUP_TREE, &(i as u64).to_be_bytes(), &record)?;
-        }
+        self.export_side(&mut visit)?;
         Ok(cut.next_id)
+    }
+
+    /// The records of the files beside the engine, each filed under a tree
+    /// name of its own: who has taken which conversation over (so the
+    /// assistant does not talk over staff after a restore), the deliveries
+    /// held for a replay (acknowledged to their senders), the LID links
+    /// (else a LID-addressed client's chat splits from its history), the
+    /// receipts and the learned rhythms — so a backup, and `compact` that
+    /// goes through one, keeps everything the directory held.
+    fn export_side<E: From<StoreError>>(
+        &self,
+        visit: &mut impl FnMut(&str, &[u8], &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut numbered = |tree: &str, records: Vec<Vec<u8>>| {
+            records.iter().enumerate().try_for_each(|(i, r)| visit(tree, &(i as u64).to_be_bytes(), r))
+        };
+        numbered(super::takeover::BACKUP_TREE, self.inner.takeovers.export())?;
+        numbered(super::links::BACKUP_TREE, self.inner.links.export())?;
+        numbered(super::receipts::BACKUP_TREE, self.inner.receipts.export())?;
+        let saved = self.rhythms();
+        if saved != super::SavedLearning::default() {
+            visit(super::rhythms::BACKUP_TREE, b"saved", &encode(&saved))?;
+        }
+        self.inner.quarantine.export(|id, held| visit(super::quarantine::BACKUP_TREE, id, held))
     }
 
     /// Opens the store in `dir` and closes it again: fails with
@@ -137,12 +173,16 @@ impl Store {
         // records to a chunk; the rest into sled's trees.
         let mut archive = Archive::unsynced(dir)?;
         let mut chunk = ImportChunk::default();
-        let mut takeovers = Vec::new();
+        let mut side: [(&str, Vec<KeyValue>); 4] = SIDE.map(|(tree, _)| (tree, Vec::new()));
         let parts = PartFiles::open(dir)?;
         for record in records {
             let (tree, key, value) = record?;
-            if tree == super::takeover::BACKUP_TREE {
-                takeovers.push((key, value));
+            if tree == super::quarantine::BACKUP_TREE {
+                super::quarantine::import_one(dir, &key, &value)?;
+                continue;
+            }
+            if let Some((_, records)) = side.iter_mut().find(|(name, _)| *name == tree) {
+                records.push((key, value));
                 continue;
             }
             if tree == "dedup" {
@@ -176,7 +216,10 @@ impl Store {
             db.open_tree(tree.as_bytes()).and_then(|t| t.insert(key, value)).map_err(StoreError::from)?;
         }
         chunk.write_to(&mut archive, dir)?;
-        super::takeover::import(dir, &takeovers)?;
+        for ((_, records), (_, import)) in side.iter().zip(SIDE) {
+            import(dir, records)?;
+        }
+        super::quarantine::imported(dir)?;
         // Fresh sled counters start at zero: lift them above every restored id.
         db.open_tree(META)
             .and_then(|t| t.insert(ID_FLOOR, &next_id.to_be_bytes()[..]))

@@ -232,12 +232,14 @@ async fn write_recipe(dir: &Path) {
     store.close().await.unwrap();
 }
 
-/// What a data directory or a restored backup holds, for a check to read.
+/// Where the store being checked came from.
+#[derive(Clone, Copy, PartialEq)]
 enum Source {
-    DataDir,
-    /// Backups leave out what is relearnt or kept apart (see `backup.rs`):
-    /// LID links, receipts, held deliveries and the learned rhythms.
-    Backup,
+    /// A data directory, a backup of today, or a compacted directory: everything.
+    Whole,
+    /// A backup written by release 0.1.0, which left out the LID links, the
+    /// receipts, the held deliveries and the learned rhythms.
+    Backup010,
 }
 
 fn ids(messages: &[Message]) -> Vec<&str> {
@@ -309,7 +311,7 @@ async fn holds_the_recipe(dir: &Path, source: Source) {
     assert_eq!(takeover.staff.iter().map(|s| s.text.as_str()).collect::<Vec<_>>(), ["Сейчас уточню"]);
 
     match source {
-        Source::DataDir => {
+        Source::Whole => {
             assert_eq!(store.lid_phone("default", LID), Some(conv(6).phone));
             let read = store.receipts_of(&history[0].turn_id);
             assert_eq!(read.iter().map(|r| (r.part, r.state)).collect::<Vec<_>>(), [(1, Delivery::Read)]);
@@ -318,7 +320,7 @@ async fn holds_the_recipe(dir: &Path, source: Source) {
             assert_eq!((held[0].gateway.as_str(), held[0].body.as_slice()), ("evolution", QUARANTINED));
             assert_eq!(store.rhythms(), rhythms());
         }
-        Source::Backup => {}
+        Source::Backup010 => {}
     }
 
     // Ids already answered or waiting are duplicates — the archived, the
@@ -341,33 +343,34 @@ async fn holds_the_recipe(dir: &Path, source: Source) {
     store.close().await.unwrap();
 }
 
-async fn backup_of(data: &Path, out: &Path) {
-    turnstile::backup::backup_offline(data, out).await.unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn todays_store_holds_the_recipe_in_its_data_directory_and_its_backup() {
+async fn todays_store_holds_the_recipe_in_its_data_directory_its_backup_and_after_a_compact() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     write_recipe(&data).await;
-    backup_of(&data, &tmp.path().join("store.backup")).await;
+    let backup = tmp.path().join("store.backup");
+    turnstile::backup::backup_offline(&data, &backup).await.unwrap();
     if std::env::var_os("TURNSTILE_WRITE_STORE_FIXTURES").is_some() {
         let out = fixtures();
         let _ = std::fs::remove_dir_all(&out);
         copy_dir(&data, &out.join("data"));
-        std::fs::copy(tmp.path().join("store.backup"), out.join("store.backup")).unwrap();
+        std::fs::copy(&backup, out.join("store.backup")).unwrap();
     }
     let restored = tmp.path().join("restored");
-    turnstile::backup::restore(&tmp.path().join("store.backup"), &restored, false).unwrap();
-    holds_the_recipe(&data, Source::DataDir).await;
-    holds_the_recipe(&restored, Source::Backup).await;
+    turnstile::backup::restore(&backup, &restored, false).unwrap();
+    let compacted = tmp.path().join("compacted");
+    copy_dir(&data, &compacted);
+    turnstile::backup::compact(&compacted).await.unwrap();
+    holds_the_recipe(&data, Source::Whole).await;
+    holds_the_recipe(&restored, Source::Whole).await;
+    holds_the_recipe(&compacted, Source::Whole).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_directory_written_by_the_last_release_opens_with_every_record() {
     let tmp = tempfile::tempdir().unwrap();
     copy_dir(&fixtures().join("data"), &tmp.path().join("data"));
-    holds_the_recipe(&tmp.path().join("data"), Source::DataDir).await;
+    holds_the_recipe(&tmp.path().join("data"), Source::Whole).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -375,5 +378,5 @@ async fn a_backup_written_by_the_last_release_restores_with_every_record() {
     let tmp = tempfile::tempdir().unwrap();
     let restored = tmp.path().join("restored");
     turnstile::backup::restore(&fixtures().join("store.backup"), &restored, false).unwrap();
-    holds_the_recipe(&restored, Source::Backup).await;
+    holds_the_recipe(&restored, Source::Backup010).await;
 }
