@@ -134,6 +134,9 @@ struct Pending {
     deadline: Instant,
     /// The rule that fires at `deadline`.
     reason: CutReason,
+    /// `deadline` is its messages' (false only between `push_recovered`
+    /// and `schedule_recovered`).
+    scheduled: bool,
 }
 
 /// What the adaptive policy remembers of a conversation between batches.
@@ -224,6 +227,8 @@ pub struct Batcher<K> {
     sweep_tracks_at: usize,
     /// A pause was learned since `take_learned` last said so.
     learned: bool,
+    /// Batches `push_recovered` changed, for `schedule_recovered`.
+    unscheduled: Vec<K>,
 }
 
 impl Track {
@@ -256,6 +261,7 @@ impl<K: Clone + Eq + Hash + Ord> Batcher<K> {
             open: BTreeSet::new(),
             sweep_tracks_at: 10_000,
             learned: false,
+            unscheduled: Vec::new(),
         }
     }
 
@@ -331,40 +337,83 @@ impl<K: Clone + Eq + Hash + Ord> Batcher<K> {
 
     /// `push`, saying whether the message looks complete (`policy::looks_complete`).
     pub fn push_message(&mut self, key: K, seq: u64, at: Instant, complete: bool) -> Option<Cut<K>> {
-        let rules = self.rules;
-        if let Policy::Adaptive(a) = rules.policy {
-            self.learn(&key, at, &a);
-        }
-        let entry = self.pending.entry(key.clone()).or_insert_with(|| Pending {
-            seqs: Vec::new(),
-            signals: Signals {
-                first_at: at,
-                last_at: at,
-                complete,
-                typing: None,
-                paused: None,
-                presence: false,
-            },
-            deadline: at,
-            reason: CutReason::Quiet,
-        });
-        entry.seqs.push(seq);
-        let s = &mut entry.signals;
-        s.presence = self.tracks.get(&key).is_some_and(|t| t.presence);
-        s.first_at = s.first_at.min(at);
-        if at >= s.last_at {
-            // A new last message: what the client showed before it is over.
-            s.last_at = at;
-            s.complete = complete;
-            s.typing = None;
-            s.paused = None;
-        }
-        if entry.seqs.len() >= rules.max_messages {
-            self.deadlines.remove(&(entry.deadline, key.clone()));
+        if self.add(&key, seq, at, complete) {
             return self.take(&key, CutReason::Full);
         }
         self.schedule(key);
         None
+    }
+
+    /// `push_message` for a message recovered from disk (they come in
+    /// arrival order), but its batch's deadline is left for
+    /// `schedule_recovered`: with many messages per conversation, moving
+    /// the deadline for each is most of a large recovery's cost, and no
+    /// deadline is read before the last. Under the fixed policy the result
+    /// is the same; under the adaptive one the deadlines then reflect
+    /// everything learnt from the recovered messages.
+    pub fn push_recovered(&mut self, key: K, seq: u64, at: Instant, complete: bool) -> Option<Cut<K>> {
+        let before = self.pending.get(&key).map(|p| (p.scheduled, p.seqs.len()));
+        // A batch this message fills keeps the deadline its earlier messages gave it.
+        if before.is_some_and(|(scheduled, len)| !scheduled && len + 1 >= self.rules.max_messages) {
+            self.schedule(key.clone());
+        }
+        if self.add(&key, seq, at, complete) {
+            return self.take(&key, CutReason::Full);
+        }
+        if before.is_none_or(|(scheduled, _)| scheduled) {
+            self.unscheduled.push(key);
+        }
+        None
+    }
+
+    /// Schedules the batches `push_recovered` left without a deadline.
+    pub fn schedule_recovered(&mut self) {
+        for key in std::mem::take(&mut self.unscheduled) {
+            if self.pending.get(&key).is_some_and(|p| !p.scheduled) {
+                self.schedule(key);
+            }
+        }
+    }
+
+    /// Adds a message to its batch without scheduling it; true if the batch is full.
+    fn add(&mut self, key: &K, seq: u64, at: Instant, complete: bool) -> bool {
+        let rules = self.rules;
+        if let Policy::Adaptive(a) = rules.policy {
+            self.learn(key, at, &a);
+        }
+        let presence = self.tracks.get(key).is_some_and(|t| t.presence);
+        let add = |p: &mut Pending| {
+            p.seqs.push(seq);
+            p.scheduled = false;
+            let s = &mut p.signals;
+            s.presence = presence;
+            s.first_at = s.first_at.min(at);
+            if at >= s.last_at {
+                // A new last message: what the client showed before it is over.
+                s.last_at = at;
+                s.complete = complete;
+                s.typing = None;
+                s.paused = None;
+            }
+            p.seqs.len() >= rules.max_messages
+        };
+        match self.pending.get_mut(key) {
+            Some(p) => add(p),
+            None => {
+                let signals =
+                    Signals { first_at: at, last_at: at, complete, typing: None, paused: None, presence };
+                let mut fresh = Pending {
+                    seqs: Vec::new(),
+                    signals,
+                    deadline: at,
+                    reason: CutReason::Quiet,
+                    scheduled: false,
+                };
+                let full = add(&mut fresh);
+                self.pending.insert(key.clone(), fresh);
+                full
+            }
+        }
     }
 
     /// A presence event. Only the adaptive policy listens, and only while
@@ -456,7 +505,7 @@ impl<K: Clone + Eq + Hash + Ord> Batcher<K> {
             windows,
         );
         self.deadlines.remove(&(p.deadline, key.clone()));
-        (p.deadline, p.reason) = (deadline, reason);
+        (p.deadline, p.reason, p.scheduled) = (deadline, reason, true);
         self.deadlines.insert((deadline, key));
     }
 
@@ -512,8 +561,13 @@ impl<K: Clone + Eq + Hash + Ord> Batcher<K> {
                 paused: None,
                 presence: true,
             };
-            let pending =
-                Pending { seqs: seqs.to_vec(), signals, deadline: track.last_msg, reason: CutReason::Quiet };
+            let pending = Pending {
+                seqs: seqs.to_vec(),
+                signals,
+                deadline: track.last_msg,
+                reason: CutReason::Quiet,
+                scheduled: true,
+            };
             self.pending.insert(key.clone(), pending);
             self.deadlines.insert((track.last_msg, key.clone()));
             self.schedule(key.clone());
@@ -698,6 +752,68 @@ mod tests {
         let due = b.due(now);
         assert_eq!(due.iter().map(|c| c.key).collect::<Vec<_>>(), vec!["p"]);
         assert_eq!(b.next_deadline(), Some(now + 8 * S));
+    }
+
+    /// Recovered messages batch as pushing them one by one would: the same
+    /// batches cut full and left waiting, and under the fixed policy the
+    /// same deadlines and later cuts.
+    #[test]
+    fn recovered_messages_batch_as_if_pushed_one_by_one() {
+        let now = Instant::now() + 3600 * S;
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for round in 0..200 {
+            let rules = match round % 2 {
+                0 => Rules { max_messages: 1 + next(6) as usize, ..rules() },
+                _ => Rules { max_messages: 1 + next(6) as usize, ..adaptive() },
+            };
+            // Up to 40 messages of up to 5 phones, oldest first, some of
+            // them past their deadline already.
+            let mut at = now - Duration::from_secs(next(120));
+            let messages: Vec<(&str, u64, Instant, bool)> = (0..next(40))
+                .map(|seq| {
+                    at += Duration::from_millis(next(8_000));
+                    (["a", "b", "c", "d", "e"][next(5) as usize], seq, at, next(3) == 0)
+                })
+                .collect();
+            let (mut one_by_one, mut recovered) = (Batcher::new(rules), Batcher::new(rules));
+            let (mut full_one, mut full_recovered) = (Vec::new(), Vec::new());
+            for &(key, seq, at, complete) in &messages {
+                full_one.extend(one_by_one.push_message(key, seq, at, complete));
+                full_recovered.extend(recovered.push_recovered(key, seq, at, complete));
+            }
+            recovered.schedule_recovered();
+            let fixed = round % 2 == 0;
+            // Under the adaptive policy a deadline reflects what was learnt meanwhile.
+            let plain = |cuts: &[Cut<&'static str>]| {
+                cuts.iter()
+                    .map(|c| (c.key, c.seqs.clone(), c.reason, c.last_at, fixed.then_some(c.deadline)))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(plain(&full_one), plain(&full_recovered), "round {round}: the batches cut full");
+            fn seqs(b: &Batcher<&'static str>) -> Vec<(&'static str, Vec<u64>)> {
+                b.page(0, 10).into_iter().map(|p| (p.key, p.seqs)).collect()
+            }
+            let mut waiting = seqs(&recovered);
+            waiting.sort();
+            let mut expected = seqs(&one_by_one);
+            expected.sort();
+            assert_eq!(waiting, expected, "round {round}: what waits");
+            if !fixed {
+                continue;
+            }
+            let at_once = &mut recovered;
+            assert_eq!(one_by_one.next_deadline(), at_once.next_deadline(), "round {round}");
+            assert_eq!(one_by_one.page(0, 10), at_once.page(0, 10), "round {round}: what waits");
+            for later in [now, now + 5 * S, now + 60 * S, now + 3600 * S] {
+                assert_eq!(one_by_one.due(later), at_once.due(later), "round {round}: the cuts by {later:?}");
+            }
+        }
     }
 
     #[test]

@@ -266,15 +266,21 @@ pub(crate) fn read_segment(path: &Path) -> Result<SegmentRead, StoreError> {
     let mut entries = Vec::new();
     let (found, valid) = records(&bytes);
     for (at, kind, payload) in found {
-        let key = format!("{name}@{at}");
+        // The record's name (file@offset) is made only for an error.
+        let named = |e: StoreError| match e {
+            StoreError::Corrupt { tree, reason, .. } => {
+                StoreError::Corrupt { tree, key: format!("{name}@{at}"), reason }
+            }
+            other => other,
+        };
         entries.push(match kind {
-            KIND_MESSAGE => Entry::Message(decode("log", key.as_bytes(), payload)?),
-            KIND_CLAIM => Entry::Claim(decode("log", key.as_bytes(), payload)?),
+            KIND_MESSAGE => Entry::Message(decode("log", &[], payload).map_err(named)?),
+            KIND_CLAIM => Entry::Claim(decode("log", &[], payload).map_err(named)?),
             KIND_PROBE => continue,
             kind => {
                 return Err(StoreError::Corrupt {
                     tree: "log",
-                    key,
+                    key: format!("{name}@{at}"),
                     reason: format!("unknown record kind {kind}"),
                 })
             }

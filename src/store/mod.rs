@@ -44,6 +44,7 @@ mod receipts;
 mod recfile;
 mod records;
 mod recover;
+mod replay;
 mod rhythms;
 mod sizes;
 mod snapshot;
@@ -954,16 +955,20 @@ impl Store {
         let mut map = lock(&self.inner.inbound);
         for m in messages {
             let at = m.timestamp.filter(|t| *t > 0).map_or(m.received_at_ms, |t| t as u64 * 1000);
-            let e = map.entry(m.conv.clone()).or_insert(0);
-            *e = (*e).max(at);
+            match map.get_mut(&m.conv) {
+                Some(e) => *e = (*e).max(at),
+                None => drop(map.insert(m.conv.clone(), at)),
+            }
         }
     }
 
     /// Builds the last-inbound times from disk: pending messages and the
     /// history (blocking; once, at the start).
     pub fn load_inbound(&self) -> Result<(), StoreError> {
-        let pending = self.pending();
-        self.note_inbound(pending.iter());
+        {
+            let memory = lock(&self.inner.shared.memory);
+            self.note_inbound(memory.pending.values().map(|p| &p.message));
+        }
         let gen = self.gen();
         for kv in gen.trees.history.iter() {
             let (k, v) = kv?;

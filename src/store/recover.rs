@@ -6,7 +6,7 @@
 //! only if sled durably says so), and a torn log tail is cut off and synced
 //! before a new segment is started after it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex, RwLock};
@@ -19,10 +19,10 @@ use super::parts::PartFiles;
 use super::records::decode_all;
 use super::writer::Writer;
 use super::{
-    contexts, damage, open_db, turn_of_claim, Inner, Memory, OpenClaim, OutboxItem, Pending, Segment, Shared,
-    Store, StoreError, Trees, TurnRecord, ID_FLOOR,
+    contexts, damage, open_db, turn_of_claim, Inner, Memory, OutboxItem, Shared, Store, StoreError, Trees,
+    TurnRecord, ID_FLOOR,
 };
-use crate::message::{unix_ms, Message};
+use crate::message::Message;
 
 /// What the driver picks up on start.
 #[derive(Debug, Default)]
@@ -130,7 +130,7 @@ fn open_repairing(dir: &Path, options: super::Options) -> Result<Store, StoreErr
         seen.extend(dedup::unpack_record(&k, &v)?);
     }
     let archive = super::archive::Archive::open(dir, &mut seen)?;
-    let (memory, replayed_ids) = replay(&log_dir, &seen)?;
+    let (memory, replayed_ids) = super::replay::replay(&log_dir, &seen)?;
     seen.extend(replayed_ids);
     ids.ensure_above(in_trees.max(highest_id(&memory)))?;
 
@@ -292,85 +292,6 @@ pub(super) fn lock_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
 
 /// The data directory's lock file.
 pub(super) const LOCK: &str = "lock";
-
-/// Reads every segment: pending messages, open claims, live counts. A torn
-/// tail of the newest segment is cut off; damage anywhere else is an error.
-/// Segments with nothing live are deleted. Returns the pending ids' hashes.
-fn replay(log_dir: &Path, retired: &IdSet) -> Result<(Memory, Vec<dedup::IdHash>), StoreError> {
-    let mut memory = Memory::default();
-    let mut hashes = Vec::new();
-    let numbers = log::segments(log_dir).map_err(|e| log::io_error(log_dir, e))?;
-    for (i, &no) in numbers.iter().enumerate() {
-        let path = log::segment_path(log_dir, no);
-        let read = log::read_segment(&path)?;
-        if let Some((at, bytes)) = log::check_tail("log", &path, read.tail, i + 1 == numbers.len())? {
-            tracing::warn!(file = %path.display(), offset = at, bytes, "cut off a torn tail of the message log: what a crash in the middle of a write leaves");
-            damage::noted(&path, &format!("a torn tail of {bytes} bytes cut at offset {at}"));
-            log::truncate(&path, read.valid_len)?;
-        }
-        let mut seg = Segment { live: 0, created_ms: u64::MAX };
-        let mut claims: HashMap<String, log::Claim> = HashMap::new();
-        for entry in read.entries {
-            match entry {
-                Entry::Message(m) => {
-                    seg.created_ms = seg.created_ms.min(m.received_at_ms);
-                    let hash = dedup::id_hash(&m.id);
-                    // Retired by a synced commit, or a second copy (a
-                    // first-layout move that ran twice): not live.
-                    if retired.contains(&hash) || memory.pending.contains_key(&m.seq) {
-                        if let Some(p) = memory.pending.get(&m.seq).filter(|p| p.message.id != m.id) {
-                            tracing::error!(seq = m.seq, kept = %p.message.id, dropped = %m.id, "two messages in the log share a sequence number");
-                        }
-                        continue;
-                    }
-                    hashes.push(hash);
-                    seg.live += 1;
-                    memory.pending.insert(m.seq, Pending { message: m, seg: no });
-                }
-                Entry::Claim(c) => {
-                    // Later claim records of a turn (attempt counts) replace
-                    // earlier ones; the segment holds it once.
-                    if c.seqs.iter().any(|s| memory.pending.contains_key(s))
-                        && claims.insert(c.turn_id.clone(), c).is_none()
-                    {
-                        seg.live += 1;
-                    }
-                }
-            }
-        }
-        for (turn_id, claim) in claims {
-            let open = memory
-                .claims
-                .entry(turn_id)
-                .or_insert_with(|| OpenClaim { claim: claim.clone(), segs: Vec::new() });
-            open.claim = claim;
-            open.segs.push(no);
-        }
-        if seg.live == 0 {
-            std::fs::remove_file(&path).map_err(|e| log::io_error(&path, e))?;
-        } else {
-            seg.created_ms = seg.created_ms.min(unix_ms());
-            memory.segments.insert(no, seg);
-        }
-    }
-    // A message claimed twice (a claim whose write failed but reached the
-    // disk, then a new claim): the older turn keeps it.
-    let mut owner: BTreeMap<u64, String> = BTreeMap::new();
-    let mut turn_ids: Vec<String> = memory.claims.keys().cloned().collect();
-    turn_ids.sort();
-    for turn_id in turn_ids {
-        let seqs = memory.claims[&turn_id].claim.seqs.clone();
-        if seqs.iter().any(|s| owner.contains_key(s)) {
-            tracing::warn!(turn_id, "a claim overlaps an older turn's; the older turn keeps the messages");
-            memory.claims.remove(&turn_id);
-            continue;
-        }
-        for s in seqs {
-            owner.insert(s, turn_id.clone());
-        }
-    }
-    Ok((memory, hashes))
-}
 
 /// The first layout kept pending messages in a sled `inbox` tree and every
 /// id in `seen` (+ `seen_at`). Moved once: messages into the log (synced),

@@ -101,14 +101,14 @@ impl Driver {
         for turn in recovery.open_turns {
             driver.schedule.queue(turn.conv.clone(), Work::Resume(Box::new(turn)));
         }
-        let now = now();
-        let now_ms = unix_ms();
+        let (now, now_ms) = (now(), unix_ms());
         for m in recovery.pending {
             let age = Duration::from_millis(now_ms.saturating_sub(m.received_at_ms));
             let at = now.checked_sub(age).unwrap_or(now);
             let complete = driver.complete(&crate::message::Shape::of(&m.text));
-            driver.schedule.message(m.conv, m.seq, at, complete, false);
+            driver.schedule.recovered(m.conv, m.seq, at, complete);
         }
+        driver.schedule.recovered_all();
         driver.note_cuts();
         driver
     }

@@ -164,6 +164,19 @@ impl Schedule {
         restart
     }
 
+    /// A message recovered from disk (they come in arrival order; see
+    /// `Batcher::push_recovered`); `recovered_all` once they are in.
+    /// Nothing runs yet, so nothing restarts.
+    pub fn recovered(&mut self, conv: Conv, seq: u64, at: Instant, complete: bool) {
+        if let Some(cut) = self.batcher.push_recovered(conv, seq, at, complete) {
+            self.offer(cut, at);
+        }
+    }
+
+    pub fn recovered_all(&mut self) {
+        self.batcher.schedule_recovered();
+    }
+
     /// A client's presence. Returns the conversation whose running turn the
     /// restart policy abandons for it: typing before the answer is the
     /// request going on (its messages wait, held, for what comes).
