@@ -10,16 +10,16 @@ pub mod clock; // wall-clock time, injectable for expiry tests
 pub mod http; // axum routes: webhooks on the public listener; APIs and metrics on the admin one
 pub mod message; // what a message and a conversation (company, phone) are
 pub mod ingest; // webhook payloads (generic, Meta, WAHA, Evolution) -> messages on disk -> batcher
-pub mod store; // the message log and the only module that names sled: dedup, turns, history, contexts, outbox
+pub mod store; // the message log and the only module that names sled: dedup, turns, history, contexts, outbox, takeovers, receipts
 pub mod batcher; // sans-IO debounce: when a phone's pending messages become a turn
 pub mod delivery; // receipts, failures after sending, the 24-hour window
 pub mod takeover; // who answers a conversation: the assistant, or staff who took it over
 pub mod turns; // the turn gate, the schedule (batcher + gate + restarts), the driver task, one turn
 pub mod handler; // who answers a turn: echo, an HTTP service or an OpenAI-compatible API
 pub mod context; // the per-conversation memory (dialogue + cache), compressed
-pub mod sweep; // background removal of expired dedup marks and contexts
+pub mod sweep; // background sweeps: dedup marks archived and expired, contexts, retention
 pub mod outbox; // durable delivery of replies: in order per phone, retried, sent once
-pub mod gateway; // one send to WhatsApp: log, http, WAHA or Meta; typing; splitting
+pub mod gateway; // one send to WhatsApp: log, http, WAHA, Meta or Evolution; typing; splitting
 pub mod feed; // what the operator console shows live: running and recent turns, rate samples
 pub mod metrics; // Prometheus text: counters, histograms, gauges read at scrape
 pub mod heap; // live heap bytes: the global allocator with a counter

@@ -1,5 +1,7 @@
-//! Background sweeps: dedup marks move from sled into the archive files,
-//! message ids past the dedup window and expired contexts leave the disk.
+//! Background sweeps: dedup marks move from sled into the archive files;
+//! message ids past the dedup window, expired contexts, and what retention
+//! lets go (dead turns, given-up replies, history, receipts, held
+//! deliveries) leave the disk.
 //! Each runs in bounded chunks through the store's writer, so a large
 //! sweep never makes one long group.
 
