@@ -215,12 +215,52 @@ async fn run_on(
     clock: Clock,
     store: Store,
 ) -> Result<(), ServerError> {
+    let mut running = start(config, listeners, shutdown, clock, store).await;
+    let ended = running.until_stop().await;
+    running.stop(ended).await
+}
+
+/// A started daemon: every task and handle the stop ends, in its order.
+struct Running {
+    stop_timeout_ms: u64,
+    shutdown_grace_ms: u64,
+    store: Store,
+    stopping: turns::Stopping,
+    /// The stop request only; the stop itself (`stopping.shutdown`) follows
+    /// once the store refuses messages, so none is written and then refused.
+    requested: CancellationToken,
+    fatal: Arc<Mutex<Option<String>>>,
+    driver: tokio::sync::oneshot::Receiver<()>,
+    outbox: tokio::task::JoinHandle<()>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+    turns: TaskTracker,
+    server: tokio::task::JoinSet<()>,
+    watchdog: Option<tokio::task::JoinHandle<()>>,
+    http_stop: http::serve::Stop,
+}
+
+/// Why the daemon stops: asked to (`failure` is `None`), or a fatal fault,
+/// and which of the tasks that end only at a stop has ended already.
+struct Ended {
+    failure: Option<String>,
+    driver_done: bool,
+    outbox_done: bool,
+}
+
+/// Opens for business on an open store: serves at once on both listeners
+/// (webhooks refused until recovery is done), recovers what the store held
+/// into the driver, starts the outbox and the sweeps, and says ready.
+async fn start(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    clock: Clock,
+    store: Store,
+) -> Running {
     set_mask_phones(config.log.mask_phones);
     set_log_text(config.log.message_text);
     let shared = Shared { clock, ..Shared::default() };
     let stopping = shared.stopping.clone();
-    // The stop request only; the stop itself (`stopping.shutdown`) follows
-    // once the store refuses messages, so none is written and then refused.
     let requested = CancellationToken::new();
     {
         let requested = requested.clone();
@@ -244,45 +284,9 @@ async fn run_on(
         Duration::from_millis(config.gateway.timeout_ms),
     ));
     let deliveries = crate::delivery::Deliveries::new(&config, store.clone(), shared.metrics.clone());
-    {
-        // When each client last wrote (the 24-hour window), from disk.
-        let store = store.clone();
-        if let Err(e) =
-            tokio::task::spawn_blocking(move || store.load_inbound()).await.expect("a blocking task")
-        {
-            warn!(error = %e, "could not read when the clients last wrote; replies to them wait for their next message");
-        }
-    }
-    let state = Arc::new(AppState {
-        deliveries: deliveries.clone(),
-        handover,
-        ingest: Ingest::new(store.clone()),
-        store: store.clone(),
-        driver: handle.clone(),
-        clock: shared.clock.clone(),
-        ready: ready.clone(),
-        body_timeout: Duration::from_millis(config.server.body_timeout_ms),
-        connections: [Arc::default(), Arc::default()],
-        fatal: fatal.clone(),
-        draining: stopping.shutdown.clone(),
-        metrics: shared.metrics.clone(),
-        feed: shared.feed.clone(),
-        cutting: config.batching.effective(config.turns.on_new_message),
-        quarantine_max: config.ingest.quarantine_max,
-        quarantine_log: Default::default(),
-        presence: crate::gateway::PresenceSubscriptions::from_config(&config),
-        admin_token: config.server.admin_token.clone(),
-        webhook_token: config.ingest.webhook_token.clone(),
-        generic_webhooks: config.ingest.generic_webhooks,
-        meta: config.meta.clone(),
-        waha: config.waha.clone(),
-        evolution: config.evolution.clone(),
-        max_body_bytes: config.ingest.max_body_bytes,
-        context_max_bytes: config.context.max_bytes,
-        default_company_id: config.ingest.default_company_id.clone(),
-        caps: crate::ingest::caps::Caps { max_text_bytes: config.ingest.max_text_bytes },
-        batch_max_wait_ms: config.batching.max_wait_ms,
-    });
+    load_inbound(&store).await;
+    let state =
+        app_state(&config, &store, &shared, deliveries.clone(), handover, handle.clone(), &ready, &fatal);
     warn_unauthenticated(&config);
     let http_stop = http::serve::Stop::default();
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -315,14 +319,208 @@ async fn run_on(
     let handler = Handler::from_config(&config);
     let runner = Arc::new(Runner::new(&config, store.clone(), handler, gateway.clone(), &shared));
     let driver = Driver::new(&config, store.clone(), runner, recovery, driver_rx, turns.clone(), &shared);
-    let mut driver = spawn_driver(driver);
+    let driver = spawn_driver(driver);
     let outbox = Outbox::new(&config, store.clone(), gateway, deliveries, shared.metrics.clone());
-    let mut outbox = tokio::spawn(outbox.run(stopping.shutdown.clone()));
+    let outbox = tokio::spawn(outbox.run(stopping.shutdown.clone()));
+    let background = spawn_sweeps(&config, &store, &shared);
+    let watchdog =
+        ops::watchdog_interval().map(|every| tokio::spawn(ops::watchdog(every, http_stop.kill.clone())));
+
+    // The writer announces every stored message to the driver, from now on.
+    store.set_sink(Some(Arc::new(move |stored: Vec<Announce>| handle.ingested(stored))));
+    ready.store(true, Ordering::Release);
+    ops::notify("READY=1");
+    info!("ready");
+    Running {
+        stop_timeout_ms: config.server.stop_timeout_ms,
+        shutdown_grace_ms: config.turns.shutdown_grace_ms,
+        store,
+        stopping,
+        requested,
+        fatal,
+        driver,
+        outbox,
+        background,
+        turns,
+        server,
+        watchdog,
+        http_stop,
+    }
+}
+
+impl Running {
+    /// Runs until asked to stop, or a fatal fault.
+    async fn until_stop(&mut self) -> Ended {
+        // The driver and the outbox end only after `stopping.shutdown`: an end before it is a fault.
+        let (mut driver_done, mut outbox_done) = (false, false);
+        let failure = tokio::select! {
+            biased;
+            _ = self.requested.cancelled() => None,
+            reason = self.store.failed() => Some(format!("the store failed: {reason}")),
+            _ = &mut self.driver => {
+                driver_done = true;
+                Some("the driver task ended unexpectedly".to_owned())
+            }
+            _ = &mut self.outbox => {
+                outbox_done = true;
+                Some("the outbox task ended unexpectedly".to_owned())
+            }
+        };
+        Ended { failure, driver_done, outbox_done }
+    }
+
+    /// Stops in order within one deadline (`server.stop_timeout_ms`),
+    /// whatever clients or the handler do: the store refuses messages, the
+    /// driver and the sweeps stop, running turns get their grace, the outbox
+    /// its last sends, then the listeners close and the store syncs last.
+    async fn stop(self, ended: Ended) -> Result<(), ServerError> {
+        let Running {
+            stop_timeout_ms,
+            shutdown_grace_ms,
+            store,
+            stopping,
+            requested: _,
+            fatal,
+            driver,
+            mut outbox,
+            background,
+            turns,
+            mut server,
+            watchdog,
+            http_stop,
+        } = self;
+        let Ended { failure, driver_done, outbox_done } = ended;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(stop_timeout_ms);
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+        // From here nothing more is acknowledged (the writer refuses messages
+        // before writing them): what would not become a turn now is not taken.
+        store.set_sink(None);
+        // A group the writer took up before that announces to the driver still:
+        // one round trip through the writer waits it out, before the driver stops.
+        let _ = tokio::time::timeout(Duration::from_secs(1), store.sync()).await;
+        if let Some(reason) = &failure {
+            *fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
+            error!(reason, "fatal fault: refusing webhooks and exiting for a restart");
+        }
+        stopping.shutdown.cancel();
+        ops::notify("STOPPING=1");
+        info!(
+            stop_timeout_ms,
+            "shutting down: webhooks get 503, no new turns start; waiting for running turns"
+        );
+
+        if !driver_done {
+            let _ = tokio::time::timeout(left(), driver).await;
+        }
+        for task in background {
+            let _ = tokio::time::timeout(left(), task).await;
+        }
+        // Running turns get their grace, within the deadline and its reserve.
+        turns.close();
+        let reserve = Duration::from_millis(crate::config::STOP_RESERVE_MS);
+        let grace = Duration::from_millis(shutdown_grace_ms).min(left().saturating_sub(reserve));
+        if tokio::time::timeout(grace, turns.wait()).await.is_err() {
+            warn!(
+                still_running = turns.len(),
+                "grace period over; unfinished turns re-run on the next start"
+            );
+            stopping.abort.cancel();
+            let _ = tokio::time::timeout(left(), turns.wait()).await;
+        }
+        // Replies committed but not sent stay in the outbox for the next start.
+        if !outbox_done
+            && tokio::time::timeout(left().saturating_sub(reserve / 2), &mut outbox).await.is_err()
+        {
+            warn!("sends still in flight at the stop deadline; their pieces are sent after the next start");
+            outbox.abort();
+        }
+        // The listeners close only now: until here gateways got 503, not refusals.
+        http_stop.close.cancel();
+        // Clients that do not finish (a half-sent request) are dropped after this.
+        let closing = async { while server.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(left().saturating_sub(reserve / 4).min(Duration::from_secs(1)), closing)
+            .await;
+        http_stop.kill.cancel();
+        while server.join_next().await.is_some() {}
+        if let Some(w) = watchdog {
+            let _ = w.await;
+        }
+        match tokio::time::timeout(left().max(Duration::from_millis(200)), store.close()).await {
+            Ok(Err(e)) => error!(error = %e, "final sync failed"),
+            Err(_) => error!("the store's last sync did not end before the stop deadline"),
+            Ok(Ok(())) => {}
+        }
+        info!("stopped");
+        match failure {
+            Some(reason) => Err(ServerError::Fatal(reason)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// When each client last wrote (the 24-hour window), from disk.
+async fn load_inbound(store: &Store) {
+    let store = store.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || store.load_inbound()).await.expect("a blocking task")
+    {
+        warn!(error = %e, "could not read when the clients last wrote; replies to them wait for their next message");
+    }
+}
+
+/// What the routers share: the store, the driver's handle, the settings
+/// the handlers read, and the flags `start` and `stop` set.
+#[allow(clippy::too_many_arguments)]
+fn app_state(
+    config: &Config,
+    store: &Store,
+    shared: &Shared,
+    deliveries: Arc<crate::delivery::Deliveries>,
+    handover: Arc<crate::takeover::Handover>,
+    driver: turns::DriverHandle,
+    ready: &Arc<AtomicBool>,
+    fatal: &Arc<Mutex<Option<String>>>,
+) -> Arc<AppState> {
+    Arc::new(AppState {
+        deliveries,
+        handover,
+        ingest: Ingest::new(store.clone()),
+        store: store.clone(),
+        driver,
+        clock: shared.clock.clone(),
+        ready: ready.clone(),
+        body_timeout: Duration::from_millis(config.server.body_timeout_ms),
+        connections: [Arc::default(), Arc::default()],
+        fatal: fatal.clone(),
+        draining: shared.stopping.shutdown.clone(),
+        metrics: shared.metrics.clone(),
+        feed: shared.feed.clone(),
+        cutting: config.batching.effective(config.turns.on_new_message),
+        quarantine_max: config.ingest.quarantine_max,
+        quarantine_log: Default::default(),
+        presence: crate::gateway::PresenceSubscriptions::from_config(config),
+        admin_token: config.server.admin_token.clone(),
+        webhook_token: config.ingest.webhook_token.clone(),
+        generic_webhooks: config.ingest.generic_webhooks,
+        meta: config.meta.clone(),
+        waha: config.waha.clone(),
+        evolution: config.evolution.clone(),
+        max_body_bytes: config.ingest.max_body_bytes,
+        context_max_bytes: config.context.max_bytes,
+        default_company_id: config.ingest.default_company_id.clone(),
+        caps: crate::ingest::caps::Caps { max_text_bytes: config.ingest.max_text_bytes },
+        batch_max_wait_ms: config.batching.max_wait_ms,
+    })
+}
+
+/// The tasks that run beside the driver until the stop: the console's rate
+/// sampler, and the dedup, retention and context sweeps.
+fn spawn_sweeps(config: &Config, store: &Store, shared: &Shared) -> Vec<tokio::task::JoinHandle<()>> {
+    let stopping = &shared.stopping;
     let totals = {
         let (metrics, store) = (shared.metrics.clone(), store.clone());
         move || crate::feed::Totals { webhooks: metrics.webhooks_total(), syncs: store.syncs() }
     };
-    let background = [
+    vec![
         tokio::spawn(crate::feed::sampler(
             shared.feed.clone(),
             totals,
@@ -353,94 +551,7 @@ async fn run_on(
             config.context.sweep_interval_ms,
             stopping.shutdown.clone(),
         )),
-    ];
-    let watchdog =
-        ops::watchdog_interval().map(|every| tokio::spawn(ops::watchdog(every, http_stop.kill.clone())));
-
-    // The writer announces every stored message to the driver, from now on.
-    store.set_sink(Some(Arc::new(move |stored: Vec<Announce>| handle.ingested(stored))));
-    ready.store(true, Ordering::Release);
-    ops::notify("READY=1");
-    info!("ready");
-
-    // Run until asked to stop, or a fatal fault.
-    let mut driver_done = false;
-    let mut outbox_done = false;
-    // The driver and the outbox end only after `stopping.shutdown`: an end before it is a fault.
-    let failure: Option<String> = tokio::select! {
-        biased;
-        _ = requested.cancelled() => None,
-        reason = store.failed() => Some(format!("the store failed: {reason}")),
-        _ = &mut driver => {
-            driver_done = true;
-            Some("the driver task ended unexpectedly".to_owned())
-        }
-        _ = &mut outbox => {
-            outbox_done = true;
-            Some("the outbox task ended unexpectedly".to_owned())
-        }
-    };
-    // One deadline for the whole stop, whatever clients or the handler do.
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(config.server.stop_timeout_ms);
-    let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
-    // From here nothing more is acknowledged (the writer refuses messages
-    // before writing them): what would not become a turn now is not taken.
-    store.set_sink(None);
-    // A group the writer took up before that announces to the driver still:
-    // one round trip through the writer waits it out, before the driver stops.
-    let _ = tokio::time::timeout(Duration::from_secs(1), store.sync()).await;
-    if let Some(reason) = &failure {
-        *fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
-        error!(reason, "fatal fault: refusing webhooks and exiting for a restart");
-    }
-    stopping.shutdown.cancel();
-    ops::notify("STOPPING=1");
-    info!(
-        stop_timeout_ms = config.server.stop_timeout_ms,
-        "shutting down: webhooks get 503, no new turns start; waiting for running turns"
-    );
-
-    if !driver_done {
-        let _ = tokio::time::timeout(left(), driver).await;
-    }
-    for task in background {
-        let _ = tokio::time::timeout(left(), task).await;
-    }
-    // Running turns get their grace, within the deadline and its reserve.
-    turns.close();
-    let reserve = Duration::from_millis(crate::config::STOP_RESERVE_MS);
-    let grace = Duration::from_millis(config.turns.shutdown_grace_ms).min(left().saturating_sub(reserve));
-    if tokio::time::timeout(grace, turns.wait()).await.is_err() {
-        warn!(still_running = turns.len(), "grace period over; unfinished turns re-run on the next start");
-        stopping.abort.cancel();
-        let _ = tokio::time::timeout(left(), turns.wait()).await;
-    }
-    // Replies committed but not sent stay in the outbox for the next start.
-    if !outbox_done && tokio::time::timeout(left().saturating_sub(reserve / 2), &mut outbox).await.is_err() {
-        warn!("sends still in flight at the stop deadline; their pieces are sent after the next start");
-        outbox.abort();
-    }
-    // The listeners close only now: until here gateways got 503, not refusals.
-    http_stop.close.cancel();
-    // Clients that do not finish (a half-sent request) are dropped after this.
-    let closing = async { while server.join_next().await.is_some() {} };
-    let _ =
-        tokio::time::timeout(left().saturating_sub(reserve / 4).min(Duration::from_secs(1)), closing).await;
-    http_stop.kill.cancel();
-    while server.join_next().await.is_some() {}
-    if let Some(w) = watchdog {
-        let _ = w.await;
-    }
-    match tokio::time::timeout(left().max(Duration::from_millis(200)), store.close()).await {
-        Ok(Err(e)) => error!(error = %e, "final sync failed"),
-        Err(_) => error!("the store's last sync did not end before the stop deadline"),
-        Ok(Ok(())) => {}
-    }
-    info!("stopped");
-    match failure {
-        Some(reason) => Err(ServerError::Fatal(reason)),
-        None => Ok(()),
-    }
+    ]
 }
 
 /// Names, at every start, each webhook served without a secret: a warning
