@@ -129,7 +129,7 @@ async fn recovery(client: &reqwest::Client, quiet: &[(&str, &str)], messages: u6
         t.elapsed().as_secs_f64()
     );
     let mut times = Vec::new();
-    let mut loaded_rss = 0;
+    let (mut loaded_rss, mut heap) = (0, 0);
     for _ in 0..3 {
         let ports = free_ports();
         let t = Instant::now();
@@ -137,17 +137,24 @@ async fn recovery(client: &reqwest::Client, quiet: &[(&str, &str)], messages: u6
         wait_ready(client, ports.public).await;
         times.push(t.elapsed());
         loaded_rss = rss_kb(child.id());
-        let pending = value(&scrape(client, ports.admin).await, "turnstile_pending_messages");
-        assert_eq!(pending as u64, messages, "every message back in a batch");
+        let metrics = scrape(client, ports.admin).await;
+        assert_eq!(
+            value(&metrics, "turnstile_pending_messages") as u64,
+            messages,
+            "every message back in a batch"
+        );
+        heap = value(&metrics, "turnstile_heap_bytes") as u64;
         stop(child);
     }
     times.sort();
     println!(
-        "  start to ready: {} (three starts), RSS then {} MiB ({} B per pending message over an empty daemon's {} MiB)",
+        "  start to ready: {} (three starts), RSS then {} MiB ({} B per pending message over an empty daemon's {} MiB), live heap {} MiB ({} B per pending message)",
         times.iter().map(|t| format!("{:.0} ms", t.as_secs_f64() * 1e3)).collect::<Vec<_>>().join(", "),
         loaded_rss / 1024,
         loaded_rss.saturating_sub(idle) * 1024 / messages,
         idle / 1024,
+        heap >> 20,
+        heap / messages,
     );
 }
 
