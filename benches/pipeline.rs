@@ -21,6 +21,7 @@
 mod daemon;
 
 use std::time::{Duration, Instant};
+use turnstile::message::Urgency;
 
 use daemon::{free_ports, rss_kb, scrape, spawn, stop, wait_ready};
 use turnstile::message::{unix_ms, Conv, NewMessage};
@@ -120,7 +121,7 @@ async fn recovery(client: &reqwest::Client, quiet: &[(&str, &str)], messages: u6
                     received_at_ms: now,
                 })
                 .collect();
-            store.accept(chunk, false).await.unwrap();
+            store.accept(chunk, Urgency::Debounced).await.unwrap();
         }
         store.close().await.unwrap();
     }

@@ -126,6 +126,15 @@ pub struct NewMessage {
     pub received_at_ms: u64,
 }
 
+/// How a delivered message's batch is cut: when the batching policy says
+/// (`POST /webhook/whatsapp/batched` and the gateways' webhooks), or at once
+/// (`POST /webhook/whatsapp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Urgency {
+    Debounced,
+    Immediate,
+}
+
 /// A stored message. `seq` orders the messages of a conversation by arrival.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {

@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 use super::{accepting, bearer, read_json_body, ApiError, AppState};
 use crate::ingest::{self, signature, Accepted, Inbound};
 use crate::message::unix_ms;
+use crate::message::Urgency;
 use crate::takeover::Handled;
 
 pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
@@ -66,7 +67,7 @@ async fn webhook_batched(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    webhook(&s, &headers, body, false).await
+    webhook(&s, &headers, body, Urgency::Debounced).await
 }
 
 async fn webhook_immediate(
@@ -74,14 +75,14 @@ async fn webhook_immediate(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    webhook(&s, &headers, body, true).await
+    webhook(&s, &headers, body, Urgency::Immediate).await
 }
 
 async fn webhook(
     s: &AppState,
     headers: &HeaderMap,
     body: Body,
-    immediate: bool,
+    urgency: Urgency,
 ) -> Result<Json<Value>, ApiError> {
     accepting(s)?;
     // The token before the body: a stranger's request is not even read.
@@ -91,7 +92,7 @@ async fn webhook(
     let body = read_json_body(s, headers, body, s.max_body_bytes).await?;
     let message = ingest::parse(&body, &s.default_company_id)?;
     s.caps.message(&message)?;
-    Ok(accepted_json(s.ingest.accept(message, immediate).await?))
+    Ok(accepted_json(s.ingest.accept(message, urgency).await?))
 }
 
 /// The generic webhooks' shared secret, `ingest.webhook_token`, in
@@ -360,8 +361,11 @@ async fn take(s: &AppState, inbound: Vec<Inbound>) -> Result<Taken, ApiError> {
         }
     }
     let convs: Vec<crate::message::Conv> = messages.iter().map(|m| m.conv.clone()).collect();
-    let c =
-        if messages.is_empty() { Default::default() } else { s.ingest.accept_many(messages, false).await? };
+    let c = if messages.is_empty() {
+        Default::default()
+    } else {
+        s.ingest.accept_many(messages, Urgency::Debounced).await?
+    };
     if let Some(p) = &s.presence {
         for conv in &convs {
             p.message(conv);

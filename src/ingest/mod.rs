@@ -17,6 +17,7 @@ pub mod waha;
 
 use serde_json::Value;
 
+use crate::message::Urgency;
 use crate::message::{unix_ms, Conv, NewMessage};
 use crate::store::{Inserted, Store, StoreError};
 
@@ -252,9 +253,9 @@ impl Ingest {
     }
 
     /// Stores the message and answers once it is on disk and the batcher
-    /// knows it. `immediate` skips the debounce (the message's batch is cut now).
-    pub async fn accept(&self, message: NewMessage, immediate: bool) -> Result<Accepted, IngestError> {
-        let counts = self.accept_many(vec![message], immediate).await?;
+    /// knows it. `Urgency::Immediate` skips the debounce (the message's batch is cut now).
+    pub async fn accept(&self, message: NewMessage, urgency: Urgency) -> Result<Accepted, IngestError> {
+        let counts = self.accept_many(vec![message], urgency).await?;
         Ok(if counts.accepted == 1 { Accepted::New } else { Accepted::Duplicate })
     }
 
@@ -280,10 +281,10 @@ impl Ingest {
     pub async fn accept_many(
         &self,
         messages: Vec<NewMessage>,
-        immediate: bool,
+        urgency: Urgency,
     ) -> Result<Counts, IngestError> {
         let mut counts = Counts::default();
-        for inserted in self.store.accept(messages, immediate).await? {
+        for inserted in self.store.accept(messages, urgency).await? {
             match inserted {
                 Inserted::New(m) => {
                     tracing::debug!(conv = %m.conv.masked(), id = %m.id, seq = m.seq, kind = %m.kind, text = %crate::message::loggable(&m.text), "message stored");

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::batcher::{CutReason, Policy, Presence, Rules};
-use crate::message::{Conv, Shape};
+use crate::message::{Conv, Shape, Urgency};
 use crate::turns::schedule::Schedule;
 use crate::turns::{Outcome, Work};
 
@@ -210,7 +210,7 @@ pub fn simulate(events: &[Event], setup: &Setup) -> Run {
                     let seq = run.messages.len() as u64;
                     run.messages.push((conv, e.thought.unwrap_or(0), now));
                     let complete = Shape::of(&e.text).complete(min_chars);
-                    if let Some(conv) = schedule.message(key, seq, now, complete, false) {
+                    if let Some(conv) = schedule.message(key, seq, now, complete, Urgency::Debounced) {
                         restarted.push(conv);
                     }
                 }

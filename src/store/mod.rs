@@ -69,6 +69,7 @@ pub use records::{DeadInfo, OutboxItem, TurnRecord, TurnSummary};
 pub use recover::Recovered;
 pub use sizes::{FileSizes, TreeSize, SIZES_MAX_AGE};
 
+use crate::message::Urgency;
 use crate::message::{Conv, Message, NewMessage};
 
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +113,7 @@ pub struct Announce {
     pub conv: Conv,
     pub seq: u64,
     /// Passed through from `accept`.
-    pub immediate: bool,
+    pub urgency: Urgency,
     /// Its text's shape, for the cut policy.
     pub shape: crate::message::Shape,
 }
@@ -665,9 +666,9 @@ impl Store {
     pub async fn accept(
         &self,
         messages: Vec<NewMessage>,
-        immediate: bool,
+        urgency: Urgency,
     ) -> Result<Vec<Inserted>, StoreError> {
-        let inserted = self.call(|reply| writer::Op::Accept { messages, immediate, reply }).await?;
+        let inserted = self.call(|reply| writer::Op::Accept { messages, urgency, reply }).await?;
         self.note_inbound(inserted.iter().filter_map(|i| match i {
             Inserted::New(m) => Some(m),
             Inserted::Duplicate => None,

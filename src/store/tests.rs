@@ -1,6 +1,7 @@
 //! The store's own suite: what the rest of the daemon relies on, checked
 //! against the store API alone, so another engine would have to pass it too.
 
+use crate::message::Urgency;
 use std::sync::atomic::AtomicBool;
 use std::sync::Mutex as StdMutex;
 
@@ -35,14 +36,14 @@ fn open(dir: &Path) -> (Store, Arc<StdMutex<Vec<Announce>>>) {
 }
 
 async fn insert(store: &Store, id: &str, phone: &str) -> Message {
-    match store.accept(vec![new_message(id, phone, id)], false).await.unwrap().pop().unwrap() {
+    match store.accept(vec![new_message(id, phone, id)], Urgency::Debounced).await.unwrap().pop().unwrap() {
         Inserted::New(m) => m,
         Inserted::Duplicate => panic!("{id} was a duplicate"),
     }
 }
 
 async fn again(store: &Store, id: &str, phone: &str) -> Inserted {
-    store.accept(vec![new_message(id, phone, "again")], false).await.unwrap().pop().unwrap()
+    store.accept(vec![new_message(id, phone, "again")], Urgency::Debounced).await.unwrap().pop().unwrap()
 }
 
 fn turn_of(store: &Store, messages: Vec<Message>) -> TurnRecord {
@@ -124,8 +125,10 @@ async fn messages_are_deduplicated_announced_and_kept_in_arrival_order() {
     // An id is global: the same id from another phone is still a duplicate.
     assert_eq!(again(&store, "a1", "700000009").await, Inserted::Duplicate);
     // A duplicate inside one delivery (one group) is a duplicate too.
-    let twice =
-        store.accept(vec![new_message("c1", "7000003", "x"), new_message("c1", "7000003", "x")], true);
+    let twice = store.accept(
+        vec![new_message("c1", "7000003", "x"), new_message("c1", "7000003", "x")],
+        Urgency::Immediate,
+    );
     let twice = twice.await.unwrap();
     assert!(matches!(twice[..], [Inserted::New(_), Inserted::Duplicate]));
     assert_eq!(ids(&store.pending()), ["a1", "b1", "a2", "c1"]);
@@ -137,14 +140,17 @@ async fn messages_are_deduplicated_announced_and_kept_in_arrival_order() {
         heard.iter().map(|a| a.seq).collect::<Vec<_>>(),
         store.pending().iter().map(|m| m.seq).collect::<Vec<_>>()
     );
-    assert_eq!(heard.iter().map(|a| a.immediate).collect::<Vec<_>>(), [false, false, false, true]);
+    assert_eq!(
+        heard.iter().map(|a| a.urgency == Urgency::Immediate).collect::<Vec<_>>(),
+        [false, false, false, true]
+    );
 }
 
 #[tokio::test]
 async fn without_a_listener_nothing_is_accepted_and_nothing_stored() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let refused = store.accept(vec![new_message("x1", "700000001", "x")], false).await;
+    let refused = store.accept(vec![new_message("x1", "700000001", "x")], Urgency::Debounced).await;
     assert!(matches!(refused, Err(StoreError::NotAccepting(_))), "{refused:?}");
     assert!(store.pending().is_empty());
     store.set_sink(Some(Arc::new(|_| true)));
@@ -383,7 +389,7 @@ async fn a_failed_log_write_stores_nothing_marks_no_id_and_the_next_one_works() 
     let (store, heard) = open(dir.path());
     insert(&store, "before", "700000001").await;
     store.faults().set_log_writes_failing(true);
-    let failed = store.accept(vec![new_message("f1", "700000001", "x")], false).await;
+    let failed = store.accept(vec![new_message("f1", "700000001", "x")], Urgency::Debounced).await;
     assert!(matches!(failed, Err(StoreError::Write(_))), "{failed:?}");
     assert!(store.failure().is_none(), "an undone write is not a store failure");
     assert_eq!(ids(&store.pending()), ["before"]);
@@ -407,7 +413,7 @@ async fn a_failed_sync_of_sleds_files_fails_the_store_and_a_reopen_recovers() {
     let reason = store.failed().await;
     assert!(reason.contains("syncing sled"), "{reason}");
     assert!(matches!(
-        store.accept(vec![new_message("s2", "7000001", "x")], false).await,
+        store.accept(vec![new_message("s2", "7000001", "x")], Urgency::Debounced).await,
         Err(StoreError::Failed(_))
     ));
     let _ = store.close().await;

@@ -31,6 +31,7 @@ use super::{
     lock, Announce, Commit, ContextMeta, ContextUpdate, Inserted, OpenClaim, OutboxItem, Pending, Reply,
     Segment, Shared, StoreError, Swept, Trees, TurnRecord,
 };
+use crate::message::Urgency;
 use crate::message::{unix_ms, Conv, Message, NewMessage};
 
 /// Sled is synced at least this often while it has unsynced writes (and at
@@ -47,7 +48,7 @@ const ARCHIVE_CHUNK: usize = 4096;
 pub(crate) enum Op {
     Accept {
         messages: Vec<NewMessage>,
-        immediate: bool,
+        urgency: Urgency,
         reply: Reply<Vec<Inserted>>,
     },
     /// A probe record: can the log be written again?
@@ -342,11 +343,11 @@ impl Writer {
         let mut stored: Vec<Message> = Vec::new();
         let mut claims: Vec<log::Claim> = Vec::new();
         let mut superseded: Vec<String> = Vec::new();
-        let mut answers: Vec<(Reply<Vec<Inserted>>, Vec<Inserted>, bool)> = Vec::new();
+        let mut answers: Vec<(Reply<Vec<Inserted>>, Vec<Inserted>, Urgency)> = Vec::new();
         let mut claim_replies: Vec<Reply<()>> = Vec::new();
         for op in ops {
             match op {
-                Op::Accept { messages, immediate, reply } => {
+                Op::Accept { messages, urgency, reply } => {
                     if sink.is_none() {
                         let _ = reply.send(Err(StoreError::NotAccepting("the turn pipeline is not running")));
                         continue;
@@ -375,7 +376,7 @@ impl Writer {
                         out.push(Inserted::New(message.clone()));
                         stored.push(message);
                     }
-                    answers.push((reply, out, immediate));
+                    answers.push((reply, out, urgency));
                 }
                 Op::Probe { reply } => {
                     log::frame_probe(&mut buf);
@@ -452,12 +453,12 @@ impl Writer {
         // request afterwards.
         let announced: Vec<Announce> = answers
             .iter()
-            .flat_map(|(_, out, immediate)| {
+            .flat_map(|(_, out, urgency)| {
                 out.iter().filter_map(move |i| match i {
                     Inserted::New(m) => Some(Announce {
                         conv: m.conv.clone(),
                         seq: m.seq,
-                        immediate: *immediate,
+                        urgency: *urgency,
                         shape: crate::message::Shape::of(&m.text),
                     }),
                     Inserted::Duplicate => None,
@@ -487,7 +488,7 @@ impl Writer {
     fn undo(
         &mut self,
         fresh: &[IdHash],
-        answers: Vec<(Reply<Vec<Inserted>>, Vec<Inserted>, bool)>,
+        answers: Vec<(Reply<Vec<Inserted>>, Vec<Inserted>, Urgency)>,
         claims: Vec<Reply<()>>,
         error: impl Fn() -> StoreError,
     ) {

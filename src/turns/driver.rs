@@ -154,9 +154,9 @@ impl Driver {
         match event {
             Event::Ingested(stored) => {
                 let now = now();
-                for Announce { conv, seq, immediate, shape } in stored {
+                for Announce { conv, seq, urgency, shape } in stored {
                     let complete = self.complete(&shape);
-                    if let Some(conv) = self.schedule.message(conv, seq, now, complete, immediate) {
+                    if let Some(conv) = self.schedule.message(conv, seq, now, complete, urgency) {
                         self.restart(&conv, "a message came while the turn runs");
                     }
                 }

@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use crate::batcher::{Batcher, Cut, CutReason, PutBack, Rules};
+use crate::message::Urgency;
 use crate::message::{Conv, Presence};
 
 use super::gate::Gate;
@@ -149,14 +150,14 @@ impl Schedule {
         seq: u64,
         at: Instant,
         complete: bool,
-        immediate: bool,
+        urgency: Urgency,
     ) -> Option<Conv> {
         // A turn of a conversation staff took over is left to finish.
         let restart =
             (!self.paused.contains_key(&conv) && self.restartable.remove(&conv)).then(|| conv.clone());
         if let Some(cut) = self.batcher.push_message(conv.clone(), seq, at, complete) {
             self.offer(cut, at);
-        } else if immediate {
+        } else if urgency == Urgency::Immediate {
             if let Some(cut) = self.batcher.cut_now(&conv) {
                 self.offer(cut, at);
             }

@@ -12,6 +12,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use turnstile::message::Urgency;
 
 use crate::helpers::copy_dir;
 
@@ -129,7 +130,7 @@ fn commit(
 }
 
 async fn accept(store: &Store, messages: Vec<NewMessage>) -> Vec<Message> {
-    let inserted = store.accept(messages, false).await.unwrap();
+    let inserted = store.accept(messages, Urgency::Debounced).await.unwrap();
     inserted
         .into_iter()
         .map(|i| match i {
@@ -328,10 +329,10 @@ async fn holds_the_recipe(dir: &Path, source: Source) {
     // never reuse an old one.
     for id in ["m1-a", "m1-c", "m2-a", "m3-b", "m4-a"] {
         let n = id.as_bytes()[1] - b'0';
-        let again = store.accept(vec![new(n, id, 200_000)], false).await.unwrap();
+        let again = store.accept(vec![new(n, id, 200_000)], Urgency::Debounced).await.unwrap();
         assert!(matches!(again[..], [Inserted::Duplicate]), "{id} is remembered: {again:?}");
     }
-    let fresh = store.accept(vec![new(2, "m2-new", 200_000)], false).await.unwrap();
+    let fresh = store.accept(vec![new(2, "m2-new", 200_000)], Urgency::Debounced).await.unwrap();
     assert!(matches!(fresh[..], [Inserted::New(_)]), "{fresh:?}");
     let old_turns =
         history.iter().map(|h| h.turn_id.clone()).chain([open.turn_id.clone(), dead[0].turn_id.clone()]);

@@ -13,6 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use turnstile::message::Urgency;
 
 use serde_json::{json, Value};
 use tokio::time::{sleep, Instant};
@@ -188,7 +189,7 @@ async fn every_acknowledged_write_survives_a_power_cut() {
                 })
                 .collect();
             let forgotten: Vec<&String> = store
-                .accept(again, false)
+                .accept(again, Urgency::Debounced)
                 .await
                 .unwrap()
                 .iter()

@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use turnstile::message::Urgency;
 
 use tokio::time::{sleep, Instant};
 use turnstile::message::{Conv, Message, NewMessage};
@@ -164,14 +165,15 @@ fn context_of(store: &Store) -> Option<(String, String)> {
 }
 
 async fn redelivered(store: &Store, id: &str) -> bool {
-    matches!(store.accept(vec![new(id)], true).await.unwrap()[..], [Inserted::Duplicate])
+    matches!(store.accept(vec![new(id)], Urgency::Immediate).await.unwrap()[..], [Inserted::Duplicate])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_messages_and_claims_survive_a_cut_while_nothing_else_is_synced() {
     let Some(mut b) = Bench::start("the store API power-cut suite") else { return };
     b.hold_syncs(true);
-    let accepted = b.store.accept(vec![new("a-1"), new("a-2"), new("a-3")], true).await.unwrap();
+    let accepted =
+        b.store.accept(vec![new("a-1"), new("a-2"), new("a-3")], Urgency::Immediate).await.unwrap();
     assert!(accepted.iter().all(|i| matches!(i, Inserted::New(_))), "{accepted:?}");
     let first_two: Vec<Message> = b.store.pending().into_iter().take(2).collect();
     let turn = turn_of(&b.store, first_two);
@@ -193,7 +195,7 @@ async fn acknowledged_messages_and_claims_survive_a_cut_while_nothing_else_is_sy
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_cut_before_it_is_durable_re_runs_its_turn_and_after_it_is_answered_for_good() {
     let Some(mut b) = Bench::start("the store API power-cut suite") else { return };
-    b.store.accept(vec![new("c-1"), new("c-2")], true).await.unwrap();
+    b.store.accept(vec![new("c-1"), new("c-2")], Urgency::Immediate).await.unwrap();
     let turn = turn_of(&b.store, b.store.pending());
     b.store.claim(&turn).await.unwrap();
 
@@ -266,7 +268,7 @@ async fn a_context_write_is_whole_or_absent_at_a_cut() {
         until("the write is applied", || context_of(&b.store).is_some_and(|c| c.0 == v2.0)).await;
         // A message meanwhile: its sync commits the file system's journal,
         // and with it whatever else the store did to its directories.
-        b.store.accept(vec![new(&format!("{shape}: meanwhile"))], true).await.unwrap();
+        b.store.accept(vec![new(&format!("{shape}: meanwhile"))], Urgency::Immediate).await.unwrap();
         let during = b.cut();
         b.hold_syncs(false);
         writing.await.unwrap().unwrap();
@@ -299,7 +301,7 @@ async fn a_context_write_is_whole_or_absent_at_a_cut() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_while_a_commit_is_not_durable_never_finds_its_ids_archived_without_it() {
     let Some(mut b) = Bench::start("the store API power-cut suite") else { return };
-    b.store.accept(vec![new("r-1"), new("r-2")], true).await.unwrap();
+    b.store.accept(vec![new("r-1"), new("r-2")], Urgency::Immediate).await.unwrap();
     let turn = turn_of(&b.store, b.store.pending());
     b.store.claim(&turn).await.unwrap();
     b.hold_syncs(true);
