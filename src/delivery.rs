@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::store::{Delivery, OutboxItem, Store, StoreError};
 
 /// How parked pieces start their `last_error`, and the state each makes
-/// (`outbox::state`).
+/// (`outbox::OutboxState::of`).
 pub const OUTSIDE_WINDOW: &str = "outside_window:";
 pub const AWAITING_CLIENT: &str = "awaiting_client:";
 pub const UNDELIVERABLE: &str = "undeliverable:";

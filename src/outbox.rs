@@ -41,26 +41,57 @@ const MAX_PARALLEL: usize = 16;
 /// The reply cap counts the replies sent in this window.
 const CAP_WINDOW: Duration = Duration::from_secs(3600);
 
-/// A piece as `GET /api/outbox` shows it: `pending` (waiting for the
-/// gateway, maybe backing off), `failed` (given up after
-/// `gateway.max_attempts`) or `rate_limited` (parked by the reply cap). A
-/// parked piece is one given up without a single attempt — a failed send
-/// always counts one — so the state needs no field of its own on disk.
-pub fn state(item: &OutboxItem) -> &'static str {
-    if !item.failed {
-        return "pending";
+/// What became of a reply piece, as `GET /api/outbox` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboxState {
+    /// Waiting for the gateway, maybe backing off.
+    Pending,
+    /// Held back while staff have taken the conversation over.
+    Suppressed,
+    /// Parked outside the 24-hour window, or waiting for the client to write.
+    OutsideWindow,
+    AwaitingClient,
+    /// WhatsApp said it cannot be delivered.
+    Undeliverable,
+    /// Parked by the reply cap.
+    RateLimited,
+    /// Given up after `gateway.max_attempts`.
+    Failed,
+}
+
+impl OutboxState {
+    /// Of a stored piece. A parked piece is one given up without a single
+    /// attempt — a failed send always counts one — or with the reason its
+    /// `last_error` starts with, so the state needs no field of its own on disk.
+    pub fn of(item: &OutboxItem) -> OutboxState {
+        if !item.failed {
+            return OutboxState::Pending;
+        }
+        let parked = [
+            (SUPPRESSED, OutboxState::Suppressed),
+            (delivery::OUTSIDE_WINDOW, OutboxState::OutsideWindow),
+            (delivery::AWAITING_CLIENT, OutboxState::AwaitingClient),
+            (delivery::UNDELIVERABLE, OutboxState::Undeliverable),
+        ];
+        let reason = item.last_error.as_deref().unwrap_or("");
+        match parked.iter().find(|(prefix, _)| reason.starts_with(prefix)) {
+            Some((_, state)) => *state,
+            None if item.attempts == 0 => OutboxState::RateLimited,
+            None => OutboxState::Failed,
+        }
     }
-    let parked = [
-        (SUPPRESSED, "suppressed"),
-        (delivery::OUTSIDE_WINDOW, "outside_window"),
-        (delivery::AWAITING_CLIENT, "awaiting_client"),
-        (delivery::UNDELIVERABLE, "undeliverable"),
-    ];
-    let reason = item.last_error.as_deref().unwrap_or("");
-    match parked.iter().find(|(prefix, _)| reason.starts_with(prefix)) {
-        Some((_, state)) => state,
-        None if item.attempts == 0 => "rate_limited",
-        None => "failed",
+
+    /// Its name in the API's JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboxState::Pending => "pending",
+            OutboxState::Suppressed => "suppressed",
+            OutboxState::OutsideWindow => "outside_window",
+            OutboxState::AwaitingClient => "awaiting_client",
+            OutboxState::Undeliverable => "undeliverable",
+            OutboxState::RateLimited => "rate_limited",
+            OutboxState::Failed => "failed",
+        }
     }
 }
 
@@ -263,7 +294,7 @@ impl Outbox {
     /// Pieces that waited for the client's answer go out once the client
     /// wrote (the window is open again).
     async fn reopen(&self, items: &[OutboxItem], now_ms: u64) {
-        for item in items.iter().filter(|i| state(i) == "awaiting_client") {
+        for item in items.iter().filter(|i| OutboxState::of(i) == OutboxState::AwaitingClient) {
             if self.deliveries.window_open(&item.conv, now_ms) {
                 let again = OutboxItem { failed: false, attempts: 0, last_error: None, ..item.clone() };
                 match self.store.outbox_update(&again).await {
@@ -368,5 +399,44 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Conv;
+
+    fn item(failed: bool, attempts: u32, last_error: Option<&str>) -> OutboxItem {
+        OutboxItem {
+            seq: 1,
+            turn_id: "t1".into(),
+            conv: Conv { phone: "79001234567".into(), company_id: "default".into() },
+            text: "Записала вас".into(),
+            part: 1,
+            parts: 1,
+            created_at_ms: 0,
+            attempts,
+            last_error: last_error.map(str::to_owned),
+            failed,
+        }
+    }
+
+    /// The state comes from what is stored (no field of its own), and its
+    /// name is what `GET /api/outbox` has always shown.
+    #[test]
+    fn a_pieces_state_is_read_from_what_is_stored_under_the_apis_names() {
+        let cases = [
+            (item(false, 3, Some("gateway answered 502")), "pending"),
+            (item(true, 0, Some("suppressed: staff took the conversation over")), "suppressed"),
+            (item(true, 0, Some("outside_window: the client wrote 26 h ago")), "outside_window"),
+            (item(true, 0, Some("awaiting_client: a template is needed")), "awaiting_client"),
+            (item(true, 1, Some("undeliverable: 131026")), "undeliverable"),
+            (item(true, 0, Some("the reply cap: 20 this hour")), "rate_limited"),
+            (item(true, 5, Some("gateway answered 400")), "failed"),
+        ];
+        for (item, name) in cases {
+            assert_eq!(OutboxState::of(&item).as_str(), name, "{:?}", item.last_error);
+        }
     }
 }

@@ -19,7 +19,7 @@ use crate::backup;
 use crate::ingest::{self, signature};
 use crate::message::{unix_ms, Message};
 use crate::metrics::Gauges;
-use crate::outbox;
+use crate::outbox::OutboxState;
 use crate::store::{TurnRecord, TurnSummary};
 use crate::turns::RetryOutcome;
 
@@ -56,7 +56,7 @@ async fn outbox(State(s): State<Arc<AppState>>) -> Response {
             json!({
                 "turn_id": o.turn_id, "company_id": o.conv.company_id, "phone": o.conv.phone,
                 "text": o.text, "part": o.part, "parts": o.parts, "attempts": o.attempts,
-                "last_error": o.last_error, "state": outbox::state(o),
+                "last_error": o.last_error, "state": OutboxState::of(o).as_str(),
                 "created_at": o.created_at_ms,
             })
         })
@@ -432,12 +432,14 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     g.last_sync_age_s = now_ms.saturating_sub(s.store.last_sync_ms()) as f64 / 1000.0;
     g.quarantine_held = s.store.quarantine_len();
     g.paused_conversations = s.store.paused().len();
-    g.outbox_outside_window =
-        items.iter().filter(|i| matches!(outbox::state(i), "outside_window" | "awaiting_client")).count();
+    g.outbox_outside_window = items
+        .iter()
+        .filter(|i| matches!(OutboxState::of(i), OutboxState::OutsideWindow | OutboxState::AwaitingClient))
+        .count();
 
-    let count = |state| items.iter().filter(|i| outbox::state(i) == state).count();
+    let count = |state| items.iter().filter(|i| OutboxState::of(i) == state).count();
     (g.outbox_depth, g.outbox_failed, g.outbox_rate_limited) =
-        (count("pending"), count("failed"), count("rate_limited"));
+        (count(OutboxState::Pending), count(OutboxState::Failed), count(OutboxState::RateLimited));
     let c = s.store.context_stats();
     (g.context_hits, g.context_misses, g.context_invalidations) =
         (c.cache_hits, c.cache_misses, c.invalidations);
