@@ -32,7 +32,7 @@ use http_body::Frame;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::{serving, ApiError, AppState};
+use super::{serving, ApiError, AppState, ServeState};
 use crate::feed::{Feed, Finished};
 use crate::message::{mask_always, unix_ms, Conv};
 use crate::turns::View;
@@ -431,10 +431,10 @@ fn paused_json(s: &AppState, view: &View, now_ms: u64) -> Vec<Value> {
         .collect()
 }
 
-/// ready, recovering, stopping, restarting or failed: what `/readyz` would say.
+/// What `/readyz` would say.
 fn status(s: &AppState) -> &'static str {
     match serving(s) {
-        Ok(()) => "ready",
-        Err((state, _)) => state,
+        Ok(()) => ServeState::Ready.as_str(),
+        Err((state, _)) => state.as_str(),
     }
 }

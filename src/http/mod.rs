@@ -195,17 +195,41 @@ async fn healthz() -> Response {
     Json(json!({ "status": "ok" })).into_response()
 }
 
-/// Whether the daemon takes webhooks now: `Ok`, or the state it is in
-/// ("failed", "restarting", "stopping", "recovering") and why.
-pub(super) fn serving(s: &AppState) -> Result<(), (&'static str, String)> {
+/// What the daemon is doing, as `/readyz` and the console say it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ServeState {
+    Ready,
+    /// Replaying the store before the first webhook is taken.
+    Recovering,
+    Stopping,
+    /// A fatal fault: stopping to be restarted.
+    Restarting,
+    /// The store failed; the daemon exits to be restarted.
+    Failed,
+}
+
+impl ServeState {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            ServeState::Ready => "ready",
+            ServeState::Recovering => "recovering",
+            ServeState::Stopping => "stopping",
+            ServeState::Restarting => "restarting",
+            ServeState::Failed => "failed",
+        }
+    }
+}
+
+/// Whether the daemon takes webhooks now: `Ok`, or the state it is in and why.
+pub(super) fn serving(s: &AppState) -> Result<(), (ServeState, String)> {
     if let Some(reason) = s.store.failure() {
-        Err(("failed", format!("store failed, restarting: {reason}")))
+        Err((ServeState::Failed, format!("store failed, restarting: {reason}")))
     } else if let Some(reason) = s.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-        Err(("restarting", format!("restarting: {reason}")))
+        Err((ServeState::Restarting, format!("restarting: {reason}")))
     } else if s.draining.is_cancelled() {
-        Err(("stopping", "shutting down; retry later".to_owned()))
+        Err((ServeState::Stopping, "shutting down; retry later".to_owned()))
     } else if !s.ready.load(Ordering::Acquire) {
-        Err(("recovering", "recovering from disk; retry shortly".to_owned()))
+        Err((ServeState::Recovering, "recovering from disk; retry shortly".to_owned()))
     } else {
         Ok(())
     }
