@@ -48,8 +48,9 @@ pub enum OutboxState {
     Pending,
     /// Held back while staff have taken the conversation over.
     Suppressed,
-    /// Parked outside the 24-hour window, or waiting for the client to write.
+    /// Parked: the client's 24-hour window is closed…
     OutsideWindow,
+    /// …and the re-engagement template went: it waits for the client's answer.
     AwaitingClient,
     /// WhatsApp said it cannot be delivered.
     Undeliverable,
@@ -229,21 +230,12 @@ impl Outbox {
                         info!(part = item.part, parts = item.parts, "reply sent");
                         if let Some(id) = id {
                             self.metrics.receipt("sent");
-                            let receipt = crate::store::Receipt {
+                            let receipt = crate::store::Receipt::sent(
                                 id,
-                                conv: item.conv.clone(),
-                                turn_id: item.turn_id.clone(),
-                                part: item.part,
-                                parts: item.parts,
-                                seq: item.seq,
-                                text: item.text.clone(),
-                                attempts: item.attempts + 1,
-                                sent_at_ms: crate::message::unix_ms(),
-                                delivered_at_ms: None,
-                                read_at_ms: None,
-                                failed: None,
-                                state: crate::store::Delivery::Sent,
-                            };
+                                &item,
+                                item.attempts + 1,
+                                crate::message::unix_ms(),
+                            );
                             if let Err(e) = self.store.receipt_sent(receipt).await {
                                 warn!(error = %e, "cannot keep the reply's receipt; its delivery will not be shown");
                             }

@@ -18,6 +18,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::recfile::{OnDamage, RecordFile};
+use super::records::OutboxItem;
 use super::StoreError;
 use crate::message::Conv;
 
@@ -111,6 +112,26 @@ struct State {
 }
 
 impl Receipt {
+    /// The receipt of a piece the gateway took under `id`, after its
+    /// `attempts`-th attempt: sent, nothing heard back yet.
+    pub fn sent(id: String, item: &OutboxItem, attempts: u32, sent_at_ms: u64) -> Receipt {
+        Receipt {
+            id,
+            conv: item.conv.clone(),
+            turn_id: item.turn_id.clone(),
+            part: item.part,
+            parts: item.parts,
+            seq: item.seq,
+            text: item.text.clone(),
+            attempts,
+            sent_at_ms,
+            delivered_at_ms: None,
+            read_at_ms: None,
+            failed: None,
+            state: Delivery::Sent,
+        }
+    }
+
     /// Applies what WhatsApp said; false if it says nothing new (an older
     /// state after a newer one, as acks can arrive out of order).
     fn apply(&mut self, state: Delivery, at_ms: u64, failure: Option<Failure>) -> bool {

@@ -140,24 +140,6 @@ async fn accept(store: &Store, messages: Vec<NewMessage>) -> Vec<Message> {
         .collect()
 }
 
-fn receipt(id: &str, item: &OutboxItem) -> Receipt {
-    Receipt {
-        id: id.into(),
-        conv: item.conv.clone(),
-        turn_id: item.turn_id.clone(),
-        part: item.part,
-        parts: item.parts,
-        seq: item.seq,
-        text: item.text.clone(),
-        attempts: 1,
-        sent_at_ms: T0 + 40_000,
-        delivered_at_ms: None,
-        read_at_ms: None,
-        failed: None,
-        state: Delivery::Sent,
-    }
-}
-
 const LID: &str = "204961273819350";
 const QUARANTINED: &[u8] = br#"{"event":"messages.edited","data":{"shape":"new"}}"#;
 
@@ -188,7 +170,7 @@ async fn write_recipe(dir: &Path) {
     store.commit(commit(&t1, reply, ctx, pieces.clone(), 20_000)).await.unwrap();
     store.sync().await.unwrap();
     store.outbox_sent(pieces[0].seq).await.unwrap();
-    store.receipt_sent(receipt("3EB0A1", &pieces[0])).await.unwrap();
+    store.receipt_sent(Receipt::sent("3EB0A1".into(), &pieces[0], 1, T0 + 40_000)).await.unwrap();
     store.receipt_update("3EB0A1", Delivery::Read, T0 + 45_000, None).await.unwrap();
     assert!(store.archive_dedup().await.unwrap() > 0, "the first turn's ids go to the archive");
 
