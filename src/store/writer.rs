@@ -223,6 +223,7 @@ impl Writer {
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
             } else {
+                super::durable::free_deferred();
                 match self.rx.recv() {
                     Ok(op) => Some(op),
                     Err(_) => break,
